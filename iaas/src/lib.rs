@@ -1,0 +1,1 @@
+//! QingCloud IaaS API (issue: QingCloud NICs).

@@ -1,0 +1,356 @@
+//! In-memory free-address state of one pool, as seen by one node.
+//!
+//! A pool is cut into blocks (`blockSize`). Each block has a bitmap of the addresses that are
+//! held (or being committed by this node), a count of the dynamic addresses still free, and the
+//! node that claimed it. Choosing the next address costs a lookup in ordered sets of blocks
+//! with free addresses plus a scan of one block's bitmap, whatever the size of the subnet or
+//! the number of allocations.
+//!
+//! This state is a hint: etcd's compare-and-swap decides. An address marked free here that
+//! another node took fails its CAS and gets marked; an address marked held that was released
+//! comes back when the watch delivers the delete.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::pool::Pool;
+
+#[derive(Debug)]
+struct Block {
+    owner: Option<String>,
+    held: Vec<u64>,
+    /// Dynamic addresses in this block that are not held.
+    free: u32,
+}
+
+/// What the allocator should do next to hand out a dynamic address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// This address, in a block of this node; it is now marked held.
+    Address(u128),
+    /// This node has no free address in its blocks: claim this unclaimed block first.
+    Claim(u128),
+    /// No unclaimed block is left: this address of another node's block is free; it is now
+    /// marked held.
+    Borrow(u128),
+    /// Every dynamic address of the pool is held.
+    Exhausted,
+}
+
+/// Free-address state of one pool for one node.
+#[derive(Debug)]
+pub struct PoolState {
+    pool: Arc<Pool>,
+    node: String,
+    blocks: BTreeMap<u128, Block>,
+    /// Blocks claimed by this node that have a free dynamic address.
+    own_free: BTreeSet<u128>,
+    /// Blocks materialised here (claimed or holding something) that have a free dynamic address.
+    any_free: BTreeSet<u128>,
+    /// The last address handed out: dynamic allocation continues after it, as host-local does.
+    cursor: Option<u128>,
+    /// Blocks before this one are known to be claimed or full.
+    claim_cursor: u128,
+}
+
+impl PoolState {
+    pub fn new(pool: Arc<Pool>, node: &str) -> Self {
+        PoolState {
+            pool,
+            node: node.to_string(),
+            blocks: BTreeMap::new(),
+            own_free: BTreeSet::new(),
+            any_free: BTreeSet::new(),
+            cursor: None,
+            claim_cursor: 0,
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    fn words(&self) -> usize {
+        self.pool.block_len().div_ceil(64) as usize
+    }
+
+    fn count_dynamic(&self, index: u128) -> u32 {
+        let first = self.pool.block_first(index);
+        (0..self.pool.block_len())
+            .filter(|&o| self.pool.is_dynamic(first + o))
+            .count() as u32
+    }
+
+    fn block_mut(&mut self, index: u128) -> &mut Block {
+        if !self.blocks.contains_key(&index) {
+            let free = self.count_dynamic(index);
+            let block = Block {
+                owner: None,
+                held: vec![0; self.words()],
+                free,
+            };
+            self.blocks.insert(index, block);
+            if free > 0 {
+                self.any_free.insert(index);
+            }
+        }
+        self.blocks.get_mut(&index).expect("inserted above")
+    }
+
+    /// Keeps the free-block sets in step with one block.
+    fn refresh(&mut self, index: u128) {
+        let Some(block) = self.blocks.get(&index) else { return };
+        let own = block.owner.as_deref() == Some(self.node.as_str());
+        let has_free = block.free > 0;
+        let unclaimed = block.owner.is_none();
+        set_member(&mut self.any_free, index, has_free);
+        set_member(&mut self.own_free, index, has_free && own);
+        if has_free && unclaimed && index < self.claim_cursor {
+            self.claim_cursor = index;
+        }
+    }
+
+    /// Records that `n` is held. Returns false if it already was.
+    pub fn mark(&mut self, n: u128) -> bool {
+        let index = self.pool.block_of(n);
+        let offset = n - self.pool.block_first(index);
+        let dynamic = self.pool.is_dynamic(n);
+        let block = self.block_mut(index);
+        let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+        if block.held[word] & bit != 0 {
+            return false;
+        }
+        block.held[word] |= bit;
+        if dynamic {
+            block.free -= 1;
+        }
+        self.refresh(index);
+        true
+    }
+
+    /// Records that `n` is free. Returns false if it already was.
+    pub fn unmark(&mut self, n: u128) -> bool {
+        let index = self.pool.block_of(n);
+        let offset = n - self.pool.block_first(index);
+        let dynamic = self.pool.is_dynamic(n);
+        let Some(block) = self.blocks.get_mut(&index) else { return false };
+        let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+        if block.held[word] & bit == 0 {
+            return false;
+        }
+        block.held[word] &= !bit;
+        if dynamic {
+            block.free += 1;
+        }
+        self.refresh(index);
+        true
+    }
+
+    pub fn is_marked(&self, n: u128) -> bool {
+        let index = self.pool.block_of(n);
+        let offset = n - self.pool.block_first(index);
+        self.blocks
+            .get(&index)
+            .is_some_and(|b| b.held[(offset / 64) as usize] & (1u64 << (offset % 64)) != 0)
+    }
+
+    /// Records which node claimed block `index` (None: the claim was removed).
+    pub fn set_owner(&mut self, index: u128, owner: Option<&str>) {
+        self.block_mut(index).owner = owner.map(str::to_string);
+        self.refresh(index);
+    }
+
+    pub fn owner(&self, index: u128) -> Option<&str> {
+        self.blocks.get(&index).and_then(|b| b.owner.as_deref())
+    }
+
+    /// Blocks claimed by this node.
+    pub fn own_blocks(&self) -> usize {
+        let node = Some(self.node.as_str());
+        self.blocks.values().filter(|b| b.owner.as_deref() == node).count()
+    }
+
+    /// First free dynamic address of block `index` at offset `from` or later.
+    fn free_in(&self, index: u128, from: u128) -> Option<u128> {
+        let block = self.blocks.get(&index)?;
+        let first = self.pool.block_first(index);
+        (from..self.pool.block_len()).find_map(|o| {
+            let held = block.held[(o / 64) as usize] & (1u64 << (o % 64)) != 0;
+            (!held && self.pool.is_dynamic(first + o)).then_some(first + o)
+        })
+    }
+
+    fn take(&mut self, n: u128) -> u128 {
+        self.mark(n);
+        self.cursor = Some(n);
+        n
+    }
+
+    /// Chooses the next dynamic address: after the cursor in this node's blocks, else a block
+    /// to claim, else an address to borrow from another node's block.
+    pub fn next(&mut self) -> Next {
+        let (cursor_block, cursor_offset) = match self.cursor {
+            Some(c) => {
+                let b = self.pool.block_of(c);
+                (b, c - self.pool.block_first(b) + 1)
+            }
+            None => (0, 0),
+        };
+        let after = self.own_free.range(cursor_block..).copied();
+        let before = self.own_free.range(..=cursor_block).copied();
+        let candidates: Vec<u128> = after.take(2).chain(before.take(2)).collect();
+        let found = candidates.iter().enumerate().find_map(|(i, &b)| {
+            let from = if i == 0 && b == cursor_block { cursor_offset } else { 0 };
+            self.free_in(b, from)
+        });
+        if let Some(n) = found {
+            return Next::Address(self.take(n));
+        }
+        if let Some(index) = self.next_unclaimed() {
+            return Next::Claim(index);
+        }
+        if let Some(n) = self.any_free.iter().find_map(|&b| self.free_in(b, 0)) {
+            return Next::Borrow(self.take(n));
+        }
+        Next::Exhausted
+    }
+
+    /// The first block at or after the claim cursor that nobody claimed and that has a free
+    /// dynamic address.
+    fn next_unclaimed(&mut self) -> Option<u128> {
+        let spans: Vec<(u128, u128)> = self.pool.dynamic_block_spans().collect();
+        for (first, last) in spans {
+            let mut index = first.max(self.claim_cursor);
+            while index <= last {
+                let usable = match self.blocks.get(&index) {
+                    Some(b) => b.owner.is_none() && b.free > 0,
+                    None => self.count_dynamic(index) > 0,
+                };
+                if usable {
+                    self.claim_cursor = index;
+                    return Some(index);
+                }
+                index += 1;
+            }
+            self.claim_cursor = self.claim_cursor.max(last + 1);
+        }
+        None
+    }
+}
+
+fn set_member(set: &mut BTreeSet<u128>, index: u128, member: bool) {
+    if member {
+        set.insert(index);
+    } else {
+        set.remove(&index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::to_int;
+    use crate::pool::parse_range_sets;
+    use serde_json::json;
+
+    fn state(config: serde_json::Value, node: &str) -> PoolState {
+        let sets = parse_range_sets(&config).expect("valid config");
+        PoolState::new(Arc::new(sets[0].pools[0].clone()), node)
+    }
+
+    fn n(s: &str) -> u128 {
+        to_int(s.parse().expect("literal"))
+    }
+
+    /// Drives `next` the way the allocator does, with every claim succeeding.
+    fn allocate(s: &mut PoolState) -> Option<u128> {
+        loop {
+            match s.next() {
+                Next::Address(a) | Next::Borrow(a) => return Some(a),
+                Next::Claim(b) => {
+                    let node = s.node.clone();
+                    s.set_owner(b, Some(&node));
+                }
+                Next::Exhausted => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn claims_a_block_then_hands_out_its_addresses_in_order() {
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 28}), "a");
+        assert_eq!(s.next(), Next::Claim(0));
+        s.set_owner(0, Some("a"));
+        assert_eq!(s.next(), Next::Address(n("10.0.0.2")), "network and gateway are skipped");
+        assert_eq!(s.next(), Next::Address(n("10.0.0.3")));
+    }
+
+    #[test]
+    fn a_released_address_is_not_reused_at_once() {
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 28}), "a");
+        let first = allocate(&mut s).expect("free");
+        let second = allocate(&mut s).expect("free");
+        s.unmark(first);
+        assert_eq!(allocate(&mut s), Some(second + 1));
+    }
+
+    #[test]
+    fn hands_out_every_dynamic_address_once_then_reports_exhaustion() {
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/28"], "blockSize": 27}), "a");
+        let mut seen = std::collections::HashSet::new();
+        while let Some(a) = allocate(&mut s) {
+            assert!(s.pool().is_dynamic(a));
+            assert!(seen.insert(a), "{a} handed out twice");
+        }
+        assert_eq!(seen.len(), 256 - 3 - 16);
+        assert_eq!(s.next(), Next::Exhausted);
+        s.unmark(n("10.0.0.200"));
+        assert_eq!(allocate(&mut s), Some(n("10.0.0.200")));
+    }
+
+    #[test]
+    fn wraps_around_to_free_addresses_before_the_cursor() {
+        let mut s = state(json!({"subnet": "10.0.0.0/28", "blockSize": 28}), "a");
+        while allocate(&mut s).is_some() {}
+        s.unmark(n("10.0.0.5"));
+        assert_eq!(allocate(&mut s), Some(n("10.0.0.5")));
+    }
+
+    #[test]
+    fn skips_blocks_claimed_by_other_nodes_and_borrows_only_when_none_is_left() {
+        let mut s = state(json!({"subnet": "10.0.0.0/26", "blockSize": 28}), "a");
+        for b in 0..4 {
+            s.set_owner(b, Some("b"));
+        }
+        s.set_owner(2, None);
+        assert_eq!(s.next(), Next::Claim(2));
+        s.set_owner(2, Some("b"));
+        assert_eq!(s.next(), Next::Borrow(n("10.0.0.2")));
+    }
+
+    #[test]
+    fn marks_from_other_nodes_are_skipped_and_fixed_addresses_do_not_count_as_free() {
+        let mut s = state(
+            json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.16", "fixedStart": "10.0.0.2",
+                   "fixedEnd": "10.0.0.15", "blockSize": 28}),
+            "a",
+        );
+        assert!(s.mark(n("10.0.0.5")), "fixed address marked");
+        assert!(!s.mark(n("10.0.0.5")), "marking twice changes nothing");
+        assert_eq!(s.next(), Next::Claim(1), "block 0 is all fixed window");
+        s.set_owner(1, Some("a"));
+        s.mark(n("10.0.0.16"));
+        assert_eq!(s.next(), Next::Address(n("10.0.0.17")));
+        assert!(s.is_marked(n("10.0.0.17")));
+    }
+
+    #[test]
+    fn a_slash_eight_pool_materialises_only_the_blocks_it_uses() {
+        let mut s = state(json!({"subnet": "10.0.0.0/8"}), "a");
+        for _ in 0..200 {
+            allocate(&mut s).expect("free");
+        }
+        assert_eq!(s.own_blocks(), 4);
+        assert!(s.blocks.len() <= 5);
+    }
+}

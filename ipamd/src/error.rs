@@ -1,0 +1,77 @@
+//! Errors of the allocator. Each names what failed; `is_retryable` tells callers which ones
+//! deserve "try again later" (CNI code 11) rather than a permanent failure.
+
+use std::net::IpAddr;
+
+use crate::pool::ConfigError;
+use crate::records::Handle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error("pool {subnet} is already defined differently in etcd: {}", differences.join("; "))]
+    PoolConflict {
+        subnet: String,
+        differences: Vec<String>,
+    },
+
+    #[error("pool {subnet} overlaps pool {existing} already defined in etcd")]
+    PoolOverlap { subnet: String, existing: String },
+
+    #[error("pool exhausted: no free address in {pools} for network {network:?}")]
+    Exhausted { pools: String, network: String },
+
+    #[error("address {ip} is held by {holder}")]
+    AddressInUse { ip: IpAddr, holder: String },
+
+    #[error("requested address {ip} for network {network:?}: {reason}")]
+    InvalidRequest {
+        ip: IpAddr,
+        network: String,
+        reason: String,
+    },
+
+    #[error("invalid handle {handle}: {reason}")]
+    InvalidHandle { handle: Handle, reason: String },
+
+    #[error("etcd unavailable during {op}: {source}")]
+    Unavailable {
+        op: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    #[error("etcd {op} failed: {source}")]
+    Etcd {
+        op: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    #[error("etcd state not loaded yet: {0}")]
+    NotSynced(String),
+
+    #[error("{op} did not settle after {attempts} attempts: {last}")]
+    Contention {
+        op: String,
+        attempts: usize,
+        last: String,
+    },
+
+    #[error("corrupt record at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl IpamError {
+    /// True when the same request may succeed later without any change by the caller.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            IpamError::Unavailable { .. } | IpamError::NotSynced(_) | IpamError::Contention { .. }
+        )
+    }
+}
+
+pub type Result<T, E = IpamError> = std::result::Result<T, E>;

@@ -1,0 +1,19 @@
+//! hostnic-ipamd: the node daemon of hostnic-ipam.
+//!
+//! The allocation core keeps every pod address of the cluster in etcd, written with
+//! compare-and-swap transactions so that no address is ever held twice, and keeps the
+//! free-address state in memory so that choosing an address never scans etcd.
+
+pub mod addr;
+pub mod allocator;
+pub mod blocks;
+pub mod error;
+pub mod pool;
+pub mod records;
+pub mod store;
+
+pub use allocator::{AllocateRequest, AllocatedIp, Allocation, Allocator};
+pub use error::IpamError;
+pub use pool::{parse_range_sets, ConfigError, Pool, RangeSet};
+pub use records::{Handle, Kind, PodRef};
+pub use store::StoreConfig;

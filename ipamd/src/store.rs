@@ -1,0 +1,252 @@
+//! The connection to etcd: TLS and credentials, per-request timeouts, and retries with bounded
+//! backoff on transport errors and leaderless periods.
+//!
+//! Retrying a transaction whose outcome is unknown (a timeout after the server committed it) is
+//! safe only because every write of the allocator is a compare-and-swap that recognises its own
+//! earlier success; see `allocator`.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KeyValue, TlsOptions,
+    Txn, TxnResponse,
+};
+use tonic::Code;
+
+use crate::error::{IpamError, Result};
+
+/// How to reach etcd. Mirrors kube-ipam's `etcdConfig` and the daemon's flags.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub endpoints: Vec<String>,
+    /// Every key lives under this prefix.
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: Option<TlsFiles>,
+    /// Deadline of one etcd request.
+    pub request_timeout: Duration,
+    /// How long an operation keeps retrying transport errors and leaderless periods.
+    pub retry_timeout: Duration,
+}
+
+/// PEM files for TLS to etcd (kube-ipam: `etcdTrustedCAFileFile`, `etcdCertFile`, `etcdKeyFile`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+pub const DEFAULT_PREFIX: &str = "/hostnic/ipam/v1";
+
+impl StoreConfig {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        StoreConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_string(),
+            username: None,
+            password: None,
+            tls: None,
+            request_timeout: Duration::from_millis(1000),
+            retry_timeout: Duration::from_millis(2500),
+        }
+    }
+
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// A cheap-to-clone handle on the etcd client.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    retry_timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("retry_timeout", &self.retry_timeout).finish()
+    }
+}
+
+fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| IpamError::Etcd {
+        op: format!("reading {what} {}", path.display()),
+        source: etcd_client::Error::IoError(e),
+    })
+}
+
+impl Store {
+    /// Builds the client. The connection itself is lazy: an unreachable etcd shows up as
+    /// `Unavailable` on the first request, not here.
+    pub async fn connect(config: &StoreConfig) -> Result<Store> {
+        let mut options = ConnectOptions::new()
+            .with_timeout(config.request_timeout)
+            .with_connect_timeout(config.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let (Some(user), Some(password)) = (&config.username, &config.password) {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if let Some(tls) = &config.tls {
+            let mut tls_options = TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                tls_options = tls_options.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                tls_options = tls_options
+                    .identity(Identity::from_pem(read_pem("cert", cert)?, read_pem("key", key)?));
+            }
+            options = options.with_tls(tls_options);
+        }
+        let store = Store {
+            client: connect_lazily(config, options).await?,
+            retry_timeout: config.retry_timeout,
+        };
+        Ok(store)
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the retry budget is spent.
+    pub async fn retry<T, F, Fut>(&self, op: &str, mut call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.retry_timeout;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match call(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if is_transient(&e) => {
+                    if Instant::now() + delay >= deadline {
+                        return Err(IpamError::Unavailable {
+                            op: op.to_string(),
+                            source: e,
+                        });
+                    }
+                    tracing::debug!(op, error = %e, "etcd request failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(300));
+                }
+                Err(e) => {
+                    return Err(IpamError::Etcd {
+                        op: op.to_string(),
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
+    pub async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
+        self.retry(op, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
+    pub async fn get(&self, op: &str, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
+        self.retry(op, |mut c| {
+            let options = options.clone();
+            let key = key.to_string();
+            async move { c.get(key, options).await }
+        })
+        .await
+    }
+
+    /// Every key under `prefix` at one revision, read in pages so that a large pool does not
+    /// exceed the gRPC message limit. Returns the revision and the key-values.
+    pub async fn load_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
+        const PAGE: i64 = 5000;
+        let end = prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let op = format!("load {prefix}");
+            let key = start.clone();
+            let mut resp = self
+                .retry(&op, |mut c| {
+                    let (key, options) = (key.clone(), options.clone());
+                    async move { c.get(key, Some(options)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            out.extend(kvs);
+            if !more {
+                return Ok((revision, out));
+            }
+        }
+    }
+}
+
+async fn connect_lazily(config: &StoreConfig, options: ConnectOptions) -> Result<Client> {
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|e| {
+            let op = format!("connect to {}", config.endpoints.join(","));
+            if is_transient(&e) {
+                IpamError::Unavailable { op, source: e }
+            } else {
+                IpamError::Etcd { op, source: e }
+            }
+        })
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Errors after which the same request may succeed: the endpoint is down, there is no leader,
+/// or the request timed out.
+pub fn is_transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled | Code::Unknown
+        ),
+        etcd_client::Error::WatchError(_) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_covers_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+}
