@@ -6,6 +6,7 @@
 
 pub mod addr;
 pub mod allocator;
+pub mod audit;
 pub mod blocks;
 pub mod error;
 pub mod pool;
