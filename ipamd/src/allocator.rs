@@ -220,7 +220,9 @@ fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
             .ok_or_else(|| invalid("outside every subnet of the network".into()))?;
         pool.check_exact(ip).map_err(invalid)?;
         if let Some((_, other)) = &plan[i] {
-            return Err(invalid(format!("{other} is also requested from the same range set")));
+            return Err(invalid(format!(
+                "{other} is also requested from the same range set"
+            )));
         }
         plan[i] = Some((pool.clone(), ip));
     }
@@ -278,7 +280,9 @@ impl<'a> Picks<'a> {
 
     fn exact(&mut self, pool: &Pool, ip: IpAddr, kind: Kind) {
         let mut pools = self.inner.lock_pools();
-        let state = pools.get_mut(&pool.id()).expect("pool registered before picking");
+        let state = pools
+            .get_mut(&pool.id())
+            .expect("pool registered before picking");
         let marked = state.mark(to_int(ip));
         self.picks.push(Pick {
             pool: Arc::clone(state.pool()),
@@ -362,9 +366,16 @@ impl Inner {
         let key = self.keys.pool(&id);
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), encode(&PoolRecord::from_pool(pool)), None)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                encode(&PoolRecord::from_pool(pool)),
+                None,
+            )])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = self.store.txn(&format!("register pool {}", pool.subnet), txn).await?;
+        let resp = self
+            .store
+            .txn(&format!("register pool {}", pool.subnet), txn)
+            .await?;
         let stored = match got(&resp, 0) {
             Some(kv) if !resp.succeeded() => decode::<PoolRecord>(&kv)?.to_pool(),
             _ => pool.clone(),
@@ -378,7 +389,12 @@ impl Inner {
     }
 
     /// Picks the next dynamic address of a range set, claiming blocks as needed.
-    async fn pick_dynamic(&self, set: &RangeSet, picks: &mut Picks<'_>, network: &str) -> Result<()> {
+    async fn pick_dynamic(
+        &self,
+        set: &RangeSet,
+        picks: &mut Picks<'_>,
+        network: &str,
+    ) -> Result<()> {
         for pool in &set.pools {
             let id = pool.id();
             loop {
@@ -439,7 +455,11 @@ impl Inner {
     async fn commit(&self, req: &AllocateRequest, picks: &mut Picks<'_>) -> Result<Outcome> {
         let handle_key = self.keys.handle(&req.handle);
         let now = now_unix();
-        let mut compares = vec![Compare::create_revision(handle_key.as_str(), CompareOp::Equal, 0)];
+        let mut compares = vec![Compare::create_revision(
+            handle_key.as_str(),
+            CompareOp::Equal,
+            0,
+        )];
         let mut puts = Vec::new();
         let mut gets = vec![TxnOp::get(handle_key.as_str(), None)];
         let mut handle_ips = Vec::new();
@@ -471,23 +491,36 @@ impl Inner {
             pod: req.pod.clone(),
             ips: handle_ips,
         };
-        puts.push(TxnOp::put(handle_key.as_str(), encode(&handle_record), None));
+        puts.push(TxnOp::put(
+            handle_key.as_str(),
+            encode(&handle_record),
+            None,
+        ));
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
-        let resp = self.store.txn(&format!("allocate for {}", req.handle), txn).await?;
+        let resp = self
+            .store
+            .txn(&format!("allocate for {}", req.handle), txn)
+            .await?;
 
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             picks.keep_all();
             self.lock_committed()
                 .insert(req.handle.clone(), Committed { revision, keys });
-            return Ok(Outcome::Done(self.allocation_of(&req.handle, &handle_record)?));
+            return Ok(Outcome::Done(
+                self.allocation_of(&req.handle, &handle_record)?,
+            ));
         }
 
         // The handle exists: this ADD already happened (a retry, or the runtime calling twice).
         if let Some(kv) = got(&resp, 0) {
             let existing: HandleRecord = decode(&kv)?;
             for pick in picks.picks.iter_mut() {
-                if existing.ips.iter().any(|h| h.ip == pick.ip && h.pool == pick.pool.id()) {
+                if existing
+                    .ips
+                    .iter()
+                    .any(|h| h.ip == pick.ip && h.pool == pick.pool.id())
+                {
                     pick.marked = false;
                 }
             }
@@ -496,7 +529,9 @@ impl Inner {
 
         let mut lost = Vec::new();
         for i in 0..picks.picks.len() {
-            let Some(kv) = got(&resp, i + 1) else { continue };
+            let Some(kv) = got(&resp, i + 1) else {
+                continue;
+            };
             let holder: AllocationRecord = decode(&kv)?;
             picks.keep(i);
             let pick = &picks.picks[i];
@@ -512,7 +547,10 @@ impl Inner {
             }
             lost.push(pick.ip.to_string());
         }
-        Ok(Outcome::Lost(format!("addresses taken meanwhile: {}", lost.join(", "))))
+        Ok(Outcome::Lost(format!(
+            "addresses taken meanwhile: {}",
+            lost.join(", ")
+        )))
     }
 
     fn allocation_of(&self, handle: &Handle, record: &HandleRecord) -> Result<Allocation> {
@@ -521,10 +559,14 @@ impl Inner {
             .ips
             .iter()
             .map(|h| {
-                let pool = pools.get(&h.pool).map(|s| s.pool()).ok_or_else(|| IpamError::Corrupt {
-                    key: self.keys.handle(handle),
-                    reason: format!("refers to unknown pool {}", h.pool),
-                })?;
+                let pool =
+                    pools
+                        .get(&h.pool)
+                        .map(|s| s.pool())
+                        .ok_or_else(|| IpamError::Corrupt {
+                            key: self.keys.handle(handle),
+                            reason: format!("refers to unknown pool {}", h.pool),
+                        })?;
                 Ok(AllocatedIp {
                     ip: h.ip,
                     subnet: pool.subnet,
@@ -549,7 +591,12 @@ impl Inner {
                 .map(|k| Compare::mod_revision(k.as_str(), CompareOp::Equal, committed.revision))
                 .collect();
             let mut deletes = vec![TxnOp::get(handle_key.as_str(), None)];
-            deletes.extend(committed.keys.iter().map(|k| TxnOp::delete(k.as_str(), None)));
+            deletes.extend(
+                committed
+                    .keys
+                    .iter()
+                    .map(|k| TxnOp::delete(k.as_str(), None)),
+            );
             let txn = Txn::new().when(compares).and_then(deletes);
             let resp = self.store.txn(&format!("release {handle}"), txn).await?;
             self.lock_committed().remove(handle);
@@ -564,17 +611,29 @@ impl Inner {
 
         let mut last = String::new();
         for _ in 0..8 {
-            let resp = self.store.get(&format!("read handle {handle}"), &handle_key, None).await?;
-            let Some(handle_kv) = first_kv(resp) else { return Ok(None) };
+            let resp = self
+                .store
+                .get(&format!("read handle {handle}"), &handle_key, None)
+                .await?;
+            let Some(handle_kv) = first_kv(resp) else {
+                return Ok(None);
+            };
             let record: HandleRecord = decode(&handle_kv)?;
-            let ip_keys: Vec<String> = record.ips.iter().map(|h| self.keys.address(&h.pool, h.ip)).collect();
+            let ip_keys: Vec<String> = record
+                .ips
+                .iter()
+                .map(|h| self.keys.address(&h.pool, h.ip))
+                .collect();
             let reads = Txn::new().and_then(
                 ip_keys
                     .iter()
                     .map(|k| TxnOp::get(k.as_str(), None))
                     .collect::<Vec<_>>(),
             );
-            let held = self.store.txn(&format!("read addresses of {handle}"), reads).await?;
+            let held = self
+                .store
+                .txn(&format!("read addresses of {handle}"), reads)
+                .await?;
             let mut compares = vec![Compare::mod_revision(
                 handle_key.as_str(),
                 CompareOp::Equal,
@@ -588,11 +647,20 @@ impl Inner {
                     tracing::warn!(%handle, key, holder = %holder.handle, "address index points at an address another handle holds; leaving the address");
                     continue;
                 }
-                compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()));
+                compares.push(Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ));
                 deletes.push(TxnOp::delete(key.as_str(), None));
             }
             let txn = Txn::new().when(compares).and_then(deletes);
-            if self.store.txn(&format!("release {handle}"), txn).await?.succeeded() {
+            if self
+                .store
+                .txn(&format!("release {handle}"), txn)
+                .await?
+                .succeeded()
+            {
                 self.forget(&record);
                 return Ok(Some(record));
             }
@@ -646,7 +714,12 @@ impl Inner {
         }
         let loaded = states.len();
         *self.lock_pools() = states;
-        tracing::info!(pools = loaded, keys = kvs.len(), revision, "pools loaded from etcd");
+        tracing::info!(
+            pools = loaded,
+            keys = kvs.len(),
+            revision,
+            "pools loaded from etcd"
+        );
         Ok(revision)
     }
 
@@ -717,7 +790,9 @@ impl Inner {
             }
             Some(KeyRef::Block { pool, block }) => {
                 if let Some(state) = states.get_mut(&pool) {
-                    let Some(index) = state.pool().block_index(&block) else { return };
+                    let Some(index) = state.pool().block_index(&block) else {
+                        return;
+                    };
                     let owner = if put {
                         decode::<BlockRecord>(kv).ok().map(|r| r.node)
                     } else {

@@ -31,13 +31,17 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
                 Ok(record) => {
                     report.allocations.insert((pool, ip), record);
                 }
-                Err(e) => report.problems.push(format!("{key}: unreadable allocation: {e}")),
+                Err(e) => report
+                    .problems
+                    .push(format!("{key}: unreadable allocation: {e}")),
             },
             Some(KeyRef::Handle(handle)) => match serde_json::from_slice(kv.value()) {
                 Ok(record) => {
                     report.handles.insert(handle, record);
                 }
-                Err(e) => report.problems.push(format!("{key}: unreadable handle: {e}")),
+                Err(e) => report
+                    .problems
+                    .push(format!("{key}: unreadable handle: {e}")),
             },
             _ => {}
         }

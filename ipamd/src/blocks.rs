@@ -99,7 +99,9 @@ impl PoolState {
 
     /// Keeps the free-block sets in step with one block.
     fn refresh(&mut self, index: u128) {
-        let Some(block) = self.blocks.get(&index) else { return };
+        let Some(block) = self.blocks.get(&index) else {
+            return;
+        };
         let own = block.owner.as_deref() == Some(self.node.as_str());
         let has_free = block.free > 0;
         let unclaimed = block.owner.is_none();
@@ -133,7 +135,9 @@ impl PoolState {
         let index = self.pool.block_of(n);
         let offset = n - self.pool.block_first(index);
         let dynamic = self.pool.is_dynamic(n);
-        let Some(block) = self.blocks.get_mut(&index) else { return false };
+        let Some(block) = self.blocks.get_mut(&index) else {
+            return false;
+        };
         let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
         if block.held[word] & bit == 0 {
             return false;
@@ -167,7 +171,10 @@ impl PoolState {
     /// Blocks claimed by this node.
     pub fn own_blocks(&self) -> usize {
         let node = Some(self.node.as_str());
-        self.blocks.values().filter(|b| b.owner.as_deref() == node).count()
+        self.blocks
+            .values()
+            .filter(|b| b.owner.as_deref() == node)
+            .count()
     }
 
     /// First free dynamic address of block `index` at offset `from` or later.
@@ -200,7 +207,11 @@ impl PoolState {
         let before = self.own_free.range(..=cursor_block).copied();
         let candidates: Vec<u128> = after.take(2).chain(before.take(2)).collect();
         let found = candidates.iter().enumerate().find_map(|(i, &b)| {
-            let from = if i == 0 && b == cursor_block { cursor_offset } else { 0 };
+            let from = if i == 0 && b == cursor_block {
+                cursor_offset
+            } else {
+                0
+            };
             self.free_in(b, from)
         });
         if let Some(n) = found {
@@ -281,7 +292,11 @@ mod tests {
         let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 28}), "a");
         assert_eq!(s.next(), Next::Claim(0));
         s.set_owner(0, Some("a"));
-        assert_eq!(s.next(), Next::Address(n("10.0.0.2")), "network and gateway are skipped");
+        assert_eq!(
+            s.next(),
+            Next::Address(n("10.0.0.2")),
+            "network and gateway are skipped"
+        );
         assert_eq!(s.next(), Next::Address(n("10.0.0.3")));
     }
 
@@ -296,7 +311,10 @@ mod tests {
 
     #[test]
     fn hands_out_every_dynamic_address_once_then_reports_exhaustion() {
-        let mut s = state(json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/28"], "blockSize": 27}), "a");
+        let mut s = state(
+            json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/28"], "blockSize": 27}),
+            "a",
+        );
         let mut seen = std::collections::HashSet::new();
         while let Some(a) = allocate(&mut s) {
             assert!(s.pool().is_dynamic(a));

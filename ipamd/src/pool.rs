@@ -32,7 +32,11 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn invalid(field: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> ConfigError {
+fn invalid(
+    field: impl Into<String>,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError {
         field: field.into(),
         value: value.to_string(),
@@ -199,15 +203,31 @@ impl Pool {
                 out.push(format!("{field}: {a} (stored) vs {b} (requested)"));
             }
         };
-        diff("gateway", self.gateway.to_string(), other.gateway.to_string());
-        diff("ranges", self.fmt_ranges(&self.ranges), other.fmt_ranges(&other.ranges));
-        diff("exclude", self.fmt_ranges(&self.exclude), other.fmt_ranges(&other.exclude));
+        diff(
+            "gateway",
+            self.gateway.to_string(),
+            other.gateway.to_string(),
+        );
+        diff(
+            "ranges",
+            self.fmt_ranges(&self.ranges),
+            other.fmt_ranges(&other.ranges),
+        );
+        diff(
+            "exclude",
+            self.fmt_ranges(&self.exclude),
+            other.fmt_ranges(&other.exclude),
+        );
         diff(
             "fixed",
             self.fmt_ranges(self.fixed.as_slice()),
             other.fmt_ranges(other.fixed.as_slice()),
         );
-        diff("blockSize", self.block_prefix.to_string(), other.block_prefix.to_string());
+        diff(
+            "blockSize",
+            self.block_prefix.to_string(),
+            other.block_prefix.to_string(),
+        );
         out
     }
 
@@ -240,7 +260,11 @@ pub fn parse_range_sets(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, Confi
     }
     for (i, set) in raw.ranges.unwrap_or_default().into_iter().enumerate() {
         if set.is_empty() {
-            return Err(invalid(format!("ranges[{i}]"), "[]", "a range set needs at least one range"));
+            return Err(invalid(
+                format!("ranges[{i}]"),
+                "[]",
+                "a range set needs at least one range",
+            ));
         }
         raw_sets.push((format!("ranges[{i}]"), set));
     }
@@ -278,7 +302,10 @@ pub fn parse_range_sets(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, Confi
                     return Err(invalid(
                         field("gateway"),
                         gateway,
-                        format!("differs from gateway {} of another range in {subnet}", pool.gateway),
+                        format!(
+                            "differs from gateway {} of another range in {subnet}",
+                            pool.gateway
+                        ),
                     ))
                 }
                 Some(pool) => pool.ranges.push(dynamic),
@@ -297,7 +324,11 @@ pub fn parse_range_sets(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, Confi
 
     check_overlaps(&sets)?;
     apply_excludes(&mut sets, &raw.exclude)?;
-    apply_fixed_window(&mut sets, raw.fixed_start.as_deref(), raw.fixed_end.as_deref())?;
+    apply_fixed_window(
+        &mut sets,
+        raw.fixed_start.as_deref(),
+        raw.fixed_end.as_deref(),
+    )?;
     apply_block_size(&mut sets, raw.block_size)?;
     for pool in sets.iter_mut().flat_map(|s| s.pools.iter_mut()) {
         pool.ranges.sort_by_key(|r| r.first);
@@ -319,8 +350,13 @@ fn parse_range(
         .subnet
         .as_deref()
         .ok_or_else(|| invalid(field("subnet"), "", "required"))?;
-    let subnet = IpNet::from_str(text.trim())
-        .map_err(|_| invalid(field("subnet"), text, "not a CIDR (expected address/prefix)"))?;
+    let subnet = IpNet::from_str(text.trim()).map_err(|_| {
+        invalid(
+            field("subnet"),
+            text,
+            "not a CIDR (expected address/prefix)",
+        )
+    })?;
     if subnet != subnet.trunc() {
         return Err(invalid(
             field("subnet"),
@@ -330,13 +366,21 @@ fn parse_range(
     }
     let family = Family::of(subnet.addr());
     if subnet.prefix_len() > family.bits() - 2 {
-        return Err(invalid(field("subnet"), text, "too small to allocate from (at most /30 or /126)"));
+        return Err(invalid(
+            field("subnet"),
+            text,
+            "too small to allocate from (at most /30 or /126)",
+        ));
     }
 
     let in_subnet = |name: &str, value: &str| -> Result<u128, ConfigError> {
         let ip = parse_ip(&field(name), value)?;
         if !subnet.contains(&ip) {
-            return Err(invalid(field(name), value, format!("outside subnet {subnet}")));
+            return Err(invalid(
+                field(name),
+                value,
+                format!("outside subnet {subnet}"),
+            ));
         }
         Ok(to_int(ip))
     };
@@ -410,15 +454,18 @@ fn apply_excludes(sets: &mut [RangeSet], exclude: &[String]) -> Result<(), Confi
         let field = format!("exclude[{i}]");
         let net = match IpNet::from_str(text.trim()) {
             Ok(net) => net.trunc(),
-            Err(_) => IpNet::from(parse_ip(&field, text).map_err(|_| {
-                invalid(&field, text, "neither an IP address nor a CIDR")
-            })?),
+            Err(_) => IpNet::from(
+                parse_ip(&field, text)
+                    .map_err(|_| invalid(&field, text, "neither an IP address nor a CIDR"))?,
+            ),
         };
         let pool = pool_containing(sets, net.network())
             .filter(|p| p.subnet.contains(&net))
             .ok_or_else(|| invalid(&field, text, "not inside any subnet of this network"))?;
-        pool.exclude
-            .push(AddrRange::new(to_int(net.network()), to_int(net.broadcast())));
+        pool.exclude.push(AddrRange::new(
+            to_int(net.network()),
+            to_int(net.broadcast()),
+        ));
     }
     Ok(())
 }
@@ -437,14 +484,27 @@ fn apply_fixed_window(
     };
     let start = parse_ip("fixedStart", start_text)?;
     let end = parse_ip("fixedEnd", end_text)?;
-    let pool = pool_containing(sets, start)
-        .ok_or_else(|| invalid("fixedStart", start_text, "not inside any subnet of this network"))?;
+    let pool = pool_containing(sets, start).ok_or_else(|| {
+        invalid(
+            "fixedStart",
+            start_text,
+            "not inside any subnet of this network",
+        )
+    })?;
     if !pool.subnet.contains(&end) {
-        return Err(invalid("fixedEnd", end_text, format!("outside subnet {} of fixedStart", pool.subnet)));
+        return Err(invalid(
+            "fixedEnd",
+            end_text,
+            format!("outside subnet {} of fixedStart", pool.subnet),
+        ));
     }
     let window = AddrRange::new(to_int(start), to_int(end));
     if window.last < window.first {
-        return Err(invalid("fixedEnd", end_text, format!("before fixedStart {start}")));
+        return Err(invalid(
+            "fixedEnd",
+            end_text,
+            format!("before fixedStart {start}"),
+        ));
     }
     if let Some(r) = pool.ranges.iter().find(|r| r.overlaps(&window)) {
         return Err(invalid(
@@ -527,14 +587,26 @@ mod tests {
         let sets = parse(json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.8/30", "10.0.0.20"]}))
             .expect("valid");
         let pool = &sets[0].pools[0];
-        let dynamic: Vec<u128> = (0..256).map(|i| 0x0a00_0000 + i).filter(|&n| pool.is_dynamic(n)).collect();
+        let dynamic: Vec<u128> = (0..256)
+            .map(|i| 0x0a00_0000 + i)
+            .filter(|&n| pool.is_dynamic(n))
+            .collect();
         assert_eq!(dynamic.len(), 256 - 3 - 4 - 1);
-        for reserved in ["10.0.0.0", "10.0.0.255", "10.0.0.1", "10.0.0.9", "10.0.0.20"] {
+        for reserved in [
+            "10.0.0.0",
+            "10.0.0.255",
+            "10.0.0.1",
+            "10.0.0.9",
+            "10.0.0.20",
+        ] {
             assert!(!pool.is_dynamic(to_int(ip(reserved))), "{reserved}");
             assert!(pool.check_exact(ip(reserved)).is_err(), "{reserved}");
         }
         assert!(pool.check_exact(ip("10.0.0.100")).is_ok());
-        assert!(pool.check_exact(ip("10.0.1.1")).unwrap_err().contains("outside subnet"));
+        assert!(pool
+            .check_exact(ip("10.0.1.1"))
+            .unwrap_err()
+            .contains("outside subnet"));
     }
 
     #[test]
@@ -556,8 +628,10 @@ mod tests {
 
     #[test]
     fn fixed_window_outside_the_dynamic_range_is_accepted() {
-        let sets = parse(json!({"subnet": "10.188.0.0/16", "fixedStart": "10.188.0.10",
-            "fixedEnd": "10.188.0.255", "rangeStart": "10.188.1.0", "rangeEnd": "10.188.255.254"}))
+        let sets = parse(
+            json!({"subnet": "10.188.0.0/16", "fixedStart": "10.188.0.10",
+            "fixedEnd": "10.188.0.255", "rangeStart": "10.188.1.0", "rangeEnd": "10.188.255.254"}),
+        )
         .expect("valid");
         let pool = &sets[0].pools[0];
         assert!(!pool.is_dynamic(to_int(ip("10.188.0.10"))));
@@ -571,13 +645,21 @@ mod tests {
             (json!({"subnet": "10.0.0.0/33"}), "subnet", "not a CIDR"),
             (json!({"subnet": "banana"}), "subnet", "not a CIDR"),
             (json!({"subnet": "10.0.0.5/24"}), "subnet", "host bits"),
-            (json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.1.5"}), "rangeStart", "outside subnet"),
+            (
+                json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.1.5"}),
+                "rangeStart",
+                "outside subnet",
+            ),
             (
                 json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.50", "rangeEnd": "10.0.0.40"}),
                 "rangeEnd",
                 "before rangeStart",
             ),
-            (json!({"subnet": "10.0.0.0/24", "gateway": "10.9.0.1"}), "gateway", "outside subnet"),
+            (
+                json!({"subnet": "10.0.0.0/24", "gateway": "10.9.0.1"}),
+                "gateway",
+                "outside subnet",
+            ),
             (
                 json!({"ranges": [[{"subnet": "10.0.0.0/24", "rangeEnd": "10.0.0.100"},
                                    {"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.50"}]]}),
@@ -594,8 +676,16 @@ mod tests {
                 "ranges[0][1].subnet",
                 "mixes IPv4 and IPv6",
             ),
-            (json!({"subnet": "10.0.0.0/24", "blockSize": 40}), "blockSize", "out of bounds"),
-            (json!({"subnet": "10.0.0.0/24", "blockSize": 22}), "blockSize", "larger than subnet"),
+            (
+                json!({"subnet": "10.0.0.0/24", "blockSize": 40}),
+                "blockSize",
+                "out of bounds",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "blockSize": 22}),
+                "blockSize",
+                "larger than subnet",
+            ),
             (
                 json!({"subnet": "10.0.0.0/24", "fixedStart": "10.0.0.2", "fixedEnd": "10.0.0.9"}),
                 "fixedStart",
@@ -606,8 +696,16 @@ mod tests {
                 "fixedEnd",
                 "required",
             ),
-            (json!({"subnet": "10.0.0.0/24", "exclude": ["10.1.0.0/24"]}), "exclude[0]", "not inside"),
-            (json!({"subnet": "10.0.0.0/24", "exclude": ["x"]}), "exclude[0]", "neither"),
+            (
+                json!({"subnet": "10.0.0.0/24", "exclude": ["10.1.0.0/24"]}),
+                "exclude[0]",
+                "not inside",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "exclude": ["x"]}),
+                "exclude[0]",
+                "neither",
+            ),
             (json!({"type": "hostnic-ipam"}), "subnet", "required"),
             (json!({"subnet": "10.0.0.0/31"}), "subnet", "too small"),
             (json!({"subnet": 7}), "ipam", "invalid type"),
@@ -631,8 +729,14 @@ mod tests {
         let cidr = pool.block_cidr(b);
         assert_eq!(cidr.to_string(), "10.0.1.64/26");
         assert_eq!(pool.block_index(&cidr), Some(5));
-        assert_eq!(pool.block_index(&"10.0.1.65/26".parse::<IpNet>().expect("literal").trunc()), Some(5));
-        assert_eq!(pool.block_index(&"10.0.1.0/24".parse().expect("literal")), None);
+        assert_eq!(
+            pool.block_index(&"10.0.1.65/26".parse::<IpNet>().expect("literal").trunc()),
+            Some(5)
+        );
+        assert_eq!(
+            pool.block_index(&"10.0.1.0/24".parse().expect("literal")),
+            None
+        );
     }
 
     #[test]

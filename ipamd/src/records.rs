@@ -217,7 +217,9 @@ impl Keys {
                 pool: pool.to_string(),
                 ip: ip.parse().ok()?,
             }),
-            ["handles", container_id, ifname] => Some(KeyRef::Handle(Handle::new(*container_id, *ifname))),
+            ["handles", container_id, ifname] => {
+                Some(KeyRef::Handle(Handle::new(*container_id, *ifname)))
+            }
             _ => None,
         }
     }
@@ -243,11 +245,26 @@ mod tests {
         let block: IpNet = "10.0.1.64/26".parse().expect("literal");
         let ip: IpAddr = "fd00::5".parse().expect("literal");
         let handle = Handle::new("abc123", "eth0");
-        assert_eq!(keys.block("10.0.0.0_22", &block), "/hostnic/ipam/v1/pools/10.0.0.0_22/blocks/10.0.1.64_26");
+        assert_eq!(
+            keys.block("10.0.0.0_22", &block),
+            "/hostnic/ipam/v1/pools/10.0.0.0_22/blocks/10.0.1.64_26"
+        );
         let cases = [
             (keys.pool("p"), KeyRef::Pool { pool: "p".into() }),
-            (keys.block("p", &block), KeyRef::Block { pool: "p".into(), block }),
-            (keys.address("p", ip), KeyRef::Address { pool: "p".into(), ip }),
+            (
+                keys.block("p", &block),
+                KeyRef::Block {
+                    pool: "p".into(),
+                    block,
+                },
+            ),
+            (
+                keys.address("p", ip),
+                KeyRef::Address {
+                    pool: "p".into(),
+                    ip,
+                },
+            ),
             (keys.handle(&handle), KeyRef::Handle(handle.clone())),
         ];
         for (key, expected) in cases {

@@ -70,7 +70,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("retry_timeout", &self.retry_timeout).finish()
+        f.debug_struct("Store")
+            .field("retry_timeout", &self.retry_timeout)
+            .finish()
     }
 }
 
@@ -95,11 +97,14 @@ impl Store {
         if let Some(tls) = &config.tls {
             let mut tls_options = TlsOptions::new();
             if let Some(ca) = &tls.ca {
-                tls_options = tls_options.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
+                tls_options =
+                    tls_options.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
             }
             if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-                tls_options = tls_options
-                    .identity(Identity::from_pem(read_pem("cert", cert)?, read_pem("key", key)?));
+                tls_options = tls_options.identity(Identity::from_pem(
+                    read_pem("cert", cert)?,
+                    read_pem("key", key)?,
+                ));
             }
             options = options.with_tls(tls_options);
         }
@@ -154,7 +159,12 @@ impl Store {
         .await
     }
 
-    pub async fn get(&self, op: &str, key: &str, options: Option<GetOptions>) -> Result<GetResponse> {
+    pub async fn get(
+        &self,
+        op: &str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse> {
         self.retry(op, |mut c| {
             let options = options.clone();
             let key = key.to_string();
@@ -233,7 +243,11 @@ pub fn is_transient(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(status) => matches!(
             status.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled | Code::Unknown
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::Unknown
         ),
         etcd_client::Error::WatchError(_) => true,
         _ => false,

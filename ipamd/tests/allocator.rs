@@ -18,7 +18,9 @@ fn config(cluster: &EtcdCluster, prefix: &str) -> StoreConfig {
 }
 
 async fn allocator(cluster: &EtcdCluster, prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(cluster, prefix), node).await.expect("allocator starts");
+    let a = Allocator::start(&config(cluster, prefix), node)
+        .await
+        .expect("allocator starts");
     a.ready().await.expect("pools load");
     a
 }
@@ -37,7 +39,10 @@ fn request(container: &str, range_sets: &[RangeSet], requested: &[&str]) -> Allo
             uid: String::new(),
         }),
         range_sets: range_sets.to_vec(),
-        requested: requested.iter().map(|s| s.parse().expect("literal")).collect(),
+        requested: requested
+            .iter()
+            .map(|s| s.parse().expect("literal"))
+            .collect(),
         requested_kind: Kind::Exact,
     }
 }
@@ -48,7 +53,11 @@ fn ips(a: &Allocation) -> Vec<IpAddr> {
 
 /// Number of keys under `prefix`, to prove that failed requests wrote nothing.
 async fn key_count(a: &Allocator) -> usize {
-    let (_, kvs) = a.store().load_prefix(a.keys().prefix()).await.expect("scan");
+    let (_, kvs) = a
+        .store()
+        .load_prefix(a.keys().prefix())
+        .await
+        .expect("scan");
     kvs.len()
 }
 
@@ -59,7 +68,9 @@ async fn four_nodes_with_64_tasks_each_exhaust_a_slash_22_exactly_once_on_three_
     let pool = sets(json!({"subnet": "10.20.0.0/22"}));
     let mut nodes = Vec::new();
     for n in 0..4 {
-        nodes.push(Arc::new(allocator(cluster, &prefix, &format!("node-{n}")).await));
+        nodes.push(Arc::new(
+            allocator(cluster, &prefix, &format!("node-{n}")).await,
+        ));
     }
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
@@ -88,15 +99,30 @@ async fn four_nodes_with_64_tasks_each_exhaust_a_slash_22_exactly_once_on_three_
     }
     let unique: HashSet<IpAddr> = all.iter().copied().collect();
     assert_eq!(unique.len(), all.len(), "an address was handed out twice");
-    assert_eq!(all.len(), 1024 - 3, "every usable address of the /22 is handed out");
+    assert_eq!(
+        all.len(),
+        1024 - 3,
+        "every usable address of the /22 is handed out"
+    );
     for ip in ["10.20.0.0", "10.20.0.1", "10.20.3.255"] {
-        assert!(!unique.contains(&ip.parse().expect("literal")), "{ip} must never be handed out");
+        assert!(
+            !unique.contains(&ip.parse().expect("literal")),
+            "{ip} must never be handed out"
+        );
     }
 
-    let err = nodes[0].allocate(&request("one-more", &pool, &[])).await.expect_err("pool is full");
-    assert!(err.to_string().contains("pool exhausted") && err.to_string().contains("10.20.0.0/22"), "{err}");
+    let err = nodes[0]
+        .allocate(&request("one-more", &pool, &[]))
+        .await
+        .expect_err("pool is full");
+    assert!(
+        err.to_string().contains("pool exhausted") && err.to_string().contains("10.20.0.0/22"),
+        "{err}"
+    );
 
-    let report = audit(nodes[1].store(), nodes[1].keys()).await.expect("scan");
+    let report = audit(nodes[1].store(), nodes[1].keys())
+        .await
+        .expect("scan");
     assert_eq!(report.problems, Vec::<String>::new());
     assert_eq!(report.allocations.len(), 1021);
     assert_eq!(report.handles.len(), 1021);
@@ -112,7 +138,8 @@ async fn nodes_racing_for_one_exact_address_have_exactly_one_winner() {
         let node = allocator(cluster, &prefix, &format!("node-{n}")).await;
         let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
-            node.allocate(&request(&format!("racer{n}"), &pool, &["10.30.0.77"])).await
+            node.allocate(&request(&format!("racer{n}"), &pool, &["10.30.0.77"]))
+                .await
         }));
     }
     let mut winners = Vec::new();
@@ -127,7 +154,10 @@ async fn nodes_racing_for_one_exact_address_have_exactly_one_winner() {
     let winner = &winners[0].handle.container_id;
     for e in &losers {
         assert!(matches!(e, IpamError::AddressInUse { .. }), "{e}");
-        assert!(e.to_string().contains(&format!("pod-{winner}")), "error names the holder: {e}");
+        assert!(
+            e.to_string().contains(&format!("pod-{winner}")),
+            "error names the holder: {e}"
+        );
     }
 }
 
@@ -141,21 +171,45 @@ async fn add_twice_returns_the_same_address_and_del_is_idempotent() {
     let first = a.allocate(&req).await.expect("add");
     let second = a.allocate(&req).await.expect("add again");
     assert_eq!(ips(&first), ips(&second));
-    assert_eq!(a.lookup(&req.handle).await.expect("lookup").map(|x| ips(&x)), Some(ips(&first)));
+    assert_eq!(
+        a.lookup(&req.handle)
+            .await
+            .expect("lookup")
+            .map(|x| ips(&x)),
+        Some(ips(&first))
+    );
 
     // Another node running the same ADD for the same handle gets the same answer too.
     let b = allocator(cluster, &prefix, "node-b").await;
     assert_eq!(ips(&b.allocate(&req).await.expect("add on b")), ips(&first));
 
-    assert!(a.release(&Handle::new("never-added", "eth0")).await.expect("del unknown").is_none());
-    let released = a.release(&req.handle).await.expect("del").expect("held something");
-    assert_eq!(released.ips.iter().map(|x| x.ip).collect::<Vec<_>>(), ips(&first));
+    assert!(a
+        .release(&Handle::new("never-added", "eth0"))
+        .await
+        .expect("del unknown")
+        .is_none());
+    let released = a
+        .release(&req.handle)
+        .await
+        .expect("del")
+        .expect("held something");
+    assert_eq!(
+        released.ips.iter().map(|x| x.ip).collect::<Vec<_>>(),
+        ips(&first)
+    );
     assert!(a.release(&req.handle).await.expect("del twice").is_none());
-    assert!(b.release(&req.handle).await.expect("del on another node").is_none());
+    assert!(b
+        .release(&req.handle)
+        .await
+        .expect("del on another node")
+        .is_none());
     assert_eq!(a.lookup(&req.handle).await.expect("lookup"), None);
 
     let report = audit(a.store(), a.keys()).await.expect("scan");
-    assert!(report.allocations.is_empty() && report.handles.is_empty(), "{report:?}");
+    assert!(
+        report.allocations.is_empty() && report.handles.is_empty(),
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,7 +233,10 @@ async fn a_new_allocator_sees_every_existing_allocation() {
         let a = allocator(cluster, &prefix, "node-a").await;
         let mut held = HashSet::new();
         for i in 0..30 {
-            held.extend(ips(&a.allocate(&request(&format!("old{i}"), &pool, &[])).await.expect("add")));
+            held.extend(ips(&a
+                .allocate(&request(&format!("old{i}"), &pool, &[]))
+                .await
+                .expect("add")));
         }
         held
     };
@@ -188,8 +245,15 @@ async fn a_new_allocator_sees_every_existing_allocation() {
         let fresh = allocator(cluster, &prefix, node).await;
         let mut i = 0;
         loop {
-            match fresh.allocate(&request(&format!("{node}-new{i}"), &pool, &[])).await {
-                Ok(a) => assert!(!before.contains(&a.ips[0].ip), "{node} handed out {} again", a.ips[0].ip),
+            match fresh
+                .allocate(&request(&format!("{node}-new{i}"), &pool, &[]))
+                .await
+            {
+                Ok(a) => assert!(
+                    !before.contains(&a.ips[0].ip),
+                    "{node} handed out {} again",
+                    a.ips[0].ip
+                ),
                 Err(IpamError::Exhausted { .. }) => break,
                 Err(e) => panic!("{e}"),
             }
@@ -197,7 +261,10 @@ async fn a_new_allocator_sees_every_existing_allocation() {
         }
         // Leave the pool as it was for the next instance.
         for j in 0..i {
-            fresh.release(&Handle::new(format!("{node}-new{j}"), "eth0")).await.expect("del");
+            fresh
+                .release(&Handle::new(format!("{node}-new{j}"), "eth0"))
+                .await
+                .expect("del");
         }
         assert_eq!(i, 64 - 3 - 30, "{node} found exactly the free addresses");
     }
@@ -208,18 +275,32 @@ async fn dual_stack_gets_one_address_per_range_set_in_one_transaction() {
     let cluster = shared_single();
     let prefix = unique_prefix("dual");
     let a = allocator(cluster, &prefix, "node-a").await;
-    let pool = sets(json!({"ranges": [[{"subnet": "10.60.0.0/24"}], [{"subnet": "fd00:60::/120"}]]}));
-    let got = a.allocate(&request("dual", &pool, &["fd00:60::42"])).await.expect("add");
+    let pool =
+        sets(json!({"ranges": [[{"subnet": "10.60.0.0/24"}], [{"subnet": "fd00:60::/120"}]]}));
+    let got = a
+        .allocate(&request("dual", &pool, &["fd00:60::42"]))
+        .await
+        .expect("add");
     assert_eq!(got.ips.len(), 2);
     assert!(got.ips[0].ip.is_ipv4());
-    assert_eq!(got.ips[1].ip, "fd00:60::42".parse::<IpAddr>().expect("literal"));
+    assert_eq!(
+        got.ips[1].ip,
+        "fd00:60::42".parse::<IpAddr>().expect("literal")
+    );
     assert_eq!(got.ips[1].address().to_string(), "fd00:60::42/120");
 
     // The IPv6 address is taken: a second handle asking for it gets nothing at all,
     // not even the IPv4 address of the first range set.
     let keys_before = key_count(&a).await;
-    let err = a.allocate(&request("dual2", &pool, &["fd00:60::42"])).await.expect_err("held");
-    assert!(err.to_string().contains("fd00:60::42 is held by pod default/pod-dual"), "{err}");
+    let err = a
+        .allocate(&request("dual2", &pool, &["fd00:60::42"]))
+        .await
+        .expect_err("held");
+    assert!(
+        err.to_string()
+            .contains("fd00:60::42 is held by pod default/pod-dual"),
+        "{err}"
+    );
     assert_eq!(key_count(&a).await, keys_before, "nothing half-written");
 }
 
@@ -229,16 +310,28 @@ async fn rejected_requests_write_nothing_to_etcd() {
     let prefix = unique_prefix("rejected");
     let a = allocator(cluster, &prefix, "node-a").await;
     let pool = sets(json!({"subnet": "10.70.0.0/24", "exclude": ["10.70.0.9"]}));
-    a.allocate(&request("first", &pool, &[])).await.expect("defines the pool");
+    a.allocate(&request("first", &pool, &[]))
+        .await
+        .expect("defines the pool");
     let keys_before = key_count(&a).await;
 
     let redefined = sets(json!({"subnet": "10.70.0.0/24", "gateway": "10.70.0.254"}));
-    let err = a.allocate(&request("conflict", &redefined, &[])).await.expect_err("conflict");
+    let err = a
+        .allocate(&request("conflict", &redefined, &[]))
+        .await
+        .expect_err("conflict");
     let text = err.to_string();
-    assert!(text.contains("10.70.0.0/24") && text.contains("gateway: 10.70.0.1 (stored) vs 10.70.0.254"), "{text}");
+    assert!(
+        text.contains("10.70.0.0/24")
+            && text.contains("gateway: 10.70.0.1 (stored) vs 10.70.0.254"),
+        "{text}"
+    );
 
     let overlapping = sets(json!({"subnet": "10.70.0.0/23"}));
-    let err = a.allocate(&request("overlap", &overlapping, &[])).await.expect_err("overlap");
+    let err = a
+        .allocate(&request("overlap", &overlapping, &[]))
+        .await
+        .expect_err("overlap");
     assert!(matches!(err, IpamError::PoolOverlap { .. }), "{err}");
 
     for (ip, reason) in [
@@ -247,10 +340,23 @@ async fn rejected_requests_write_nothing_to_etcd() {
         ("10.70.0.9", "excluded"),
         ("10.70.0.255", "broadcast"),
     ] {
-        let err = a.allocate(&request("bad-ip", &pool, &[ip])).await.expect_err(ip);
-        assert!(err.to_string().contains(reason) && err.to_string().contains(ip), "{err}");
+        let err = a
+            .allocate(&request("bad-ip", &pool, &[ip]))
+            .await
+            .expect_err(ip);
+        assert!(
+            err.to_string().contains(reason) && err.to_string().contains(ip),
+            "{err}"
+        );
     }
-    let err = a.allocate(&request("bad/handle", &pool, &[])).await.expect_err("slash");
+    let err = a
+        .allocate(&request("bad/handle", &pool, &[]))
+        .await
+        .expect_err("slash");
     assert!(matches!(err, IpamError::InvalidHandle { .. }), "{err}");
-    assert_eq!(key_count(&a).await, keys_before, "no rejected request wrote anything");
+    assert_eq!(
+        key_count(&a).await,
+        keys_before,
+        "no rejected request wrote anything"
+    );
 }

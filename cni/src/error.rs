@@ -1,0 +1,415 @@
+//! The one error type of the CNI side, and its mapping to the spec's error object.
+//!
+//! Every failure the plugin can report is a [`CniError`] variant that names what failed (the
+//! variable, the field, the value). [`CniError::code`] is the only place that knows the numeric
+//! codes; [`CniError::reply`] renders the object the plugin prints on stdout before exiting
+//! non-zero. Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md#error>.
+
+use serde::Serialize;
+
+use crate::env::Command;
+use crate::version::CniVersion;
+
+/// Everything that can go wrong between exec and reply.
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    /// Code 1: the network config's `cniVersion` is well formed but not implemented here.
+    #[error(
+        "cniVersion {version:?} is not supported (supported: {})",
+        supported_versions()
+    )]
+    IncompatibleVersion {
+        /// The version as the config spelled it.
+        version: String,
+    },
+
+    /// Code 1: the command exists only in a newer spec than the config's `cniVersion`
+    /// (CHECK before 0.4.0, GC and STATUS before 1.1.0).
+    #[error("{command} needs cniVersion {} or later, the network config has {version}", command.min_version())]
+    CommandNotSupported {
+        /// The command that was asked for.
+        command: Command,
+        /// The config's version.
+        version: CniVersion,
+    },
+
+    /// Code 2: a config field this plugin knows but will not honour. The spec requires the
+    /// message to contain the key and the value.
+    #[error("unsupported field in network config: {field} = {value}")]
+    UnsupportedField {
+        /// JSON path of the field, e.g. `ipam.dataDir`.
+        field: String,
+        /// The value as JSON.
+        value: String,
+    },
+
+    /// Code 3: the container is unknown. The spec says this tells the runtime it need not clean up
+    /// (no DEL), so use it only when there is truly nothing to release.
+    #[error("container {container_id:?} is unknown")]
+    ContainerUnknown {
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+    },
+
+    /// Code 4: required environment variables are missing (or empty) for the command.
+    #[error("missing required environment variable(s): {}", vars.join(", "))]
+    MissingEnv {
+        /// Every missing variable, in the spec's order.
+        vars: Vec<&'static str>,
+    },
+
+    /// Code 4: an environment variable is present but its value is not acceptable.
+    #[error("invalid environment variable {var}={value:?}: {reason}")]
+    InvalidEnv {
+        /// The variable, e.g. `CNI_IFNAME`.
+        var: &'static str,
+        /// The offending value (for `CNI_ARGS`, the offending pair).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Code 5: reading or writing failed (stdin, a file the config names). The cause is kept.
+    #[error("I/O error: {what}")]
+    Io {
+        /// What was being done, e.g. `read resolvConf /etc/resolv.conf`.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Code 6: bytes or a string could not be decoded (malformed JSON, a malformed version).
+    #[error("cannot decode {what}: {reason}")]
+    Decode {
+        /// What was being decoded, e.g. `network config`.
+        what: String,
+        /// The decoder's message.
+        reason: String,
+    },
+
+    /// Code 7: a field the network config must have is absent.
+    #[error("invalid network config: missing required field {field}")]
+    MissingConfig {
+        /// JSON path of the field, e.g. `ipam.type`.
+        field: String,
+    },
+
+    /// Code 7: a network config field has a value this plugin cannot accept.
+    #[error("invalid network config: {field} = {value}: {reason}")]
+    InvalidConfig {
+        /// JSON path of the field, e.g. `ipam.routes[0].dst`.
+        field: String,
+        /// The value as JSON.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Code 11: a transient condition (the node daemon is restarting, etcd has no leader); the
+    /// runtime should retry the same request later.
+    #[error("{what}: {reason} (transient, try again later)")]
+    TryAgainLater {
+        /// What was unavailable, e.g. `hostnic-ipamd at /run/hostnic/ipamd.sock`.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// Code 50: the reply to STATUS when the plugin cannot serve ADD right now.
+    #[error("plugin not available: {reason}")]
+    Unavailable {
+        /// Why, e.g. the daemon's socket is missing.
+        reason: String,
+    },
+
+    /// A plugin-specific error with a code of 100 or more (the spec reserves 0-99). A code below
+    /// 100 is a programming error and is reported as 999.
+    #[error("{msg}")]
+    Plugin {
+        /// The code, 100 or more.
+        code: u32,
+        /// Short characterization.
+        msg: String,
+        /// Longer description, if any.
+        details: Option<String>,
+    },
+
+    /// Code 999: a bug or an impossible state; libcni uses 999 for internal errors.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What happened.
+        reason: String,
+    },
+}
+
+fn supported_versions() -> String {
+    CniVersion::ALL.map(CniVersion::as_str).join(", ")
+}
+
+/// Code libcni uses for internal errors, and ours for a malformed [`CniError::Plugin`].
+const CODE_INTERNAL: u32 = 999;
+
+impl CniError {
+    /// The spec's numeric code for this error.
+    pub fn code(&self) -> u32 {
+        match self {
+            CniError::IncompatibleVersion { .. } | CniError::CommandNotSupported { .. } => 1,
+            CniError::UnsupportedField { .. } => 2,
+            CniError::ContainerUnknown { .. } => 3,
+            CniError::MissingEnv { .. } | CniError::InvalidEnv { .. } => 4,
+            CniError::Io { .. } => 5,
+            CniError::Decode { .. } => 6,
+            CniError::MissingConfig { .. } | CniError::InvalidConfig { .. } => 7,
+            CniError::TryAgainLater { .. } => 11,
+            CniError::Unavailable { .. } => 50,
+            CniError::Plugin { code, .. } if *code >= 100 => *code,
+            CniError::Plugin { .. } | CniError::Internal { .. } => CODE_INTERNAL,
+        }
+    }
+
+    /// The error object to print on stdout. `cni_version` is the config's version when it was
+    /// read, otherwise the requested string or [`CniVersion::LATEST`].
+    ///
+    /// `msg` is the full one-line message (it names the variable, field or value); `details`
+    /// carries the underlying cause, or a plugin error's own details.
+    pub fn reply(&self, cni_version: &str) -> ErrorReply {
+        let details = match self {
+            CniError::Plugin { details, .. } => details.clone(),
+            _ => source_chain(self),
+        };
+        ErrorReply {
+            cni_version: cni_version.to_owned(),
+            code: self.code(),
+            msg: self.to_string(),
+            details,
+        }
+    }
+}
+
+fn source_chain(err: &dyn std::error::Error) -> Option<String> {
+    let mut source = err.source()?;
+    let mut chain = source.to_string();
+    while let Some(next) = source.source() {
+        chain.push_str(": ");
+        chain.push_str(&next.to_string());
+        source = next;
+    }
+    Some(chain)
+}
+
+/// The spec's error object: `{"cniVersion", "code", "msg", "details"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorReply {
+    /// Version of the reply format.
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    /// [`CniError::code`].
+    pub code: u32,
+    /// Short characterization.
+    pub msg: String,
+    /// Longer description; omitted when there is nothing to add (as libcni does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s(v: &str) -> String {
+        v.to_owned()
+    }
+
+    /// One of each variant with the code the spec assigns it.
+    fn every_variant() -> Vec<(CniError, u32)> {
+        vec![
+            (
+                CniError::IncompatibleVersion {
+                    version: s("0.2.0"),
+                },
+                1,
+            ),
+            (
+                CniError::CommandNotSupported {
+                    command: Command::Check,
+                    version: CniVersion::V0_3_1,
+                },
+                1,
+            ),
+            (
+                CniError::UnsupportedField {
+                    field: s("ipam.dataDir"),
+                    value: s("\"/var/lib\""),
+                },
+                2,
+            ),
+            (
+                CniError::ContainerUnknown {
+                    container_id: s("abc"),
+                },
+                3,
+            ),
+            (
+                CniError::MissingEnv {
+                    vars: vec!["CNI_IFNAME"],
+                },
+                4,
+            ),
+            (
+                CniError::InvalidEnv {
+                    var: "CNI_IFNAME",
+                    value: s("a/b"),
+                    reason: s("contains '/'"),
+                },
+                4,
+            ),
+            (
+                CniError::Io {
+                    what: s("read stdin"),
+                    source: std::io::Error::other("broken pipe"),
+                },
+                5,
+            ),
+            (
+                CniError::Decode {
+                    what: s("network config"),
+                    reason: s("EOF"),
+                },
+                6,
+            ),
+            (CniError::MissingConfig { field: s("name") }, 7),
+            (
+                CniError::InvalidConfig {
+                    field: s("ipam.routes[0].dst"),
+                    value: s("\"x\""),
+                    reason: s("not a CIDR"),
+                },
+                7,
+            ),
+            (
+                CniError::TryAgainLater {
+                    what: s("hostnic-ipamd"),
+                    reason: s("connection refused"),
+                },
+                11,
+            ),
+            (
+                CniError::Unavailable {
+                    reason: s("no socket"),
+                },
+                50,
+            ),
+            (
+                CniError::Plugin {
+                    code: 101,
+                    msg: s("pool exhausted"),
+                    details: None,
+                },
+                101,
+            ),
+            (CniError::Internal { reason: s("bug") }, 999),
+        ]
+    }
+
+    #[test]
+    fn every_variant_has_its_spec_code() {
+        for (err, code) in every_variant() {
+            assert_eq!(err.code(), code, "{err:?}");
+            assert_eq!(err.reply("1.0.0").code, code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn plugin_codes_below_100_are_reported_as_internal() {
+        let err = CniError::Plugin {
+            code: 7,
+            msg: s("reserved range"),
+            details: None,
+        };
+        assert_eq!(err.code(), 999);
+    }
+
+    #[test]
+    fn reply_renders_the_spec_error_object() {
+        let err = CniError::MissingEnv {
+            vars: vec!["CNI_CONTAINERID", "CNI_NETNS"],
+        };
+        assert_eq!(
+            serde_json::to_value(err.reply("1.1.0")).unwrap(),
+            json!({
+                "cniVersion": "1.1.0",
+                "code": 4,
+                "msg": "missing required environment variable(s): CNI_CONTAINERID, CNI_NETNS"
+            })
+        );
+    }
+
+    #[test]
+    fn reply_details_carry_the_cause() {
+        let err = CniError::Io {
+            what: s("read the network config from stdin"),
+            source: std::io::Error::other("broken pipe"),
+        };
+        let reply = err.reply("0.4.0");
+        assert_eq!(reply.code, 5);
+        assert_eq!(reply.msg, "I/O error: read the network config from stdin");
+        assert_eq!(reply.details.as_deref(), Some("broken pipe"));
+
+        let err = CniError::Plugin {
+            code: 102,
+            msg: s("requested address 10.0.0.5 is held by default/web-1"),
+            details: Some(s("pool 10.0.0.0/24")),
+        };
+        assert_eq!(
+            serde_json::to_value(err.reply("0.3.1")).unwrap(),
+            json!({
+                "cniVersion": "0.3.1",
+                "code": 102,
+                "msg": "requested address 10.0.0.5 is held by default/web-1",
+                "details": "pool 10.0.0.0/24"
+            })
+        );
+    }
+
+    #[test]
+    fn messages_name_the_problem() {
+        let err = CniError::InvalidEnv {
+            var: "CNI_IFNAME",
+            value: s("a/b"),
+            reason: s("must not contain '/'"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid environment variable CNI_IFNAME=\"a/b\": must not contain '/'"
+        );
+        let err = CniError::InvalidConfig {
+            field: s("ipam.routes[1].dst"),
+            value: s("\"10.0.0.0/33\""),
+            reason: s("invalid IP address syntax"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid network config: ipam.routes[1].dst = \"10.0.0.0/33\": invalid IP address syntax"
+        );
+        let err = CniError::UnsupportedField {
+            field: s("ipam.dataDir"),
+            value: s("\"/var/lib/cni\""),
+        };
+        assert!(err.to_string().contains("ipam.dataDir = \"/var/lib/cni\""));
+        let err = CniError::IncompatibleVersion {
+            version: s("0.2.0"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "cniVersion \"0.2.0\" is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)"
+        );
+        let err = CniError::TryAgainLater {
+            what: s("hostnic-ipamd at /run/hostnic/ipamd.sock"),
+            reason: s("connection refused"),
+        };
+        assert!(err.to_string().contains("try again later"), "{err}");
+    }
+}
