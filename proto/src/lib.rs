@@ -1,1 +1,37 @@
+//! The gRPC contract between the CNI plugins and `hostnic-ipamd`, and the unix-socket
+//! connector both sides use. See `proto/ipam.proto`.
 
+#![allow(missing_debug_implementations)] // generated code
+#![allow(clippy::unwrap_used)] // generated code
+
+pub mod v1 {
+    tonic::include_proto!("hostnic.ipam.v1");
+}
+
+/// Where the daemon listens unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/hostnic/ipamd.sock";
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Connects to the daemon's unix socket. Fails at once (no retry) if nothing listens there:
+/// a plugin must answer "try again later" quickly rather than hang the runtime.
+pub async fn connect(socket: &Path, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    let socket: PathBuf = socket.to_path_buf();
+    // The URI is required by the HTTP/2 layer but never resolved: the connector below dials
+    // the socket.
+    Endpoint::from_static("http://hostnic-ipamd.local")
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
