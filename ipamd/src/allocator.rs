@@ -6,14 +6,14 @@
 //! transaction of unknown outcome safe. Free-address state lives in memory (`blocks`), loaded
 //! at start and kept current by a watch, so choosing an address never scans etcd.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
-    WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
+    TxnResponse, WatchOptions,
 };
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -174,6 +174,79 @@ impl Allocator {
     pub async fn release(&self, handle: &Handle) -> Result<Option<HandleRecord>> {
         check_handle(handle)?;
         self.inner.release(handle).await
+    }
+
+    /// Releases this node's handles of `network` that are not in `valid` (CNI GC). Keeps going
+    /// past failures and reports them all.
+    pub async fn gc(&self, network: &str, valid: &HashSet<Handle>) -> Result<Vec<Handle>> {
+        let (_, kvs) = self
+            .inner
+            .store
+            .load_prefix(&self.inner.keys.handles())
+            .await?;
+        let mut released = Vec::new();
+        let mut failures = Vec::new();
+        for kv in &kvs {
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(KeyRef::Handle(handle)) = self.inner.keys.parse(key) else {
+                continue;
+            };
+            let record: HandleRecord = match decode(kv) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(e.to_string());
+                    continue;
+                }
+            };
+            if record.node != self.inner.node
+                || record.network != network
+                || valid.contains(&handle)
+            {
+                continue;
+            }
+            match self.inner.release(&handle).await {
+                Ok(_) => {
+                    tracing::info!(%handle, network, "garbage-collected attachment");
+                    released.push(handle);
+                }
+                Err(e) => failures.push(format!("{handle}: {e}")),
+            }
+        }
+        if failures.is_empty() {
+            Ok(released)
+        } else {
+            Err(IpamError::Contention {
+                op: format!("gc of network {network:?}"),
+                attempts: 1,
+                last: failures.join("; "),
+            })
+        }
+    }
+
+    /// Succeeds when an ADD for these range sets could succeed now: etcd answers, the pools
+    /// are loaded, and no range set is exhausted (CNI STATUS).
+    pub async fn status(&self, range_sets: &[RangeSet], network: &str) -> Result<()> {
+        self.inner.wait_synced().await?;
+        let probe = GetOptions::new().with_count_only();
+        self.inner
+            .store
+            .get("status probe", &self.inner.keys.pools(), Some(probe))
+            .await?;
+        let mut pools = self.inner.lock_pools();
+        for set in range_sets {
+            let has_free = set.pools.iter().any(|p| match pools.get_mut(&p.id()) {
+                Some(state) => state.has_free(),
+                None => true,
+            });
+            if !has_free {
+                let subnets: Vec<String> = set.pools.iter().map(|p| p.subnet.to_string()).collect();
+                return Err(IpamError::Exhausted {
+                    pools: subnets.join(", "),
+                    network: network.to_string(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What `handle` holds, read from etcd.

@@ -226,6 +226,11 @@ impl PoolState {
         Next::Exhausted
     }
 
+    /// Whether a dynamic address is free anywhere in the pool.
+    pub fn has_free(&mut self) -> bool {
+        !self.any_free.is_empty() || self.next_unclaimed().is_some()
+    }
+
     /// The first block at or after the claim cursor that nobody claimed and that has a free
     /// dynamic address.
     fn next_unclaimed(&mut self) -> Option<u128> {
@@ -322,7 +327,9 @@ mod tests {
         }
         assert_eq!(seen.len(), 256 - 3 - 16);
         assert_eq!(s.next(), Next::Exhausted);
+        assert!(!s.has_free());
         s.unmark(n("10.0.0.200"));
+        assert!(s.has_free());
         assert_eq!(allocate(&mut s), Some(n("10.0.0.200")));
     }
 

@@ -18,3 +18,6 @@ pub use error::IpamError;
 pub use pool::{parse_range_sets, ConfigError, Pool, RangeSet};
 pub use records::{Handle, Kind, PodRef};
 pub use store::StoreConfig;
+pub mod config;
+pub mod server;
+pub mod service;

@@ -1,0 +1,218 @@
+//! The daemon's configuration: a JSON file, overridden by environment variables, overridden by
+//! flags. `resolve` is pure so the precedence is unit-tested.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::store::{StoreConfig, TlsFiles, DEFAULT_PREFIX};
+
+/// Command-line flags; each also reads an environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "hostnic-ipamd",
+    version,
+    about = "hostnic-ipam node daemon: cluster-unique pod addresses in etcd"
+)]
+pub struct Flags {
+    /// JSON config file; flags and environment variables override its values.
+    #[arg(long, env = "HOSTNIC_IPAMD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, env = "HOSTNIC_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every key this daemon reads and writes in etcd.
+    #[arg(long, env = "HOSTNIC_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    #[arg(long, env = "HOSTNIC_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    #[arg(long, env = "HOSTNIC_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "HOSTNIC_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    #[arg(long, env = "HOSTNIC_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    #[arg(long, env = "HOSTNIC_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// This node's name, as Kubernetes knows it (spec.nodeName). Defaults to the hostname.
+    #[arg(long, env = "HOSTNIC_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Unix socket the CNI plugins call.
+    #[arg(long, env = "HOSTNIC_IPAMD_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// How long an etcd operation keeps retrying before the plugin is told to try again later.
+    #[arg(long, env = "HOSTNIC_ETCD_RETRY_MS")]
+    pub etcd_retry_ms: Option<u64>,
+}
+
+/// The config file. Keys mirror kube-ipam's `etcdConfig` where one exists.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub etcd: FileEtcd,
+    pub node_name: Option<String>,
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileEtcd {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub prefix: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub retry_ms: Option<u64>,
+}
+
+/// Everything the daemon needs, resolved.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub store: StoreConfig,
+    pub node_name: String,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no etcd endpoints: set --etcd-endpoints, HOSTNIC_ETCD_ENDPOINTS or etcd.endpoints in the config file")]
+    NoEndpoints,
+    #[error("no node name: set --node-name or HOSTNIC_NODE_NAME (the hostname could not be read)")]
+    NoNodeName,
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ConfigFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Flags (and their environment variables) win over the file, the file over defaults.
+pub fn resolve(
+    flags: Flags,
+    file: FileConfig,
+    hostname: Option<String>,
+) -> Result<DaemonConfig, ConfigFileError> {
+    let etcd = file.etcd;
+    let endpoints = if flags.etcd_endpoints.is_empty() {
+        etcd.endpoints
+    } else {
+        flags.etcd_endpoints
+    };
+    if endpoints.is_empty() {
+        return Err(ConfigFileError::NoEndpoints);
+    }
+    let mut store = StoreConfig::new(endpoints);
+    store.prefix = flags
+        .etcd_prefix
+        .or(etcd.prefix)
+        .unwrap_or_else(|| DEFAULT_PREFIX.into());
+    store.username = flags.etcd_username.or(etcd.username);
+    store.password = flags.etcd_password.or(etcd.password);
+    let tls = TlsFiles {
+        ca: flags.etcd_ca_file.or(etcd.ca_file),
+        cert: flags.etcd_cert_file.or(etcd.cert_file),
+        key: flags.etcd_key_file.or(etcd.key_file),
+    };
+    if tls.ca.is_some() || tls.cert.is_some() {
+        store.tls = Some(tls);
+    }
+    if let Some(ms) = flags.etcd_retry_ms.or(etcd.retry_ms) {
+        store.retry_timeout = Duration::from_millis(ms);
+    }
+    let node_name = flags
+        .node_name
+        .or(file.node_name)
+        .or(hostname)
+        .filter(|n| !n.is_empty())
+        .ok_or(ConfigFileError::NoNodeName)?;
+    let socket = flags
+        .socket
+        .or(file.socket)
+        .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
+    Ok(DaemonConfig {
+        store,
+        node_name,
+        socket,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("hostnic-ipamd").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let file: FileConfig = serde_json::from_str(
+            r#"{"etcd": {"endpoints": ["http://10.0.0.1:2379"], "prefix": "/file"}, "nodeName": "file-node"}"#,
+        )
+        .expect("file parses");
+        let c = resolve(
+            flags(&["--node-name", "flag-node"]),
+            file.clone(),
+            Some("host".into()),
+        )
+        .expect("resolves");
+        assert_eq!(c.node_name, "flag-node");
+        assert_eq!(c.store.endpoints, vec!["http://10.0.0.1:2379"]);
+        assert_eq!(c.store.prefix, "/file");
+        assert_eq!(c.socket, PathBuf::from("/run/hostnic/ipamd.sock"));
+
+        let c = resolve(
+            flags(&["--etcd-endpoints", "http://a:1,http://b:2"]),
+            file,
+            None,
+        )
+        .expect("resolves");
+        assert_eq!(c.store.endpoints, vec!["http://a:1", "http://b:2"]);
+        assert_eq!(c.node_name, "file-node");
+    }
+
+    #[test]
+    fn missing_endpoints_and_node_name_are_named() {
+        let e =
+            resolve(flags(&[]), FileConfig::default(), Some("h".into())).expect_err("no endpoints");
+        assert!(e.to_string().contains("--etcd-endpoints"));
+        let e = resolve(
+            flags(&["--etcd-endpoints", "http://a:1"]),
+            FileConfig::default(),
+            None,
+        )
+        .expect_err("no node");
+        assert!(e.to_string().contains("--node-name"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let e = serde_json::from_str::<FileConfig>(r#"{"nodeNmae": "x"}"#).expect_err("typo");
+        assert!(e.to_string().contains("nodeNmae"));
+    }
+}

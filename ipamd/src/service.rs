@@ -1,0 +1,236 @@
+//! The gRPC service the CNI plugins call: proto messages in, allocator calls, proto out.
+//! `status_of` is the one mapping from allocator errors to gRPC status codes; the plugin maps
+//! those codes to CNI error codes.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use hostnic_proto::v1::ipam_server::Ipam;
+use hostnic_proto::v1::{
+    AllocateReply, AllocateRequest, Attachment, CheckReply, CheckRequest, GcReply, GcRequest,
+    IpAllocation, Network, ReleaseReply, ReleaseRequest, StatusReply, StatusRequest,
+};
+use ipnet::IpNet;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::allocator::{self, Allocator};
+use crate::error::IpamError;
+use crate::pool::{parse_range_sets, RangeSet};
+use crate::records::{Handle, Kind, PodRef};
+
+/// Maps an allocator error to the gRPC status the plugin turns into a CNI error.
+pub fn status_of(e: &IpamError) -> Status {
+    let code = match e {
+        IpamError::Config(_)
+        | IpamError::InvalidRequest { .. }
+        | IpamError::InvalidHandle { .. }
+        | IpamError::PoolConflict { .. }
+        | IpamError::PoolOverlap { .. } => Code::InvalidArgument,
+        IpamError::Exhausted { .. } => Code::ResourceExhausted,
+        IpamError::AddressInUse { .. } => Code::AlreadyExists,
+        IpamError::Unavailable { .. } | IpamError::NotSynced(_) | IpamError::Contention { .. } => {
+            Code::Unavailable
+        }
+        IpamError::Etcd { .. } | IpamError::Corrupt { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The daemon's side of the plugin protocol.
+#[derive(Debug, Clone)]
+pub struct IpamService {
+    allocator: Arc<Allocator>,
+}
+
+impl IpamService {
+    pub fn new(allocator: Arc<Allocator>) -> Self {
+        IpamService { allocator }
+    }
+}
+
+/// Only root may allocate: the socket is 0600, and this checks the caller's credentials too.
+fn require_root<T>(request: &Request<T>) -> Result<(), Status> {
+    let uid = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid());
+    match uid {
+        Some(0) => Ok(()),
+        Some(uid) => Err(Status::permission_denied(format!(
+            "caller uid {uid} is not root; only root may call hostnic-ipamd"
+        ))),
+        None => Err(Status::permission_denied(
+            "caller credentials unknown; only root over the unix socket may call hostnic-ipamd",
+        )),
+    }
+}
+
+fn handle_of(attachment: Option<&Attachment>) -> Result<Handle, Status> {
+    let a = attachment.ok_or_else(|| Status::invalid_argument("attachment is required"))?;
+    Ok(Handle::new(&a.container_id, &a.ifname))
+}
+
+fn range_sets_of(network: Option<&Network>) -> Result<(String, Vec<RangeSet>), Status> {
+    let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
+    let ipam: serde_json::Value = serde_json::from_str(&n.ipam_json)
+        .map_err(|e| Status::invalid_argument(format!("ipam config is not JSON: {e}")))?;
+    let sets = parse_range_sets(&ipam).map_err(|e| status_of(&IpamError::Config(e)))?;
+    Ok((n.name.clone(), sets))
+}
+
+fn parse_ips(values: &[String], what: &str) -> Result<Vec<IpAddr>, Status> {
+    values
+        .iter()
+        .map(|v| {
+            let text = v.trim();
+            text.parse::<IpAddr>()
+                .or_else(|_| text.parse::<IpNet>().map(|n| n.addr()))
+                .map_err(|_| Status::invalid_argument(format!("{what} {v:?} is not an IP address")))
+        })
+        .collect()
+}
+
+fn reply_ips(allocation: &allocator::Allocation) -> Vec<IpAllocation> {
+    allocation
+        .ips
+        .iter()
+        .map(|x| IpAllocation {
+            address: x.address().to_string(),
+            gateway: x.gateway.to_string(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Ipam for IpamService {
+    async fn allocate(
+        &self,
+        request: Request<AllocateRequest>,
+    ) -> Result<Response<AllocateReply>, Status> {
+        require_root(&request)?;
+        let req = request.into_inner();
+        let handle = handle_of(req.attachment.as_ref())?;
+        let (network, range_sets) = range_sets_of(req.network.as_ref())?;
+        let requested = parse_ips(&req.requested_ips, "requested address")?;
+        let pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
+            namespace: p.namespace,
+            name: p.name,
+            uid: p.uid,
+        });
+        let span = tracing::info_span!("allocate", container = %handle.container_id, ifname = %handle.ifname,
+            pod = %pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default());
+        let request = allocator::AllocateRequest {
+            handle,
+            network,
+            pod,
+            range_sets,
+            requested,
+            requested_kind: Kind::Exact,
+        };
+        async {
+            match self.allocator.allocate(&request).await {
+                Ok(allocation) => {
+                    let ips = reply_ips(&allocation);
+                    tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), "allocated");
+                    Ok(Response::new(AllocateReply { ips }))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "allocation failed");
+                    Err(status_of(&e))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseReply>, Status> {
+        require_root(&request)?;
+        let handle = handle_of(request.get_ref().attachment.as_ref())?;
+        let span = tracing::info_span!("release", container = %handle.container_id, ifname = %handle.ifname);
+        async {
+            let released = self.allocator.release(&handle).await.map_err(|e| {
+                tracing::warn!(error = %e, "release failed");
+                status_of(&e)
+            })?;
+            let released: Vec<String> = released
+                .map(|r| r.ips.iter().map(|x| x.ip.to_string()).collect())
+                .unwrap_or_default();
+            tracing::info!(?released, "released");
+            Ok(Response::new(ReleaseReply { released }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckReply>, Status> {
+        require_root(&request)?;
+        let req = request.into_inner();
+        let handle = handle_of(req.attachment.as_ref())?;
+        let expected: HashSet<IpAddr> = parse_ips(&req.addresses, "previous result address")?
+            .into_iter()
+            .collect();
+        let held = self
+            .allocator
+            .lookup(&handle)
+            .await
+            .map_err(|e| status_of(&e))?
+            .ok_or_else(|| Status::not_found(format!("attachment {handle} holds no address")))?;
+        let held: HashSet<IpAddr> = held.ips.iter().map(|x| x.ip).collect();
+        if held != expected {
+            return Err(Status::failed_precondition(format!(
+                "attachment {handle} holds {held:?}, the previous result says {expected:?}"
+            )));
+        }
+        Ok(Response::new(CheckReply {}))
+    }
+
+    async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
+        require_root(&request)?;
+        let req = request.into_inner();
+        let network = req
+            .network
+            .as_ref()
+            .map(|n| n.name.clone())
+            .ok_or_else(|| Status::invalid_argument("network is required"))?;
+        let valid: HashSet<Handle> = req
+            .valid_attachments
+            .iter()
+            .map(|a| Handle::new(&a.container_id, &a.ifname))
+            .collect();
+        let released = self
+            .allocator
+            .gc(&network, &valid)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(GcReply {
+            released: released
+                .into_iter()
+                .map(|h| Attachment {
+                    container_id: h.container_id,
+                    ifname: h.ifname,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        require_root(&request)?;
+        let (network, range_sets) = range_sets_of(request.get_ref().network.as_ref())?;
+        self.allocator
+            .status(&range_sets, &network)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(StatusReply {}))
+    }
+}

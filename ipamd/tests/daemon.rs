@@ -1,0 +1,232 @@
+//! The real hostnic-ipamd binary against a real etcd, called over its unix socket with the
+//! same gRPC client code the plugins use.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostnic_proto::v1::ipam_client::IpamClient;
+use hostnic_proto::v1::{
+    AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod, ReleaseRequest,
+    StatusRequest,
+};
+use hostnic_testkit::{shared_single, unique_prefix};
+use tonic::Code;
+
+/// A daemon process, stopped with SIGTERM (then SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(node: &str, prefix: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run/ipamd.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_hostnic-ipamd"))
+            .args(["--etcd-endpoints", &shared_single().endpoints().join(",")])
+            .args(["--node-name", node, "--etcd-prefix", prefix])
+            .arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+async fn client(socket: &Path) -> IpamClient<tonic::transport::Channel> {
+    IpamClient::new(
+        hostnic_proto::connect(socket, Duration::from_secs(1))
+            .await
+            .expect("connects"),
+    )
+}
+
+fn network(ipam: serde_json::Value) -> Option<Network> {
+    Some(Network {
+        name: "daemon-test".into(),
+        ipam_json: ipam.to_string(),
+    })
+}
+
+fn attachment(id: &str) -> Option<Attachment> {
+    Some(Attachment {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+    })
+}
+
+#[tokio::test]
+async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
+    if !hostnic_testkit::require_root("daemon socket test (the daemon only serves root)") {
+        return;
+    }
+    let prefix = unique_prefix("daemon");
+    let mut daemon = Daemon::start("node-d", &prefix);
+    let mode = std::fs::metadata(&daemon.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode");
+    let mut c = client(&daemon.socket).await;
+    let ipam = serde_json::json!({"type": "hostnic-ipam", "subnet": "10.90.0.0/24"});
+
+    let add = |id: &str, ips: Vec<String>| AllocateRequest {
+        attachment: attachment(id),
+        network: network(ipam.clone()),
+        pod: Some(Pod {
+            namespace: "ns".into(),
+            name: format!("pod-{id}"),
+            ..Default::default()
+        }),
+        requested_ips: ips,
+        netns: String::new(),
+    };
+    let a = c
+        .allocate(add("d1", vec![]))
+        .await
+        .expect("allocate")
+        .into_inner();
+    assert_eq!(a.ips.len(), 1);
+    assert_eq!(a.ips[0].gateway, "10.90.0.1");
+    let address = a.ips[0].address.clone();
+    assert!(
+        address.starts_with("10.90.0.") && address.ends_with("/24"),
+        "{address}"
+    );
+
+    let fixed = c
+        .allocate(add("d2", vec!["10.90.0.50".into()]))
+        .await
+        .expect("exact")
+        .into_inner();
+    assert_eq!(fixed.ips[0].address, "10.90.0.50/24");
+    let held = c
+        .allocate(add("d3", vec!["10.90.0.50".into()]))
+        .await
+        .expect_err("held");
+    assert_eq!(held.code(), Code::AlreadyExists);
+    assert!(
+        held.message().contains("pod ns/pod-d2"),
+        "{}",
+        held.message()
+    );
+
+    let bad = c
+        .allocate(AllocateRequest {
+            network: network(
+                serde_json::json!({"subnet": "10.0.0.0/24", "rangeStart": "10.9.9.9"}),
+            ),
+            ..add("d4", vec![])
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("rangeStart"), "{}", bad.message());
+
+    c.check(CheckRequest {
+        attachment: attachment("d1"),
+        network: network(ipam.clone()),
+        addresses: vec![address.clone()],
+    })
+    .await
+    .expect("check passes");
+    let mismatch = c
+        .check(CheckRequest {
+            attachment: attachment("d1"),
+            network: network(ipam.clone()),
+            addresses: vec!["10.90.0.200/24".into()],
+        })
+        .await
+        .expect_err("check fails");
+    assert_eq!(mismatch.code(), Code::FailedPrecondition);
+
+    c.status(StatusRequest {
+        network: network(ipam.clone()),
+    })
+    .await
+    .expect("status ok");
+
+    // GC keeps d1 (valid) and releases d2.
+    let gc = c
+        .gc(GcRequest {
+            network: network(ipam.clone()),
+            valid_attachments: vec![attachment("d1").expect("some")],
+        })
+        .await
+        .expect("gc")
+        .into_inner();
+    let released: Vec<&str> = gc
+        .released
+        .iter()
+        .map(|a| a.container_id.as_str())
+        .collect();
+    assert_eq!(released, vec!["d2"]);
+
+    let r = c
+        .release(ReleaseRequest {
+            attachment: attachment("d1"),
+            network: network(ipam.clone()),
+        })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!(
+        r.released,
+        vec![address.trim_end_matches("/24").to_string()]
+    );
+    let r = c
+        .release(ReleaseRequest {
+            attachment: attachment("d1"),
+            network: network(ipam.clone()),
+        })
+        .await
+        .expect("release twice")
+        .into_inner();
+    assert!(r.released.is_empty());
+
+    drop(c);
+    let status = daemon.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(!daemon.socket.exists(), "socket removed on shutdown");
+}
