@@ -474,7 +474,7 @@ impl Inner {
                 let (next, state_pool) = {
                     let mut pools = self.lock_pools();
                     let state = pools.get_mut(&id).expect("pool registered before picking");
-                    (state.next(), Arc::clone(state.pool()))
+                    (state.next_address(), Arc::clone(state.pool()))
                 };
                 match next {
                     Next::Address(n) | Next::Borrow(n) => {

@@ -195,7 +195,7 @@ impl PoolState {
 
     /// Chooses the next dynamic address: after the cursor in this node's blocks, else a block
     /// to claim, else an address to borrow from another node's block.
-    pub fn next(&mut self) -> Next {
+    pub fn next_address(&mut self) -> Next {
         let (cursor_block, cursor_offset) = match self.cursor {
             Some(c) => {
                 let b = self.pool.block_of(c);
@@ -281,7 +281,7 @@ mod tests {
     /// Drives `next` the way the allocator does, with every claim succeeding.
     fn allocate(s: &mut PoolState) -> Option<u128> {
         loop {
-            match s.next() {
+            match s.next_address() {
                 Next::Address(a) | Next::Borrow(a) => return Some(a),
                 Next::Claim(b) => {
                     let node = s.node.clone();
@@ -295,14 +295,14 @@ mod tests {
     #[test]
     fn claims_a_block_then_hands_out_its_addresses_in_order() {
         let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 28}), "a");
-        assert_eq!(s.next(), Next::Claim(0));
+        assert_eq!(s.next_address(), Next::Claim(0));
         s.set_owner(0, Some("a"));
         assert_eq!(
-            s.next(),
+            s.next_address(),
             Next::Address(n("10.0.0.2")),
             "network and gateway are skipped"
         );
-        assert_eq!(s.next(), Next::Address(n("10.0.0.3")));
+        assert_eq!(s.next_address(), Next::Address(n("10.0.0.3")));
     }
 
     #[test]
@@ -326,7 +326,7 @@ mod tests {
             assert!(seen.insert(a), "{a} handed out twice");
         }
         assert_eq!(seen.len(), 256 - 3 - 16);
-        assert_eq!(s.next(), Next::Exhausted);
+        assert_eq!(s.next_address(), Next::Exhausted);
         assert!(!s.has_free());
         s.unmark(n("10.0.0.200"));
         assert!(s.has_free());
@@ -348,9 +348,9 @@ mod tests {
             s.set_owner(b, Some("b"));
         }
         s.set_owner(2, None);
-        assert_eq!(s.next(), Next::Claim(2));
+        assert_eq!(s.next_address(), Next::Claim(2));
         s.set_owner(2, Some("b"));
-        assert_eq!(s.next(), Next::Borrow(n("10.0.0.2")));
+        assert_eq!(s.next_address(), Next::Borrow(n("10.0.0.2")));
     }
 
     #[test]
@@ -362,10 +362,14 @@ mod tests {
         );
         assert!(s.mark(n("10.0.0.5")), "fixed address marked");
         assert!(!s.mark(n("10.0.0.5")), "marking twice changes nothing");
-        assert_eq!(s.next(), Next::Claim(1), "block 0 is all fixed window");
+        assert_eq!(
+            s.next_address(),
+            Next::Claim(1),
+            "block 0 is all fixed window"
+        );
         s.set_owner(1, Some("a"));
         s.mark(n("10.0.0.16"));
-        assert_eq!(s.next(), Next::Address(n("10.0.0.17")));
+        assert_eq!(s.next_address(), Next::Address(n("10.0.0.17")));
         assert!(s.is_marked(n("10.0.0.17")));
     }
 

@@ -442,7 +442,7 @@ fn check_overlaps(sets: &[RangeSet]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn pool_containing<'a>(sets: &'a mut [RangeSet], ip: IpAddr) -> Option<&'a mut Pool> {
+fn pool_containing(sets: &mut [RangeSet], ip: IpAddr) -> Option<&mut Pool> {
     sets.iter_mut()
         .flat_map(|s| s.pools.iter_mut())
         .find(|p| p.subnet.contains(&ip))
@@ -603,10 +603,8 @@ mod tests {
             assert!(pool.check_exact(ip(reserved)).is_err(), "{reserved}");
         }
         assert!(pool.check_exact(ip("10.0.0.100")).is_ok());
-        assert!(pool
-            .check_exact(ip("10.0.1.1"))
-            .unwrap_err()
-            .contains("outside subnet"));
+        let outside = pool.check_exact(ip("10.0.1.1")).expect_err("outside");
+        assert!(outside.contains("outside subnet"), "{outside}");
     }
 
     #[test]
