@@ -360,3 +360,80 @@ async fn rejected_requests_write_nothing_to_etcd() {
         "no rejected request wrote anything"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none() {
+    // A cluster of its own: this test kills members.
+    let cluster = EtcdCluster::start(3).expect("3-member etcd");
+    let prefix = unique_prefix("leader-kill");
+    let pool = sets(json!({"subnet": "10.80.0.0/21"}));
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        nodes.push(Arc::new(
+            allocator(&cluster, &prefix, &format!("node-{n}")).await,
+        ));
+    }
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..16 {
+            let (node, pool) = (Arc::clone(node), pool.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut retries = 0;
+                for i in 0..36 {
+                    let req = request(&format!("k{n}x{t}x{i}"), &pool, &[]);
+                    // Like a kubelet: retry the same attachment while told to try again later.
+                    loop {
+                        match node.allocate(&req).await {
+                            Ok(a) => {
+                                got.push((req.handle.clone(), a.ips[0].ip));
+                                break;
+                            }
+                            Err(e) if e.is_retryable() => retries += 1,
+                            Err(e) => panic!("node-{n}: {e}"),
+                        }
+                    }
+                }
+                (got, retries)
+            }));
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill_member(leader);
+    let running = tasks.iter().filter(|t| !t.is_finished()).count();
+    assert!(
+        running > 0,
+        "the leader died after the run ended: the run must be longer"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    cluster.restart_member(leader).expect("member rejoins");
+
+    let mut all = Vec::new();
+    let mut retries = 0;
+    for t in tasks {
+        let (got, r) = t.await.expect("task");
+        all.extend(got);
+        retries += r;
+    }
+    assert_eq!(all.len(), 3 * 16 * 36);
+    eprintln!(
+        "leader killed with {running} tasks running; {retries} requests were told to try again"
+    );
+    let unique: HashSet<IpAddr> = all.iter().map(|(_, ip)| *ip).collect();
+    assert_eq!(unique.len(), all.len(), "an address was handed out twice");
+    let report = audit(nodes[0].store(), nodes[0].keys())
+        .await
+        .expect("scan");
+    assert_eq!(report.problems, Vec::<String>::new());
+    assert_eq!(
+        report.allocations.len(),
+        all.len(),
+        "no leaked or lost address ({retries} retries)"
+    );
+    for (handle, ip) in &all {
+        let held = &report.handles[handle];
+        assert_eq!(held.ips.len(), 1);
+        assert_eq!(held.ips[0].ip, *ip, "{handle} holds what it was told");
+    }
+}
