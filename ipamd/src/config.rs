@@ -17,34 +17,70 @@ use crate::store::{StoreConfig, TlsFiles, DEFAULT_PREFIX};
     about = "hostnic-ipam node daemon: cluster-unique pod addresses in etcd"
 )]
 pub struct Flags {
+    /// What to do; without a subcommand the daemon serves the plugins.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// JSON config file; flags and environment variables override its values.
-    #[arg(long, env = "HOSTNIC_IPAMD_CONFIG")]
+    #[arg(long, global = true, env = "HOSTNIC_IPAMD_CONFIG")]
     pub config: Option<PathBuf>,
     /// etcd client URLs, comma-separated.
-    #[arg(long, env = "HOSTNIC_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "HOSTNIC_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
     pub etcd_endpoints: Vec<String>,
     /// Prefix of every key this daemon reads and writes in etcd.
-    #[arg(long, env = "HOSTNIC_ETCD_PREFIX")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
-    #[arg(long, env = "HOSTNIC_ETCD_CA_FILE")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_CA_FILE")]
     pub etcd_ca_file: Option<PathBuf>,
-    #[arg(long, env = "HOSTNIC_ETCD_CERT_FILE")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_CERT_FILE")]
     pub etcd_cert_file: Option<PathBuf>,
-    #[arg(long, env = "HOSTNIC_ETCD_KEY_FILE")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_KEY_FILE")]
     pub etcd_key_file: Option<PathBuf>,
-    #[arg(long, env = "HOSTNIC_ETCD_USERNAME")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
-    #[arg(long, env = "HOSTNIC_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "HOSTNIC_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     pub etcd_password: Option<String>,
     /// This node's name, as Kubernetes knows it (spec.nodeName). Defaults to the hostname.
-    #[arg(long, env = "HOSTNIC_NODE_NAME")]
+    #[arg(long, global = true, env = "HOSTNIC_NODE_NAME")]
     pub node_name: Option<String>,
     /// Unix socket the CNI plugins call.
-    #[arg(long, env = "HOSTNIC_IPAMD_SOCKET")]
+    #[arg(long, global = true, env = "HOSTNIC_IPAMD_SOCKET")]
     pub socket: Option<PathBuf>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
-    #[arg(long, env = "HOSTNIC_ETCD_RETRY_MS")]
+    #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
+}
+
+/// Operator commands, run against the same etcd as the daemon.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve the CNI plugins on the unix socket (the default).
+    Serve,
+    /// List every allocation: pool, address, attachment, pod, node, network, kind.
+    List {
+        /// Only this pool (its subnet, e.g. 10.0.0.0/24).
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Show each pool's usage: dynamic addresses, held addresses, claimed blocks.
+    Usage,
+    /// Release the addresses of one attachment, as a CNI DEL would.
+    Release {
+        container_id: String,
+        ifname: String,
+    },
+    /// Scan etcd and report any address held twice or any handle index that disagrees with
+    /// its address records. Exits 1 if it finds a problem.
+    Audit,
 }
 
 /// The config file. Keys mirror kube-ipam's `etcdConfig` where one exists.

@@ -1,15 +1,16 @@
-//! hostnic-ipamd: parse the config, start the allocator, serve the plugins until SIGTERM.
+//! hostnic-ipamd: serve the plugins until SIGTERM, or run one operator command.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use hostnic_ipamd::config::{read_file, resolve, FileConfig, Flags};
-use hostnic_ipamd::{server, Allocator};
+use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
+use hostnic_ipamd::{cli, server, Allocator, Handle};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -24,7 +25,33 @@ async fn main() -> anyhow::Result<()> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string());
+    let command = flags.command.clone().unwrap_or(Command::Serve);
     let config = resolve(flags, file, hostname)?;
+    match command {
+        Command::Serve => serve(config).await?,
+        Command::List { pool } => cli::list(&config.store, pool.as_deref()).await?,
+        Command::Usage => cli::usage(&config.store).await?,
+        Command::Release {
+            container_id,
+            ifname,
+        } => {
+            cli::release(
+                &config.store,
+                &config.node_name,
+                Handle::new(container_id, ifname),
+            )
+            .await?
+        }
+        Command::Audit => {
+            if !cli::check(&config.store).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let allocator = Allocator::start(&config.store, &config.node_name)
         .await
         .context("starting the allocator")?;

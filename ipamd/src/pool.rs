@@ -144,6 +144,43 @@ impl Pool {
         self.ranges.iter().any(|r| r.contains(n)) && self.reserved_reason(n).is_none()
     }
 
+    /// Number of addresses dynamic allocation may hand out, computed from the ranges (no walk
+    /// over the subnet).
+    pub fn dynamic_size(&self) -> u128 {
+        let in_ranges = |n: u128| self.ranges.iter().any(|r| r.contains(n));
+        let mut size: u128 = self.ranges.iter().map(|r| r.last - r.first + 1).sum();
+        let mut excluded: Vec<AddrRange> = Vec::new();
+        for e in &self.exclude {
+            for r in &self.ranges {
+                let (first, last) = (e.first.max(r.first), e.last.min(r.last));
+                if first <= last {
+                    excluded.push(AddrRange::new(first, last));
+                }
+            }
+        }
+        excluded.sort_by_key(|r| r.first);
+        let mut covered_to: Option<u128> = None;
+        for r in &excluded {
+            let first = covered_to.map_or(r.first, |c| r.first.max(c + 1));
+            if first <= r.last {
+                size -= r.last - first + 1;
+            }
+            covered_to = Some(covered_to.map_or(r.last, |c| c.max(r.last)));
+        }
+        let mut singles = vec![self.network_int(), to_int(self.gateway)];
+        if self.family() == Family::V4 {
+            singles.push(self.broadcast_int());
+        }
+        singles.sort_unstable();
+        singles.dedup();
+        for n in singles {
+            if in_ranges(n) && !self.exclude.iter().any(|e| e.contains(n)) {
+                size -= 1;
+            }
+        }
+        size
+    }
+
     /// Checks that `ip` may be requested exactly (fixed IP, `IP=`, `runtimeConfig.ips`).
     pub fn check_exact(&self, ip: IpAddr) -> Result<(), String> {
         if !self.subnet.contains(&ip) {
@@ -714,6 +751,21 @@ mod tests {
             assert_eq!(e.field, field, "{config}: {e}");
             assert!(e.reason.contains(reason), "{config}: {e}");
             assert!(seen.insert(e.to_string()), "duplicate message {e}");
+        }
+    }
+
+    #[test]
+    fn dynamic_size_matches_a_walk_over_the_subnet() {
+        for config in [
+            json!({"subnet": "10.0.0.0/24"}),
+            json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.0/30", "10.0.0.2/31", "10.0.0.200"]}),
+            json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.100", "gateway": "10.0.0.1"}),
+            json!({"ranges": [[{"subnet": "fd00::/120", "gateway": "fd00::80"}]], "exclude": ["fd00::80/126"]}),
+        ] {
+            let pool = &parse(config.clone()).expect("valid")[0].pools[0];
+            let base = to_int(pool.subnet.network());
+            let walked = (0..256).filter(|&i| pool.is_dynamic(base + i)).count() as u128;
+            assert_eq!(pool.dynamic_size(), walked, "{config}");
         }
     }
 

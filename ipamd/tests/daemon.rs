@@ -230,3 +230,89 @@ async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
     assert!(status.success(), "clean exit on SIGTERM: {status}");
     assert!(!daemon.socket.exists(), "socket removed on shutdown");
 }
+
+/// Runs an operator command of the daemon binary against the shared etcd.
+fn operator(prefix: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hostnic-ipamd"))
+        .args(args)
+        .args([
+            "--etcd-endpoints",
+            &shared_single().endpoints().join(","),
+            "--etcd-prefix",
+            prefix,
+        ])
+        .args(["--node-name", "operator"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("command runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn operator_commands_list_usage_audit_and_release() {
+    let prefix = unique_prefix("operator");
+    let config = hostnic_ipamd::StoreConfig::new(shared_single().endpoints()).with_prefix(&prefix);
+    let allocator = hostnic_ipamd::Allocator::start(&config, "node-op")
+        .await
+        .expect("start");
+    allocator.ready().await.expect("ready");
+    let sets = hostnic_ipamd::parse_range_sets(
+        &serde_json::json!({"subnet": "10.91.0.0/24", "exclude": ["10.91.0.128/25"]}),
+    )
+    .expect("valid");
+    let request = hostnic_ipamd::AllocateRequest {
+        handle: hostnic_ipamd::Handle::new("op1", "eth0"),
+        network: "op-net".into(),
+        pod: Some(hostnic_ipamd::PodRef {
+            namespace: "prod".into(),
+            name: "db-0".into(),
+            uid: String::new(),
+        }),
+        range_sets: sets,
+        requested: vec!["10.91.0.7".parse().expect("literal")],
+        requested_kind: hostnic_ipamd::Kind::Exact,
+    };
+    allocator.allocate(&request).await.expect("allocate");
+
+    let (ok, out) = operator(&prefix, &["list"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("10.91.0.0/24\t10.91.0.7\top1/eth0\tprod/db-0\tnode-op\top-net\tExact"),
+        "{out}"
+    );
+
+    let (ok, out) = operator(&prefix, &["usage"]);
+    assert!(ok, "{out}");
+    // 128 addresses minus network and gateway are dynamic; one is held.
+    assert!(out.contains("10.91.0.0/24\t126\t1\t"), "{out}");
+
+    let (ok, out) = operator(&prefix, &["audit"]);
+    assert!(
+        ok && out.contains("1 allocations, 1 attachments, 0 problems"),
+        "{out}"
+    );
+
+    // Break the handle index by hand: audit must notice and fail.
+    let mut client = allocator.store().client();
+    client
+        .delete(allocator.keys().handle(&request.handle), None)
+        .await
+        .expect("delete");
+    let (ok, out) = operator(&prefix, &["audit"]);
+    assert!(!ok && out.contains("PROBLEM address 10.91.0.7"), "{out}");
+    client
+        .put(allocator.keys().handle(&request.handle), serde_json::json!({"version": 1, "network": "op-net", "node": "node-op", "ips": [{"pool": "10.91.0.0_24", "ip": "10.91.0.7"}]}).to_string(), None)
+        .await
+        .expect("restore");
+
+    let (ok, out) = operator(&prefix, &["release", "op1", "eth0"]);
+    assert!(
+        ok && out.contains("released 10.91.0.7 of pool 10.91.0.0/24 from op1/eth0"),
+        "{out}"
+    );
+    let (ok, out) = operator(&prefix, &["list"]);
+    assert!(ok && !out.contains("10.91.0.7"), "{out}");
+}

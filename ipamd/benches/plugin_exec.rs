@@ -1,0 +1,208 @@
+//! The real plugin exec path, as a runtime calls it: `hostnic-ipam` exec'd with the CNI
+//! environment and config, one gRPC call to a running `hostnic-ipamd`, one etcd transaction.
+//! Compared in the same run with the reference `host-local` plugin on an equal subnet.
+//!
+//! Run (as root; the daemon serves root only):
+//! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench plugin_exec`
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use hostnic_testkit::EtcdCluster;
+use serde_json::json;
+
+const SEQUENTIAL: usize = 200;
+const CONCURRENT: usize = 16;
+
+fn release_dir() -> PathBuf {
+    // target/release/deps/plugin_exec-xxxx -> target/release
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .to_path_buf()
+}
+
+/// Execs an IPAM plugin once, as a main plugin would, and returns how long it took.
+fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration {
+    let t = Instant::now();
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("plugin starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(config.as_bytes())
+        .expect("config written");
+    let out = child.wait_with_output().expect("plugin runs");
+    let elapsed = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{} {command} {container}: {}{}",
+        plugin.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elapsed
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+}
+
+struct Figures {
+    add_p50: f64,
+    add_p99: f64,
+    del_p50: f64,
+    del_p99: f64,
+    concurrent_p50: f64,
+    concurrent_wall: f64,
+}
+
+fn measure(plugin: &Path, config: &str, tag: &str) -> Figures {
+    let mut adds = Vec::new();
+    let mut dels = Vec::new();
+    for i in 0..SEQUENTIAL {
+        adds.push(exec(plugin, "ADD", &format!("{tag}{i}"), config));
+    }
+    for i in 0..SEQUENTIAL {
+        dels.push(exec(plugin, "DEL", &format!("{tag}{i}"), config));
+    }
+    let barrier = Arc::new(Barrier::new(CONCURRENT));
+    let t = Instant::now();
+    let threads: Vec<_> = (0..CONCURRENT)
+        .map(|i| {
+            let (barrier, plugin, config) = (
+                Arc::clone(&barrier),
+                plugin.to_path_buf(),
+                config.to_string(),
+            );
+            let container = format!("{tag}c{i}");
+            std::thread::spawn(move || {
+                barrier.wait();
+                exec(&plugin, "ADD", &container, &config)
+            })
+        })
+        .collect();
+    let mut concurrent: Vec<Duration> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    for i in 0..CONCURRENT {
+        exec(plugin, "DEL", &format!("{tag}c{i}"), config);
+    }
+    Figures {
+        add_p50: percentile(&mut adds, 0.5),
+        add_p99: percentile(&mut adds, 0.99),
+        del_p50: percentile(&mut dels, 0.5),
+        del_p99: percentile(&mut dels, 0.99),
+        concurrent_p50: percentile(&mut concurrent, 0.5),
+        concurrent_wall: wall,
+    }
+}
+
+/// The daemon, stopped with SIGKILL when dropped (its socket lives in a temp dir).
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("plugin_exec bench: run with `cargo bench -p hostnic-ipamd --bench plugin_exec`");
+        return;
+    }
+    let bin = release_dir();
+    let plugin = bin.join("hostnic-ipam");
+    let daemon = bin.join("hostnic-ipamd");
+    for b in [&plugin, &daemon] {
+        assert!(
+            b.exists(),
+            "{} missing: run `cargo build --release --bins` first",
+            b.display()
+        );
+    }
+    let etcd = EtcdCluster::start(1).expect("etcd");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("ipamd.sock");
+    let _daemon = Daemon(
+        Command::new(&daemon)
+            .args([
+                "--etcd-endpoints",
+                &etcd.endpoints().join(","),
+                "--node-name",
+                "bench",
+            ])
+            .arg("--socket")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("daemon starts"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "daemon socket did not appear");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let ours = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
+        "type": "hostnic-ipam", "subnet": "10.100.0.0/16", "socket": socket}})
+    .to_string();
+    let host_local = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
+        "type": "host-local", "subnet": "10.101.0.0/16", "dataDir": dir.path().join("host-local")}})
+    .to_string();
+
+    // Warm both (page cache, daemon pool load, block claim) before measuring.
+    exec(&plugin, "ADD", "warm", &ours);
+    exec(&plugin, "DEL", "warm", &ours);
+    let hl = Path::new("/usr/lib/cni/host-local");
+    exec(hl, "ADD", "warm", &host_local);
+    exec(hl, "DEL", "warm", &host_local);
+
+    let theirs = measure(hl, &host_local, "hl");
+    let mine = measure(&plugin, &ours, "hn");
+    println!("| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | {CONCURRENT} concurrent ADD p50 ms | {CONCURRENT} concurrent wall ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, f) in [("host-local", &theirs), ("hostnic-ipam", &mine)] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            f.add_p50, f.add_p99, f.del_p50, f.del_p99, f.concurrent_p50, f.concurrent_wall
+        );
+    }
+    println!();
+    println!(
+        "ratio ADD p50 hostnic-ipam : host-local = {:.2} (target <= 1.0)",
+        mine.add_p50 / theirs.add_p50
+    );
+    println!(
+        "ratio DEL p50 hostnic-ipam : host-local = {:.2}",
+        mine.del_p50 / theirs.del_p50
+    );
+    println!(
+        "hostnic-ipam ADD p99 / p50 = {:.2} (target <= 2.0)",
+        mine.add_p99 / mine.add_p50
+    );
+}
