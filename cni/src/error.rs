@@ -45,10 +45,12 @@ pub enum CniError {
 
     /// Code 3: the container is unknown. The spec says this tells the runtime it need not clean up
     /// (no DEL), so use it only when there is truly nothing to release.
-    #[error("container {container_id:?} is unknown")]
+    #[error("container {container_id:?} is unknown: {reason}")]
     ContainerUnknown {
         /// `CNI_CONTAINERID`.
         container_id: String,
+        /// Who does not know it and how they said so, e.g. the daemon's message.
+        reason: String,
     },
 
     /// Code 4: required environment variables are missing (or empty) for the command.
@@ -106,6 +108,17 @@ pub enum CniError {
         reason: String,
     },
 
+    /// Code 7: whoever validates the rest of the config (the node daemon validates pools and
+    /// requested addresses) refused the request; `reason` is their message, which names the
+    /// field or address.
+    #[error("{by} rejected the request as invalid: {reason}")]
+    Rejected {
+        /// Who refused, e.g. `hostnic-ipamd at /run/hostnic/ipamd.sock`.
+        by: String,
+        /// Their message.
+        reason: String,
+    },
+
     /// Code 11: a transient condition (the node daemon is restarting, etcd has no leader); the
     /// runtime should retry the same request later.
     #[error("{what}: {reason} (transient, try again later)")]
@@ -160,7 +173,9 @@ impl CniError {
             CniError::MissingEnv { .. } | CniError::InvalidEnv { .. } => 4,
             CniError::Io { .. } => 5,
             CniError::Decode { .. } => 6,
-            CniError::MissingConfig { .. } | CniError::InvalidConfig { .. } => 7,
+            CniError::MissingConfig { .. }
+            | CniError::InvalidConfig { .. }
+            | CniError::Rejected { .. } => 7,
             CniError::TryAgainLater { .. } => 11,
             CniError::Unavailable { .. } => 50,
             CniError::Plugin { code, .. } if *code >= 100 => *code,
@@ -249,6 +264,7 @@ mod tests {
             (
                 CniError::ContainerUnknown {
                     container_id: s("abc"),
+                    reason: s("no such attachment"),
                 },
                 3,
             ),
@@ -286,6 +302,13 @@ mod tests {
                     field: s("ipam.routes[0].dst"),
                     value: s("\"x\""),
                     reason: s("not a CIDR"),
+                },
+                7,
+            ),
+            (
+                CniError::Rejected {
+                    by: s("hostnic-ipamd"),
+                    reason: s("ipam.subnet: not a CIDR"),
                 },
                 7,
             ),

@@ -1,7 +1,8 @@
 //! The CNI protocol, as the `hostnic-ipam` and `hostnic` plugins speak it: pure functions from the
 //! environment and stdin bytes to checked types, and from results and errors to the replies the
-//! plugin prints. No I/O happens here; the binaries read the process environment, stdin and
-//! files, and pass them in.
+//! plugin prints. No I/O happens in the protocol modules; the binaries read the process
+//! environment and stdin, and pass them in. [`plugin`] is the exception: it is the
+//! `hostnic-ipam` plugin itself, which reads `ipam.resolvConf` and calls the node daemon.
 //!
 //! A plugin's life, in this crate's terms:
 //!
@@ -20,6 +21,7 @@
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod plugin;
 pub mod result;
 pub mod version;
 

@@ -17,15 +17,18 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Connects to the daemon's unix socket. Fails at once (no retry) if nothing listens there:
-/// a plugin must answer "try again later" quickly rather than hang the runtime.
-pub async fn connect(socket: &Path, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+/// Connects to the daemon's unix socket within `connect_timeout`. Fails at once (no retry) if
+/// nothing listens there: a plugin must answer "try again later" quickly rather than hang the
+/// runtime. Calls carry their own deadlines (`Request::set_timeout`).
+pub async fn connect(
+    socket: &Path,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     let socket: PathBuf = socket.to_path_buf();
     // The URI is required by the HTTP/2 layer but never resolved: the connector below dials
     // the socket.
     Endpoint::from_static("http://hostnic-ipamd.local")
-        .connect_timeout(timeout)
-        .timeout(timeout)
+        .connect_timeout(connect_timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {

@@ -1,0 +1,982 @@
+//! The `hostnic-ipam` plugin: one CNI invocation turned into one gRPC call to the node daemon
+//! `hostnic-ipamd`, and the daemon's answer turned into the CNI reply.
+//!
+//! Unlike the rest of this crate, this module does I/O: it reads the file `ipam.resolvConf`
+//! names and talks to the daemon's unix socket. The steps in between are pure and public so they
+//! can be tested without a daemon: [`prepare`] validates everything the command needs and builds
+//! the request (nothing is sent when it fails), [`ipam_result`] shapes an allocation, and
+//! [`daemon_error`] maps a failed call to a CNI error.
+//!
+//! # Which socket
+//!
+//! `ipam.socket` from the network config, else the environment variable [`SOCKET_ENV`], else
+//! [`hostnic_proto::DEFAULT_SOCKET`]. Connecting gives up after [`CONNECT_TIMEOUT`] (a missing
+//! socket or a refused connection fails at once); a call gives up after [`CALL_DEADLINE`],
+//! which is also sent to the daemon as the gRPC deadline.
+//!
+//! # Daemon failures as CNI errors
+//!
+//! [`daemon_error`] is the one place where a failed call becomes a CNI error:
+//!
+//! | gRPC status / failure                          | CNI code | meaning                                   |
+//! |------------------------------------------------|----------|-------------------------------------------|
+//! | any failure, for STATUS                        | 50       | plugin not available, with the reason      |
+//! | cannot connect (no socket, refused, timeout)   | 11       | try again later; msg names the socket      |
+//! | `Unavailable`, `DeadlineExceeded`, `Cancelled` | 11       | try again later (etcd down, daemon busy)   |
+//! | `InvalidArgument`                              | 7        | invalid network config or request          |
+//! | `NotFound`, for CHECK                          | 3        | the attachment is unknown                  |
+//! | `ResourceExhausted`                            | 100      | address pool exhausted                     |
+//! | `AlreadyExists`                                | 101      | requested address is held by another pod   |
+//! | `FailedPrecondition`                           | 102      | the attachment does not match (CHECK)      |
+//! | `PermissionDenied`                             | 999      | the caller must run as root                |
+//! | anything else (`NotFound` outside CHECK, ...)  | 999      | internal error                             |
+//!
+//! The message is the daemon's status message, which names the address, pool or attachment;
+//! plugin-specific codes (100 and up) carry the socket in `details`.
+//!
+//! DEL is not made to succeed when the daemon is unreachable: the runtime retries a failed DEL,
+//! whereas a DEL reported as done would leak the address for good.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostnic_proto::v1;
+use hostnic_proto::v1::ipam_client::IpamClient;
+use ipnet::IpNet;
+use serde_json::Value;
+use tonic::Code;
+
+use crate::config::{IpamConfig, NetworkConfig};
+use crate::env::{Attachment, CniArgs, Command, Invocation};
+use crate::error::{CniError, ErrorReply};
+use crate::result::{parse_resolv_conf, Dns, IpConfig, IpamResult, Route};
+use crate::version::{version_reply, CniVersion};
+
+/// Environment variable naming the daemon's socket when the config does not.
+pub const SOCKET_ENV: &str = "HOSTNIC_IPAMD_SOCKET";
+
+/// How long to wait for the daemon to accept a connection. Short: a node whose daemon is down
+/// must get "try again later" quickly, not hang the runtime.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long one call may take. The daemon itself answers `Unavailable` within about 3 s when
+/// etcd is unreachable; this bounds a daemon that is stuck.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What the plugin prints, and whether it succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success with a reply to print (ADD, VERSION): the JSON text.
+    Reply(String),
+    /// Success with nothing to print (DEL, CHECK, GC, STATUS).
+    Done,
+    /// Failure: print the error object, exit non-zero.
+    Failed(ErrorReply),
+}
+
+impl Outcome {
+    /// The failure reply for `err`, in `cni_version`.
+    pub fn failed(err: &CniError, cni_version: &str) -> Self {
+        Outcome::Failed(err.reply(cni_version))
+    }
+
+    /// Whether the plugin should exit 0.
+    pub fn is_success(&self) -> bool {
+        !matches!(self, Outcome::Failed(_))
+    }
+
+    /// The text for stdout, if any.
+    pub fn stdout(&self) -> Option<String> {
+        match self {
+            Outcome::Reply(text) => Some(text.clone()),
+            Outcome::Done => None,
+            Outcome::Failed(reply) => Some(serde_json::to_string(reply).unwrap_or_else(|_| {
+                r#"{"cniVersion":"1.1.0","code":999,"msg":"cannot encode the error reply"}"#
+                    .to_owned()
+            })),
+        }
+    }
+}
+
+/// Runs one invocation: `vars` is the process environment, `stdin` the bytes the runtime wrote.
+/// Never panics; every failure is an [`Outcome::Failed`] in the config's version when it could
+/// be read (see [`error_reply_version`]).
+pub fn run<K, V>(vars: &[(K, V)], stdin: &[u8]) -> Outcome
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    match execute(vars, stdin) {
+        Ok(outcome) => outcome,
+        Err(err) => Outcome::failed(&err, &error_reply_version(stdin)),
+    }
+}
+
+fn execute<K, V>(vars: &[(K, V)], stdin: &[u8]) -> Result<Outcome, CniError>
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    let invocation = Invocation::from_env(vars.iter().map(|(k, v)| (k, v)))?;
+    if invocation.command == Command::Version {
+        return to_json(&version_reply(stdin)?).map(Outcome::Reply);
+    }
+    let config = NetworkConfig::parse(stdin)?;
+    config.cni_version.ensure_supports(invocation.command)?;
+    let call = prepare(&invocation, &config)?;
+    let socket = socket_path(&config.ipam, env_value(vars, SOCKET_ENV));
+
+    let answer = block_on(send(call, &socket))?.map_err(|failure| {
+        daemon_error(
+            invocation.command,
+            &socket,
+            invocation.attachment.as_ref(),
+            &failure,
+        )
+    })?;
+    match answer {
+        Answer::Allocated { reply, routes, dns } => {
+            let result = ipam_result(reply, routes, dns, &socket)?;
+            to_json(&result.reply(config.cni_version)).map(Outcome::Reply)
+        }
+        Answer::Done => Ok(Outcome::Done),
+    }
+}
+
+/// The `cniVersion` an error reply is written in: the config's, when stdin has a supported one
+/// (canonical spelling); the requested string, when it is a well-formed version this plugin does
+/// not implement (the runtime asked in it); [`CniVersion::LATEST`] otherwise.
+pub fn error_reply_version(stdin: &[u8]) -> String {
+    let latest = || CniVersion::LATEST.as_str().to_owned();
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(stdin) else {
+        return latest();
+    };
+    let Some(Value::String(requested)) = object.get("cniVersion") else {
+        return latest();
+    };
+    match requested.parse::<CniVersion>() {
+        Ok(version) => version.as_str().to_owned(),
+        Err(CniError::IncompatibleVersion { .. }) => requested.clone(),
+        Err(_) => latest(),
+    }
+}
+
+/// The daemon's socket: `ipam.socket`, else `env_socket` (the value of [`SOCKET_ENV`]; empty
+/// counts as unset), else [`hostnic_proto::DEFAULT_SOCKET`].
+pub fn socket_path(ipam: &IpamConfig, env_socket: Option<&OsStr>) -> PathBuf {
+    ipam.socket
+        .clone()
+        .or_else(|| env_socket.filter(|s| !s.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET))
+}
+
+fn env_value<'a, K, V>(vars: &'a [(K, V)], name: &str) -> Option<&'a OsStr>
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    vars.iter()
+        .rev()
+        .find(|(k, _)| k.as_ref() == name)
+        .map(|(_, v)| v.as_ref())
+}
+
+/// One request to the daemon, fully validated, with what the reply needs from the config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DaemonCall {
+    /// ADD.
+    Allocate(Box<Allocation>),
+    /// DEL.
+    Release(v1::ReleaseRequest),
+    /// CHECK.
+    Check(v1::CheckRequest),
+    /// GC.
+    Gc(v1::GcRequest),
+    /// STATUS.
+    Status(v1::StatusRequest),
+}
+
+/// An ADD: the request, and what the result needs from the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocation {
+    /// The request.
+    pub request: v1::AllocateRequest,
+    /// `ipam.routes`, for the result.
+    pub routes: Vec<Route>,
+    /// `ipam.resolvConf`, already read, for the result.
+    pub dns: Dns,
+}
+
+/// Validates what `invocation.command` needs and builds its request, before anything is sent:
+/// a bad requested address (4 or 7), an unreadable `ipam.resolvConf` (5), a missing `prevResult`
+/// (7) or valid-attachments list (7) fail here, so nothing is allocated or released.
+///
+/// Each command reads only its own inputs: DEL never looks at requested addresses, so a
+/// malformed `IP=` cannot keep a pod from being torn down.
+pub fn prepare(invocation: &Invocation, config: &NetworkConfig) -> Result<DaemonCall, CniError> {
+    match invocation.command {
+        Command::Add => Ok(DaemonCall::Allocate(Box::new(Allocation {
+            request: allocate_request(invocation, config)?,
+            routes: config.ipam.routes.clone(),
+            dns: read_dns(&config.ipam)?,
+        }))),
+        Command::Del => Ok(DaemonCall::Release(v1::ReleaseRequest {
+            attachment: Some(attachment(invocation)?),
+            network: Some(network(config)),
+        })),
+        Command::Check => Ok(DaemonCall::Check(v1::CheckRequest {
+            attachment: Some(attachment(invocation)?),
+            network: Some(network(config)),
+            addresses: config
+                .prev_result()?
+                .ips
+                .iter()
+                .map(|ip| ip.address.to_string())
+                .collect(),
+        })),
+        Command::Gc => Ok(DaemonCall::Gc(v1::GcRequest {
+            network: Some(network(config)),
+            valid_attachments: config
+                .valid_attachments()?
+                .into_iter()
+                .map(|a| v1::Attachment {
+                    container_id: a.container_id,
+                    ifname: a.ifname,
+                })
+                .collect(),
+        })),
+        Command::Status => Ok(DaemonCall::Status(v1::StatusRequest {
+            network: Some(network(config)),
+        })),
+        Command::Version => Err(CniError::Internal {
+            reason: "VERSION needs no daemon call".to_owned(),
+        }),
+    }
+}
+
+/// The ADD request: attachment, network, pod, requested addresses and netns.
+pub fn allocate_request(
+    invocation: &Invocation,
+    config: &NetworkConfig,
+) -> Result<v1::AllocateRequest, CniError> {
+    Ok(v1::AllocateRequest {
+        attachment: Some(attachment(invocation)?),
+        network: Some(network(config)),
+        pod: Some(pod(&invocation.args)),
+        requested_ips: requested_ips(invocation, config)?,
+        netns: invocation
+            .netns
+            .as_deref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    })
+}
+
+/// The addresses the pod asks for: `CNI_ARGS` `IP=`, then `runtimeConfig.ips`, then
+/// `args.cni.ips`, each address once, in the order first seen, as plain addresses (`10.0.0.5`):
+/// a prefix length in the request adds nothing, the pool's subnet decides it.
+pub fn requested_ips(
+    invocation: &Invocation,
+    config: &NetworkConfig,
+) -> Result<Vec<String>, CniError> {
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    let sources = [
+        invocation.args.ips()?,
+        config.runtime_config_ips()?,
+        config.args_ips()?,
+    ];
+    for ip in sources.into_iter().flatten() {
+        if !addresses.contains(&ip.address) {
+            addresses.push(ip.address);
+        }
+    }
+    Ok(addresses.iter().map(ToString::to_string).collect())
+}
+
+/// The pod from `K8S_POD_*`; empty fields when the runtime is not Kubernetes.
+pub fn pod(args: &CniArgs) -> v1::Pod {
+    let field = |v: &Option<String>| v.clone().unwrap_or_default();
+    v1::Pod {
+        namespace: field(&args.pod_namespace),
+        name: field(&args.pod_name),
+        uid: field(&args.pod_uid),
+        infra_container_id: field(&args.pod_infra_container_id),
+    }
+}
+
+/// The network: its name and the raw `ipam` object, which the daemon validates.
+pub fn network(config: &NetworkConfig) -> v1::Network {
+    v1::Network {
+        name: config.name.clone(),
+        ipam_json: config.ipam.raw.to_string(),
+    }
+}
+
+fn attachment(invocation: &Invocation) -> Result<v1::Attachment, CniError> {
+    let Attachment {
+        container_id,
+        ifname,
+    } = invocation
+        .attachment
+        .clone()
+        .ok_or_else(|| CniError::Internal {
+            reason: format!("{} has no attachment", invocation.command),
+        })?;
+    Ok(v1::Attachment {
+        container_id,
+        ifname,
+    })
+}
+
+/// Reads `ipam.resolvConf` when set; code 5 naming the path when it cannot be read.
+pub fn read_dns(ipam: &IpamConfig) -> Result<Dns, CniError> {
+    let Some(path) = &ipam.resolv_conf else {
+        return Ok(Dns::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| CniError::Io {
+        what: format!("read ipam.resolvConf {}", path.display()),
+        source,
+    })?;
+    Ok(parse_resolv_conf(&text))
+}
+
+/// The ADD result from the daemon's reply. A reply without addresses, or with one that does not
+/// parse, is a daemon bug (999) and is reported as such rather than printed.
+pub fn ipam_result(
+    reply: v1::AllocateReply,
+    routes: Vec<Route>,
+    dns: Dns,
+    socket: &Path,
+) -> Result<IpamResult, CniError> {
+    let bad_reply = |reason: String| CniError::Internal {
+        reason: format!("{} answered ADD with {reason}", daemon(socket)),
+    };
+    if reply.ips.is_empty() {
+        return Err(bad_reply("no address".to_owned()));
+    }
+    let ips = reply
+        .ips
+        .into_iter()
+        .map(|ip| {
+            let address: IpNet = ip
+                .address
+                .parse()
+                .map_err(|e| bad_reply(format!("address {:?}: {e}", ip.address)))?;
+            let gateway = match ip.gateway.as_str() {
+                "" => None,
+                gw => Some(
+                    gw.parse::<IpAddr>()
+                        .map_err(|e| bad_reply(format!("gateway {gw:?}: {e}")))?,
+                ),
+            };
+            Ok(IpConfig { address, gateway })
+        })
+        .collect::<Result<_, CniError>>()?;
+    Ok(IpamResult { ips, routes, dns })
+}
+
+/// Why a call to the daemon did not succeed.
+#[derive(Debug)]
+pub enum CallFailure {
+    /// No connection: the socket is missing, refused, or did not accept within
+    /// [`CONNECT_TIMEOUT`]. The text is the cause.
+    Connect(String),
+    /// The call ended with a status: the daemon's, or one the gRPC layer made up for a transport
+    /// failure or an expired deadline.
+    Status(tonic::Status),
+}
+
+/// The CNI error for a failed call: the table in the [module documentation](self).
+///
+/// `command` decides STATUS (always 50) and CHECK (`NotFound` is 3); `socket` is named in the
+/// message or details; `attachment` names the container for code 3.
+pub fn daemon_error(
+    command: Command,
+    socket: &Path,
+    attachment: Option<&Attachment>,
+    failure: &CallFailure,
+) -> CniError {
+    let daemon = daemon(socket);
+    let (code, message) = match failure {
+        CallFailure::Connect(cause) => {
+            let reason = format!("cannot connect: {cause}");
+            return if command == Command::Status {
+                CniError::Unavailable {
+                    reason: format!("{daemon}: {reason}"),
+                }
+            } else {
+                CniError::TryAgainLater {
+                    what: daemon,
+                    reason,
+                }
+            };
+        }
+        CallFailure::Status(status) => (status.code(), status_message(status)),
+    };
+    if command == Command::Status {
+        return CniError::Unavailable {
+            reason: format!("{daemon}: {message}"),
+        };
+    }
+    let plugin = |code: u32, msg: String| CniError::Plugin {
+        code,
+        msg,
+        details: Some(daemon.clone()),
+    };
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => CniError::TryAgainLater {
+            what: daemon,
+            reason: message,
+        },
+        Code::InvalidArgument => CniError::Rejected {
+            by: daemon,
+            reason: message,
+        },
+        Code::NotFound if command == Command::Check => CniError::ContainerUnknown {
+            container_id: attachment
+                .map(|a| a.container_id.clone())
+                .unwrap_or_default(),
+            reason: message,
+        },
+        Code::ResourceExhausted => plugin(100, format!("address pool exhausted: {message}")),
+        Code::AlreadyExists => plugin(
+            101,
+            format!("requested address is held by another pod: {message}"),
+        ),
+        Code::FailedPrecondition => plugin(
+            102,
+            format!("{command}: the attachment does not match: {message}"),
+        ),
+        Code::PermissionDenied => plugin(
+            999,
+            format!("{daemon} refused the caller, which must run as root: {message}"),
+        ),
+        other => plugin(
+            999,
+            format!("{command} failed in hostnic-ipamd ({other:?}): {message}"),
+        ),
+    }
+}
+
+fn daemon(socket: &Path) -> String {
+    format!("hostnic-ipamd at {}", socket.display())
+}
+
+/// The status message, or the code's description when the daemon sent none.
+fn status_message(status: &tonic::Status) -> String {
+    match status.message() {
+        "" => status.code().description().to_owned(),
+        message => message.to_owned(),
+    }
+}
+
+/// A successful call, with what ADD needs to build its result.
+#[derive(Debug)]
+enum Answer {
+    Allocated {
+        reply: v1::AllocateReply,
+        routes: Vec<Route>,
+        dns: Dns,
+    },
+    Done,
+}
+
+/// Runs `future` on a current-thread runtime: it is built per call because the plugin lives for
+/// one call, and a thread pool would only add start-up time.
+fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| CniError::Io {
+            what: "start the async runtime".to_owned(),
+            source,
+        })?;
+    Ok(runtime.block_on(future))
+}
+
+async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
+    // Bounded here as well as by the connector, so a wedged connect cannot hold the runtime.
+    let channel = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        hostnic_proto::connect(socket, CONNECT_TIMEOUT),
+    )
+    .await
+    {
+        Ok(Ok(channel)) => channel,
+        // tonic's own text ("transport error") says nothing; the cause (ENOENT, ECONNREFUSED) does.
+        Ok(Err(err)) => {
+            let cause =
+                std::error::Error::source(&err).map_or_else(|| err.to_string(), error_chain);
+            return Err(CallFailure::Connect(cause));
+        }
+        Err(_) => {
+            return Err(CallFailure::Connect(format!(
+                "no connection within {} ms",
+                CONNECT_TIMEOUT.as_millis()
+            )))
+        }
+    };
+    let mut client = IpamClient::new(channel);
+    let call = async move {
+        match call {
+            DaemonCall::Allocate(allocation) => {
+                let Allocation {
+                    request,
+                    routes,
+                    dns,
+                } = *allocation;
+                client
+                    .allocate(with_deadline(request))
+                    .await
+                    .map(|reply| Answer::Allocated {
+                        reply: reply.into_inner(),
+                        routes,
+                        dns,
+                    })
+            }
+            DaemonCall::Release(request) => client
+                .release(with_deadline(request))
+                .await
+                .map(|_| Answer::Done),
+            DaemonCall::Check(request) => client
+                .check(with_deadline(request))
+                .await
+                .map(|_| Answer::Done),
+            DaemonCall::Gc(request) => client
+                .gc(with_deadline(request))
+                .await
+                .map(|_| Answer::Done),
+            DaemonCall::Status(request) => client
+                .status(with_deadline(request))
+                .await
+                .map(|_| Answer::Done),
+        }
+    };
+    // The request deadline covers the response headers only; this also covers the body.
+    match tokio::time::timeout(CALL_DEADLINE, call).await {
+        Ok(result) => result.map_err(CallFailure::Status),
+        Err(_) => Err(CallFailure::Status(tonic::Status::deadline_exceeded(
+            format!("no reply within {} s", CALL_DEADLINE.as_secs()),
+        ))),
+    }
+}
+
+fn with_deadline<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_DEADLINE);
+    request
+}
+
+/// `err` and its causes, `: `-separated, skipping a cause whose text its parent already shows.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CniError> {
+    serde_json::to_string(value).map_err(|e| CniError::Internal {
+        reason: format!("cannot encode the reply: {e}"),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CID: &str = "3f6940ab5ab43bc522569d15b23f8c1bbde1d7678b080398506924fc01d72755";
+    const SOCKET: &str = "/run/test/ipamd.sock";
+
+    fn invocation(command: &str, cni_args: &str) -> Invocation {
+        Invocation::from_env([
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", CID),
+            ("CNI_NETNS", "/var/run/netns/cni-1"),
+            ("CNI_IFNAME", "net1"),
+            ("CNI_PATH", "/opt/cni/bin"),
+            ("CNI_ARGS", cni_args),
+        ])
+        .unwrap()
+    }
+
+    fn config(extra: Value) -> NetworkConfig {
+        let mut conf = json!({
+            "cniVersion": "1.1.0",
+            "name": "macvlan-net",
+            "type": "macvlan",
+            "ipam": {
+                "type": "hostnic-ipam",
+                "subnet": "10.0.0.0/24",
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        });
+        if let (Value::Object(conf), Value::Object(extra)) = (&mut conf, extra) {
+            conf.extend(extra);
+        }
+        NetworkConfig::parse(conf.to_string().as_bytes()).unwrap()
+    }
+
+    fn check_attachment() -> Attachment {
+        Attachment {
+            container_id: CID.to_owned(),
+            ifname: "net1".to_owned(),
+        }
+    }
+
+    fn map(command: Command, status: tonic::Status) -> CniError {
+        daemon_error(
+            command,
+            Path::new(SOCKET),
+            Some(&check_attachment()),
+            &CallFailure::Status(status),
+        )
+    }
+
+    #[test]
+    fn requested_ips_are_the_deduplicated_union_of_the_three_sources() {
+        let inv = invocation(
+            "ADD",
+            "K8S_POD_NAMESPACE=default;IP=10.0.0.5,fd00::5/64;K8S_POD_NAME=web-0",
+        );
+        let conf = config(json!({
+            "runtimeConfig": {"ips": ["10.0.0.6/24", "10.0.0.5/24"]},
+            "args": {"cni": {"ips": ["fd00::5", "10.0.0.7", "10.0.0.6"]}},
+        }));
+        assert_eq!(
+            requested_ips(&inv, &conf).unwrap(),
+            ["10.0.0.5", "fd00::5", "10.0.0.6", "10.0.0.7"]
+        );
+        assert!(requested_ips(&invocation("ADD", ""), &config(json!({})))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn malformed_requested_ip_fails_add_before_any_call() {
+        let err = prepare(&invocation("ADD", "IP=10.0.0.300"), &config(json!({}))).unwrap_err();
+        assert_eq!(err.code(), 4);
+        assert!(err.to_string().contains("10.0.0.300"), "{err}");
+        let conf = config(json!({"runtimeConfig": {"ips": ["bogus"]}}));
+        let err = prepare(&invocation("ADD", ""), &conf).unwrap_err();
+        assert_eq!(err.code(), 7);
+        assert!(err.to_string().contains("runtimeConfig.ips[0]"), "{err}");
+    }
+
+    #[test]
+    fn del_ignores_malformed_requested_ips() {
+        let conf = config(json!({
+            "runtimeConfig": {"ips": ["bogus"]},
+            "args": {"cni": {"ips": [42]}},
+        }));
+        let call = prepare(&invocation("DEL", "IP=not-an-ip"), &conf).unwrap();
+        let DaemonCall::Release(request) = call else {
+            panic!("{call:?}");
+        };
+        assert_eq!(request.attachment.unwrap().container_id, CID);
+        assert_eq!(request.network.unwrap().name, "macvlan-net");
+    }
+
+    #[test]
+    fn allocate_request_carries_pod_attachment_network_and_netns() {
+        let inv = invocation(
+            "ADD",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;\
+             K8S_POD_INFRA_CONTAINER_ID=3f6940ab;K8S_POD_UID=9b2c5e4e",
+        );
+        let conf = config(json!({}));
+        let request = allocate_request(&inv, &conf).unwrap();
+        assert_eq!(
+            request.pod.unwrap(),
+            v1::Pod {
+                namespace: "default".to_owned(),
+                name: "web-0".to_owned(),
+                uid: "9b2c5e4e".to_owned(),
+                infra_container_id: "3f6940ab".to_owned(),
+            }
+        );
+        assert_eq!(
+            request.attachment.unwrap(),
+            v1::Attachment {
+                container_id: CID.to_owned(),
+                ifname: "net1".to_owned(),
+            }
+        );
+        assert_eq!(request.netns, "/var/run/netns/cni-1");
+        let network = request.network.unwrap();
+        assert_eq!(network.name, "macvlan-net");
+        let ipam: Value = serde_json::from_str(&network.ipam_json).unwrap();
+        assert_eq!(ipam["subnet"], "10.0.0.0/24");
+        assert_eq!(ipam["type"], "hostnic-ipam");
+    }
+
+    #[test]
+    fn pod_fields_are_empty_outside_kubernetes() {
+        let request = allocate_request(&invocation("ADD", ""), &config(json!({}))).unwrap();
+        assert_eq!(request.pod.unwrap(), v1::Pod::default());
+    }
+
+    #[test]
+    fn add_reads_resolv_conf_and_keeps_routes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 10.96.0.10\nsearch svc.cluster.local\n").unwrap();
+        let mut conf = config(json!({}));
+        conf.ipam.resolv_conf = Some(path);
+        let DaemonCall::Allocate(allocation) = prepare(&invocation("ADD", ""), &conf).unwrap()
+        else {
+            panic!("not an allocation");
+        };
+        assert_eq!(allocation.dns.nameservers, ["10.96.0.10"]);
+        assert_eq!(allocation.routes, conf.ipam.routes);
+    }
+
+    #[test]
+    fn unreadable_resolv_conf_is_code_5_naming_the_path() {
+        let mut conf = config(json!({}));
+        conf.ipam.resolv_conf = Some(PathBuf::from("/nonexistent/resolv.conf"));
+        let err = prepare(&invocation("ADD", ""), &conf).unwrap_err();
+        assert_eq!(err.code(), 5);
+        assert!(
+            err.to_string().contains("/nonexistent/resolv.conf"),
+            "{err}"
+        );
+        // DEL does not need it.
+        prepare(&invocation("DEL", ""), &conf).unwrap();
+    }
+
+    #[test]
+    fn check_sends_the_previous_addresses() {
+        let conf = config(json!({"prevResult": {
+            "cniVersion": "1.1.0",
+            "ips": [
+                {"address": "10.0.0.5/24", "gateway": "10.0.0.1"},
+                {"address": "fd00::5/64"}
+            ]
+        }}));
+        let DaemonCall::Check(request) = prepare(&invocation("CHECK", ""), &conf).unwrap() else {
+            panic!("not a check");
+        };
+        assert_eq!(request.addresses, ["10.0.0.5/24", "fd00::5/64"]);
+        let err = prepare(&invocation("CHECK", ""), &config(json!({}))).unwrap_err();
+        assert_eq!(err.code(), 7);
+        assert!(err.to_string().contains("prevResult"), "{err}");
+    }
+
+    #[test]
+    fn gc_sends_the_valid_attachments_and_refuses_without_them() {
+        let gc =
+            Invocation::from_env([("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")]).unwrap();
+        let conf = config(json!({"cni.dev/valid-attachments": [
+            {"containerID": "a", "ifname": "eth0"}
+        ]}));
+        let DaemonCall::Gc(request) = prepare(&gc, &conf).unwrap() else {
+            panic!("not a gc");
+        };
+        assert_eq!(
+            request.valid_attachments,
+            [v1::Attachment {
+                container_id: "a".to_owned(),
+                ifname: "eth0".to_owned()
+            }]
+        );
+        assert_eq!(prepare(&gc, &config(json!({}))).unwrap_err().code(), 7);
+    }
+
+    #[test]
+    fn socket_precedence_config_then_env_then_default() {
+        let mut conf = config(json!({}));
+        let env = Some(OsStr::new("/env/ipamd.sock"));
+        assert_eq!(
+            socket_path(&conf.ipam, None),
+            Path::new(hostnic_proto::DEFAULT_SOCKET)
+        );
+        assert_eq!(
+            socket_path(&conf.ipam, Some(OsStr::new(""))),
+            Path::new(hostnic_proto::DEFAULT_SOCKET)
+        );
+        assert_eq!(socket_path(&conf.ipam, env), Path::new("/env/ipamd.sock"));
+        conf.ipam.socket = Some(PathBuf::from("/conf/ipamd.sock"));
+        assert_eq!(socket_path(&conf.ipam, env), Path::new("/conf/ipamd.sock"));
+    }
+
+    #[test]
+    fn status_mapping_table() {
+        use Command::*;
+        let cases = [
+            (Add, tonic::Status::unavailable("etcd: no leader"), 11),
+            (Del, tonic::Status::unavailable("etcd: no leader"), 11),
+            (Add, tonic::Status::deadline_exceeded("etcd slow"), 11),
+            (Del, tonic::Status::cancelled("Timeout expired"), 11),
+            (Add, tonic::Status::invalid_argument("ipam.subnet: bad"), 7),
+            (Add, tonic::Status::resource_exhausted("pool p1 full"), 100),
+            (Add, tonic::Status::already_exists("10.0.0.5 held"), 101),
+            (
+                Check,
+                tonic::Status::failed_precondition("10.0.0.5 not held"),
+                102,
+            ),
+            (Check, tonic::Status::not_found("no attachment"), 3),
+            (Add, tonic::Status::not_found("no such pool"), 999),
+            (Del, tonic::Status::not_found("no such network"), 999),
+            (Add, tonic::Status::permission_denied("uid 1000"), 999),
+            (Add, tonic::Status::internal("bug"), 999),
+            (Gc, tonic::Status::unknown("?"), 999),
+            (Gc, tonic::Status::unavailable("etcd"), 11),
+        ];
+        for (command, status, code) in cases {
+            let message = status.message().to_owned();
+            let err = map(command, status);
+            assert_eq!(err.code(), code, "{command} {err:?}");
+            assert!(err.to_string().contains(&message), "{command}: {err}");
+        }
+    }
+
+    #[test]
+    fn status_command_maps_every_failure_to_50() {
+        for status in [
+            tonic::Status::unavailable("etcd unreachable"),
+            tonic::Status::resource_exhausted("pool p1 full"),
+            tonic::Status::permission_denied("uid 1000"),
+            tonic::Status::internal("bug"),
+        ] {
+            let message = status.message().to_owned();
+            let err = map(Command::Status, status);
+            assert_eq!(err.code(), 50, "{err:?}");
+            assert!(err.to_string().contains(&message), "{err}");
+            assert!(err.to_string().contains(SOCKET), "{err}");
+        }
+        let err = daemon_error(
+            Command::Status,
+            Path::new(SOCKET),
+            None,
+            &CallFailure::Connect("No such file or directory".to_owned()),
+        );
+        assert_eq!(err.code(), 50);
+        assert!(err.to_string().contains(SOCKET), "{err}");
+    }
+
+    #[test]
+    fn connect_failure_is_try_again_later_naming_the_socket() {
+        for command in [Command::Add, Command::Del, Command::Check, Command::Gc] {
+            let err = daemon_error(
+                command,
+                Path::new(SOCKET),
+                None,
+                &CallFailure::Connect("Connection refused (os error 111)".to_owned()),
+            );
+            assert_eq!(err.code(), 11, "{command}");
+            let text = err.to_string();
+            assert!(text.contains(SOCKET) && text.contains("refused"), "{text}");
+        }
+    }
+
+    #[test]
+    fn plugin_codes_say_what_happened_and_where() {
+        let reply = map(Command::Add, tonic::Status::resource_exhausted("pool p1")).reply("1.0.0");
+        assert!(reply.msg.contains("pool exhausted"), "{}", reply.msg);
+        assert_eq!(
+            reply.details.as_deref(),
+            Some("hostnic-ipamd at /run/test/ipamd.sock")
+        );
+        let reply = map(Command::Add, tonic::Status::permission_denied("uid 1000")).reply("1.0.0");
+        assert!(reply.msg.contains("must run as root"), "{}", reply.msg);
+        let reply = map(Command::Check, tonic::Status::not_found("unknown")).reply("1.0.0");
+        assert!(reply.msg.contains(CID), "{}", reply.msg);
+        // An empty daemon message still says something.
+        let err = map(Command::Add, tonic::Status::new(Code::Unavailable, ""));
+        assert!(err.to_string().contains("unavailable"), "{err}");
+    }
+
+    #[test]
+    fn ipam_result_from_reply() {
+        let reply = v1::AllocateReply {
+            ips: vec![
+                v1::IpAllocation {
+                    address: "10.0.0.5/24".to_owned(),
+                    gateway: "10.0.0.1".to_owned(),
+                },
+                v1::IpAllocation {
+                    address: "fd00::5/64".to_owned(),
+                    gateway: String::new(),
+                },
+            ],
+        };
+        let result = ipam_result(reply, Vec::new(), Dns::default(), Path::new(SOCKET)).unwrap();
+        assert_eq!(
+            serde_json::to_value(result.reply(CniVersion::V0_4_0)).unwrap(),
+            json!({"cniVersion": "0.4.0", "ips": [
+                {"version": "4", "address": "10.0.0.5/24", "gateway": "10.0.0.1"},
+                {"version": "6", "address": "fd00::5/64"}
+            ]})
+        );
+    }
+
+    #[test]
+    fn bad_daemon_reply_is_internal_not_printed() {
+        for ips in [
+            vec![],
+            vec![v1::IpAllocation {
+                address: "10.0.0.5".to_owned(),
+                gateway: String::new(),
+            }],
+            vec![v1::IpAllocation {
+                address: "10.0.0.5/24".to_owned(),
+                gateway: "gw".to_owned(),
+            }],
+        ] {
+            let err = ipam_result(
+                v1::AllocateReply { ips },
+                Vec::new(),
+                Dns::default(),
+                Path::new(SOCKET),
+            )
+            .unwrap_err();
+            assert_eq!(err.code(), 999, "{err}");
+        }
+    }
+
+    #[test]
+    fn error_reply_version_prefers_the_config() {
+        assert_eq!(error_reply_version(br#"{"cniVersion":"0.4"}"#), "0.4.0");
+        assert_eq!(error_reply_version(br#"{"cniVersion":"9.9.9"}"#), "9.9.9");
+        assert_eq!(error_reply_version(br#"{"cniVersion":"abc"}"#), "1.1.0");
+        assert_eq!(error_reply_version(b"{"), "1.1.0");
+        assert_eq!(error_reply_version(b""), "1.1.0");
+    }
+
+    #[test]
+    fn version_needs_no_config_and_no_daemon() {
+        let outcome = run(&[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#);
+        let Outcome::Reply(text) = outcome else {
+            panic!("{outcome:?}");
+        };
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reply["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn errors_are_replies_not_panics() {
+        let outcome = run(&[("CNI_COMMAND", "ADD")], b"\xff\xfe");
+        let Outcome::Failed(reply) = &outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(reply.code, 4);
+        assert!(!outcome.is_success());
+        let parsed: Value = serde_json::from_str(&outcome.stdout().unwrap()).unwrap();
+        assert_eq!(parsed["code"], 4);
+    }
+}

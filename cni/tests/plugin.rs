@@ -1,0 +1,673 @@
+//! The real `hostnic-ipam` binary, run as a runtime runs it: a clean environment, the config on
+//! stdin, the reply on stdout. Errors must be one CNI error object with the right code and a
+//! message naming the problem; the daemon is either absent or an in-process fake served over a
+//! temporary unix socket.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hostnic_proto::v1;
+use hostnic_proto::v1::ipam_server::{Ipam, IpamServer};
+use serde_json::{json, Value};
+use tonic::{Code, Request, Response, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hostnic-ipam");
+const CID: &str = "3f6940ab5ab43bc522569d15b23f8c1bbde1d7678b080398506924fc01d72755";
+const POD_ARGS: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;\
+                        K8S_POD_INFRA_CONTAINER_ID=3f6940ab;K8S_POD_UID=9b2c5e4e";
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+fn run(env: &[(&str, &str)], stdin: &str) -> Run {
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    Run {
+        success: output.status.success(),
+        stdout: String::from_utf8(output.stdout).unwrap(),
+        stderr: String::from_utf8(output.stderr).unwrap(),
+        took: started.elapsed(),
+    }
+}
+
+/// The environment of an attachment command, plus `extra`.
+fn attachment_env<'a>(command: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", CID),
+        ("CNI_NETNS", "/var/run/netns/cni-1"),
+        ("CNI_IFNAME", "net1"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+fn conf(version: &str, socket: &Path, extra: Value) -> String {
+    let mut conf = json!({
+        "cniVersion": version,
+        "name": "macvlan-net",
+        "type": "macvlan",
+        "ipam": {
+            "type": "hostnic-ipam",
+            "socket": socket,
+            "subnet": "10.0.0.0/24",
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.0.0.254"}],
+        },
+    });
+    merge(&mut conf, extra);
+    conf.to_string()
+}
+
+fn merge(into: &mut Value, from: Value) {
+    match (into, from) {
+        (Value::Object(into), Value::Object(from)) => {
+            for (key, value) in from {
+                merge(into.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (into, from) => *into = from,
+    }
+}
+
+/// Asserts that the run failed with one error object of `code` whose `msg` contains every one of
+/// `names`, and returns the object.
+fn assert_error(run: &Run, code: u64, names: &[&str]) -> Value {
+    assert!(!run.success, "exit status must be non-zero: {run:?}");
+    let reply: Value = serde_json::from_str(run.stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON value ({e}): {run:?}"));
+    let object = reply.as_object().unwrap();
+    for key in object.keys() {
+        assert!(
+            ["cniVersion", "code", "msg", "details"].contains(&key.as_str()),
+            "unexpected key {key}: {reply}"
+        );
+    }
+    assert_eq!(reply["code"], code, "{reply}");
+    assert!(reply["cniVersion"].is_string(), "{reply}");
+    let msg = reply["msg"].as_str().unwrap();
+    for name in names {
+        assert!(msg.contains(name), "msg must name {name:?}: {reply}");
+    }
+    reply
+}
+
+fn missing_socket() -> PathBuf {
+    PathBuf::from("/nonexistent/hostnic/ipamd.sock")
+}
+
+// ---- without a daemon ----
+
+#[test]
+fn malformed_json_is_code_6() {
+    let run = run(&attachment_env("ADD", &[]), r#"{"cniVersion": "1.0.0", "#);
+    assert_error(&run, 6, &["network config"]);
+}
+
+#[test]
+fn missing_cni_command_is_code_4() {
+    let conf = conf("1.0.0", &missing_socket(), json!({}));
+    let run = run(&[("CNI_CONTAINERID", CID), ("CNI_IFNAME", "eth0")], &conf);
+    let reply = assert_error(&run, 4, &["CNI_COMMAND"]);
+    assert_eq!(reply["cniVersion"], "1.0.0", "the config's version");
+}
+
+#[test]
+fn missing_container_id_or_ifname_is_code_4_naming_it() {
+    let conf = conf("1.0.0", &missing_socket(), json!({}));
+    for var in ["CNI_CONTAINERID", "CNI_IFNAME"] {
+        let env: Vec<_> = attachment_env("ADD", &[])
+            .into_iter()
+            .filter(|(k, _)| *k != var)
+            .collect();
+        assert_error(&run(&env, &conf), 4, &[var]);
+    }
+    let env: Vec<_> = attachment_env("DEL", &[])
+        .into_iter()
+        .filter(|(k, _)| *k != "CNI_IFNAME")
+        .collect();
+    assert_error(&run(&env, &conf), 4, &["CNI_IFNAME"]);
+}
+
+#[test]
+fn unknown_cni_version_is_code_1() {
+    let conf = conf("9.9.9", &missing_socket(), json!({}));
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    assert_error(&run, 1, &["9.9.9"]);
+}
+
+#[test]
+fn invalid_route_cidr_is_code_7() {
+    let conf = conf(
+        "1.0.0",
+        &missing_socket(),
+        json!({"ipam": {"routes": [{"dst": "10.0.0.0/33"}]}}),
+    );
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    assert_error(&run, 7, &["ipam.routes[0].dst", "10.0.0.0/33"]);
+}
+
+#[test]
+fn version_lists_the_five_versions() {
+    let run = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+    assert!(run.success, "{run:?}");
+    let reply: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        reply,
+        json!({
+            "cniVersion": "0.4.0",
+            "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        })
+    );
+    assert!(run.stderr.is_empty(), "{run:?}");
+}
+
+#[test]
+fn missing_socket_is_try_again_later_at_once() {
+    let socket = missing_socket();
+    let socket_text = socket.to_str().unwrap();
+    for command in ["ADD", "DEL", "CHECK"] {
+        let conf = conf(
+            "1.1.0",
+            &socket,
+            json!({"prevResult": {"ips": [{"address": "10.0.0.5/24"}]}}),
+        );
+        let run = run(&attachment_env(command, &[]), &conf);
+        assert_error(&run, 11, &[socket_text, "try again later"]);
+        assert!(
+            run.took < Duration::from_secs(1),
+            "{command} took {:?}",
+            run.took
+        );
+    }
+}
+
+#[test]
+fn refused_socket_is_try_again_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipamd.sock");
+    // A stale socket file, as a crashed daemon leaves it: connect(2) is refused.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &socket, json!({})),
+    );
+    assert_error(&run, 11, &[socket.to_str().unwrap(), "refused"]);
+    assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
+}
+
+#[test]
+fn status_without_daemon_is_code_50() {
+    let socket = missing_socket();
+    let run = run(
+        &[("CNI_COMMAND", "STATUS")],
+        &conf("1.1.0", &socket, json!({})),
+    );
+    assert_error(&run, 50, &[socket.to_str().unwrap()]);
+    assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
+}
+
+#[test]
+fn socket_from_environment_when_config_has_none() {
+    let mut conf: Value =
+        serde_json::from_str(&conf("1.0.0", &missing_socket(), json!({}))).unwrap();
+    conf["ipam"].as_object_mut().unwrap().remove("socket");
+    let env = attachment_env("ADD", &[("HOSTNIC_IPAMD_SOCKET", "/nonexistent/env.sock")]);
+    let run = run(&env, &conf.to_string());
+    assert_error(&run, 11, &["/nonexistent/env.sock"]);
+}
+
+#[test]
+fn gc_needs_cni_version_1_1_0() {
+    let conf = conf(
+        "0.4.0",
+        &missing_socket(),
+        json!({"cni.dev/valid-attachments": []}),
+    );
+    let run = run(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &conf,
+    );
+    let reply = assert_error(&run, 1, &["GC", "1.1.0", "0.4.0"]);
+    assert_eq!(reply["cniVersion"], "0.4.0");
+}
+
+// ---- against a fake daemon ----
+
+/// What the fake daemon answers.
+#[derive(Debug, Clone)]
+struct Answers {
+    allocate: Result<v1::AllocateReply, (Code, &'static str)>,
+    other: Result<(), (Code, &'static str)>,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Answers {
+            allocate: Ok(v1::AllocateReply {
+                ips: vec![v1::IpAllocation {
+                    address: "10.0.0.5/24".to_owned(),
+                    gateway: "10.0.0.1".to_owned(),
+                }],
+            }),
+            other: Ok(()),
+        }
+    }
+}
+
+/// A request the fake daemon received.
+#[derive(Debug, Clone, PartialEq)]
+enum Received {
+    Allocate(v1::AllocateRequest),
+    Release(v1::ReleaseRequest),
+    Check(v1::CheckRequest),
+    Gc(v1::GcRequest),
+    Status(v1::StatusRequest),
+}
+
+#[derive(Debug)]
+struct FakeIpam {
+    answers: Answers,
+    received: Mutex<Vec<Received>>,
+}
+
+impl FakeIpam {
+    fn answer<T: Default>(&self, received: Received) -> Result<Response<T>, Status> {
+        self.received.lock().unwrap().push(received);
+        match self.answers.other {
+            Ok(()) => Ok(Response::new(T::default())),
+            Err((code, message)) => Err(Status::new(code, message)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ipam for FakeIpam {
+    async fn allocate(
+        &self,
+        request: Request<v1::AllocateRequest>,
+    ) -> Result<Response<v1::AllocateReply>, Status> {
+        self.received
+            .lock()
+            .unwrap()
+            .push(Received::Allocate(request.into_inner()));
+        match &self.answers.allocate {
+            Ok(reply) => Ok(Response::new(reply.clone())),
+            Err((code, message)) => Err(Status::new(*code, *message)),
+        }
+    }
+
+    async fn release(
+        &self,
+        request: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseReply>, Status> {
+        self.answer(Received::Release(request.into_inner()))
+    }
+
+    async fn check(
+        &self,
+        request: Request<v1::CheckRequest>,
+    ) -> Result<Response<v1::CheckReply>, Status> {
+        self.answer(Received::Check(request.into_inner()))
+    }
+
+    async fn gc(&self, request: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
+        self.answer(Received::Gc(request.into_inner()))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        self.answer(Received::Status(request.into_inner()))
+    }
+}
+
+/// The fake served on a temporary socket by its own thread; stopped and removed on drop.
+#[derive(Debug)]
+struct FakeDaemon {
+    socket: PathBuf,
+    ipam: Arc<FakeIpam>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeDaemon {
+    fn start(answers: Answers) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("ipamd.sock");
+        // Bound before the thread starts, so the socket accepts as soon as `start` returns.
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let ipam = Arc::new(FakeIpam {
+            answers,
+            received: Mutex::new(Vec::new()),
+        });
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let service = IpamServer::from_arc(Arc::clone(&ipam));
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(listener),
+                        async {
+                            let _ = stop.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        });
+        FakeDaemon {
+            socket,
+            ipam,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.ipam.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeDaemon {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn add_reply(version: &str) -> (Value, Vec<Received>) {
+    let daemon = FakeDaemon::start(Answers::default());
+    let env = attachment_env("ADD", &[("CNI_ARGS", POD_ARGS)]);
+    let run = run(&env, &conf(version, &daemon.socket, json!({})));
+    assert!(run.success, "{version}: {run:?}");
+    (
+        serde_json::from_str(run.stdout.trim()).unwrap(),
+        daemon.received(),
+    )
+}
+
+#[test]
+fn add_result_has_ip_version_before_1_0_0() {
+    for version in ["0.3.1", "0.4.0"] {
+        let (reply, _) = add_reply(version);
+        assert_eq!(
+            reply,
+            json!({
+                "cniVersion": version,
+                "ips": [{"version": "4", "address": "10.0.0.5/24", "gateway": "10.0.0.1"}],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.0.0.254"}]
+            }),
+            "{version}"
+        );
+    }
+}
+
+#[test]
+fn add_result_has_no_ip_version_from_1_0_0() {
+    let (reply, _) = add_reply("1.0.0");
+    assert_eq!(
+        reply["ips"],
+        json!([{"address": "10.0.0.5/24", "gateway": "10.0.0.1"}])
+    );
+    assert_eq!(reply["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn add_sends_requested_ips_pod_and_network() {
+    let daemon = FakeDaemon::start(Answers::default());
+    let args = format!("{POD_ARGS};IP=10.0.0.5,10.0.0.9");
+    let env = attachment_env("ADD", &[("CNI_ARGS", &args)]);
+    let conf = conf(
+        "1.1.0",
+        &daemon.socket,
+        json!({
+            "runtimeConfig": {"ips": ["10.0.0.9/24", "10.0.0.10/24"]},
+            "args": {"cni": {"ips": ["10.0.0.5"]}},
+        }),
+    );
+    let run = run(&env, &conf);
+    assert!(run.success, "{run:?}");
+    let received = daemon.received();
+    let [Received::Allocate(request)] = received.as_slice() else {
+        panic!("{received:?}");
+    };
+    assert_eq!(request.requested_ips, ["10.0.0.5", "10.0.0.9", "10.0.0.10"]);
+    assert_eq!(
+        request.pod,
+        Some(v1::Pod {
+            namespace: "default".to_owned(),
+            name: "web-0".to_owned(),
+            uid: "9b2c5e4e".to_owned(),
+            infra_container_id: "3f6940ab".to_owned(),
+        })
+    );
+    assert_eq!(
+        request.attachment,
+        Some(v1::Attachment {
+            container_id: CID.to_owned(),
+            ifname: "net1".to_owned(),
+        })
+    );
+    assert_eq!(request.netns, "/var/run/netns/cni-1");
+    let network = request.network.clone().unwrap();
+    assert_eq!(network.name, "macvlan-net");
+    let ipam: Value = serde_json::from_str(&network.ipam_json).unwrap();
+    assert_eq!(ipam["subnet"], "10.0.0.0/24");
+}
+
+#[test]
+fn add_reports_dns_from_resolv_conf() {
+    let daemon = FakeDaemon::start(Answers::default());
+    let resolv = daemon._dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.96.0.10\nsearch svc.cluster.local\n").unwrap();
+    let conf = conf(
+        "1.0.0",
+        &daemon.socket,
+        json!({"ipam": {"resolvConf": resolv}}),
+    );
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    assert!(run.success, "{run:?}");
+    let reply: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        reply["dns"],
+        json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]})
+    );
+}
+
+#[test]
+fn unreadable_resolv_conf_fails_before_allocating() {
+    let daemon = FakeDaemon::start(Answers::default());
+    let conf = conf(
+        "1.0.0",
+        &daemon.socket,
+        json!({"ipam": {"resolvConf": "/nonexistent/resolv.conf"}}),
+    );
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    assert_error(&run, 5, &["/nonexistent/resolv.conf"]);
+    assert_eq!(daemon.received(), [], "nothing may be allocated");
+}
+
+#[test]
+fn address_held_by_another_pod_is_code_101() {
+    let daemon = FakeDaemon::start(Answers {
+        allocate: Err((Code::AlreadyExists, "10.0.0.5 is held by default/web-1")),
+        ..Answers::default()
+    });
+    let env = attachment_env("ADD", &[("CNI_ARGS", "IP=10.0.0.5")]);
+    let run = run(&env, &conf("1.0.0", &daemon.socket, json!({})));
+    let reply = assert_error(&run, 101, &["10.0.0.5 is held by default/web-1"]);
+    assert!(
+        reply["details"]
+            .as_str()
+            .unwrap()
+            .contains(daemon.socket.to_str().unwrap()),
+        "{reply}"
+    );
+}
+
+#[test]
+fn pool_exhausted_is_code_100() {
+    let daemon = FakeDaemon::start(Answers {
+        allocate: Err((
+            Code::ResourceExhausted,
+            "pool 10.0.0.0/24 has no free address",
+        )),
+        ..Answers::default()
+    });
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &daemon.socket, json!({})),
+    );
+    assert_error(&run, 100, &["pool exhausted", "10.0.0.0/24"]);
+}
+
+#[test]
+fn daemon_unavailable_is_code_11() {
+    let daemon = FakeDaemon::start(Answers {
+        allocate: Err((Code::Unavailable, "etcd: no leader")),
+        other: Err((Code::Unavailable, "etcd: no leader")),
+    });
+    let conf = conf("1.1.0", &daemon.socket, json!({}));
+    let run_add = run(&attachment_env("ADD", &[]), &conf);
+    assert_error(&run_add, 11, &["etcd: no leader", "try again later"]);
+    let run_del = run(&attachment_env("DEL", &[]), &conf);
+    assert_error(&run_del, 11, &["etcd: no leader"]);
+    let status = run(&[("CNI_COMMAND", "STATUS")], &conf);
+    assert_error(&status, 50, &["etcd: no leader"]);
+}
+
+#[test]
+fn del_releases_and_ignores_malformed_requested_ips() {
+    let daemon = FakeDaemon::start(Answers::default());
+    let env = attachment_env("DEL", &[("CNI_ARGS", "IP=not-an-address")]);
+    let conf = conf(
+        "1.0.0",
+        &daemon.socket,
+        json!({"runtimeConfig": {"ips": ["bogus"]}}),
+    );
+    let run = run(&env, &conf);
+    assert!(run.success, "{run:?}");
+    assert!(run.stdout.is_empty(), "{run:?}");
+    let received = daemon.received();
+    let [Received::Release(request)] = received.as_slice() else {
+        panic!("{received:?}");
+    };
+    assert_eq!(request.attachment.as_ref().unwrap().container_id, CID);
+}
+
+#[test]
+fn check_sends_prev_result_and_maps_unknown_attachment_to_3() {
+    let prev = json!({"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.5/24"}]}});
+    let daemon = FakeDaemon::start(Answers::default());
+    let run_ok = run(
+        &attachment_env("CHECK", &[]),
+        &conf("1.0.0", &daemon.socket, prev.clone()),
+    );
+    assert!(run_ok.success && run_ok.stdout.is_empty(), "{run_ok:?}");
+    let received = daemon.received();
+    let [Received::Check(request)] = received.as_slice() else {
+        panic!("{received:?}");
+    };
+    assert_eq!(request.addresses, ["10.0.0.5/24"]);
+
+    let daemon = FakeDaemon::start(Answers {
+        other: Err((Code::NotFound, "no attachment net1")),
+        ..Answers::default()
+    });
+    let unknown = run(
+        &attachment_env("CHECK", &[]),
+        &conf("1.0.0", &daemon.socket, prev.clone()),
+    );
+    assert_error(&unknown, 3, &[CID, "no attachment net1"]);
+
+    let daemon = FakeDaemon::start(Answers {
+        other: Err((Code::FailedPrecondition, "10.0.0.5/24 is not held")),
+        ..Answers::default()
+    });
+    let run = run(
+        &attachment_env("CHECK", &[]),
+        &conf("1.0.0", &daemon.socket, prev),
+    );
+    assert_error(&run, 102, &["10.0.0.5/24 is not held"]);
+}
+
+#[test]
+fn gc_and_status_succeed_silently() {
+    let daemon = FakeDaemon::start(Answers::default());
+    let conf = conf(
+        "1.1.0",
+        &daemon.socket,
+        json!({"cni.dev/valid-attachments": [{"containerID": CID, "ifname": "net1"}]}),
+    );
+    let gc = run(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &conf,
+    );
+    assert!(gc.success && gc.stdout.is_empty(), "{gc:?}");
+    let status = run(&[("CNI_COMMAND", "STATUS")], &conf);
+    assert!(status.success && status.stdout.is_empty(), "{status:?}");
+    let received = daemon.received();
+    let [Received::Gc(gc), Received::Status(_)] = received.as_slice() else {
+        panic!("{received:?}");
+    };
+    assert_eq!(
+        gc.valid_attachments,
+        [v1::Attachment {
+            container_id: CID.to_owned(),
+            ifname: "net1".to_owned(),
+        }]
+    );
+}
+
+#[test]
+fn permission_denied_says_root() {
+    let daemon = FakeDaemon::start(Answers {
+        allocate: Err((Code::PermissionDenied, "caller uid 1000")),
+        ..Answers::default()
+    });
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &daemon.socket, json!({})),
+    );
+    assert_error(&run, 999, &["root", "caller uid 1000"]);
+}
