@@ -38,7 +38,7 @@ fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration
         .env("CNI_PATH", "/usr/lib/cni")
         .env(
             "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
