@@ -2,6 +2,7 @@
 //! same gRPC client code the plugins use.
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -315,4 +316,60 @@ async fn operator_commands_list_usage_audit_and_release() {
     );
     let (ok, out) = operator(&prefix, &["list"]);
     assert!(ok && !out.contains("10.91.0.7"), "{out}");
+}
+
+/// Set in the re-executed child of `callers_that_are_not_root_are_refused`: the socket to call.
+const CLIENT_SOCKET_ENV: &str = "HOSTNIC_TEST_UNPRIVILEGED_CLIENT_SOCKET";
+
+#[tokio::test]
+async fn callers_that_are_not_root_are_refused() {
+    if let Ok(socket) = std::env::var(CLIENT_SOCKET_ENV) {
+        // The child, running as nobody: call the daemon and report what it answered.
+        let mut c = client(Path::new(&socket)).await;
+        let ipam = serde_json::json!({"subnet": "10.92.0.0/24"});
+        let answer = c
+            .status(StatusRequest {
+                network: network(ipam),
+            })
+            .await;
+        println!(
+            "ANSWER {:?} {}",
+            answer.as_ref().err().map(|s| s.code()),
+            answer
+                .err()
+                .map(|s| s.message().to_string())
+                .unwrap_or_default()
+        );
+        return;
+    }
+    if !hostnic_testkit::require_root("unprivileged caller test (needs root to switch uid)") {
+        return;
+    }
+    let prefix = unique_prefix("nonroot");
+    let daemon = Daemon::start("node-nr", &prefix);
+    // Open the socket and its directory to everyone, so only the credential check stands.
+    for path in [
+        daemon.socket.parent().expect("dir"),
+        daemon._dir.path(),
+        &daemon.socket,
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "callers_that_are_not_root_are_refused",
+            "--nocapture",
+        ])
+        .env(CLIENT_SOCKET_ENV, &daemon.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("child runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ANSWER Some(PermissionDenied) caller uid 65534 is not root"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
