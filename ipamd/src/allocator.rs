@@ -86,6 +86,8 @@ struct Inner {
     pools: Mutex<HashMap<String, PoolState>>,
     committed: Mutex<HashMap<Handle, Committed>>,
     synced: watch::Sender<bool>,
+    /// Why the last load from etcd failed, for the error of requests that wait on it.
+    load_error: Mutex<Option<String>>,
     retry_timeout: Duration,
 }
 
@@ -115,6 +117,7 @@ impl Allocator {
             pools: Mutex::new(HashMap::new()),
             committed: Mutex::new(HashMap::new()),
             synced,
+            load_error: Mutex::new(None),
             retry_timeout: config.retry_timeout,
         });
         let watcher = tokio::spawn(Arc::clone(&inner).follow());
@@ -407,13 +410,19 @@ impl Inner {
         let synced = tokio::time::timeout(self.retry_timeout, rx.wait_for(|synced| *synced))
             .await
             .is_ok_and(|r| r.is_ok());
-        match synced {
-            true => Ok(()),
-            false => Err(IpamError::NotSynced(format!(
-                "pools not loaded from etcd within {:?}",
-                self.retry_timeout
-            ))),
+        if synced {
+            return Ok(());
         }
+        let cause = self
+            .load_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no answer yet".into());
+        Err(IpamError::NotSynced(format!(
+            "pools not loaded from etcd within {:?}: {cause}",
+            self.retry_timeout
+        )))
     }
 
     /// Makes sure etcd holds this pool's definition: creates it, or checks that the stored one
@@ -764,6 +773,8 @@ impl Inner {
                 Ok(revision) => revision,
                 Err(e) => {
                     tracing::warn!(error = %e, "loading pools from etcd failed; retrying");
+                    *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(e.to_string());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                     continue;

@@ -437,3 +437,67 @@ async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none
         assert_eq!(held.ips[0].ip, *ip, "{handle} holds what it was told");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_authentication_needs_the_configured_user() {
+    // A member of its own: this test turns authentication on.
+    let cluster = EtcdCluster::start(1).expect("etcd");
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(cluster.endpoints().join(","))
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    etcdctl(&["user", "add", "root:rootpw"]);
+    etcdctl(&["user", "add", "ipam:ipampw"]);
+    etcdctl(&["role", "add", "ipam"]);
+    etcdctl(&[
+        "role",
+        "grant-permission",
+        "ipam",
+        "--prefix=true",
+        "readwrite",
+        "/auth/",
+    ]);
+    etcdctl(&["user", "grant-role", "ipam", "ipam"]);
+    etcdctl(&["auth", "enable"]);
+
+    let pool = sets(json!({"subnet": "10.85.0.0/24"}));
+    let mut config = config(&cluster, "/auth/ipam");
+    config.retry_timeout = std::time::Duration::from_millis(500);
+    let anonymous = Allocator::start(&config, "node-a")
+        .await
+        .expect("client builds");
+    let err = anonymous
+        .allocate(&request("anon", &pool, &[]))
+        .await
+        .expect_err("refused");
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("user name is empty"),
+        "the cause is named: {err}"
+    );
+
+    config.username = Some("ipam".into());
+    config.password = Some("ipampw".into());
+    let authed = Allocator::start(&config, "node-a")
+        .await
+        .expect("authenticates");
+    authed
+        .ready()
+        .await
+        .expect("loads with the user's permissions");
+    let got = authed
+        .allocate(&request("authed", &pool, &[]))
+        .await
+        .expect("allocates");
+    assert_eq!(got.ips.len(), 1);
+}
