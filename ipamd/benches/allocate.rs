@@ -60,7 +60,7 @@ async fn preload(client: &mut etcd_client::Client, keys: &Keys, subnet: &str, co
     let id = pool.id();
     let record = |i: u32| {
         json!({"version": 1, "handle": {"containerID": format!("pre{i}"), "ifname": "eth0"},
-               "node": "filler", "network": "bench", "kind": "dynamic", "allocated_at": 0})
+               "node": "filler", "network": "bench", "kind": "dynamic", "allocatedAt": 0})
         .to_string()
     };
     let base = u32::from("10.0.0.0".parse::<std::net::Ipv4Addr>().expect("literal")) + 2;

@@ -67,6 +67,7 @@ pub enum Kind {
 
 /// Who holds an address. Stored at `pools/<pool-id>/ips/<ip>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AllocationRecord {
     pub version: u32,
     pub handle: Handle,

@@ -51,7 +51,7 @@ impl StoreConfig {
             password: None,
             tls: None,
             request_timeout: Duration::from_millis(1000),
-            retry_timeout: Duration::from_millis(2500),
+            retry_timeout: Duration::from_millis(2200),
         }
     }
 
@@ -128,7 +128,19 @@ impl Store {
         let deadline = Instant::now() + self.retry_timeout;
         let mut delay = Duration::from_millis(20);
         loop {
-            match call(self.client.clone()).await {
+            // No attempt may outlive the budget: callers promise an answer within it.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt = tokio::time::timeout(remaining, call(self.client.clone()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(etcd_client::Error::GRpcStatus(
+                        tonic::Status::deadline_exceeded(format!(
+                            "no answer within the {:?} retry budget",
+                            self.retry_timeout
+                        )),
+                    ))
+                });
+            match attempt {
                 Ok(v) => return Ok(v),
                 Err(e) if is_transient(&e) => {
                     if Instant::now() + delay >= deadline {

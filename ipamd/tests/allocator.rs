@@ -501,3 +501,84 @@ async fn etcd_with_authentication_needs_the_configured_user() {
         .expect("allocates");
     assert_eq!(got.ips.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_allocates_inside_the_blocks_it_claimed() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("affinity");
+    let pool = sets(json!({"subnet": "10.86.0.0/22", "blockSize": 26}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    for i in 0..50 {
+        a.allocate(&request(&format!("a{i}"), &pool, &[]))
+            .await
+            .expect("a");
+        b.allocate(&request(&format!("b{i}"), &pool, &[]))
+            .await
+            .expect("b");
+    }
+    let (_, kvs) = a
+        .store()
+        .load_prefix(&a.keys().pools())
+        .await
+        .expect("scan");
+    let mut owner = std::collections::HashMap::new();
+    for kv in &kvs {
+        let key = kv.key_str().expect("utf8");
+        if let Some(hostnic_ipamd::records::KeyRef::Block { block, .. }) = a.keys().parse(key) {
+            let record: serde_json::Value = serde_json::from_slice(kv.value()).expect("json");
+            owner.insert(block, record["node"].as_str().expect("node").to_string());
+        }
+    }
+    assert_eq!(
+        owner.len(),
+        2,
+        "one /26 block each for 50 addresses: {owner:?}"
+    );
+    let report = audit(a.store(), a.keys()).await.expect("scan");
+    for ((_, ip), record) in &report.allocations {
+        let block = ipnet::IpNet::new(*ip, 26).expect("prefix").trunc();
+        assert_eq!(
+            owner[&block], record.node,
+            "{ip} of {} lies in {block} of {}",
+            record.node, owner[&block]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("watch");
+    let pool = sets(json!({"subnet": "10.87.0.0/29", "blockSize": 29}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    // /29: 8 addresses minus network, broadcast and gateway.
+    for i in 0..5 {
+        a.allocate(&request(&format!("w{i}"), &pool, &[]))
+            .await
+            .expect("a");
+    }
+    let err = b
+        .allocate(&request("late", &pool, &[]))
+        .await
+        .expect_err("full");
+    assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    let freed = a
+        .release(&Handle::new("w3", "eth0"))
+        .await
+        .expect("release")
+        .expect("held");
+    // b learns of the release from its watch, not from a restart or a scan.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let got = loop {
+        match b.allocate(&request("late", &pool, &[])).await {
+            Ok(got) => break got,
+            Err(IpamError::Exhausted { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(got.ips[0].ip, freed.ips[0].ip);
+}

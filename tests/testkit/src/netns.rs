@@ -6,7 +6,8 @@
 //! removed by the next process that creates a namespace:
 //!
 //! - namespaces: `hnt-<tag>-<pid>-<n>` under `/var/run/netns`;
-//! - links: `hn<tag>-<pid hex>-<n hex>`, at most 15 bytes (`IFNAMSIZ` - 1).
+//! - links: `hn<tag>-<pid hex>-<n hex>`, at most 15 bytes (`IFNAMSIZ` - 1);
+//! - temp dirs ([`temp_dir`], [`CniPath`]): `hostnic-tmp-<tag>-<pid>-<random>`.
 //!
 //! Tests that use this module must first call [`require_netns`], which skips them loudly when
 //! the process is not root or the kernel has no network namespaces.
@@ -33,6 +34,7 @@ pub const MAX_IFNAME_LEN: usize = 15;
 
 const NETNS_MARK: &str = "hnt-";
 const LINK_MARK: &str = "hn";
+const DIR_MARK: &str = "hostnic-tmp-";
 /// How long a CNI plugin may run before [`run_cni`] kills it.
 const CNI_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -287,10 +289,7 @@ pub struct CniPath {
 
 impl CniPath {
     pub fn new(plugins: &[&Path]) -> anyhow::Result<CniPath> {
-        let dir = tempfile::Builder::new()
-            .prefix("hostnic-cni-path-")
-            .tempdir()
-            .context("creating a CNI_PATH directory")?;
+        let dir = temp_dir("cni-path")?;
         let mut links: Vec<(String, PathBuf)> = Vec::new();
         if let Ok(entries) = fs::read_dir(REFERENCE_PLUGINS_DIR) {
             for entry in entries.flatten() {
@@ -324,6 +323,16 @@ impl CniPath {
     pub fn plugin(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+}
+
+/// A temp dir `hostnic-tmp-<tag>-<pid>-<random>` (sockets, logs, configs), removed on drop, or
+/// by the next test process if this one dies without unwinding.
+pub fn temp_dir(tag: &str) -> anyhow::Result<tempfile::TempDir> {
+    sweep_stale();
+    tempfile::Builder::new()
+        .prefix(&format!("{DIR_MARK}{tag}-{}-", std::process::id()))
+        .tempdir()
+        .with_context(|| format!("creating a {tag} temp dir"))
 }
 
 /// The per-invocation parameters a runtime passes to a CNI plugin in `CNI_*` variables.
@@ -470,6 +479,14 @@ fn sweep_stale() {
                 }
             }
         }
+        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if stale_dir_pid(&name).is_some_and(|pid| !alive(pid)) {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         if let Ok(text) = ip(["-o", "link", "show"]) {
             for line in text.lines() {
                 let Some(name) = line.split(": ").nth(1) else {
@@ -489,6 +506,16 @@ fn stale_netns_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(NETNS_MARK)?;
     let mut parts = rest.rsplitn(3, '-');
     parts.next()?.parse::<u64>().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(pid)
+}
+
+/// The PID in `hostnic-tmp-<tag>-<pid>-<random>`.
+fn stale_dir_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(DIR_MARK)?;
+    let mut parts = rest.rsplitn(3, '-');
+    parts.next()?;
     let pid = parts.next()?.parse().ok()?;
     parts.next()?;
     Some(pid)
@@ -534,6 +561,8 @@ mod tests {
         assert_eq!(stale_netns_pid("hnt-pod-1234-7"), Some(1234));
         assert_eq!(stale_netns_pid("hnt-a-b-1234-7"), Some(1234));
         assert_eq!(stale_netns_pid("cni-1234-7"), None);
+        assert_eq!(stale_dir_pid("hostnic-tmp-cni-path-1234-Ab9x"), Some(1234));
+        assert_eq!(stale_dir_pid("hostnic-etcd-1234-Ab9x"), None);
         assert_eq!(stale_link_pid("hnv-4d2-0"), Some(0x4d2));
         assert_eq!(stale_link_pid("eth0"), None);
         assert_eq!(stale_link_pid("hnv-4d2"), None);
