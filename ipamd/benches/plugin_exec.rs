@@ -171,8 +171,13 @@ fn main() {
     let ours = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
         "type": "hostnic-ipam", "subnet": "10.100.0.0/16", "socket": socket}})
     .to_string();
+    // host-local's files on tmpfs, like the test etcd's data: both peers skip the disk.
+    let host_local_dir = tempfile::Builder::new()
+        .prefix("hostnic-bench-host-local")
+        .tempdir_in("/dev/shm")
+        .expect("tmpfs dir");
     let host_local = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
-        "type": "host-local", "subnet": "10.101.0.0/16", "dataDir": dir.path().join("host-local")}})
+        "type": "host-local", "subnet": "10.101.0.0/16", "dataDir": host_local_dir.path()}})
     .to_string();
 
     // Warm both (page cache, daemon pool load, block claim) before measuring.
