@@ -185,6 +185,7 @@ fn main() {
         for row in [&raw, &a24, &r24, &a16, &r16, &a8, &r8, &raw2] {
             println!("| {} | {:.3} | {:.3} |", row.what, ms(row.p50), ms(row.p99));
         }
+        // Against the slower of the two raw runs; BENCHMARKS.md also gives the other.
         let raw_p50 = ms(raw.p50).max(ms(raw2.p50));
         println!();
         println!("load of the /8 pool with {PRELOAD} allocations at start: {:.0} ms", ms(load8));
