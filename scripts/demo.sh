@@ -161,12 +161,15 @@ EOF
 step "network config $CONF (macvlan on $PARENT, delegating to hostnic-ipam)"
 cat "$CONF"
 
-# cni COMMAND POD: execs the real macvlan plugin as a runtime would.
+# cni COMMAND POD [EXTRA_CNI_ARGS]: execs the real macvlan plugin as a runtime would.
 cni() {
   CNI_COMMAND=$1 CNI_CONTAINERID=$2 CNI_NETNS=/var/run/netns/$2 CNI_IFNAME=eth0 \
-    CNI_PATH=$CNI_BIN CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=$2" \
+    CNI_PATH=$CNI_BIN CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=$2${3:+;$3}" \
     /usr/lib/cni/macvlan <"$CONF"
 }
+
+# The last pod asks for an exact address, as `CNI_ARGS IP=` (or Multus runtimeConfig.ips) does.
+FIXED_IP=${SUBNET%.0/24}.50
 
 pod_addr() { ip -n "$1" -4 -o addr show dev eth0 scope global | awk '{print $4}'; }
 
@@ -179,10 +182,23 @@ for pod in "${POD_NAMES[@]}"; do
   ip netns add "$pod"
   NETNS+=("$pod")
   ip -n "$pod" link set lo up
-  step "ADD $pod"
-  cni ADD "$pod"
+  if [ "$pod" = "${POD_NAMES[-1]}" ]; then
+    step "ADD $pod asking for IP=$FIXED_IP"
+    cni ADD "$pod" "IP=$FIXED_IP"
+  else
+    step "ADD $pod"
+    cni ADD "$pod"
+  fi
   echo
 done
+
+THIEF=hostnic-demo-$$-thief
+ip netns add "$THIEF"
+NETNS+=("$THIEF")
+step "ADD $THIEF asking for the same IP=$FIXED_IP: refused, nothing allocated"
+if cni ADD "$THIEF" "IP=$FIXED_IP"; then die "$THIEF got an address another pod holds"; fi
+echo
+cni DEL "$THIEF" >/dev/null
 
 step "pod addresses"
 ADDRS=()
@@ -196,6 +212,14 @@ done
 
 step "etcd records (etcdctl get --prefix $PREFIX/)"
 etcdctl --endpoints "$ENDPOINT" get --prefix "$PREFIX/"
+
+step "hostnic-ipamd list / usage / audit"
+OPERATOR=(--etcd-endpoints "$ENDPOINT" --etcd-prefix "$PREFIX" --node-name "$NODE")
+RUST_LOG=warn "$BIN/hostnic-ipamd" list "${OPERATOR[@]}"
+echo
+RUST_LOG=warn "$BIN/hostnic-ipamd" usage "${OPERATOR[@]}"
+echo
+RUST_LOG=warn "$BIN/hostnic-ipamd" audit "${OPERATOR[@]}"
 
 step "ping between pods"
 for i in "${!POD_NAMES[@]}"; do
