@@ -10,11 +10,11 @@ log() { printf '[install-deps] %s\n' "$*"; }
 # `ip` lives in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping)
+PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl)
 
 missing_tools() {
   local cmd
-  for cmd in etcd etcdctl protoc ip ping; do
+  for cmd in etcd etcdctl protoc ip ping openssl; do
     command -v "$cmd" >/dev/null 2>&1 || printf '%s ' "$cmd"
   done
   [ -x /usr/lib/cni/macvlan ] || printf '%s ' /usr/lib/cni/macvlan
@@ -23,7 +23,7 @@ missing_tools() {
 missing=$(missing_tools)
 missing=${missing% }
 if [ -z "$missing" ]; then
-  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping)"
+  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping, openssl)"
 else
   log "missing: $missing"
   as_root=()

@@ -582,3 +582,43 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
     };
     assert_eq!(got.ips[0].ip, freed.ips[0].ip);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_needs_the_configured_client_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = hostnic_testkit::certs::make_certs(dir.path()).expect("certificates");
+    let cluster = EtcdCluster::start_tls(1, certs.server()).expect("etcd with TLS");
+    assert!(cluster.endpoints()[0].starts_with("https://"));
+    let pool = sets(json!({"subnet": "10.88.0.0/24"}));
+
+    let mut config = config(&cluster, "/tls/ipam");
+    config.retry_timeout = std::time::Duration::from_millis(800);
+    config.tls = Some(hostnic_ipamd::store::TlsFiles {
+        ca: Some(certs.ca.clone()),
+        cert: None,
+        key: None,
+    });
+    let no_client_cert = Allocator::start(&config, "node-a")
+        .await
+        .expect("client builds");
+    let err = no_client_cert
+        .allocate(&request("nocert", &pool, &[]))
+        .await
+        .expect_err("refused");
+    assert!(err.is_retryable(), "{err}");
+
+    config.tls = Some(hostnic_ipamd::store::TlsFiles {
+        ca: Some(certs.ca.clone()),
+        cert: Some(certs.client_cert.clone()),
+        key: Some(certs.client_key.clone()),
+    });
+    let a = Allocator::start(&config, "node-a")
+        .await
+        .expect("client builds");
+    a.ready().await.expect("loads over TLS");
+    let got = a
+        .allocate(&request("tls", &pool, &[]))
+        .await
+        .expect("allocates over TLS");
+    assert_eq!(got.ips[0].subnet.to_string(), "10.88.0.0/24");
+}

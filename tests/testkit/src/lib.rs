@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
+pub mod certs;
 pub mod netns;
 
 /// How long `start` and `restart_member` wait for a member to report healthy.
@@ -49,7 +50,16 @@ pub struct EtcdCluster {
     token: String,
     initial_cluster: String,
     members: Vec<Member>,
+    tls: Option<ServerTls>,
     shut_down: AtomicBool,
+}
+
+/// PEM files that make a cluster serve its clients over TLS and require client certificates.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug)]
@@ -57,6 +67,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, also when clients need TLS.
+    metrics_port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
@@ -71,6 +83,16 @@ impl EtcdCluster {
     /// exits or stays unhealthy, and with a pointer to `scripts/install-deps.sh` if there is no
     /// `etcd` binary.
     pub fn start(members: usize) -> anyhow::Result<EtcdCluster> {
+        Self::start_with(members, None)
+    }
+
+    /// Like `start`, with client URLs on https that require a client certificate signed by
+    /// `tls.ca`.
+    pub fn start_tls(members: usize, tls: ServerTls) -> anyhow::Result<EtcdCluster> {
+        Self::start_with(members, Some(tls))
+    }
+
+    fn start_with(members: usize, tls: Option<ServerTls>) -> anyhow::Result<EtcdCluster> {
         if members == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -78,7 +100,7 @@ impl EtcdCluster {
         sweep_stale_dirs();
         let mut attempt = 1;
         loop {
-            match Self::try_start(&etcd, members) {
+            match Self::try_start(&etcd, members, tls.clone()) {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) if attempt < START_ATTEMPTS && is_port_conflict(&e) => attempt += 1,
                 Err(e) => {
@@ -90,14 +112,15 @@ impl EtcdCluster {
         }
     }
 
-    fn try_start(etcd: &Path, count: usize) -> anyhow::Result<EtcdCluster> {
+    fn try_start(etcd: &Path, count: usize, tls: Option<ServerTls>) -> anyhow::Result<EtcdCluster> {
         let dir = make_data_dir()?;
-        let ports = free_ports(2 * count)?;
+        let ports = free_ports(3 * count)?;
         let members: Vec<Member> = (0..count)
             .map(|i| Member {
                 name: format!("n{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
+                metrics_port: ports[3 * i + 2],
                 data_dir: dir.join(format!("n{i}")),
                 log_path: dir.join(format!("etcd-{i}.log")),
                 child: Mutex::new(None),
@@ -119,6 +142,7 @@ impl EtcdCluster {
             token,
             initial_cluster,
             members,
+            tls,
             shut_down: AtomicBool::new(false),
         };
         let deadline = Instant::now() + HEALTHY_TIMEOUT;
@@ -149,7 +173,11 @@ impl EtcdCluster {
 
     /// Client URL of member `i`, for tests that must talk to one member only.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        format!(
+            "{}://127.0.0.1:{}",
+            self.scheme(),
+            self.members[i].client_port
+        )
     }
 
     /// Number of members the cluster was started with (running or not).
@@ -211,7 +239,7 @@ impl EtcdCluster {
     pub fn leader(&self) -> Option<usize> {
         (0..self.members.len()).find(|&i| {
             self.member_pid(i).is_some()
-                && http_get(self.members[i].client_port, "/metrics", HTTP_TIMEOUT).is_ok_and(
+                && http_get(self.members[i].metrics_port, "/metrics", HTTP_TIMEOUT).is_ok_and(
                     |resp| {
                         resp.body
                             .lines()
@@ -221,6 +249,14 @@ impl EtcdCluster {
         })
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     fn spawn_member(&self, i: usize, state: &str) -> anyhow::Result<()> {
         let m = &self.members[i];
         let log = OpenOptions::new()
@@ -228,9 +264,10 @@ impl EtcdCluster {
             .append(true)
             .open(&m.log_path)
             .with_context(|| format!("opening {}", m.log_path.display()))?;
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let args: Vec<OsString> = [
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
+        let mut args: Vec<OsString> = [
             "--name",
             &m.name,
             "--data-dir",
@@ -253,12 +290,26 @@ impl EtcdCluster {
             "25",
             "--election-timeout",
             "250",
+            "--listen-metrics-urls",
+            &metrics,
             "--logger=zap",
             "--log-outputs=stderr",
         ]
         .iter()
         .map(OsString::from)
         .collect();
+        if let Some(tls) = &self.tls {
+            args.extend(
+                [
+                    ("--trusted-ca-file", &tls.ca),
+                    ("--cert-file", &tls.cert),
+                    ("--key-file", &tls.key),
+                ]
+                .iter()
+                .flat_map(|(flag, path)| [OsString::from(flag), path.as_os_str().to_owned()]),
+            );
+            args.push("--client-cert-auth".into());
+        }
         let child = spawn_on_long_lived_thread(SpawnRequest {
             program: self.etcd.clone(),
             args,
@@ -273,7 +324,7 @@ impl EtcdCluster {
     /// etcd only does once it has a leader and has published itself to the cluster).
     fn wait_healthy(&self, members: &[usize], deadline: Instant) -> anyhow::Result<()> {
         self.wait_until(members, "healthy", deadline, |m| {
-            match http_get(m.client_port, "/health", HTTP_TIMEOUT) {
+            match http_get(m.metrics_port, "/health", HTTP_TIMEOUT) {
                 Ok(r) if r.status == 200 && r.body.contains(r#""health":"true""#) => Ok(()),
                 Ok(r) => Err(format!("GET /health: {} {}", r.status, r.body.trim())),
                 Err(e) => Err(format!("GET /health: {e}")),
@@ -391,7 +442,7 @@ fn shut_down_all(clusters: &[&EtcdCluster]) {
     // heartbeats); until then it would still try to hand over to it.
     let deadline = Instant::now() + Duration::from_secs(1);
     for (c, leader) in clusters.iter().zip(&leaders) {
-        let Some(port) = leader.map(|i| c.members[i].client_port) else {
+        let Some(port) = leader.map(|i| c.members[i].metrics_port) else {
             continue;
         };
         while Instant::now() < deadline && has_active_peers(port) {
