@@ -24,7 +24,7 @@ use crate::error::{IpamError, Result};
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
     now_unix, AllocationRecord, BlockRecord, Handle, HandleIp, HandleRecord, KeyRef, Keys, Kind,
-    PodRef, PoolRecord, RECORD_VERSION,
+    PodRef, PoolIndex, PoolRecord, RECORD_VERSION,
 };
 use crate::store::{Store, StoreConfig};
 
@@ -181,7 +181,16 @@ impl Allocator {
 
     /// Releases this node's handles of `network` that are not in `valid` (CNI GC). Keeps going
     /// past failures and reports them all.
-    pub async fn gc(&self, network: &str, valid: &HashSet<Handle>) -> Result<Vec<Handle>> {
+    ///
+    /// Attachments younger than `grace` are kept: the runtime built `valid` before calling, so
+    /// an ADD that committed meanwhile is missing from it but alive.
+    pub async fn gc(
+        &self,
+        network: &str,
+        valid: &HashSet<Handle>,
+        grace: Duration,
+    ) -> Result<Vec<Handle>> {
+        let now = now_unix();
         let (_, kvs) = self
             .inner
             .store
@@ -197,13 +206,16 @@ impl Allocator {
             let record: HandleRecord = match decode(kv) {
                 Ok(r) => r,
                 Err(e) => {
-                    failures.push(e.to_string());
+                    // Possibly another node's; `audit` reports it. Not a reason to stop.
+                    tracing::warn!(error = %e, "gc skips an unreadable handle record");
                     continue;
                 }
             };
+            let young = now.saturating_sub(record.allocated_at) < grace.as_secs();
             if record.node != self.inner.node
                 || record.network != network
                 || valid.contains(&handle)
+                || young
             {
                 continue;
             }
@@ -255,6 +267,7 @@ impl Allocator {
     /// What `handle` holds, read from etcd.
     pub async fn lookup(&self, handle: &Handle) -> Result<Option<Allocation>> {
         check_handle(handle)?;
+        self.inner.wait_synced().await?;
         let key = self.inner.keys.handle(handle);
         let resp = self.inner.store.get("lookup handle", &key, None).await?;
         match resp.kvs().first() {
@@ -357,8 +370,8 @@ impl<'a> Picks<'a> {
     fn exact(&mut self, pool: &Pool, ip: IpAddr, kind: Kind) {
         let mut pools = self.inner.lock_pools();
         let state = pools
-            .get_mut(&pool.id())
-            .expect("pool registered before picking");
+            .entry(pool.id())
+            .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.inner.node));
         let marked = state.mark(to_int(ip));
         self.picks.push(Pick {
             pool: Arc::clone(state.pool()),
@@ -429,45 +442,82 @@ impl Inner {
     /// is the same and that it overlaps no other pool.
     async fn register_pool(&self, pool: &Pool) -> Result<()> {
         let id = pool.id();
-        {
-            let pools = self.lock_pools();
-            if let Some(state) = pools.get(&id) {
-                return same_definition(state.pool(), pool);
+        if let Some(state) = self.lock_pools().get(&id) {
+            return same_definition(state.pool(), pool);
+        }
+        // Every subnet is listed in one index key, and a new pool is written together with the
+        // index it was checked against: two nodes cannot both add overlapping pools.
+        let index_key = self.keys.pool_index();
+        let pool_key = self.keys.pool(&id);
+        let op = format!("register pool {}", pool.subnet);
+        for _ in 0..8 {
+            let read = Txn::new().and_then([
+                TxnOp::get(index_key.as_str(), None),
+                TxnOp::get(pool_key.as_str(), None),
+            ]);
+            let resp = self.store.txn(&op, read).await?;
+            if let Some(kv) = got(&resp, 1) {
+                let stored = decode::<PoolRecord>(&kv)?.to_pool();
+                same_definition(&stored, pool)?;
+                self.remember_pool(stored);
+                return Ok(());
             }
-            if let Some(other) = pools
-                .values()
-                .map(|s| s.pool())
-                .find(|p| p.subnet.contains(&pool.subnet) || pool.subnet.contains(&p.subnet))
-            {
+            let (mut index, index_guard) = match got(&resp, 0) {
+                Some(kv) => (
+                    decode::<PoolIndex>(&kv)?,
+                    Compare::mod_revision(index_key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    PoolIndex::default(),
+                    Compare::create_revision(index_key.as_str(), CompareOp::Equal, 0),
+                ),
+            };
+            let overlapping = index.subnets.iter().find(|s| {
+                **s != pool.subnet && (s.contains(&pool.subnet) || pool.subnet.contains(*s))
+            });
+            if let Some(existing) = overlapping {
                 return Err(IpamError::PoolOverlap {
                     subnet: pool.subnet.to_string(),
-                    existing: other.subnet.to_string(),
+                    existing: existing.to_string(),
                 });
             }
+            if !index.subnets.contains(&pool.subnet) {
+                index.subnets.push(pool.subnet);
+            }
+            index.version = RECORD_VERSION;
+            let write = Txn::new()
+                .when([
+                    index_guard,
+                    Compare::create_revision(pool_key.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(index_key.as_str(), encode(&index), None),
+                    TxnOp::put(
+                        pool_key.as_str(),
+                        encode(&PoolRecord::from_pool(pool)),
+                        None,
+                    ),
+                ]);
+            if self.store.txn(&op, write).await?.succeeded() {
+                self.remember_pool(pool.clone());
+                return Ok(());
+            }
         }
-        let key = self.keys.pool(&id);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                encode(&PoolRecord::from_pool(pool)),
-                None,
-            )])
-            .or_else([TxnOp::get(key.as_str(), None)]);
-        let resp = self
-            .store
-            .txn(&format!("register pool {}", pool.subnet), txn)
-            .await?;
-        let stored = match got(&resp, 0) {
-            Some(kv) if !resp.succeeded() => decode::<PoolRecord>(&kv)?.to_pool(),
-            _ => pool.clone(),
-        };
-        same_definition(&stored, pool)?;
+        Err(IpamError::Contention {
+            op,
+            attempts: 8,
+            last: "the pool index kept changing".into(),
+        })
+    }
+
+    /// Makes sure the in-memory state has `pool` (the watch may not have delivered it yet, or a
+    /// reload may have replaced the state with a snapshot taken before it existed).
+    fn remember_pool(&self, pool: Pool) -> Arc<Pool> {
         let mut pools = self.lock_pools();
-        pools
-            .entry(id)
-            .or_insert_with(|| PoolState::new(Arc::new(stored), &self.node));
-        Ok(())
+        let state = pools
+            .entry(pool.id())
+            .or_insert_with(|| PoolState::new(Arc::new(pool), &self.node));
+        Arc::clone(state.pool())
     }
 
     /// Picks the next dynamic address of a range set, claiming blocks as needed.
@@ -482,7 +532,9 @@ impl Inner {
             loop {
                 let (next, state_pool) = {
                     let mut pools = self.lock_pools();
-                    let state = pools.get_mut(&id).expect("pool registered before picking");
+                    let state = pools
+                        .entry(id.clone())
+                        .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.node));
                     (state.next_address(), Arc::clone(state.pool()))
                 };
                 match next {
@@ -572,6 +624,7 @@ impl Inner {
             node: self.node.clone(),
             pod: req.pod.clone(),
             ips: handle_ips,
+            allocated_at: now,
         };
         puts.push(TxnOp::put(
             handle_key.as_str(),
@@ -605,6 +658,23 @@ impl Inner {
                 {
                     pick.marked = false;
                 }
+            }
+            // Never answer a request for an exact address with a different one.
+            if let Some(ip) = req
+                .requested
+                .iter()
+                .find(|ip| !existing.ips.iter().any(|h| h.ip == **ip))
+            {
+                let held: Vec<String> = existing.ips.iter().map(|h| h.ip.to_string()).collect();
+                return Err(IpamError::InvalidRequest {
+                    ip: *ip,
+                    network: req.network.clone(),
+                    reason: format!(
+                        "attachment {} already holds {}; DEL it before asking for another address",
+                        req.handle,
+                        held.join(", ")
+                    ),
+                });
             }
             return Ok(Outcome::Done(self.allocation_of(&req.handle, &existing)?));
         }
@@ -700,7 +770,24 @@ impl Inner {
             let Some(handle_kv) = first_kv(resp) else {
                 return Ok(None);
             };
-            let record: HandleRecord = decode(&handle_kv)?;
+            let record: HandleRecord = match decode(&handle_kv) {
+                Ok(record) => record,
+                Err(e) => {
+                    // A DEL that fails forever leaves the pod stuck terminating: drop the
+                    // unreadable index (its addresses, if any, show up in `audit`).
+                    tracing::warn!(%handle, error = %e, "deleting an unreadable handle record");
+                    let guard = Compare::mod_revision(
+                        handle_key.as_str(),
+                        CompareOp::Equal,
+                        handle_kv.mod_revision(),
+                    );
+                    let txn = Txn::new()
+                        .when([guard])
+                        .and_then([TxnOp::delete(handle_key.as_str(), None)]);
+                    self.store.txn(&format!("release {handle}"), txn).await?;
+                    return Ok(None);
+                }
+            };
             let ip_keys: Vec<String> = record
                 .ips
                 .iter()
@@ -724,7 +811,10 @@ impl Inner {
             let mut deletes = vec![TxnOp::delete(handle_key.as_str(), None)];
             for (i, key) in ip_keys.iter().enumerate() {
                 let Some(kv) = got(&held, i) else { continue };
-                let holder: AllocationRecord = decode(&kv)?;
+                let Ok(holder) = decode::<AllocationRecord>(&kv) else {
+                    tracing::warn!(%handle, key, "leaving an unreadable address record");
+                    continue;
+                };
                 if holder.handle != *handle {
                     tracing::warn!(%handle, key, holder = %holder.handle, "address index points at an address another handle holds; leaving the address");
                     continue;

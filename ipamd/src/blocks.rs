@@ -236,7 +236,7 @@ impl PoolState {
     fn next_unclaimed(&mut self) -> Option<u128> {
         let spans: Vec<(u128, u128)> = self.pool.dynamic_block_spans().collect();
         for (first, last) in spans {
-            let mut index = first.max(self.claim_cursor);
+            let mut index = self.pool.skip_excluded_blocks(first.max(self.claim_cursor));
             while index <= last {
                 let usable = match self.blocks.get(&index) {
                     Some(b) => b.owner.is_none() && b.free > 0,
@@ -246,9 +246,12 @@ impl PoolState {
                     self.claim_cursor = index;
                     return Some(index);
                 }
-                index += 1;
+                let Some(next) = index.checked_add(1) else {
+                    break;
+                };
+                index = self.pool.skip_excluded_blocks(next);
             }
-            self.claim_cursor = self.claim_cursor.max(last + 1);
+            self.claim_cursor = self.claim_cursor.max(last.saturating_add(1));
         }
         None
     }

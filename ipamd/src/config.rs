@@ -55,6 +55,9 @@ pub struct Flags {
     /// Unix socket the CNI plugins call.
     #[arg(long, global = true, env = "HOSTNIC_IPAMD_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// Attachments younger than this survive a CNI GC that does not list them.
+    #[arg(long, global = true, env = "HOSTNIC_GC_GRACE_SECONDS")]
+    pub gc_grace_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -91,6 +94,7 @@ pub struct FileConfig {
     pub etcd: FileEtcd,
     pub node_name: Option<String>,
     pub socket: Option<PathBuf>,
+    pub gc_grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -113,7 +117,11 @@ pub struct DaemonConfig {
     pub store: StoreConfig,
     pub node_name: String,
     pub socket: PathBuf,
+    pub gc_grace: Duration,
 }
+
+/// Default of `--gc-grace-seconds`.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -189,10 +197,15 @@ pub fn resolve(
         .socket
         .or(file.socket)
         .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
+    let gc_grace = flags
+        .gc_grace_seconds
+        .or(file.gc_grace_seconds)
+        .map_or(DEFAULT_GC_GRACE, Duration::from_secs);
     Ok(DaemonConfig {
         store,
         node_name,
         socket,
+        gc_grace,
     })
 }
 

@@ -63,5 +63,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    server::serve(Arc::new(allocator), &config.socket, shutdown).await
+    server::serve(
+        Arc::new(allocator),
+        config.gc_grace,
+        &config.socket,
+        shutdown,
+    )
+    .await
 }

@@ -148,7 +148,9 @@ impl Pool {
     /// over the subnet).
     pub fn dynamic_size(&self) -> u128 {
         let in_ranges = |n: u128| self.ranges.iter().any(|r| r.contains(n));
-        let mut size: u128 = self.ranges.iter().map(|r| r.last - r.first + 1).sum();
+        let mut size: u128 = self.ranges.iter().fold(0u128, |acc, r| {
+            acc.saturating_add((r.last - r.first).saturating_add(1))
+        });
         let mut excluded: Vec<AddrRange> = Vec::new();
         for e in &self.exclude {
             for r in &self.ranges {
@@ -163,7 +165,7 @@ impl Pool {
         for r in &excluded {
             let first = covered_to.map_or(r.first, |c| r.first.max(c + 1));
             if first <= r.last {
-                size -= r.last - first + 1;
+                size = size.saturating_sub((r.last - first).saturating_add(1));
             }
             covered_to = Some(covered_to.map_or(r.last, |c| c.max(r.last)));
         }
@@ -175,20 +177,60 @@ impl Pool {
         singles.dedup();
         for n in singles {
             if in_ranges(n) && !self.exclude.iter().any(|e| e.contains(n)) {
-                size -= 1;
+                size = size.saturating_sub(1);
             }
         }
         size
     }
 
-    /// Checks that `ip` may be requested exactly (fixed IP, `IP=`, `runtimeConfig.ips`).
+    /// Checks that `ip` may be requested exactly (fixed IP, `IP=`, `runtimeConfig.ips`): inside
+    /// a dynamic range or the fixed window, and not reserved. The rest of the subnet is
+    /// usually routers, VMs or VIPs that etcd knows nothing about.
     pub fn check_exact(&self, ip: IpAddr) -> Result<(), String> {
         if !self.subnet.contains(&ip) {
             return Err(format!("{ip} is outside subnet {}", self.subnet));
         }
-        match self.reserved_reason(to_int(ip)) {
-            Some(reason) => Err(format!("{ip} cannot be assigned: {reason}")),
-            None => Ok(()),
+        let n = to_int(ip);
+        if let Some(reason) = self.reserved_reason(n) {
+            return Err(format!("{ip} cannot be assigned: {reason}"));
+        }
+        let in_window = self.fixed.is_some_and(|w| w.contains(n));
+        if !in_window && !self.ranges.iter().any(|r| r.contains(n)) {
+            let mut allowed: Vec<String> = self.ranges.iter().map(|r| self.fmt_range(r)).collect();
+            allowed.extend(
+                self.fixed
+                    .iter()
+                    .map(|w| format!("fixed {}", self.fmt_range(w))),
+            );
+            return Err(format!(
+                "{ip} is outside the ranges of subnet {} ({})",
+                self.subnet,
+                allowed.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first block at or after `index` that is not wholly excluded: lets a search for a
+    /// block with free addresses jump over an excluded /9 instead of walking it.
+    pub fn skip_excluded_blocks(&self, mut index: u128) -> u128 {
+        'jump: loop {
+            let first = self.block_first(index);
+            let last = first.saturating_add(self.block_len() - 1);
+            for e in &self.exclude {
+                if e.first <= first && last <= e.last {
+                    let next = self.block_of(e.last).saturating_add(1);
+                    if next <= index {
+                        return index;
+                    }
+                    index = next;
+                    if self.block_first(index) > to_int(self.subnet.broadcast()) {
+                        return index;
+                    }
+                    continue 'jump;
+                }
+            }
+            return index;
         }
     }
 
@@ -443,7 +485,17 @@ fn parse_range(
         ));
     }
     let gateway = match &range.gateway {
-        Some(v) => from_int(family, in_subnet("gateway", v)?),
+        Some(v) => {
+            let n = in_subnet("gateway", v)?;
+            if n == network || (family == Family::V4 && n == to_int(subnet.broadcast())) {
+                return Err(invalid(
+                    field("gateway"),
+                    v,
+                    "is the subnet's network or broadcast address",
+                ));
+            }
+            from_int(family, n)
+        }
         None => from_int(family, network + 1),
     };
     Ok((subnet, AddrRange::new(first, end), gateway))
@@ -662,6 +714,33 @@ mod tests {
     }
 
     #[test]
+    fn exact_addresses_must_lie_in_a_range_or_the_fixed_window() {
+        let sets = parse(
+            json!({"subnet": "10.91.0.0/24", "rangeStart": "10.91.0.100",
+            "fixedStart": "10.91.0.50", "fixedEnd": "10.91.0.60"}),
+        )
+        .expect("valid");
+        let pool = &sets[0].pools[0];
+        assert!(pool.check_exact(ip("10.91.0.55")).is_ok(), "fixed window");
+        assert!(pool.check_exact(ip("10.91.0.150")).is_ok(), "dynamic range");
+        let e = pool.check_exact(ip("10.91.0.5")).expect_err("between");
+        assert!(
+            e.contains("outside the ranges") && e.contains("fixed 10.91.0.50-10.91.0.60"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wholly_excluded_blocks_are_skipped_in_one_step() {
+        let sets = parse(json!({"ranges": [[{"subnet": "fd00::/64"}]], "exclude": ["fd00::/96"]}))
+            .expect("valid");
+        let pool = &sets[0].pools[0];
+        let next = pool.skip_excluded_blocks(0);
+        assert_eq!(pool.addr(pool.block_first(next)).to_string(), "fd00::1:0:0");
+        assert_eq!(pool.skip_excluded_blocks(next), next);
+    }
+
+    #[test]
     fn fixed_window_outside_the_dynamic_range_is_accepted() {
         let sets = parse(
             json!({"subnet": "10.188.0.0/16", "fixedStart": "10.188.0.10",
@@ -694,6 +773,11 @@ mod tests {
                 json!({"subnet": "10.0.0.0/24", "gateway": "10.9.0.1"}),
                 "gateway",
                 "outside subnet",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "gateway": "10.0.0.255"}),
+                "gateway",
+                "broadcast",
             ),
             (
                 json!({"ranges": [[{"subnet": "10.0.0.0/24", "rangeEnd": "10.0.0.100"},

@@ -5,6 +5,7 @@
 //! <prefix>/pools/<pool-id>/blocks/<block>     BlockRecord  (block: its CIDR, "10.0.1.64_26")
 //! <prefix>/pools/<pool-id>/ips/<ip>           AllocationRecord
 //! <prefix>/handles/<containerID>/<ifname>     HandleRecord
+//! <prefix>/pool-index                         PoolIndex    (every subnet with a pool)
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -90,6 +91,7 @@ pub struct HandleIp {
 /// Index from a handle to its addresses, so DEL is one read, not a scan.
 /// Stored at `handles/<containerID>/<ifname>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HandleRecord {
     pub version: u32,
     pub network: String,
@@ -97,6 +99,17 @@ pub struct HandleRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
     pub ips: Vec<HandleIp>,
+    /// Seconds since the Unix epoch.
+    #[serde(default)]
+    pub allocated_at: u64,
+}
+
+/// Every subnet that has a pool, in one key, so that registering a pool can be checked
+/// against all others in the same transaction that writes it. Stored at `pool-index`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolIndex {
+    pub version: u32,
+    pub subnets: Vec<IpNet>,
 }
 
 /// Block affinity: the node that claimed a block allocates from it without racing others.
@@ -181,6 +194,10 @@ impl Keys {
 
     pub fn handles(&self) -> String {
         format!("{}/handles/", self.prefix)
+    }
+
+    pub fn pool_index(&self) -> String {
+        format!("{}/pool-index", self.prefix)
     }
 
     pub fn pool(&self, pool: &str) -> String {

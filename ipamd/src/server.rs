@@ -20,6 +20,7 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Serves until `shutdown` completes, then removes the socket.
 pub async fn serve(
     allocator: Arc<Allocator>,
+    gc_grace: std::time::Duration,
     socket: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -45,7 +46,7 @@ pub async fn serve(
         let _ = stopping.send(());
     };
     let server = tonic::transport::Server::builder()
-        .add_service(IpamServer::new(IpamService::new(allocator)))
+        .add_service(IpamServer::new(IpamService::new(allocator, gc_grace)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     // Requests in flight get a grace period; a client that keeps its connection open does not
     // hold the daemon up beyond it.

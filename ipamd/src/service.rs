@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hostnic_proto::v1::ipam_server::Ipam;
 use hostnic_proto::v1::{
@@ -43,11 +44,16 @@ pub fn status_of(e: &IpamError) -> Status {
 #[derive(Debug, Clone)]
 pub struct IpamService {
     allocator: Arc<Allocator>,
+    gc_grace: Duration,
 }
 
 impl IpamService {
-    pub fn new(allocator: Arc<Allocator>) -> Self {
-        IpamService { allocator }
+    /// `gc_grace`: attachments younger than this survive a CNI GC that does not list them.
+    pub fn new(allocator: Arc<Allocator>, gc_grace: Duration) -> Self {
+        IpamService {
+            allocator,
+            gc_grace,
+        }
     }
 }
 
@@ -207,7 +213,7 @@ impl Ipam for IpamService {
             .collect();
         let released = self
             .allocator
-            .gc(&network, &valid)
+            .gc(&network, &valid, self.gc_grace)
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(GcReply {

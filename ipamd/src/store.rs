@@ -90,7 +90,10 @@ impl Store {
         let mut options = ConnectOptions::new()
             .with_timeout(config.request_timeout)
             .with_connect_timeout(config.request_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member cut off from the leader answers nothing rather than stale data, and
+            // ends our watch so that it is re-established on a member that has a leader.
+            .with_require_leader(true);
         if let (Some(user), Some(password)) = (&config.username, &config.password) {
             options = options.with_user(user.clone(), password.clone());
         }

@@ -622,3 +622,100 @@ async fn etcd_over_tls_needs_the_configured_client_certificate() {
         .expect("allocates over TLS");
     assert_eq!(got.ips[0].subnet.to_string(), "10.88.0.0/24");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_racing_to_define_overlapping_pools_cannot_both_succeed() {
+    let cluster = shared_cluster3();
+    for round in 0..5 {
+        let prefix = unique_prefix(&format!("overlap-race-{round}"));
+        let a = allocator(cluster, &prefix, "node-a").await;
+        let b = allocator(cluster, &prefix, "node-b").await;
+        let wide = sets(json!({"subnet": "10.90.0.0/16"}));
+        let narrow = sets(json!({"subnet": "10.90.0.0/24"}));
+        let (wide, narrow) = (request("wide", &wide, &[]), request("narrow", &narrow, &[]));
+        let (ra, rb) = tokio::join!(a.allocate(&wide), b.allocate(&narrow));
+        let errors: Vec<&IpamError> = [&ra, &rb]
+            .into_iter()
+            .filter_map(|r| r.as_ref().err())
+            .collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "round {round}: exactly one pool is defined: {ra:?} {rb:?}"
+        );
+        assert!(
+            matches!(errors[0], IpamError::PoolOverlap { .. }),
+            "{}",
+            errors[0]
+        );
+        let report = audit(a.store(), a.keys()).await.expect("scan");
+        assert_eq!(report.problems, Vec::<String>::new());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_releases_only_this_nodes_stale_attachments_of_the_network_past_the_grace() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("gc");
+    let pool = sets(json!({"subnet": "10.89.0.0/24"}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    for id in ["live", "stale"] {
+        a.allocate(&request(id, &pool, &[])).await.expect("a");
+    }
+    b.allocate(&request("other-node", &pool, &[]))
+        .await
+        .expect("b");
+    let mut other_network = request("other-net", &pool, &[]);
+    other_network.network = "another-network".into();
+    a.allocate(&other_network).await.expect("other network");
+
+    let valid: HashSet<Handle> = [Handle::new("live", "eth0")].into();
+    let grace = std::time::Duration::from_secs(60);
+    let kept = a.gc("test-net", &valid, grace).await.expect("gc");
+    assert!(
+        kept.is_empty(),
+        "attachments younger than the grace are kept: {kept:?}"
+    );
+    let freed = a
+        .gc("test-net", &valid, std::time::Duration::ZERO)
+        .await
+        .expect("gc");
+    assert_eq!(freed, vec![Handle::new("stale", "eth0")]);
+    for (id, held) in [
+        ("live", true),
+        ("stale", false),
+        ("other-node", true),
+        ("other-net", true),
+    ] {
+        let found = a.lookup(&Handle::new(id, "eth0")).await.expect("lookup");
+        assert_eq!(found.is_some(), held, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_again_asking_for_another_exact_address_is_refused() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("readd");
+    let pool = sets(json!({"subnet": "10.84.0.0/24"}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    a.allocate(&request("re", &pool, &["10.84.0.10"]))
+        .await
+        .expect("first");
+    let err = a
+        .allocate(&request("re", &pool, &["10.84.0.11"]))
+        .await
+        .expect_err("different address");
+    assert!(
+        err.to_string().contains("already holds 10.84.0.10"),
+        "{err}"
+    );
+    let same = a
+        .allocate(&request("re", &pool, &["10.84.0.10"]))
+        .await
+        .expect("same again");
+    assert_eq!(
+        ips(&same),
+        vec!["10.84.0.10".parse::<IpAddr>().expect("literal")]
+    );
+}

@@ -29,6 +29,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_hostnic-ipamd"))
             .args(["--etcd-endpoints", &shared_single().endpoints().join(",")])
             .args(["--node-name", node, "--etcd-prefix", prefix])
+            .args(["--gc-grace-seconds", "0"])
             .arg("--socket")
             .arg(&socket)
             .stdin(Stdio::null())
