@@ -260,6 +260,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_daemon_config_parses() {
+        let file: FileConfig =
+            serde_json::from_str(include_str!("../../etc/hostnic-ipamd.json")).expect("valid");
+        let c = resolve(flags(&[]), file, Some("node-1".into())).expect("resolves");
+        assert_eq!(c.node_name, "node-1");
+        assert!(c.store.tls.is_some());
+        assert_eq!(c.store.retry_timeout, Duration::from_millis(2200));
+    }
+
+    #[test]
     fn unknown_file_keys_are_rejected() {
         let e = serde_json::from_str::<FileConfig>(r#"{"nodeNmae": "x"}"#).expect_err("typo");
         assert!(e.to_string().contains("nodeNmae"));

@@ -886,3 +886,48 @@ mod tests {
         assert!(a.differences(a).is_empty());
     }
 }
+
+/// The configs shipped in `etc/` and `examples/` are what users copy: they must stay valid.
+#[cfg(test)]
+mod shipped_configs {
+    use super::*;
+
+    fn ipam_of(text: &str) -> serde_json::Value {
+        let conf: serde_json::Value = serde_json::from_str(text).expect("shipped config is JSON");
+        match conf.get("plugins") {
+            Some(plugins) => plugins[0]["ipam"].clone(),
+            None => conf["ipam"].clone(),
+        }
+    }
+
+    #[test]
+    fn a_kube_ipam_config_with_its_type_switched_is_accepted() {
+        let ipam = ipam_of(include_str!("../../examples/kube-ipam-switch.conf"));
+        assert_eq!(ipam["type"], "hostnic-ipam");
+        assert!(ipam.get("etcdConfig").is_some() && ipam.get("kubeConfig").is_some());
+        let sets = parse_range_sets(&ipam).expect("kube-ipam keys parse");
+        let pool = &sets[0].pools[0];
+        assert_eq!(pool.subnet.to_string(), "10.188.0.0/16");
+        assert!(pool.fixed.is_some(), "fixedStart/fixedEnd kept");
+        assert!(pool
+            .check_exact("10.188.0.20".parse().expect("literal"))
+            .is_ok());
+    }
+
+    #[test]
+    fn every_shipped_network_config_parses() {
+        for (name, text) in [
+            (
+                "etc/cni/net.d/10-macvlan-hostnic-ipam.conflist",
+                include_str!("../../etc/cni/net.d/10-macvlan-hostnic-ipam.conflist"),
+            ),
+            (
+                "examples/dual-stack-host-local-ranges.conf",
+                include_str!("../../examples/dual-stack-host-local-ranges.conf"),
+            ),
+        ] {
+            let sets = parse_range_sets(&ipam_of(text)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!sets.is_empty(), "{name}");
+        }
+    }
+}
