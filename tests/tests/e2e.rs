@@ -291,7 +291,22 @@ impl Pod {
 /// Runs the plugin called `plugin` in the test's `CNI_PATH` (a reference main plugin, or
 /// `hostnic-ipam` itself) for `pod`.
 fn cni(setup: &Setup, plugin: &str, command: &str, pod: &Pod, config: &str) -> CniOutput {
-    let args = pod.cni_args();
+    cni_with_args(setup, plugin, command, pod, config, "")
+}
+
+/// `cni` with more `CNI_ARGS` (`IP=...`) after the pod's own.
+fn cni_with_args(
+    setup: &Setup,
+    plugin: &str,
+    command: &str,
+    pod: &Pod,
+    config: &str,
+    extra_args: &str,
+) -> CniOutput {
+    let mut args = pod.cni_args();
+    if !extra_args.is_empty() {
+        args = format!("{args};{extra_args}");
+    }
     let netns = pod.ns.path();
     let call = CniCall {
         command,
@@ -1121,5 +1136,107 @@ fn concurrent_adds_through_two_daemons_never_share_an_address() {
     eprintln!(
         "{PODS} concurrent ADDs through 2 daemons: {adds:?}, DELs: {dels:?}, test {:?}",
         started.elapsed()
+    );
+}
+
+#[test]
+fn exact_addresses_from_runtime_config_and_cni_args_reach_the_pod_or_fail_cleanly() {
+    let Some(setup) = setup("e2e exact addresses") else {
+        return;
+    };
+    let endpoints = shared_single().endpoints();
+    let dir = scratch_dir();
+    let prefix = unique_prefix("e2e-exact");
+    let daemon = Daemon::start(
+        &setup,
+        &endpoints,
+        "node-x",
+        &prefix,
+        &dir.path().join("ipamd.sock"),
+    )
+    .expect("starting hostnic-ipamd");
+    let parent = VethPair::new("ex").expect("creating the macvlan parent veth pair");
+    let subnet = "10.207.0.0/24";
+    let mut ipam = ipam_conf(&daemon.socket, subnet);
+    ipam["rangeStart"] = json!("10.207.0.100");
+    ipam["fixedStart"] = json!("10.207.0.10");
+    ipam["fixedEnd"] = json!("10.207.0.20");
+    let macvlan = json!({"type": "macvlan", "master": parent.master(), "mode": "bridge"});
+    let plain = net_conf("1.0.0", "e2e-exact", macvlan.clone(), ipam.clone());
+    // What libcni hands a plugin that declares the `ips` capability (Multus per-pod ips).
+    let mut with_ips: Value =
+        serde_json::from_str(&net_conf("1.0.0", "e2e-exact", macvlan, ipam)).expect("config JSON");
+    with_ips["capabilities"] = json!({"ips": true});
+    with_ips["runtimeConfig"] = json!({"ips": ["10.207.0.12/24"]});
+    let with_ips = with_ips.to_string();
+
+    let multus = Pod::new("ex");
+    let out = cni(&setup, "macvlan", "ADD", &multus, &with_ips);
+    let (ip, _, _) = result_ipv4(&ok_json(&out, "ADD with runtimeConfig.ips"));
+    assert_eq!(ip.to_string(), "10.207.0.12");
+    assert_eq!(
+        addresses(&multus.ns, IFNAME).expect("addresses"),
+        vec!["10.207.0.12/24"]
+    );
+
+    let args_pod = Pod::new("ex");
+    let out = cni_with_args(
+        &setup,
+        "macvlan",
+        "ADD",
+        &args_pod,
+        &plain,
+        "IP=10.207.0.15",
+    );
+    let (ip, _, _) = result_ipv4(&ok_json(&out, "ADD with CNI_ARGS IP="));
+    assert_eq!(ip.to_string(), "10.207.0.15");
+    assert!(
+        ping(&args_pod.ns, "10.207.0.12".parse().expect("literal")),
+        "pods reach each other"
+    );
+
+    let before = allocation_keys(&etcd_records(&endpoints, &prefix), &prefix);
+    // Another pod asking for a held address: refused, naming the holder; nothing written.
+    let thief = Pod::new("ex");
+    let out = cni_with_args(&setup, "macvlan", "ADD", &thief, &plain, "IP=10.207.0.15");
+    assert_eq!(
+        error_code(&out, "ADD of a held address"),
+        101,
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        out.stdout.contains(&args_pod.name),
+        "the error names the holder: {}",
+        out.stdout
+    );
+    // An address outside the ranges and the fixed window: invalid request.
+    let outside = Pod::new("ex");
+    let out = cni_with_args(&setup, "macvlan", "ADD", &outside, &plain, "IP=10.207.0.50");
+    assert_eq!(
+        error_code(&out, "ADD outside the ranges"),
+        7,
+        "{}",
+        describe(&out)
+    );
+    assert!(out.stdout.contains("10.207.0.50"), "{}", out.stdout);
+    assert_eq!(
+        allocation_keys(&etcd_records(&endpoints, &prefix), &prefix),
+        before,
+        "refused requests wrote nothing"
+    );
+    // The runtime cleans up after the failed ADDs, then after the pods.
+    for pod in [&thief, &outside] {
+        assert_ok(
+            &cni(&setup, "macvlan", "DEL", pod, &plain),
+            "DEL after a failed ADD",
+        );
+    }
+    for pod in [&multus, &args_pod] {
+        assert_ok(&cni(&setup, "macvlan", "DEL", pod, &plain), "DEL");
+    }
+    assert_eq!(
+        allocation_keys(&etcd_records(&endpoints, &prefix), &prefix),
+        Vec::<String>::new()
     );
 }
