@@ -66,14 +66,10 @@ trap 'exit 143' TERM
 
 # --- dependencies and build --------------------------------------------------------------------
 step "dependencies"
-if [ -x scripts/install-deps.sh ]; then
-  scripts/install-deps.sh
-else
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y \
-    etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping
-fi
+scripts/install-deps.sh
 
+# The binaries are expected in target/release of this checkout.
+unset CARGO_TARGET_DIR
 step "cargo build --release --bins"
 cargo build --release --bins
 BIN=$PWD/target/release

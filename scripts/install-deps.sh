@@ -36,7 +36,7 @@ else
     fi
   fi
   log "apt-get update"
-  "${as_root[@]}" apt-get update
+  "${as_root[@]}" apt-get update -o DPkg::Lock::Timeout=300
   # Debian's etcd-server may try to start a system etcd on the default ports; the tests never
   # use it (every member they start has its own free ports), so it is left as the package sets it.
   log "apt-get install -y ${PACKAGES[*]}"

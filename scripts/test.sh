@@ -18,5 +18,13 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-step "cargo test --workspace $*"
-cargo test --workspace "$@"
+# `ip` and friends live in the sbin directories, which a minimal PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+step "cargo test --workspace --lib --bins --tests $*"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
+
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result: /{p+=$4; f+=$6; s+=$8} END {printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s}' "$log"

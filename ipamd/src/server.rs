@@ -35,10 +35,16 @@ pub async fn serve(
             return Err(e).with_context(|| format!("removing stale socket {}", socket.display()))
         }
     }
+    // Bound under a temporary name and renamed once it is 0600: nobody ever connects to a
+    // socket with the default mode.
+    let staging = socket.with_extension("binding");
+    let _ = std::fs::remove_file(&staging);
     let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting mode 0600 on {}", socket.display()))?;
+        UnixListener::bind(&staging).with_context(|| format!("binding {}", staging.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", staging.display()))?;
+    std::fs::rename(&staging, socket)
+        .with_context(|| format!("moving {} to {}", staging.display(), socket.display()))?;
     tracing::info!(socket = %socket.display(), node = allocator.node(), "serving");
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {

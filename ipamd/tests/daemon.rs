@@ -356,7 +356,14 @@ async fn callers_that_are_not_root_are_refused() {
     ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+    // The child runs a copy of this binary from a directory nobody can traverse to, whatever
+    // the permissions of the directories above the clone.
+    let bin_dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let bin = bin_dir.path().join("daemon-test");
+    std::fs::copy(std::env::current_exe().expect("test binary"), &bin).expect("copy test binary");
+    let out = std::process::Command::new(&bin)
         .args([
             "--exact",
             "callers_that_are_not_root_are_refused",

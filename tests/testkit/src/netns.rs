@@ -53,7 +53,7 @@ pub fn require_netns(what: &str) -> bool {
     match NetNs::new("probe") {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("SKIPPED {what}: cannot create a network namespace ({e:#})");
+            crate::skip_unless_ci(what, &format!("cannot create a network namespace ({e:#})"));
             false
         }
     }
