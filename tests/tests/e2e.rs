@@ -803,7 +803,14 @@ fn ipvlan_pods_get_addresses_or_skip_without_kernel_support() {
         assert_ok(&net.call("DEL", &pods[0]), "ipvlan DEL after a failed ADD");
         hostnic_testkit::report_skip(
             "ipvlan",
-            &format!("kernel has no ipvlan ({})", probe.stdout.trim()),
+            &format!(
+                "kernel has no ipvlan ({})",
+                probe
+                    .stdout
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
         );
         return;
     }
