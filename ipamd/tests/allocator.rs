@@ -418,7 +418,7 @@ async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none
     }
     assert_eq!(all.len(), 3 * 16 * 36);
     eprintln!(
-        "leader killed with {running} tasks running; {retries} requests were told to try again"
+        "leader killed with {running} tasks running; {retries} requests surfaced as try-again (the store retried the rest within its budget)"
     );
     let unique: HashSet<IpAddr> = all.iter().map(|(_, ip)| *ip).collect();
     assert_eq!(unique.len(), all.len(), "an address was handed out twice");
