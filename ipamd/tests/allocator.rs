@@ -564,6 +564,11 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         .await
         .expect_err("full");
     assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    let status = b
+        .status(&pool, "test-net")
+        .await
+        .expect_err("CNI STATUS reports the exhaustion");
+    assert!(matches!(status, IpamError::Exhausted { .. }), "{status}");
     let freed = a
         .release(&Handle::new("w3", "eth0"))
         .await
@@ -581,6 +586,17 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         }
     };
     assert_eq!(got.ips[0].ip, freed.ips[0].ip);
+    a.release(&Handle::new("w0", "eth0"))
+        .await
+        .expect("release");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while b.status(&pool, "test-net").await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "STATUS stays failed after a release"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
