@@ -157,7 +157,17 @@ impl Allocator {
             for (set, exact) in req.range_sets.iter().zip(&plan) {
                 match exact {
                     Some((pool, ip)) => picks.exact(pool, *ip, req.requested_kind),
-                    None => inner.pick_dynamic(set, &mut picks, &req.network).await?,
+                    None => match inner.pick_dynamic(set, &mut picks, &req.network).await {
+                        Ok(()) => {}
+                        // A full pool does not stop a repeated ADD from getting its address.
+                        Err(e @ IpamError::Exhausted { .. }) => {
+                            return match self.lookup(&req.handle).await? {
+                                Some(existing) => already_held(req, existing),
+                                None => Err(e),
+                            };
+                        }
+                        Err(e) => return Err(e),
+                    },
                 }
             }
             match inner.commit(req, &mut picks).await? {
@@ -276,6 +286,27 @@ impl Allocator {
                 let record: HandleRecord = decode(kv)?;
                 Ok(Some(self.inner.allocation_of(handle, &record)?))
             }
+        }
+    }
+}
+
+/// The answer to an ADD whose attachment already holds `allocation`: the same addresses, but
+/// never a different address than one the request asks for exactly.
+fn already_held(req: &AllocateRequest, allocation: Allocation) -> Result<Allocation> {
+    let held = |ip: &IpAddr| allocation.ips.iter().any(|x| x.ip == *ip);
+    match req.requested.iter().find(|ip| !held(ip)) {
+        None => Ok(allocation),
+        Some(ip) => {
+            let held: Vec<String> = allocation.ips.iter().map(|x| x.ip.to_string()).collect();
+            Err(IpamError::InvalidRequest {
+                ip: *ip,
+                network: req.network.clone(),
+                reason: format!(
+                    "attachment {} already holds {}; DEL it before asking for another address",
+                    req.handle,
+                    held.join(", ")
+                ),
+            })
         }
     }
 }
@@ -659,24 +690,8 @@ impl Inner {
                     pick.marked = false;
                 }
             }
-            // Never answer a request for an exact address with a different one.
-            if let Some(ip) = req
-                .requested
-                .iter()
-                .find(|ip| !existing.ips.iter().any(|h| h.ip == **ip))
-            {
-                let held: Vec<String> = existing.ips.iter().map(|h| h.ip.to_string()).collect();
-                return Err(IpamError::InvalidRequest {
-                    ip: *ip,
-                    network: req.network.clone(),
-                    reason: format!(
-                        "attachment {} already holds {}; DEL it before asking for another address",
-                        req.handle,
-                        held.join(", ")
-                    ),
-                });
-            }
-            return Ok(Outcome::Done(self.allocation_of(&req.handle, &existing)?));
+            let allocation = self.allocation_of(&req.handle, &existing)?;
+            return already_held(req, allocation).map(Outcome::Done);
         }
 
         let mut lost = Vec::new();

@@ -564,6 +564,17 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         .await
         .expect_err("full");
     assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    // A repeated ADD of an attachment that holds an address still gets it from a full pool.
+    let again = a
+        .allocate(&request("w1", &pool, &[]))
+        .await
+        .expect("repeated ADD on a full pool");
+    let held = a
+        .lookup(&Handle::new("w1", "eth0"))
+        .await
+        .expect("lookup")
+        .expect("held");
+    assert_eq!(ips(&again), ips(&held));
     let status = b
         .status(&pool, "test-net")
         .await
