@@ -996,6 +996,10 @@ impl Inner {
 }
 
 fn same_definition(stored: &Pool, requested: &Pool) -> Result<()> {
+    // Every ADD comes here: only a real difference is worth describing.
+    if stored == requested {
+        return Ok(());
+    }
     let differences = stored.differences(requested);
     if differences.is_empty() {
         Ok(())

@@ -118,7 +118,7 @@ impl PoolState {
         let offset = n - self.pool.block_first(index);
         let dynamic = self.pool.is_dynamic(n);
         let block = self.block_mut(index);
-        let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+        let (word, bit) = word_bit(offset);
         if block.held[word] & bit != 0 {
             return false;
         }
@@ -138,7 +138,7 @@ impl PoolState {
         let Some(block) = self.blocks.get_mut(&index) else {
             return false;
         };
-        let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+        let (word, bit) = word_bit(offset);
         if block.held[word] & bit == 0 {
             return false;
         }
@@ -150,12 +150,13 @@ impl PoolState {
         true
     }
 
-    pub fn is_marked(&self, n: u128) -> bool {
+    #[cfg(test)]
+    fn is_marked(&self, n: u128) -> bool {
         let index = self.pool.block_of(n);
         let offset = n - self.pool.block_first(index);
         self.blocks
             .get(&index)
-            .is_some_and(|b| b.held[(offset / 64) as usize] & (1u64 << (offset % 64)) != 0)
+            .is_some_and(|b| is_held(&b.held, offset))
     }
 
     /// Records which node claimed block `index` (None: the claim was removed).
@@ -164,12 +165,9 @@ impl PoolState {
         self.refresh(index);
     }
 
-    pub fn owner(&self, index: u128) -> Option<&str> {
-        self.blocks.get(&index).and_then(|b| b.owner.as_deref())
-    }
-
     /// Blocks claimed by this node.
-    pub fn own_blocks(&self) -> usize {
+    #[cfg(test)]
+    fn own_blocks(&self) -> usize {
         let node = Some(self.node.as_str());
         self.blocks
             .values()
@@ -182,8 +180,7 @@ impl PoolState {
         let block = self.blocks.get(&index)?;
         let first = self.pool.block_first(index);
         (from..self.pool.block_len()).find_map(|o| {
-            let held = block.held[(o / 64) as usize] & (1u64 << (o % 64)) != 0;
-            (!held && self.pool.is_dynamic(first + o)).then_some(first + o)
+            (!is_held(&block.held, o) && self.pool.is_dynamic(first + o)).then_some(first + o)
         })
     }
 
@@ -255,6 +252,16 @@ impl PoolState {
         }
         None
     }
+}
+
+/// The word of a block's bitmap that holds `offset`, and the bit within it.
+fn word_bit(offset: u128) -> (usize, u64) {
+    ((offset / 64) as usize, 1u64 << (offset % 64))
+}
+
+fn is_held(held: &[u64], offset: u128) -> bool {
+    let (word, bit) = word_bit(offset);
+    held[word] & bit != 0
 }
 
 fn set_member(set: &mut BTreeSet<u128>, index: u128, member: bool) {

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::audit::audit;
-use crate::records::{Handle, KeyRef, Keys, PoolRecord};
+use crate::pool::cidr_of_id;
+use crate::records::{BlockRecord, Handle, KeyRef, Keys, PoolRecord};
 use crate::store::{Store, StoreConfig};
 use crate::{Allocator, IpamError};
 
@@ -27,7 +28,7 @@ pub async fn list(config: &StoreConfig, pool: Option<&str>) -> Result<(), IpamEr
             .unwrap_or_else(|| "-".into());
         println!(
             "{}\t{ip}\t{}\t{pod}\t{}\t{}\t{:?}",
-            id.replacen('_', "/", 1),
+            cidr_of_id(id),
             r.handle,
             r.node,
             r.network,
@@ -59,9 +60,8 @@ pub async fn usage(config: &StoreConfig) -> Result<(), IpamError> {
             }
             Some(KeyRef::Address { pool, .. }) => pools.entry(pool).or_default().held += 1,
             Some(KeyRef::Block { pool, .. }) => {
-                let node = serde_json::from_slice::<serde_json::Value>(kv.value())
-                    .ok()
-                    .and_then(|v| v["node"].as_str().map(str::to_string))
+                let node = serde_json::from_slice::<BlockRecord>(kv.value())
+                    .map(|b| b.node)
                     .unwrap_or_default();
                 *pools
                     .entry(pool)
@@ -78,7 +78,7 @@ pub async fn usage(config: &StoreConfig) -> Result<(), IpamError> {
         let blocks: Vec<String> = u.blocks.iter().map(|(n, c)| format!("{n}={c}")).collect();
         println!(
             "{}\t{}\t{}\t{}",
-            id.replacen('_', "/", 1),
+            cidr_of_id(&id),
             u.dynamic,
             u.held,
             blocks.join(",")
@@ -97,7 +97,7 @@ pub async fn release(config: &StoreConfig, node: &str, handle: Handle) -> Result
                 println!(
                     "released {} of pool {} from {handle}",
                     ip.ip,
-                    ip.pool.replacen('_', "/", 1)
+                    cidr_of_id(&ip.pool)
                 );
             }
         }

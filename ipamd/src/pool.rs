@@ -325,10 +325,14 @@ pub fn pool_id(subnet: &IpNet) -> String {
     subnet.to_string().replace('/', "_")
 }
 
+/// The CIDR text a pool (or block) id was made from by [`pool_id`]: `10.0.0.0/22`.
+pub fn cidr_of_id(id: &str) -> String {
+    id.replacen('_', "/", 1)
+}
+
 /// Parses and validates the pools of an `ipam` config object.
 pub fn parse_range_sets(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, ConfigError> {
-    let raw: RawIpam =
-        serde_json::from_value(ipam.clone()).map_err(|e| invalid("ipam", "", e.to_string()))?;
+    let raw = RawIpam::deserialize(ipam).map_err(|e| invalid("ipam", "", e.to_string()))?;
 
     let mut raw_sets: Vec<(String, Vec<RawRange>)> = Vec::new();
     let top = raw.top;

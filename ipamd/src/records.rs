@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{to_int, AddrRange};
-use crate::pool::{pool_id, Pool};
+use crate::pool::{cidr_of_id, pool_id, Pool};
 
 pub const RECORD_VERSION: u32 = 1;
 
@@ -229,7 +229,7 @@ impl Keys {
             }),
             ["pools", pool, "blocks", block] => Some(KeyRef::Block {
                 pool: pool.to_string(),
-                block: block.replacen('_', "/", 1).parse().ok()?,
+                block: cidr_of_id(block).parse().ok()?,
             }),
             ["pools", pool, "ips", ip] => Some(KeyRef::Address {
                 pool: pool.to_string(),

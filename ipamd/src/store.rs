@@ -112,7 +112,11 @@ impl Store {
             options = options.with_tls(tls_options);
         }
         let store = Store {
-            client: connect_lazily(config, options).await?,
+            client: Client::connect(&config.endpoints, Some(options))
+                .await
+                .map_err(|e| {
+                    store_error(format!("connect to {}", config.endpoints.join(",")), e)
+                })?,
             retry_timeout: config.retry_timeout,
         };
         Ok(store)
@@ -145,23 +149,12 @@ impl Store {
                 });
             match attempt {
                 Ok(v) => return Ok(v),
-                Err(e) if is_transient(&e) => {
-                    if Instant::now() + delay >= deadline {
-                        return Err(IpamError::Unavailable {
-                            op: op.to_string(),
-                            source: e,
-                        });
-                    }
+                Err(e) if is_transient(&e) && Instant::now() + delay < deadline => {
                     tracing::debug!(op, error = %e, "etcd request failed, retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(300));
                 }
-                Err(e) => {
-                    return Err(IpamError::Etcd {
-                        op: op.to_string(),
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(store_error(op.to_string(), e)),
             }
         }
     }
@@ -226,17 +219,14 @@ impl Store {
     }
 }
 
-async fn connect_lazily(config: &StoreConfig, options: ConnectOptions) -> Result<Client> {
-    Client::connect(&config.endpoints, Some(options))
-        .await
-        .map_err(|e| {
-            let op = format!("connect to {}", config.endpoints.join(","));
-            if is_transient(&e) {
-                IpamError::Unavailable { op, source: e }
-            } else {
-                IpamError::Etcd { op, source: e }
-            }
-        })
+/// A failed etcd operation: `Unavailable` (the caller may try again later) when the error is
+/// transient, `Etcd` otherwise.
+fn store_error(op: String, source: etcd_client::Error) -> IpamError {
+    if is_transient(&source) {
+        IpamError::Unavailable { op, source }
+    } else {
+        IpamError::Etcd { op, source }
+    }
 }
 
 /// The end of the key range that holds every key starting with `prefix`.

@@ -356,24 +356,38 @@ async fn callers_that_are_not_root_are_refused() {
     ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    // The child runs a copy of this binary from a directory nobody can traverse to, whatever
+    // The child runs a copy of this binary from a directory everybody can traverse, whatever
     // the permissions of the directories above the clone.
     let bin_dir = tempfile::tempdir().expect("temp dir");
     std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
     let bin = bin_dir.path().join("daemon-test");
     std::fs::copy(std::env::current_exe().expect("test binary"), &bin).expect("copy test binary");
-    let out = std::process::Command::new(&bin)
-        .args([
-            "--exact",
-            "callers_that_are_not_root_are_refused",
-            "--nocapture",
-        ])
-        .env(CLIENT_SOCKET_ENV, &daemon.socket)
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("child runs");
+    let run_child = || {
+        std::process::Command::new(&bin)
+            .args([
+                "--exact",
+                "callers_that_are_not_root_are_refused",
+                "--nocapture",
+            ])
+            .env(CLIENT_SOCKET_ENV, &daemon.socket)
+            .uid(65534)
+            .gid(65534)
+            .output()
+    };
+    // A process forked by another test thread while the copy was being written holds the
+    // write descriptor until it execs: exec fails with ETXTBSY for that moment.
+    let mut out = run_child();
+    for _ in 0..50 {
+        match &out {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                out = run_child();
+            }
+            _ => break,
+        }
+    }
+    let out = out.expect("child runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("ANSWER Some(PermissionDenied) caller uid 65534 is not root"),
