@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -120,16 +120,6 @@ fn measure(plugin: &Path, config: &str, tag: &str) -> Figures {
     }
 }
 
-/// The daemon, stopped with SIGKILL when dropped (its socket lives in a temp dir).
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("plugin_exec bench: run with `cargo bench -p hostnic-ipamd --bench plugin_exec`");
@@ -148,25 +138,15 @@ fn main() {
     let etcd = EtcdCluster::start(1).expect("etcd");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("ipamd.sock");
-    let _daemon = Daemon(
-        Command::new(&daemon)
-            .args([
-                "--etcd-endpoints",
-                &etcd.endpoints().join(","),
-                "--node-name",
-                "bench",
-            ])
-            .arg("--socket")
-            .arg(&socket)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("daemon starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "daemon socket did not appear");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _daemon = hostnic_testkit::daemon::IpamDaemon::start(
+        &daemon,
+        &etcd.endpoints(),
+        "bench",
+        "/hostnic/ipam/v1",
+        &socket,
+        &[],
+    )
+    .expect("daemon serves");
 
     let ours = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
         "type": "hostnic-ipam", "subnet": "10.100.0.0/16", "socket": socket}})

@@ -4,75 +4,48 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{
     AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod, ReleaseRequest,
     StatusRequest,
 };
+use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::{shared_single, unique_prefix};
 use tonic::Code;
 
-/// A daemon process, stopped with SIGTERM (then SIGKILL) when dropped.
+/// The daemon binary of this crate on a socket in a temp dir of its own.
 struct Daemon {
-    child: Child,
+    // Declared first: stopped before its directory is removed.
+    process: IpamDaemon,
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
     fn start(node: &str, prefix: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/ipamd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_hostnic-ipamd"))
-            .args(["--etcd-endpoints", &shared_single().endpoints().join(",")])
-            .args(["--node-name", node, "--etcd-prefix", prefix])
-            .args(["--gc-grace-seconds", "0"])
-            .arg("--socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("daemon starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let process = IpamDaemon::start(
+            Path::new(env!("CARGO_BIN_EXE_hostnic-ipamd")),
+            &shared_single().endpoints(),
+            node,
+            prefix,
+            &socket,
+            &["--gc-grace-seconds", "0"],
+        )
+        .expect("daemon starts");
         Daemon {
-            child,
+            process,
             socket,
-            _dir: dir,
+            dir,
         }
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().expect("wait");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.terminate();
-        }
+        self.process.stop().expect("the daemon was running").0
     }
 }
 
@@ -351,7 +324,7 @@ async fn callers_that_are_not_root_are_refused() {
     // Open the socket and its directory to everyone, so only the credential check stands.
     for path in [
         daemon.socket.parent().expect("dir"),
-        daemon._dir.path(),
+        daemon.dir.path(),
         &daemon.socket,
     ] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");

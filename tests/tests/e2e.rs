@@ -10,15 +10,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use hostnic_testkit::daemon::{IpamDaemon, STOP_GRACE};
 use hostnic_testkit::netns::{
     addresses, link_exists, ping, require_netns, run_cni, temp_dir, CniCall, CniOutput, CniPath,
     LinkGuard, NetNs, SysctlGuard, VethPair, REFERENCE_PLUGINS_DIR,
@@ -30,8 +29,6 @@ use serde_json::{json, Value};
 const CNI_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// CNI error code for "try again later": the daemon or etcd is unreachable.
 const CODE_TRY_AGAIN_LATER: u64 = 11;
-const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(10);
-const DAEMON_STOP_GRACE: Duration = Duration::from_secs(5);
 const IFNAME: &str = "eth0";
 
 // ---------------------------------------------------------------------------------------------
@@ -120,132 +117,15 @@ fn supported_versions(plugin: &Path) -> Vec<String> {
 // The daemon
 // ---------------------------------------------------------------------------------------------
 
-/// A `hostnic-ipamd` process, stopped on drop (SIGTERM, then SIGKILL after 5 s). Its log is
-/// printed when the test panics.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-    node: String,
-}
-
-impl Daemon {
-    /// Starts the daemon and waits until its socket accepts a connection.
-    fn start(
-        setup: &Setup,
-        endpoints: &[String],
-        node: &str,
-        prefix: &str,
-        socket: &Path,
-    ) -> anyhow::Result<Daemon> {
-        let log = socket.with_extension(format!("{node}.log"));
-        let log_file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        // setpriv makes the kernel kill the daemon if the test process dies without unwinding.
-        let mut cmd = if on_path("setpriv") {
-            let mut c = Command::new("setpriv");
-            c.args(["--pdeathsig", "KILL", "--"]).arg(&setup.daemon);
-            c
-        } else {
-            Command::new(&setup.daemon)
-        };
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .arg("--etcd-endpoints")
-            .arg(endpoints.join(","))
-            .arg("--node-name")
-            .arg(node)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--etcd-prefix")
-            .arg(prefix)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", setup.daemon.display()))?;
-        let mut daemon = Daemon {
-            child: Some(child),
-            socket: socket.to_owned(),
-            log,
-            node: node.to_owned(),
-        };
-        let deadline = Instant::now() + DAEMON_READY_TIMEOUT;
-        loop {
-            if let Some(status) = daemon
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "hostnic-ipamd ({node}) exited before it was ready: {status}\n{}",
-                    daemon.log_tail()
-                );
-            }
-            if daemon.socket.exists() && UnixStream::connect(&daemon.socket).is_ok() {
-                return Ok(daemon);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "hostnic-ipamd ({node}) not serving {} after {DAEMON_READY_TIMEOUT:?}\n{}",
-                    daemon.socket.display(),
-                    daemon.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, up to 5 s to exit, then SIGKILL. Returns how it ended and how long it took.
-    fn stop(&mut self) -> Option<(ExitStatus, Duration)> {
-        let mut child = self.child.take()?;
-        let start = Instant::now();
-        if matches!(child.try_wait(), Ok(None)) {
-            // Not reaped yet, so the PID is still ours.
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            while start.elapsed() < DAEMON_STOP_GRACE {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some((status, start.elapsed()));
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            eprintln!(
-                "hostnic-ipamd ({}) ignored SIGTERM for {DAEMON_STOP_GRACE:?}: SIGKILL",
-                self.node
-            );
-            let _ = child.kill();
-        }
-        child.wait().ok().map(|s| (s, start.elapsed()))
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(30)..].join("\n  ");
-        format!(
-            "last lines of hostnic-ipamd ({}) log {}:\n  {tail}",
-            self.node,
-            self.log.display()
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-        if thread::panicking() {
-            eprintln!("{}", self.log_tail());
-        }
-    }
+/// The daemon under test (`target/debug/hostnic-ipamd`) for `node` on `socket`.
+fn start_daemon(
+    setup: &Setup,
+    endpoints: &[String],
+    node: &str,
+    prefix: &str,
+    socket: &Path,
+) -> anyhow::Result<IpamDaemon> {
+    IpamDaemon::start(&setup.daemon, endpoints, node, prefix, socket, &[])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,7 +536,7 @@ fn macvlan_pods_get_distinct_recorded_addresses_and_reach_each_other() {
     let endpoints = shared_single().endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-macvlan");
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &setup,
         &endpoints,
         "node-a",
@@ -714,7 +594,7 @@ fn bridge_pods_get_addresses_and_reach_each_other() {
     let endpoints = shared_single().endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-bridge");
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &setup,
         &endpoints,
         "node-b",
@@ -769,7 +649,7 @@ fn ipvlan_pods_get_addresses_or_skip_without_kernel_support() {
     let endpoints = shared_single().endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-ipvlan");
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &setup,
         &endpoints,
         "node-c",
@@ -909,7 +789,7 @@ fn add_while_etcd_is_down_is_retryable_and_writes_nothing() {
     let endpoints = etcd.endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-etcd-down");
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &setup,
         &endpoints,
         "node-d",
@@ -991,14 +871,14 @@ fn add_works_again_after_daemon_restart() {
     let second = Pod::new("rs");
 
     let mut daemon =
-        Daemon::start(&setup, &endpoints, "node-e", &prefix, &socket).expect("starting ipamd");
+        start_daemon(&setup, &endpoints, "node-e", &prefix, &socket).expect("starting ipamd");
     let out = cni(&setup, "macvlan", "ADD", &first, &config);
     let (ip_first, _, _) = result_ipv4(&ok_json(&out, "ADD before the restart"));
 
     let (status, took) = daemon.stop().expect("the daemon was running");
     eprintln!("hostnic-ipamd stopped by SIGTERM in {took:?}: {status}");
     assert!(
-        took < DAEMON_STOP_GRACE,
+        took < STOP_GRACE,
         "hostnic-ipamd ignored SIGTERM\n{}",
         daemon.log_tail()
     );
@@ -1022,7 +902,7 @@ fn add_works_again_after_daemon_restart() {
     drop(daemon);
 
     let daemon =
-        Daemon::start(&setup, &endpoints, "node-e", &prefix, &socket).expect("restarting ipamd");
+        start_daemon(&setup, &endpoints, "node-e", &prefix, &socket).expect("restarting ipamd");
     let ip_second = retry_after_failed_add(&setup, &config, &second);
     assert_ne!(
         ip_first, ip_second,
@@ -1061,10 +941,10 @@ fn concurrent_adds_through_two_daemons_never_share_an_address() {
     let endpoints = shared_single().endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-two-daemons");
-    let daemons: Vec<Daemon> = ["node-f1", "node-f2"]
+    let daemons: Vec<IpamDaemon> = ["node-f1", "node-f2"]
         .iter()
         .map(|node| {
-            Daemon::start(
+            start_daemon(
                 &setup,
                 &endpoints,
                 node,
@@ -1165,7 +1045,7 @@ fn exact_addresses_from_runtime_config_and_cni_args_reach_the_pod_or_fail_cleanl
     let endpoints = shared_single().endpoints();
     let dir = scratch_dir();
     let prefix = unique_prefix("e2e-exact");
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &setup,
         &endpoints,
         "node-x",

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 
 pub mod certs;
+pub mod daemon;
 pub mod netns;
 
 /// How long `start` and `restart_member` wait for a member to report healthy.
