@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use hostnic_ipamd::records::{BlockRecord, Keys, RECORD_VERSION};
-use hostnic_ipamd::{parse_range_sets, AllocateRequest, Allocator, Handle, Kind, StoreConfig};
+use hostnic_ipamd::{parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, StoreConfig};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
@@ -112,7 +112,7 @@ async fn allocate_release(
         let definer = Allocator::start(&config, "definer").await.expect("start");
         let req = request("definer", &sets);
         definer.allocate(&req).await.expect("define");
-        definer.release(&req.handle).await.expect("release");
+        definer.release(&req.attachment).await.expect("release");
         let mut client = definer.store().client();
         preload(&mut client, definer.keys(), subnet, preloaded).await;
     }
@@ -130,7 +130,7 @@ async fn allocate_release(
         allocator.allocate(&req).await.expect("allocate");
         alloc.push(t.elapsed());
         let t = Instant::now();
-        allocator.release(&req.handle).await.expect("release");
+        allocator.release(&req.attachment).await.expect("release");
         release.push(t.elapsed());
     }
     let label = if preloaded > 0 {
@@ -155,12 +155,12 @@ async fn allocate_release(
 
 fn request(container: &str, sets: &[hostnic_ipamd::RangeSet]) -> AllocateRequest {
     AllocateRequest {
-        handle: Handle::new(container, "eth0"),
-        network: "bench".into(),
+        attachment: Attachment::new("bench", container, "eth0"),
         pod: None,
         range_sets: sets.to_vec(),
         requested: Vec::new(),
         requested_kind: Kind::Exact,
+        netns: String::new(),
     }
 }
 

@@ -1,19 +1,29 @@
 //! The allocator: cluster-unique addresses committed to etcd with compare-and-swap.
 //!
 //! One ADD is one etcd transaction: it creates the address record of every range set and the
-//! handle index together, guarded by "none of these keys exists". If the handle already exists
-//! the transaction returns it instead, which makes ADD idempotent and makes retrying a
-//! transaction of unknown outcome safe. Free-address state lives in memory (`blocks`), loaded
-//! at start and kept current by a watch, so choosing an address never scans etcd.
+//! attachment record together, guarded by "none of these keys exists". If the attachment
+//! already exists the transaction returns it instead, which makes ADD idempotent and makes
+//! retrying a transaction of unknown outcome safe. Free-address state lives in memory
+//! (`blocks`), loaded at start and kept current by a watch, so choosing an address never scans
+//! etcd.
+//!
+//! A DEL leaves a release marker for its attachment (under a lease, so it expires), and an
+//! ADD's transaction requires that no marker is newer than the revision at which the ADD
+//! arrived: an ADD that the runtime gave up on, and whose transaction etcd commits late, cannot
+//! commit after the DEL that followed it, while a fresh ADD after the DEL (a restarted
+//! container keeps its id) still works.
+//!
+//! Records read from etcd are input like any other: one that does not validate is skipped and
+//! logged once with its key, and affects nothing but its own key.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse,
-    TxnResponse, WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, GetResponse, KeyValue, PutOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse, WatchOptions,
 };
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -23,8 +33,8 @@ use crate::blocks::{Next, PoolState};
 use crate::error::{IpamError, Result};
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
-    now_unix, AllocationRecord, BlockRecord, Handle, HandleIp, HandleRecord, KeyRef, Keys, Kind,
-    PodRef, PoolIndex, PoolRecord, RECORD_VERSION,
+    now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, KeyRef, Keys,
+    Kind, PodRef, PoolIndex, PoolRecord, ReleaseMarker, RECORD_VERSION,
 };
 use crate::store::{Store, StoreConfig};
 
@@ -32,13 +42,21 @@ use crate::store::{Store, StoreConfig};
 /// is only reached under pathological churn.
 const MAX_ROUNDS: usize = 256;
 
+/// How long a release marker outlives its DEL: far longer than any transaction can stay
+/// pending in etcd (a leader election takes seconds).
+const MARKER_TTL: Duration = Duration::from_secs(600);
+
+/// The owner recorded for a block whose claim record cannot be read: claimed by nobody this
+/// node can use, never free. Not a valid node name, so it matches no node.
+const UNREADABLE_OWNER: &str = "<unreadable block record>";
+
 /// What an ADD asks for.
 #[derive(Debug, Clone)]
 pub struct AllocateRequest {
-    pub handle: Handle,
-    /// The CNI network name, recorded for GC and operators.
-    pub network: String,
+    pub attachment: Attachment,
     pub pod: Option<PodRef>,
+    /// The attachment's network namespace (`CNI_NETNS`), recorded for the namespace GC.
+    pub netns: String,
     /// One address is allocated from each range set.
     pub range_sets: Vec<RangeSet>,
     /// Exact addresses, at most one per range set; range sets without one get a dynamic address.
@@ -62,16 +80,15 @@ impl AllocatedIp {
     }
 }
 
-/// The addresses a handle holds.
+/// The addresses an attachment holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allocation {
-    pub handle: Handle,
-    pub network: String,
+    pub attachment: Attachment,
     pub ips: Vec<AllocatedIp>,
 }
 
-/// A handle's commit revision: the revision of every key its ADD wrote, so that a DEL on this
-/// node deletes them in one guarded transaction without reading them first.
+/// An attachment's commit revision: the revision of every key its ADD wrote, so that a DEL on
+/// this node deletes them in one guarded transaction without reading them first.
 #[derive(Debug, Clone)]
 struct Committed {
     revision: i64,
@@ -84,7 +101,11 @@ struct Inner {
     keys: Keys,
     node: String,
     pools: Mutex<HashMap<String, PoolState>>,
-    committed: Mutex<HashMap<Handle, Committed>>,
+    committed: Mutex<HashMap<Attachment, Committed>>,
+    /// The lease release markers are written under, and when it was granted.
+    marker_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// Keys of records that did not validate, so each is logged once, not on every reload.
+    skipped: Mutex<HashSet<String>>,
     synced: watch::Sender<bool>,
     /// Why the last load from etcd failed, for the error of requests that wait on it.
     load_error: Mutex<Option<String>>,
@@ -116,6 +137,8 @@ impl Allocator {
             node: node.to_string(),
             pools: Mutex::new(HashMap::new()),
             committed: Mutex::new(HashMap::new()),
+            marker_lease: tokio::sync::Mutex::new(None),
+            skipped: Mutex::new(HashSet::new()),
             synced,
             load_error: Mutex::new(None),
             retry_timeout: config.retry_timeout,
@@ -141,100 +164,90 @@ impl Allocator {
         self.inner.wait_synced().await
     }
 
-    /// Allocates one address per range set for `req.handle`, or returns what the handle
-    /// already holds.
+    /// Allocates one address per range set for `req.attachment`, or returns what the
+    /// attachment already holds. The whole request is validated before anything is written,
+    /// so a refused request leaves nothing behind.
     pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation> {
         let inner = &self.inner;
-        check_handle(&req.handle)?;
-        inner.wait_synced().await?;
-        for pool in req.range_sets.iter().flat_map(|s| s.pools.iter()) {
-            inner.register_pool(pool).await?;
-        }
+        // Noted on arrival: a DEL of this attachment after this point has a higher revision.
+        let began = inner.store.seen_revision();
+        check_attachment(&req.attachment)?;
         let plan = plan(req)?;
+        inner.wait_synced().await?;
+        let pools: Vec<&Pool> = req.range_sets.iter().flat_map(|s| s.pools.iter()).collect();
+        inner.register_pools(&pools).await?;
         let mut last = String::new();
         for _ in 0..MAX_ROUNDS {
             let mut picks = Picks::new(inner);
             for (set, exact) in req.range_sets.iter().zip(&plan) {
                 match exact {
                     Some((pool, ip)) => picks.exact(pool, *ip, req.requested_kind),
-                    None => match inner.pick_dynamic(set, &mut picks, &req.network).await {
+                    None => match inner
+                        .pick_dynamic(set, &mut picks, &req.attachment.network)
+                        .await
+                    {
                         Ok(()) => {}
                         // A full pool does not stop a repeated ADD from getting its address.
-                        Err(e @ IpamError::Exhausted { .. }) => {
-                            return match self.lookup(&req.handle).await? {
-                                Some(existing) => already_held(req, existing),
-                                None => Err(e),
-                            };
-                        }
+                        Err(e @ IpamError::Exhausted { .. }) => return self.held_or(req, e).await,
                         Err(e) => return Err(e),
                     },
                 }
             }
-            match inner.commit(req, &mut picks).await? {
-                Outcome::Done(allocation) => return Ok(allocation),
-                Outcome::Lost(why) => last = why,
+            match inner.commit(req, &mut picks, began).await {
+                Ok(Outcome::Done(allocation)) => return Ok(allocation),
+                Ok(Outcome::Lost(why)) => last = why,
+                // Nor does an etcd that refuses writes.
+                Err(e @ IpamError::StoreFull { .. }) => return self.held_or(req, e).await,
+                Err(e) => return Err(e),
             }
         }
         Err(IpamError::Contention {
-            op: format!("allocate for {}", req.handle),
+            op: format!("allocate for {}", req.attachment),
             attempts: MAX_ROUNDS,
             last,
         })
     }
 
-    /// Releases every address of `handle`. Returns what was released; None if the handle held
-    /// nothing (DEL is idempotent).
-    pub async fn release(&self, handle: &Handle) -> Result<Option<HandleRecord>> {
-        check_handle(handle)?;
-        self.inner.release(handle).await
+    /// What the attachment of `req` already holds, or `err` if it holds nothing.
+    async fn held_or(&self, req: &AllocateRequest, err: IpamError) -> Result<Allocation> {
+        match self.lookup(&req.attachment).await? {
+            Some(existing) => already_held(req, existing),
+            None => Err(err),
+        }
     }
 
-    /// Releases this node's handles of `network` that are not in `valid` (CNI GC). Keeps going
-    /// past failures and reports them all.
+    /// Releases every address of `attachment` and leaves a release marker. Returns what was
+    /// released; None if the attachment held nothing (DEL is idempotent).
+    pub async fn release(&self, attachment: &Attachment) -> Result<Option<AttachmentRecord>> {
+        check_attachment(attachment)?;
+        self.inner.release(attachment).await
+    }
+
+    /// Releases this node's attachments of `network` that are not in `valid` (CNI GC). Keeps
+    /// going past failures and reports them all.
     ///
     /// Attachments younger than `grace` are kept: the runtime built `valid` before calling, so
     /// an ADD that committed meanwhile is missing from it but alive.
     pub async fn gc(
         &self,
         network: &str,
-        valid: &HashSet<Handle>,
+        valid: &HashSet<Attachment>,
         grace: Duration,
-    ) -> Result<Vec<Handle>> {
-        let now = now_unix();
-        let (_, kvs) = self
-            .inner
-            .store
-            .load_prefix(&self.inner.keys.handles())
+    ) -> Result<Vec<Attachment>> {
+        let stale = self
+            .attachments_of_node(|a, record| {
+                a.network == network && !valid.contains(a) && is_older(record, grace)
+            })
             .await?;
         let mut released = Vec::new();
         let mut failures = Vec::new();
-        for kv in &kvs {
-            let Ok(key) = kv.key_str() else { continue };
-            let Some(KeyRef::Handle(handle)) = self.inner.keys.parse(key) else {
-                continue;
-            };
-            let record: HandleRecord = match decode(kv) {
-                Ok(r) => r,
-                Err(e) => {
-                    // Possibly another node's; `audit` reports it. Not a reason to stop.
-                    tracing::warn!(error = %e, "gc skips an unreadable handle record");
-                    continue;
-                }
-            };
-            let young = now.saturating_sub(record.allocated_at) < grace.as_secs();
-            if record.node != self.inner.node
-                || record.network != network
-                || valid.contains(&handle)
-                || young
-            {
-                continue;
-            }
-            match self.inner.release(&handle).await {
+        for attachment in stale {
+            match self.inner.release(&attachment).await {
                 Ok(_) => {
-                    tracing::info!(%handle, network, "garbage-collected attachment");
-                    released.push(handle);
+                    tracing::info!(%attachment, reason = "not in the runtime's valid attachments", "garbage-collected attachment");
+                    released.push(attachment);
                 }
-                Err(e) => failures.push(format!("{handle}: {e}")),
+                Err(e) => failures.push(format!("{attachment}: {e}")),
             }
         }
         if failures.is_empty() {
@@ -248,15 +261,33 @@ impl Allocator {
         }
     }
 
-    /// Succeeds when an ADD for these range sets could succeed now: etcd answers, the pools
-    /// are loaded, and no range set is exhausted (CNI STATUS).
+    /// This node's attachments (both key layouts) for which `wanted` holds, with their records.
+    /// Unreadable records are skipped: `audit` names them.
+    pub async fn attachments_of_node(
+        &self,
+        wanted: impl Fn(&Attachment, &AttachmentRecord) -> bool,
+    ) -> Result<Vec<Attachment>> {
+        let inner = &self.inner;
+        let mut found = Vec::new();
+        for prefix in [inner.keys.attachments(), inner.keys.legacy_handles()] {
+            let (_, kvs) = inner.store.load_prefix(&prefix).await?;
+            for kv in &kvs {
+                let Some((attachment, record)) = inner.attachment_of_kv(kv) else {
+                    continue;
+                };
+                if record.node == inner.node && wanted(&attachment, &record) {
+                    found.push(attachment);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Succeeds when an ADD for these range sets could succeed now: etcd answers and accepts
+    /// writes, the pools are loaded, and no range set is exhausted (CNI STATUS).
     pub async fn status(&self, range_sets: &[RangeSet], network: &str) -> Result<()> {
         self.inner.wait_synced().await?;
-        let probe = GetOptions::new().with_count_only();
-        self.inner
-            .store
-            .get("status probe", &self.inner.keys.pools(), Some(probe))
-            .await?;
+        self.inner.store.check_alarms().await?;
         let mut pools = self.inner.lock_pools();
         for set in range_sets {
             let has_free = set.pools.iter().any(|p| match pools.get_mut(&p.id()) {
@@ -274,20 +305,39 @@ impl Allocator {
         Ok(())
     }
 
-    /// What `handle` holds, read from etcd.
-    pub async fn lookup(&self, handle: &Handle) -> Result<Option<Allocation>> {
-        check_handle(handle)?;
+    /// What `attachment` holds, read from etcd (either key layout).
+    pub async fn lookup(&self, attachment: &Attachment) -> Result<Option<Allocation>> {
+        check_attachment(attachment)?;
         self.inner.wait_synced().await?;
-        let key = self.inner.keys.handle(handle);
-        let resp = self.inner.store.get("lookup handle", &key, None).await?;
-        match resp.kvs().first() {
-            None => Ok(None),
-            Some(kv) => {
-                let record: HandleRecord = decode(kv)?;
-                Ok(Some(self.inner.allocation_of(handle, &record)?))
+        match self.inner.read_attachment(attachment).await? {
+            Found::Record { record, .. } => {
+                Ok(Some(self.inner.allocation_of(attachment, &record)?))
             }
+            Found::Unreadable { key, reason, .. } => Err(IpamError::Corrupt { key, reason }),
+            Found::Nothing => Ok(None),
         }
     }
+}
+
+fn is_older(record: &AttachmentRecord, grace: Duration) -> bool {
+    now_unix().saturating_sub(record.allocated_at) >= grace.as_secs()
+}
+
+/// What etcd holds for one attachment.
+#[derive(Debug)]
+enum Found {
+    Record {
+        key: String,
+        kv: KeyValue,
+        record: AttachmentRecord,
+    },
+    /// A record is there but does not decode: its addresses are found by their records.
+    Unreadable {
+        key: String,
+        kv: KeyValue,
+        reason: String,
+    },
+    Nothing,
 }
 
 /// The answer to an ADD whose attachment already holds `allocation`: the same addresses, but
@@ -300,10 +350,10 @@ fn already_held(req: &AllocateRequest, allocation: Allocation) -> Result<Allocat
             let held: Vec<String> = allocation.ips.iter().map(|x| x.ip.to_string()).collect();
             Err(IpamError::InvalidRequest {
                 ip: *ip,
-                network: req.network.clone(),
+                network: req.attachment.network.clone(),
                 reason: format!(
                     "attachment {} already holds {}; DEL it before asking for another address",
-                    req.handle,
+                    req.attachment,
                     held.join(", ")
                 ),
             })
@@ -311,15 +361,10 @@ fn already_held(req: &AllocateRequest, allocation: Allocation) -> Result<Allocat
     }
 }
 
-fn check_handle(handle: &Handle) -> Result<()> {
-    let bad = |s: &str| s.is_empty() || s.contains('/') || s.chars().any(char::is_control);
-    if bad(&handle.container_id) || bad(&handle.ifname) {
-        return Err(IpamError::InvalidHandle {
-            handle: handle.clone(),
-            reason: "container id and ifname must be non-empty and contain no '/'".into(),
-        });
-    }
-    Ok(())
+fn check_attachment(attachment: &Attachment) -> Result<()> {
+    attachment
+        .validate()
+        .map_err(|reason| IpamError::InvalidAttachment { reason })
 }
 
 /// Matches each requested address to its range set: `Some((pool, ip))` for exact, None for
@@ -329,7 +374,7 @@ fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
     for &ip in &req.requested {
         let invalid = |reason: String| IpamError::InvalidRequest {
             ip,
-            network: req.network.clone(),
+            network: req.attachment.network.clone(),
             reason,
         };
         let (i, pool) = req
@@ -445,7 +490,7 @@ impl Inner {
         self.pools.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_committed(&self) -> MutexGuard<'_, HashMap<Handle, Committed>> {
+    fn lock_committed(&self) -> MutexGuard<'_, HashMap<Attachment, Committed>> {
         self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -469,68 +514,94 @@ impl Inner {
         )))
     }
 
-    /// Makes sure etcd holds this pool's definition: creates it, or checks that the stored one
-    /// is the same and that it overlaps no other pool.
-    async fn register_pool(&self, pool: &Pool) -> Result<()> {
-        let id = pool.id();
-        if let Some(state) = self.lock_pools().get(&id) {
-            return same_definition(state.pool(), pool);
+    /// Makes sure etcd holds the definition of every pool: checks those it knows, and writes
+    /// the new ones together with the pool index they were checked against, in one
+    /// transaction, so two nodes cannot both add overlapping pools.
+    async fn register_pools(&self, pools: &[&Pool]) -> Result<()> {
+        let mut new: Vec<&Pool> = Vec::new();
+        {
+            let states = self.lock_pools();
+            for pool in pools {
+                match states.get(&pool.id()) {
+                    Some(state) => same_definition(state.pool(), pool)?,
+                    None => new.push(pool),
+                }
+            }
         }
-        // Every subnet is listed in one index key, and a new pool is written together with the
-        // index it was checked against: two nodes cannot both add overlapping pools.
+        if new.is_empty() {
+            return Ok(());
+        }
         let index_key = self.keys.pool_index();
-        let pool_key = self.keys.pool(&id);
-        let op = format!("register pool {}", pool.subnet);
+        let subnets: Vec<String> = new.iter().map(|p| p.subnet.to_string()).collect();
+        let op = format!("register pool {}", subnets.join(", "));
         for _ in 0..8 {
-            let read = Txn::new().and_then([
-                TxnOp::get(index_key.as_str(), None),
-                TxnOp::get(pool_key.as_str(), None),
-            ]);
-            let resp = self.store.txn(&op, read).await?;
-            if let Some(kv) = got(&resp, 1) {
-                let stored = decode::<PoolRecord>(&kv)?.to_pool();
-                same_definition(&stored, pool)?;
-                self.remember_pool(stored);
+            let mut reads = vec![TxnOp::get(index_key.as_str(), None)];
+            reads.extend(
+                new.iter()
+                    .map(|p| TxnOp::get(self.keys.pool(&p.id()), None)),
+            );
+            let resp = self.store.txn(&op, Txn::new().and_then(reads)).await?;
+            let mut missing: Vec<&Pool> = Vec::new();
+            for (i, pool) in new.iter().enumerate() {
+                match got(&resp, i + 1) {
+                    Some(kv) => {
+                        let stored = self.pool_of_kv(&kv)?;
+                        same_definition(&stored, pool)?;
+                        self.remember_pool(stored);
+                    }
+                    None => missing.push(pool),
+                }
+            }
+            if missing.is_empty() {
                 return Ok(());
             }
             let (mut index, index_guard) = match got(&resp, 0) {
-                Some(kv) => (
-                    decode::<PoolIndex>(&kv)?,
-                    Compare::mod_revision(index_key.as_str(), CompareOp::Equal, kv.mod_revision()),
-                ),
+                Some(kv) => {
+                    let guard = Compare::mod_revision(
+                        index_key.as_str(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    );
+                    match decode::<PoolIndex>(&kv) {
+                        Ok(index) => (index, guard),
+                        Err(e) => {
+                            self.skip_once(&index_key, &e.to_string());
+                            (self.rebuild_pool_index().await?, guard)
+                        }
+                    }
+                }
                 None => (
                     PoolIndex::default(),
                     Compare::create_revision(index_key.as_str(), CompareOp::Equal, 0),
                 ),
             };
-            let overlapping = index.subnets.iter().find(|s| {
-                **s != pool.subnet && (s.contains(&pool.subnet) || pool.subnet.contains(*s))
-            });
-            if let Some(existing) = overlapping {
-                return Err(IpamError::PoolOverlap {
-                    subnet: pool.subnet.to_string(),
-                    existing: existing.to_string(),
+            for pool in &missing {
+                let overlapping = index.subnets.iter().find(|s| {
+                    **s != pool.subnet && (s.contains(&pool.subnet) || pool.subnet.contains(*s))
                 });
-            }
-            if !index.subnets.contains(&pool.subnet) {
-                index.subnets.push(pool.subnet);
+                if let Some(existing) = overlapping {
+                    return Err(IpamError::PoolOverlap {
+                        subnet: pool.subnet.to_string(),
+                        existing: existing.to_string(),
+                    });
+                }
+                if !index.subnets.contains(&pool.subnet) {
+                    index.subnets.push(pool.subnet);
+                }
             }
             index.version = RECORD_VERSION;
-            let write = Txn::new()
-                .when([
-                    index_guard,
-                    Compare::create_revision(pool_key.as_str(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(index_key.as_str(), encode(&index), None),
-                    TxnOp::put(
-                        pool_key.as_str(),
-                        encode(&PoolRecord::from_pool(pool)),
-                        None,
-                    ),
-                ]);
+            let mut guards = vec![index_guard];
+            let mut writes = vec![TxnOp::put(index_key.as_str(), encode(&index), None)];
+            for pool in &missing {
+                let key = self.keys.pool(&pool.id());
+                guards.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                writes.push(TxnOp::put(key, encode(&PoolRecord::from_pool(pool)), None));
+            }
+            let write = Txn::new().when(guards).and_then(writes);
             if self.store.txn(&op, write).await?.succeeded() {
-                self.remember_pool(pool.clone());
+                for pool in missing {
+                    self.remember_pool(pool.clone());
+                }
                 return Ok(());
             }
         }
@@ -539,6 +610,61 @@ impl Inner {
             attempts: 8,
             last: "the pool index kept changing".into(),
         })
+    }
+
+    /// The pool index as the pool records say it should be, for when the stored one cannot be
+    /// read: a corrupt index must not stop every new pool of the cluster.
+    async fn rebuild_pool_index(&self) -> Result<PoolIndex> {
+        let prefix = self.keys.pools();
+        let options = GetOptions::new()
+            .with_range(crate::store::prefix_end(prefix.as_bytes()))
+            .with_keys_only();
+        let resp = self
+            .store
+            .get("rebuild the pool index", &prefix, Some(options))
+            .await?;
+        let mut subnets: Vec<IpNet> = Vec::new();
+        for kv in resp.kvs() {
+            if let Some(KeyRef::Pool { pool }) = kv.key_str().ok().and_then(|k| self.keys.parse(k))
+            {
+                if let Ok(subnet) = crate::pool::cidr_of_id(&pool).parse::<IpNet>() {
+                    subnets.push(subnet);
+                }
+            }
+        }
+        tracing::warn!(
+            key = self.keys.pool_index(),
+            pools = subnets.len(),
+            "rebuilt the unreadable pool index from the pool records"
+        );
+        Ok(PoolIndex {
+            version: RECORD_VERSION,
+            subnets,
+        })
+    }
+
+    /// Decodes and validates a pool record.
+    fn pool_of_kv(&self, kv: &KeyValue) -> Result<Pool> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        decode::<PoolRecord>(kv)?
+            .to_pool()
+            .map_err(|reason| IpamError::Corrupt { key, reason })
+    }
+
+    /// Logs a record that does not validate, once per key.
+    fn skip_once(&self, key: &str, reason: &str) {
+        let first = self
+            .skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string());
+        if first {
+            tracing::warn!(
+                key,
+                reason,
+                "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
+            );
+        }
     }
 
     /// Makes sure the in-memory state has `pool` (the watch may not have delivered it yet, or a
@@ -605,7 +731,7 @@ impl Inner {
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.store.txn(&format!("claim block {cidr}"), txn).await?;
         let owner = match got(&resp, 0) {
-            Some(kv) if !resp.succeeded() => decode::<BlockRecord>(&kv)?.node,
+            Some(kv) if !resp.succeeded() => self.block_owner(&kv),
             _ => self.node.clone(),
         };
         tracing::debug!(block = %cidr, %owner, "block claimed");
@@ -616,71 +742,88 @@ impl Inner {
         Ok(())
     }
 
-    /// One CAS round: writes every picked address and the handle, or learns why not.
-    async fn commit(&self, req: &AllocateRequest, picks: &mut Picks<'_>) -> Result<Outcome> {
-        let handle_key = self.keys.handle(&req.handle);
+    /// The node a block record names; a record that cannot be read names nobody this node can
+    /// use, so the block is neither claimed again nor treated as free.
+    fn block_owner(&self, kv: &KeyValue) -> String {
+        match decode::<BlockRecord>(kv) {
+            Ok(record) => record.node,
+            Err(e) => {
+                self.skip_once(&String::from_utf8_lossy(kv.key()), &e.to_string());
+                UNREADABLE_OWNER.to_string()
+            }
+        }
+    }
+
+    /// One CAS round: writes every picked address and the attachment record, or learns why
+    /// not. `began` is the revision the request arrived at (see the module documentation).
+    async fn commit(
+        &self,
+        req: &AllocateRequest,
+        picks: &mut Picks<'_>,
+        began: i64,
+    ) -> Result<Outcome> {
+        let attachment = &req.attachment;
+        let attachment_key = self.keys.attachment(attachment);
+        let marker_key = self.keys.released(attachment);
         let now = now_unix();
-        let mut compares = vec![Compare::create_revision(
-            handle_key.as_str(),
-            CompareOp::Equal,
-            0,
-        )];
+        let mut compares = vec![
+            Compare::create_revision(attachment_key.as_str(), CompareOp::Equal, 0),
+            Compare::mod_revision(marker_key.as_str(), CompareOp::Less, began + 1),
+        ];
         let mut puts = Vec::new();
-        let mut gets = vec![TxnOp::get(handle_key.as_str(), None)];
-        let mut handle_ips = Vec::new();
-        let mut keys = vec![handle_key.clone()];
+        let mut gets = vec![
+            TxnOp::get(attachment_key.as_str(), None),
+            TxnOp::get(marker_key.as_str(), None),
+        ];
+        let mut held = Vec::new();
+        let mut keys = vec![attachment_key.clone()];
         for pick in &picks.picks {
             let key = self.keys.address(&pick.pool.id(), pick.ip);
             let record = AllocationRecord {
                 version: RECORD_VERSION,
-                handle: req.handle.clone(),
+                attachment: attachment.clone(),
                 pod: req.pod.clone(),
                 node: self.node.clone(),
-                network: req.network.clone(),
                 kind: pick.kind,
                 allocated_at: now,
             };
             compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
             puts.push(TxnOp::put(key.as_str(), encode(&record), None));
             gets.push(TxnOp::get(key.as_str(), None));
-            handle_ips.push(HandleIp {
+            held.push(HeldIp {
                 pool: pick.pool.id(),
                 ip: pick.ip,
             });
             keys.push(key);
         }
-        let handle_record = HandleRecord {
+        let record = AttachmentRecord {
             version: RECORD_VERSION,
-            network: req.network.clone(),
+            network: attachment.network.clone(),
             node: self.node.clone(),
             pod: req.pod.clone(),
-            ips: handle_ips,
+            ips: held,
             allocated_at: now,
+            netns: req.netns.clone(),
         };
-        puts.push(TxnOp::put(
-            handle_key.as_str(),
-            encode(&handle_record),
-            None,
-        ));
+        puts.push(TxnOp::put(attachment_key.as_str(), encode(&record), None));
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let resp = self
             .store
-            .txn(&format!("allocate for {}", req.handle), txn)
+            .txn(&format!("allocate for {attachment}"), txn)
             .await?;
 
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             picks.keep_all();
             self.lock_committed()
-                .insert(req.handle.clone(), Committed { revision, keys });
-            return Ok(Outcome::Done(
-                self.allocation_of(&req.handle, &handle_record)?,
-            ));
+                .insert(attachment.clone(), Committed { revision, keys });
+            return Ok(Outcome::Done(self.allocation_of(attachment, &record)?));
         }
 
-        // The handle exists: this ADD already happened (a retry, or the runtime calling twice).
+        // The attachment exists: this ADD already happened (a retry, or the runtime calling
+        // twice).
         if let Some(kv) = got(&resp, 0) {
-            let existing: HandleRecord = decode(&kv)?;
+            let existing: AttachmentRecord = decode(&kv)?;
             for pick in picks.picks.iter_mut() {
                 if existing
                     .ips
@@ -690,26 +833,41 @@ impl Inner {
                     pick.marked = false;
                 }
             }
-            let allocation = self.allocation_of(&req.handle, &existing)?;
+            let allocation = self.allocation_of(attachment, &existing)?;
             return already_held(req, allocation).map(Outcome::Done);
+        }
+        if let Some(kv) = got(&resp, 1).filter(|kv| kv.mod_revision() > began) {
+            return Err(IpamError::ReleasedMeanwhile {
+                attachment: attachment.clone(),
+                released: kv.mod_revision(),
+                began,
+            });
         }
 
         let mut lost = Vec::new();
         for i in 0..picks.picks.len() {
-            let Some(kv) = got(&resp, i + 1) else {
+            let Some(kv) = got(&resp, i + 2) else {
                 continue;
             };
-            let holder: AllocationRecord = decode(&kv)?;
             picks.keep(i);
             let pick = &picks.picks[i];
             if pick.kind != Kind::Dynamic {
-                let who = match &holder.pod {
-                    Some(pod) => format!("pod {}/{} ({})", pod.namespace, pod.name, holder.handle),
-                    None => format!("container {}", holder.handle),
+                let holder = match decode::<AllocationRecord>(&kv) {
+                    Ok(holder) => {
+                        let who = match &holder.pod {
+                            Some(pod) => format!(
+                                "pod {}/{} ({})",
+                                pod.namespace, pod.name, holder.attachment
+                            ),
+                            None => format!("container {}", holder.attachment),
+                        };
+                        format!("{who} on node {}", holder.node)
+                    }
+                    Err(e) => format!("an unreadable record ({e})"),
                 };
                 return Err(IpamError::AddressInUse {
                     ip: pick.ip,
-                    holder: format!("{who} on node {}", holder.node),
+                    holder,
                 });
             }
             lost.push(pick.ip.to_string());
@@ -720,7 +878,11 @@ impl Inner {
         )))
     }
 
-    fn allocation_of(&self, handle: &Handle, record: &HandleRecord) -> Result<Allocation> {
+    fn allocation_of(
+        &self,
+        attachment: &Attachment,
+        record: &AttachmentRecord,
+    ) -> Result<Allocation> {
         let pools = self.lock_pools();
         let ips = record
             .ips
@@ -731,7 +893,7 @@ impl Inner {
                         .get(&h.pool)
                         .map(|s| s.pool())
                         .ok_or_else(|| IpamError::Corrupt {
-                            key: self.keys.handle(handle),
+                            key: self.keys.attachment(attachment),
                             reason: format!("refers to unknown pool {}", h.pool),
                         })?;
                 Ok(AllocatedIp {
@@ -742,34 +904,145 @@ impl Inner {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Allocation {
-            handle: handle.clone(),
-            network: record.network.clone(),
+            attachment: attachment.clone(),
             ips,
         })
     }
 
-    async fn release(&self, handle: &Handle) -> Result<Option<HandleRecord>> {
-        let handle_key = self.keys.handle(handle);
-        let cached = self.lock_committed().get(handle).cloned();
+    /// The record of `attachment`, under its key or, from the earlier layout, under its
+    /// container id and ifname when that record names the same network.
+    async fn read_attachment(&self, attachment: &Attachment) -> Result<Found> {
+        let keys = [
+            self.keys.attachment(attachment),
+            self.keys.legacy_handle(attachment),
+        ];
+        let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+        let resp = self
+            .store
+            .txn(&format!("read {attachment}"), Txn::new().and_then(reads))
+            .await?;
+        for (i, key) in keys.into_iter().enumerate() {
+            let Some(kv) = got(&resp, i) else { continue };
+            match decode::<AttachmentRecord>(&kv) {
+                Ok(record) if i == 1 && record.network != attachment.network => continue,
+                Ok(record) => return Ok(Found::Record { key, kv, record }),
+                // An unreadable record of the earlier layout may be another network's.
+                Err(_) if i == 1 => continue,
+                Err(e) => {
+                    return Ok(Found::Unreadable {
+                        key,
+                        kv,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(Found::Nothing)
+    }
+
+    /// An attachment key-value of either layout, decoded; None (logged once) if it does not
+    /// decode or validate.
+    fn attachment_of_kv(&self, kv: &KeyValue) -> Option<(Attachment, AttachmentRecord)> {
+        let key = kv.key_str().ok()?;
+        let attachment = match self.keys.parse(key)? {
+            KeyRef::Attachment(a) => a,
+            KeyRef::LegacyHandle {
+                container_id,
+                ifname,
+            } => Attachment::new("", container_id, ifname),
+            _ => return None,
+        };
+        match decode::<AttachmentRecord>(kv) {
+            Ok(record) => {
+                let attachment = Attachment {
+                    network: record.network.clone(),
+                    ..attachment
+                };
+                Some((attachment, record))
+            }
+            Err(e) => {
+                self.skip_once(key, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// The lease release markers are written under; a new one when the current one is past
+    /// half its life, so every marker lives between half the TTL and the TTL.
+    async fn marker_lease(&self, renew: bool) -> Result<i64> {
+        let mut lease = self.marker_lease.lock().await;
+        match *lease {
+            Some((id, granted)) if !renew && granted.elapsed() < MARKER_TTL / 2 => Ok(id),
+            _ => {
+                let id = self.store.grant_lease(MARKER_TTL).await?;
+                *lease = Some((id, Instant::now()));
+                Ok(id)
+            }
+        }
+    }
+
+    /// The put of `attachment`'s release marker.
+    fn marker_put(&self, attachment: &Attachment, lease: i64) -> TxnOp {
+        let marker = ReleaseMarker {
+            version: RECORD_VERSION,
+            node: self.node.clone(),
+            released_at: now_unix(),
+        };
+        TxnOp::put(
+            self.keys.released(attachment),
+            encode(&marker),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    }
+
+    /// Runs a release transaction built for a marker lease; once more with a new lease if etcd
+    /// no longer knows the lease (it expired while this daemon was stopped, or etcd's data was
+    /// restored).
+    async fn release_txn(
+        &self,
+        attachment: &Attachment,
+        build: impl Fn(i64) -> Txn,
+    ) -> Result<TxnResponse> {
+        let op = format!("release {attachment}");
+        let lease = self.marker_lease(false).await?;
+        match self.store.txn(&op, build(lease)).await {
+            Err(IpamError::Etcd { source, .. })
+                if source.to_string().contains("lease not found") =>
+            {
+                let lease = self.marker_lease(true).await?;
+                self.store.txn(&op, build(lease)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn release(&self, attachment: &Attachment) -> Result<Option<AttachmentRecord>> {
+        let cached = self.lock_committed().remove(attachment);
         if let Some(committed) = cached {
-            let compares: Vec<Compare> = committed
-                .keys
-                .iter()
-                .map(|k| Compare::mod_revision(k.as_str(), CompareOp::Equal, committed.revision))
-                .collect();
-            let mut deletes = vec![TxnOp::get(handle_key.as_str(), None)];
-            deletes.extend(
-                committed
-                    .keys
-                    .iter()
-                    .map(|k| TxnOp::delete(k.as_str(), None)),
-            );
-            let txn = Txn::new().when(compares).and_then(deletes);
-            let resp = self.store.txn(&format!("release {handle}"), txn).await?;
-            self.lock_committed().remove(handle);
+            // Fast path: nothing changed since this node's ADD wrote these keys.
+            let attachment_key = self.keys.attachment(attachment);
+            let resp = self
+                .release_txn(attachment, |lease| {
+                    let compares: Vec<Compare> = committed
+                        .keys
+                        .iter()
+                        .map(|k| {
+                            Compare::mod_revision(k.as_str(), CompareOp::Equal, committed.revision)
+                        })
+                        .collect();
+                    let mut ops = vec![TxnOp::get(attachment_key.as_str(), None)];
+                    ops.extend(
+                        committed
+                            .keys
+                            .iter()
+                            .map(|k| TxnOp::delete(k.as_str(), None)),
+                    );
+                    ops.push(self.marker_put(attachment, lease));
+                    Txn::new().when(compares).and_then(ops)
+                })
+                .await?;
             if resp.succeeded() {
-                if let Some(kv) = got(&resp, 0) {
-                    let record: HandleRecord = decode(&kv)?;
+                if let Some(Ok(record)) = got(&resp, 0).map(|kv| decode::<AttachmentRecord>(&kv)) {
                     self.forget(&record);
                     return Ok(Some(record));
                 }
@@ -778,90 +1051,135 @@ impl Inner {
 
         let mut last = String::new();
         for _ in 0..8 {
-            let resp = self
-                .store
-                .get(&format!("read handle {handle}"), &handle_key, None)
-                .await?;
-            let Some(handle_kv) = first_kv(resp) else {
-                return Ok(None);
-            };
-            let record: HandleRecord = match decode(&handle_kv) {
-                Ok(record) => record,
-                Err(e) => {
-                    // A DEL that fails forever leaves the pod stuck terminating: drop the
-                    // unreadable index (its addresses, if any, show up in `audit`).
-                    tracing::warn!(%handle, error = %e, "deleting an unreadable handle record");
-                    let guard = Compare::mod_revision(
-                        handle_key.as_str(),
-                        CompareOp::Equal,
-                        handle_kv.mod_revision(),
-                    );
-                    let txn = Txn::new()
-                        .when([guard])
-                        .and_then([TxnOp::delete(handle_key.as_str(), None)]);
-                    self.store.txn(&format!("release {handle}"), txn).await?;
+            let (guard, record, ip_keys) = match self.read_attachment(attachment).await? {
+                Found::Nothing => {
+                    // Nothing to free, but the marker still stops a late ADD.
+                    self.release_txn(attachment, |lease| {
+                        Txn::new().and_then([self.marker_put(attachment, lease)])
+                    })
+                    .await?;
                     return Ok(None);
                 }
-            };
-            let ip_keys: Vec<String> = record
-                .ips
-                .iter()
-                .map(|h| self.keys.address(&h.pool, h.ip))
-                .collect();
-            let reads = Txn::new().and_then(
-                ip_keys
-                    .iter()
-                    .map(|k| TxnOp::get(k.as_str(), None))
-                    .collect::<Vec<_>>(),
-            );
-            let held = self
-                .store
-                .txn(&format!("read addresses of {handle}"), reads)
-                .await?;
-            let mut compares = vec![Compare::mod_revision(
-                handle_key.as_str(),
-                CompareOp::Equal,
-                handle_kv.mod_revision(),
-            )];
-            let mut deletes = vec![TxnOp::delete(handle_key.as_str(), None)];
-            for (i, key) in ip_keys.iter().enumerate() {
-                let Some(kv) = got(&held, i) else { continue };
-                let Ok(holder) = decode::<AllocationRecord>(&kv) else {
-                    tracing::warn!(%handle, key, "leaving an unreadable address record");
-                    continue;
-                };
-                if holder.handle != *handle {
-                    tracing::warn!(%handle, key, holder = %holder.handle, "address index points at an address another handle holds; leaving the address");
-                    continue;
+                Found::Record { key, kv, record } => {
+                    let ip_keys: Vec<String> = record
+                        .ips
+                        .iter()
+                        .map(|h| self.keys.address(&h.pool, h.ip))
+                        .collect();
+                    ((key, kv.mod_revision()), Some(record), ip_keys)
                 }
-                compares.push(Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                ));
-                deletes.push(TxnOp::delete(key.as_str(), None));
-            }
-            let txn = Txn::new().when(compares).and_then(deletes);
-            if self
-                .store
-                .txn(&format!("release {handle}"), txn)
-                .await?
-                .succeeded()
-            {
+                Found::Unreadable { key, kv, reason } => {
+                    // The address records name their holder: find them by that.
+                    tracing::warn!(%attachment, key, reason, "attachment record unreadable; releasing the addresses whose records name it");
+                    let ip_keys = self.addresses_held_by(attachment).await?;
+                    ((key, kv.mod_revision()), None, ip_keys)
+                }
+            };
+            let (held, deletes) = self.held_addresses(attachment, &ip_keys).await?;
+            let (record_key, record_revision) = guard;
+            let resp = self
+                .release_txn(attachment, |lease| {
+                    let mut compares = vec![Compare::mod_revision(
+                        record_key.as_str(),
+                        CompareOp::Equal,
+                        record_revision,
+                    )];
+                    compares.extend(held.iter().cloned());
+                    let mut ops = vec![TxnOp::delete(record_key.as_str(), None)];
+                    ops.extend(deletes.iter().cloned());
+                    ops.push(self.marker_put(attachment, lease));
+                    Txn::new().when(compares).and_then(ops)
+                })
+                .await?;
+            if resp.succeeded() {
+                let record = record.unwrap_or_else(|| AttachmentRecord {
+                    version: RECORD_VERSION,
+                    network: attachment.network.clone(),
+                    node: self.node.clone(),
+                    pod: None,
+                    ips: ip_keys
+                        .iter()
+                        .filter_map(|k| match self.keys.parse(k) {
+                            Some(KeyRef::Address { pool, ip }) => Some(HeldIp { pool, ip }),
+                            _ => None,
+                        })
+                        .collect(),
+                    allocated_at: 0,
+                    netns: String::new(),
+                });
                 self.forget(&record);
                 return Ok(Some(record));
             }
-            last = "handle or address changed while releasing".into();
+            last = "attachment or address changed while releasing".into();
         }
         Err(IpamError::Contention {
-            op: format!("release {handle}"),
+            op: format!("release {attachment}"),
             attempts: 8,
             last,
         })
     }
 
-    /// Marks the addresses of a released handle free without waiting for the watch.
-    fn forget(&self, record: &HandleRecord) {
+    /// Of `ip_keys`, the address records `attachment` holds: a compare that each is unchanged,
+    /// and its delete. A record another attachment holds, or one that cannot be read, is left
+    /// in place (and logged): it is not ours to free.
+    async fn held_addresses(
+        &self,
+        attachment: &Attachment,
+        ip_keys: &[String],
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>)> {
+        let reads = Txn::new().and_then(
+            ip_keys
+                .iter()
+                .map(|k| TxnOp::get(k.as_str(), None))
+                .collect::<Vec<_>>(),
+        );
+        let held = self
+            .store
+            .txn(&format!("read addresses of {attachment}"), reads)
+            .await?;
+        let mut compares = Vec::new();
+        let mut deletes = Vec::new();
+        for (i, key) in ip_keys.iter().enumerate() {
+            let Some(kv) = got(&held, i) else { continue };
+            match decode::<AllocationRecord>(&kv) {
+                Ok(holder) if holder.attachment == *attachment => {
+                    compares.push(Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    ));
+                    deletes.push(TxnOp::delete(key.as_str(), None));
+                }
+                Ok(holder) => {
+                    tracing::warn!(%attachment, key, holder = %holder.attachment, "address record names another attachment; leaving it");
+                }
+                Err(e) => {
+                    self.skip_once(key, &e.to_string());
+                }
+            }
+        }
+        Ok((compares, deletes))
+    }
+
+    /// The keys of every address record that names `attachment`: a scan of the pools, done
+    /// only when its attachment record cannot be read.
+    async fn addresses_held_by(&self, attachment: &Attachment) -> Result<Vec<String>> {
+        let (_, kvs) = self.store.load_prefix(&self.keys.pools()).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let key = kv.key_str().ok()?;
+                let Some(KeyRef::Address { .. }) = self.keys.parse(key) else {
+                    return None;
+                };
+                let holder = decode::<AllocationRecord>(kv).ok()?;
+                (holder.attachment == *attachment).then(|| key.to_string())
+            })
+            .collect())
+    }
+
+    /// Marks the addresses of a released attachment free without waiting for the watch.
+    fn forget(&self, record: &AttachmentRecord) {
         let mut pools = self.lock_pools();
         for h in &record.ips {
             if let Some(state) = pools.get_mut(&h.pool) {
@@ -940,6 +1258,7 @@ impl Inner {
                     resp.cancel_reason()
                 )));
             }
+            self.store.saw(resp.header());
             let mut pools = self.lock_pools();
             for event in resp.events() {
                 if let Some(kv) = event.kv() {
@@ -954,14 +1273,18 @@ impl Inner {
         let Ok(key) = kv.key_str() else { return };
         let put = event == EventType::Put;
         match self.keys.parse(key) {
-            Some(KeyRef::Pool { pool }) if put => match decode::<PoolRecord>(kv) {
-                Ok(record) => {
-                    let def = record.to_pool();
+            Some(KeyRef::Pool { pool }) if put => match self.pool_of_kv(kv) {
+                Ok(def) => {
                     if states.get(&pool).is_none_or(|s| **s.pool() != def) {
                         states.insert(pool, PoolState::new(Arc::new(def), &self.node));
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "ignoring pool record"),
+                Err(e) => {
+                    // The pool is unusable until its record is fixed; other pools are not
+                    // affected.
+                    states.remove(&pool);
+                    self.skip_once(key, &e.to_string());
+                }
             },
             Some(KeyRef::Pool { pool }) => {
                 states.remove(&pool);
@@ -982,11 +1305,7 @@ impl Inner {
                     let Some(index) = state.pool().block_index(&block) else {
                         return;
                     };
-                    let owner = if put {
-                        decode::<BlockRecord>(kv).ok().map(|r| r.node)
-                    } else {
-                        None
-                    };
+                    let owner = put.then(|| self.block_owner(kv));
                     state.set_owner(index, owner.as_deref());
                 }
             }

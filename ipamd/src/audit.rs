@@ -1,87 +1,233 @@
-//! A full scan of etcd that checks the invariants the allocator maintains: no address held
-//! twice, and every handle index consistent with its address records. Operators run it from
-//! the CLI; tests run it after racing allocators.
+//! A full scan of etcd that checks every record and the invariants the allocator maintains: no
+//! address held twice, every attachment record consistent with its address records, every
+//! pool, block, index and marker record readable and valid. Operators run it from the CLI;
+//! tests run it after racing allocators.
+//!
+//! Every problem names its key, so that an operator can look at it (`etcdctl get KEY`) and
+//! repair it with the CLI (`release-address`, `remove-pool`, `drop-key`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+
 use crate::error::Result;
-use crate::records::{AllocationRecord, Handle, HandleRecord, KeyRef, Keys};
+use crate::pool::{cidr_of_id, Pool};
+use crate::records::{
+    AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, PoolIndex,
+    PoolRecord, ReleaseMarker,
+};
 use crate::store::Store;
 
 /// What a scan found.
 #[derive(Debug, Default)]
 pub struct AuditReport {
+    /// Valid pool definitions, by pool id.
+    pub pools: BTreeMap<String, Pool>,
     /// Address records, by pool and address.
     pub allocations: HashMap<(String, IpAddr), AllocationRecord>,
-    pub handles: HashMap<Handle, HandleRecord>,
-    /// Everything that breaks an invariant, one sentence each.
+    /// Attachment records (both key layouts), with the key each was read from.
+    pub attachments: HashMap<Attachment, (String, AttachmentRecord)>,
+    /// Block claims: pool id, block, node.
+    pub blocks: Vec<(String, IpNet, String)>,
+    /// Everything that breaks an invariant, one sentence each, starting with the key.
     pub problems: Vec<String>,
+    /// The keys whose records cannot be read or do not validate: what `drop-key` may remove.
+    pub bad_keys: Vec<String>,
 }
 
-/// Scans every pool and handle under the prefix at one revision each.
+impl AuditReport {
+    fn problem(&mut self, key: &str, what: impl std::fmt::Display) {
+        self.problems.push(format!("{key}: {what}"));
+    }
+
+    fn bad_record(&mut self, key: &str, what: impl std::fmt::Display) {
+        self.problem(key, what);
+        self.bad_keys.push(key.to_string());
+    }
+
+    fn decode<T: DeserializeOwned>(&mut self, key: &str, value: &[u8], what: &str) -> Option<T> {
+        match serde_json::from_slice(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.bad_record(key, format!("unreadable {what} record: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// Scans every key under the prefix, one revision for all of them.
 pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
     let mut report = AuditReport::default();
-    let (_, pool_kvs) = store.load_prefix(&keys.pools()).await?;
-    let (_, handle_kvs) = store.load_prefix(&keys.handles()).await?;
-    for kv in pool_kvs.iter().chain(&handle_kvs) {
+    let (_, kvs) = store.load_prefix(&format!("{}/", keys.prefix())).await?;
+    let mut index: Option<PoolIndex> = None;
+    let mut addresses: Vec<(String, String, IpAddr, AllocationRecord)> = Vec::new();
+    for kv in &kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        match keys.parse(&key) {
-            Some(KeyRef::Address { pool, ip }) => match serde_json::from_slice(kv.value()) {
-                Ok(record) => {
-                    report.allocations.insert((pool, ip), record);
+        let value = kv.value();
+        let Some(what) = keys.parse(&key) else {
+            report.bad_record(&key, "not a key of this layout");
+            continue;
+        };
+        match what {
+            KeyRef::PoolIndex => index = report.decode(&key, value, "pool index"),
+            KeyRef::Pool { pool } => {
+                let Some(record) = report.decode::<PoolRecord>(&key, value, "pool") else {
+                    continue;
+                };
+                match record.to_pool() {
+                    Ok(def) if def.id() == pool => {
+                        report.pools.insert(pool, def);
+                    }
+                    Ok(def) => report.bad_record(
+                        &key,
+                        format!("defines subnet {} under another subnet's key", def.subnet),
+                    ),
+                    Err(e) => report.bad_record(&key, format!("invalid pool record: {e}")),
                 }
-                Err(e) => report
-                    .problems
-                    .push(format!("{key}: unreadable allocation: {e}")),
-            },
-            Some(KeyRef::Handle(handle)) => match serde_json::from_slice(kv.value()) {
-                Ok(record) => {
-                    report.handles.insert(handle, record);
+            }
+            KeyRef::Block { pool, block } => {
+                if let Some(record) = report.decode::<BlockRecord>(&key, value, "block") {
+                    report.blocks.push((pool, block, record.node));
                 }
-                Err(e) => report
-                    .problems
-                    .push(format!("{key}: unreadable handle: {e}")),
-            },
-            _ => {}
+            }
+            KeyRef::Address { pool, ip } => {
+                if let Some(record) = report.decode::<AllocationRecord>(&key, value, "address") {
+                    addresses.push((key, pool, ip, record));
+                }
+            }
+            KeyRef::Attachment(a) => {
+                let Some(record) = report.decode::<AttachmentRecord>(&key, value, "attachment")
+                else {
+                    continue;
+                };
+                if record.network != a.network {
+                    report.problem(&key, format!("record names network {:?}", record.network));
+                }
+                report.attachments.insert(a, (key, record));
+            }
+            KeyRef::LegacyHandle {
+                container_id,
+                ifname,
+            } => {
+                let Some(record) = report.decode::<AttachmentRecord>(&key, value, "attachment")
+                else {
+                    continue;
+                };
+                let a = Attachment::new(record.network.clone(), container_id, ifname);
+                report.attachments.insert(a, (key, record));
+            }
+            KeyRef::Released(_) => {
+                report.decode::<ReleaseMarker>(&key, value, "release marker");
+            }
         }
     }
 
-    let mut pools_of_ip: HashMap<IpAddr, Vec<&str>> = HashMap::new();
-    for ((pool, ip), record) in &report.allocations {
-        pools_of_ip.entry(*ip).or_default().push(pool);
-        let listed = report
-            .handles
-            .get(&record.handle)
-            .is_some_and(|h| h.ips.iter().any(|x| x.ip == *ip && x.pool == *pool));
-        if !listed {
-            report.problems.push(format!(
-                "address {ip} of pool {pool} is held by {} whose handle does not list it",
-                record.handle
-            ));
+    check_pool_index(&mut report, keys, index);
+    let blocks = std::mem::take(&mut report.blocks);
+    for (pool, block, node) in &blocks {
+        match report.pools.get(pool) {
+            None => report.problem(
+                &keys.block(pool, block),
+                format!(
+                    "block claimed by {node} in pool {} which has no valid record",
+                    cidr_of_id(pool)
+                ),
+            ),
+            Some(def) if def.block_index(block).is_none() => report.problem(
+                &keys.block(pool, block),
+                format!("{block} is not a block of pool {}", def.subnet),
+            ),
+            Some(_) => {}
         }
+    }
+    report.blocks = blocks;
+
+    let mut pools_of_ip: HashMap<IpAddr, Vec<String>> = HashMap::new();
+    for (key, pool, ip, record) in addresses {
+        match report.pools.get(&pool) {
+            None => report.problem(
+                &key,
+                format!(
+                    "held by {} in a pool with no valid record",
+                    record.attachment
+                ),
+            ),
+            Some(def) if !def.subnet.contains(&ip) => {
+                report.problem(&key, format!("{ip} is outside subnet {}", def.subnet))
+            }
+            Some(_) => {}
+        }
+        let listed = report
+            .attachments
+            .get(&record.attachment)
+            .is_some_and(|(_, a)| a.ips.iter().any(|x| x.ip == ip && x.pool == pool));
+        if !listed {
+            report.problem(
+                &key,
+                format!(
+                    "held by {} whose attachment record does not list it (release it with `release-address {ip}`)",
+                    record.attachment
+                ),
+            );
+        }
+        pools_of_ip.entry(ip).or_default().push(pool.clone());
+        report.allocations.insert((pool, ip), record);
     }
     for (ip, pools) in pools_of_ip {
         if pools.len() > 1 {
-            report
-                .problems
-                .push(format!("address {ip} is held in several pools: {pools:?}"));
+            report.problems.push(format!(
+                "address {ip} is held in several pools: {}",
+                pools.join(", ")
+            ));
         }
     }
-    for (handle, record) in &report.handles {
+    let mut listed_problems = Vec::new();
+    for (attachment, (key, record)) in &report.attachments {
         for x in &record.ips {
             match report.allocations.get(&(x.pool.clone(), x.ip)) {
-                Some(a) if a.handle == *handle => {}
-                Some(a) => report.problems.push(format!(
-                    "handle {handle} lists {} which {} holds",
-                    x.ip, a.handle
+                Some(a) if a.attachment == *attachment => {}
+                Some(a) => listed_problems.push(format!(
+                    "{key}: lists {} which {} holds",
+                    x.ip, a.attachment
                 )),
-                None => report.problems.push(format!(
-                    "handle {handle} lists {} of pool {} which has no record",
-                    x.ip, x.pool
+                None => listed_problems.push(format!(
+                    "{key}: lists {} of pool {} which has no address record",
+                    x.ip,
+                    cidr_of_id(&x.pool)
                 )),
             }
         }
     }
+    report.problems.extend(listed_problems);
+    report.problems.sort();
+    report.bad_keys.sort();
     Ok(report)
+}
+
+/// The pool index must list exactly the subnets that have a pool record.
+fn check_pool_index(report: &mut AuditReport, keys: &Keys, index: Option<PoolIndex>) {
+    let key = keys.pool_index();
+    let indexed: Vec<IpNet> = match index {
+        Some(index) => index.subnets,
+        None if report.bad_keys.contains(&key) => return,
+        None => Vec::new(),
+    };
+    for pool in report.pools.values() {
+        if !indexed.contains(&pool.subnet) {
+            report.problems.push(format!(
+                "{key}: does not list pool {}, so an overlapping pool could be added",
+                pool.subnet
+            ));
+        }
+    }
+    for subnet in &indexed {
+        if !report.pools.values().any(|p| p.subnet == *subnet) {
+            report.problems.push(format!(
+                "{key}: lists {subnet}, which has no valid pool record"
+            ));
+        }
+    }
 }

@@ -76,13 +76,38 @@ pub enum Command {
     },
     /// Show each pool's usage: dynamic addresses, held addresses, claimed blocks.
     Usage,
-    /// Release the addresses of one attachment, as a CNI DEL would.
+    /// Release the addresses of an attachment, as a CNI DEL would: of every network with this
+    /// container id and ifname, or of `--network` only.
     Release {
         container_id: String,
         ifname: String,
+        /// Only the attachment of this CNI network.
+        #[arg(long)]
+        network: Option<String>,
     },
-    /// Scan etcd and report any address held twice or any handle index that disagrees with
-    /// its address records. Exits 1 if it finds a problem.
+    /// Release whatever holds one address: its attachment, or the address record alone when no
+    /// attachment lists it.
+    ReleaseAddress {
+        ip: std::net::IpAddr,
+        /// Show what would be released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove a pool that holds no address: its record, its blocks, its pool-index entry.
+    RemovePool {
+        subnet: ipnet::IpNet,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete one key that `audit` reports as unreadable or invalid, after printing it.
+    DropKey {
+        key: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Scan etcd and report every record that cannot be read or does not validate, any address
+    /// held twice, and any attachment record that disagrees with its address records. Exits 1
+    /// if it finds a problem.
     Audit,
 }
 

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::pool::ConfigError;
-use crate::records::Handle;
+use crate::records::Attachment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -33,8 +33,18 @@ pub enum IpamError {
         reason: String,
     },
 
-    #[error("invalid handle {handle}: {reason}")]
-    InvalidHandle { handle: Handle, reason: String },
+    #[error("invalid attachment: {reason}")]
+    InvalidAttachment { reason: String },
+
+    #[error("attachment {attachment} was released (DEL) at revision {released} after this ADD began (revision {began}); the late ADD is not committed, so that nothing leaks; ADD again if the container still needs an address")]
+    ReleasedMeanwhile {
+        attachment: Attachment,
+        released: i64,
+        began: i64,
+    },
+
+    #[error("etcd refuses writes during {op}: {reason}; an operator must compact and defragment etcd, or raise its quota, then disarm the alarm (etcdctl alarm disarm)")]
+    StoreFull { op: String, reason: String },
 
     #[error("etcd unavailable during {op}: {source}")]
     Unavailable {
@@ -60,6 +70,9 @@ pub enum IpamError {
         last: String,
     },
 
+    #[error("refused: {reason}")]
+    Refused { reason: String },
+
     #[error("corrupt record at {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -69,7 +82,11 @@ impl IpamError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            IpamError::Unavailable { .. } | IpamError::NotSynced(_) | IpamError::Contention { .. }
+            IpamError::Unavailable { .. }
+                | IpamError::NotSynced(_)
+                | IpamError::Contention { .. }
+                | IpamError::ReleasedMeanwhile { .. }
+                | IpamError::StoreFull { .. }
         )
     }
 }

@@ -17,7 +17,7 @@ pub mod store;
 pub use allocator::{AllocateRequest, AllocatedIp, Allocation, Allocator};
 pub use error::IpamError;
 pub use pool::{parse_range_sets, ConfigError, Pool, RangeSet};
-pub use records::{Handle, Kind, PodRef};
+pub use records::{Attachment, Kind, PodRef};
 pub use store::StoreConfig;
 pub mod config;
 pub mod server;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
-use hostnic_ipamd::{cli, server, Allocator, Handle};
+use hostnic_ipamd::{cli, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -29,21 +29,38 @@ async fn main() -> anyhow::Result<ExitCode> {
     let config = resolve(flags, file, hostname)?;
     match command {
         Command::Serve => serve(config).await?,
-        Command::List { pool } => cli::list(&config.store, pool.as_deref()).await?,
+        Command::List { pool } => {
+            let pool = pool
+                .as_deref()
+                .map(str::parse::<ipnet::IpNet>)
+                .transpose()
+                .context("--pool must be a subnet such as 10.0.0.0/24")?;
+            cli::list(&config.store, pool.as_ref()).await?
+        }
         Command::Usage => cli::usage(&config.store).await?,
         Command::Release {
             container_id,
             ifname,
+            network,
         } => {
             cli::release(
                 &config.store,
                 &config.node_name,
-                Handle::new(container_id, ifname),
+                network.as_deref(),
+                &container_id,
+                &ifname,
             )
             .await?
         }
+        Command::ReleaseAddress { ip, dry_run } => {
+            cli::release_address(&config.store, &config.node_name, ip, dry_run).await?
+        }
+        Command::RemovePool { subnet, dry_run } => {
+            cli::remove_pool(&config.store, &subnet, dry_run).await?
+        }
+        Command::DropKey { key, dry_run } => cli::drop_key(&config.store, &key, dry_run).await?,
         Command::Audit => {
-            if !cli::check(&config.store).await? {
+            if !cli::audit_command(&config.store).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }

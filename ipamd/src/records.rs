@@ -4,8 +4,13 @@
 //! <prefix>/pools/<pool-id>                    PoolRecord   (pool-id: subnet, "10.0.0.0_22")
 //! <prefix>/pools/<pool-id>/blocks/<block>     BlockRecord  (block: its CIDR, "10.0.1.64_26")
 //! <prefix>/pools/<pool-id>/ips/<ip>           AllocationRecord
-//! <prefix>/handles/<containerID>/<ifname>     HandleRecord
+//! <prefix>/attachments/<network>/<containerID>/<ifname>
+//!                                             AttachmentRecord
+//! <prefix>/released/<network>/<containerID>/<ifname>
+//!                                             ReleaseMarker (under a lease: it expires)
 //! <prefix>/pool-index                         PoolIndex    (every subnet with a pool)
+//! <prefix>/handles/<containerID>/<ifname>     AttachmentRecord of the earlier layout: read by
+//!                                             DEL, CHECK, GC and audit, never written
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -15,35 +20,68 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::addr::{to_int, AddrRange};
+use crate::addr::{to_int, AddrRange, Family};
 use crate::pool::{cidr_of_id, pool_id, Pool};
 
 pub const RECORD_VERSION: u32 = 1;
 
-/// The CNI attachment an allocation belongs to: `(containerID, ifname)`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Handle {
+/// The CNI attachment an allocation belongs to: `(network name, containerID, ifname)`, the
+/// spec's key for one attachment. Two networks of one container may use the same ifname in
+/// different namespaces, so the network is part of the identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Empty only in records written before the network was part of the identity; decoding
+    /// fills it from the record's `network` field.
+    #[serde(default)]
+    pub network: String,
     #[serde(rename = "containerID")]
     pub container_id: String,
     pub ifname: String,
 }
 
-impl Handle {
-    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
-        Handle {
+impl Attachment {
+    pub fn new(
+        network: impl Into<String>,
+        container_id: impl Into<String>,
+        ifname: impl Into<String>,
+    ) -> Self {
+        Attachment {
+            network: network.into(),
             container_id: container_id.into(),
             ifname: ifname.into(),
         }
     }
-}
 
-impl std::fmt::Display for Handle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.ifname)
+    /// Checks each part with the CNI spec's rules, so that every part is safe as an etcd key
+    /// segment and in a log line.
+    pub fn validate(&self) -> Result<(), String> {
+        hostnic_cni::validate_container_id(&self.network)
+            .map_err(|e| format!("network name {:?} {e}", self.network))?;
+        hostnic_cni::validate_container_id(&self.container_id)
+            .map_err(|e| format!("container id {:?} {e}", self.container_id))?;
+        hostnic_cni::validate_ifname(&self.ifname)
+            .map_err(|e| format!("ifname {:?} {e}", self.ifname))?;
+        if self.ifname.chars().any(char::is_control) {
+            return Err(format!(
+                "ifname {:?} contains a control character",
+                self.ifname
+            ));
+        }
+        Ok(())
     }
 }
 
-/// The pod behind a handle, when the runtime told us (`K8S_POD_*` CNI args).
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} of network {}",
+            self.container_id, self.ifname, self.network
+        )
+    }
+}
+
+/// The pod behind an attachment, when the runtime told us (`K8S_POD_*` CNI args).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
@@ -67,41 +105,97 @@ pub enum Kind {
 }
 
 /// Who holds an address. Stored at `pools/<pool-id>/ips/<ip>`.
+///
+/// On the wire the attachment is written as it always was (`handle: {containerID, ifname}` next
+/// to `network`), so daemons of either layout read each other's records during an upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "AllocationWire", into = "AllocationWire")]
 pub struct AllocationRecord {
     pub version: u32,
-    pub handle: Handle,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Attachment,
     pub pod: Option<PodRef>,
     pub node: String,
-    pub network: String,
     pub kind: Kind,
     /// Seconds since the Unix epoch.
     pub allocated_at: u64,
 }
 
-/// One address of a handle.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AllocationWire {
+    version: u32,
+    handle: HandleWire,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<PodRef>,
+    node: String,
+    network: String,
+    kind: Kind,
+    allocated_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HandleWire {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+impl From<AllocationWire> for AllocationRecord {
+    fn from(w: AllocationWire) -> Self {
+        AllocationRecord {
+            version: w.version,
+            attachment: Attachment::new(w.network, w.handle.container_id, w.handle.ifname),
+            pod: w.pod,
+            node: w.node,
+            kind: w.kind,
+            allocated_at: w.allocated_at,
+        }
+    }
+}
+
+impl From<AllocationRecord> for AllocationWire {
+    fn from(r: AllocationRecord) -> Self {
+        AllocationWire {
+            version: r.version,
+            handle: HandleWire {
+                container_id: r.attachment.container_id,
+                ifname: r.attachment.ifname,
+            },
+            pod: r.pod,
+            node: r.node,
+            network: r.attachment.network,
+            kind: r.kind,
+            allocated_at: r.allocated_at,
+        }
+    }
+}
+
+/// One address of an attachment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandleIp {
+pub struct HeldIp {
     pub pool: String,
     pub ip: IpAddr,
 }
 
-/// Index from a handle to its addresses, so DEL is one read, not a scan.
-/// Stored at `handles/<containerID>/<ifname>`.
+/// Index from an attachment to its addresses, so DEL is one read, not a scan.
+/// Stored at `attachments/<network>/<containerID>/<ifname>` (earlier layout:
+/// `handles/<containerID>/<ifname>`, same value, still read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HandleRecord {
+pub struct AttachmentRecord {
     pub version: u32,
     pub network: String,
     pub node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
-    pub ips: Vec<HandleIp>,
+    pub ips: Vec<HeldIp>,
     /// Seconds since the Unix epoch.
     #[serde(default)]
     pub allocated_at: u64,
+    /// The attachment's network namespace as the runtime named it (`CNI_NETNS`), so the node
+    /// that made it can tell when it is gone.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub netns: String,
 }
 
 /// Every subnet that has a pool, in one key, so that registering a pool can be checked
@@ -148,26 +242,90 @@ impl PoolRecord {
         }
     }
 
-    pub fn to_pool(&self) -> Pool {
+    /// The pool this record defines, checked with the rules a config must pass: a record is
+    /// input like any other, and an invalid one (a `blockSize` of 40, a range outside its
+    /// subnet) must be refused rather than drive the block arithmetic.
+    pub fn to_pool(&self) -> Result<Pool, String> {
         let range = |p: &[IpAddr; 2]| AddrRange::new(to_int(p[0]), to_int(p[1]));
-        Pool {
+        let family = Family::of(self.subnet.addr());
+        let all = self
+            .ranges
+            .iter()
+            .chain(&self.exclude)
+            .chain(self.fixed.as_ref())
+            .flatten()
+            .chain([&self.gateway]);
+        if let Some(ip) = all.into_iter().find(|ip| Family::of(**ip) != family) {
+            return Err(format!(
+                "{ip} is not of the family of subnet {}",
+                self.subnet
+            ));
+        }
+        let pool = Pool {
             subnet: self.subnet,
             gateway: self.gateway,
             ranges: self.ranges.iter().map(range).collect(),
             exclude: self.exclude.iter().map(range).collect(),
             fixed: self.fixed.as_ref().map(range),
             block_prefix: self.block_size,
-        }
+        };
+        validate_pool(&pool)?;
+        Ok(pool)
     }
+}
+
+/// The bounds the block arithmetic relies on. FIXME(merge): Pool::validate.
+fn validate_pool(pool: &Pool) -> Result<(), String> {
+    let bits = pool.family().bits();
+    if pool.block_prefix > bits || pool.block_prefix < pool.subnet.prefix_len() {
+        return Err(format!(
+            "blockSize {} is invalid for subnet {}",
+            pool.block_prefix, pool.subnet
+        ));
+    }
+    if bits - pool.block_prefix > 12 {
+        return Err(format!(
+            "blockSize {} makes blocks too large",
+            pool.block_prefix
+        ));
+    }
+    Ok(())
+}
+
+/// A DEL's mark on its attachment, so that an ADD that began before the DEL (and whose
+/// transaction etcd commits late, after a leader election or a timeout) cannot commit after it.
+/// Stored at `released/<network>/<containerID>/<ifname>` under a lease, so it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseMarker {
+    pub version: u32,
+    pub node: String,
+    /// Seconds since the Unix epoch.
+    pub released_at: u64,
 }
 
 /// What a key under the prefix refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
-    Pool { pool: String },
-    Block { pool: String, block: IpNet },
-    Address { pool: String, ip: IpAddr },
-    Handle(Handle),
+    Pool {
+        pool: String,
+    },
+    Block {
+        pool: String,
+        block: IpNet,
+    },
+    Address {
+        pool: String,
+        ip: IpAddr,
+    },
+    Attachment(Attachment),
+    /// An attachment record of the earlier layout, keyed without its network.
+    LegacyHandle {
+        container_id: String,
+        ifname: String,
+    },
+    Released(Attachment),
+    PoolIndex,
 }
 
 /// The key layout under one prefix.
@@ -192,7 +350,13 @@ impl Keys {
         format!("{}/pools/", self.prefix)
     }
 
-    pub fn handles(&self) -> String {
+    /// Prefix of every attachment record.
+    pub fn attachments(&self) -> String {
+        format!("{}/attachments/", self.prefix)
+    }
+
+    /// Prefix of the attachment records of the earlier layout.
+    pub fn legacy_handles(&self) -> String {
         format!("{}/handles/", self.prefix)
     }
 
@@ -212,10 +376,22 @@ impl Keys {
         format!("{}/pools/{pool}/ips/{ip}", self.prefix)
     }
 
-    pub fn handle(&self, handle: &Handle) -> String {
+    pub fn attachment(&self, a: &Attachment) -> String {
         format!(
-            "{}/handles/{}/{}",
-            self.prefix, handle.container_id, handle.ifname
+            "{}/attachments/{}/{}/{}",
+            self.prefix, a.network, a.container_id, a.ifname
+        )
+    }
+
+    /// Where the earlier layout kept this attachment's record.
+    pub fn legacy_handle(&self, a: &Attachment) -> String {
+        format!("{}/handles/{}/{}", self.prefix, a.container_id, a.ifname)
+    }
+
+    pub fn released(&self, a: &Attachment) -> String {
+        format!(
+            "{}/released/{}/{}/{}",
+            self.prefix, a.network, a.container_id, a.ifname
         )
     }
 
@@ -224,6 +400,7 @@ impl Keys {
         let rest = key.strip_prefix(&*self.prefix)?.strip_prefix('/')?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
+            ["pool-index"] => Some(KeyRef::PoolIndex),
             ["pools", pool] => Some(KeyRef::Pool {
                 pool: pool.to_string(),
             }),
@@ -235,9 +412,18 @@ impl Keys {
                 pool: pool.to_string(),
                 ip: ip.parse().ok()?,
             }),
-            ["handles", container_id, ifname] => {
-                Some(KeyRef::Handle(Handle::new(*container_id, *ifname)))
-            }
+            ["attachments", network, container_id, ifname] => Some(KeyRef::Attachment(
+                Attachment::new(*network, *container_id, *ifname),
+            )),
+            ["handles", container_id, ifname] => Some(KeyRef::LegacyHandle {
+                container_id: container_id.to_string(),
+                ifname: ifname.to_string(),
+            }),
+            ["released", network, container_id, ifname] => Some(KeyRef::Released(Attachment::new(
+                *network,
+                *container_id,
+                *ifname,
+            ))),
             _ => None,
         }
     }
@@ -262,7 +448,7 @@ mod tests {
         let keys = Keys::new("/hostnic/ipam/v1/");
         let block: IpNet = "10.0.1.64/26".parse().expect("literal");
         let ip: IpAddr = "fd00::5".parse().expect("literal");
-        let handle = Handle::new("abc123", "eth0");
+        let attachment = Attachment::new("net1", "abc123", "eth0");
         assert_eq!(
             keys.block("10.0.0.0_22", &block),
             "/hostnic/ipam/v1/pools/10.0.0.0_22/blocks/10.0.1.64_26"
@@ -283,7 +469,22 @@ mod tests {
                     ip,
                 },
             ),
-            (keys.handle(&handle), KeyRef::Handle(handle.clone())),
+            (
+                keys.attachment(&attachment),
+                KeyRef::Attachment(attachment.clone()),
+            ),
+            (
+                keys.released(&attachment),
+                KeyRef::Released(attachment.clone()),
+            ),
+            (
+                keys.legacy_handle(&attachment),
+                KeyRef::LegacyHandle {
+                    container_id: "abc123".into(),
+                    ifname: "eth0".into(),
+                },
+            ),
+            (keys.pool_index(), KeyRef::PoolIndex),
         ];
         for (key, expected) in cases {
             assert_eq!(keys.parse(&key), Some(expected), "{key}");
@@ -301,7 +502,26 @@ mod tests {
         let record = PoolRecord::from_pool(pool);
         let text = serde_json::to_string(&record).expect("serialises");
         let back: PoolRecord = serde_json::from_str(&text).expect("parses");
-        assert_eq!(&back.to_pool(), pool);
+        assert_eq!(&back.to_pool().expect("valid"), pool);
         assert!(text.contains("\"version\":1"));
+    }
+
+    #[test]
+    fn a_pool_record_with_an_impossible_block_size_is_refused() {
+        let record: PoolRecord = serde_json::from_value(json!({"version": 1,
+            "subnet": "10.0.0.0/24", "gateway": "10.0.0.1", "ranges": [["10.0.0.2", "10.0.0.254"]],
+            "blockSize": 40}))
+        .expect("decodes");
+        let err = record.to_pool().expect_err("blockSize 40 refused");
+        assert!(err.contains("blockSize"), "{err}");
+    }
+
+    #[test]
+    fn allocation_records_keep_the_wire_shape_of_the_earlier_layout() {
+        let earlier = json!({"version": 1, "handle": {"containerID": "c1", "ifname": "eth0"},
+            "node": "n1", "network": "net1", "kind": "dynamic", "allocatedAt": 7});
+        let record: AllocationRecord = serde_json::from_value(earlier.clone()).expect("decodes");
+        assert_eq!(record.attachment, Attachment::new("net1", "c1", "eth0"));
+        assert_eq!(serde_json::to_value(&record).expect("encodes"), earlier);
     }
 }

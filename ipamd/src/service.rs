@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hostnic_proto::v1::ipam_server::Ipam;
 use hostnic_proto::v1::{
-    AllocateReply, AllocateRequest, Attachment, CheckReply, CheckRequest, GcReply, GcRequest,
+    self, AllocateReply, AllocateRequest, CheckReply, CheckRequest, GcReply, GcRequest,
     IpAllocation, Network, ReleaseReply, ReleaseRequest, StatusReply, StatusRequest,
 };
 use ipnet::IpNet;
@@ -20,21 +20,24 @@ use tracing::Instrument;
 use crate::allocator::{self, Allocator};
 use crate::error::IpamError;
 use crate::pool::{parse_range_sets, RangeSet};
-use crate::records::{Handle, Kind, PodRef};
+use crate::records::{Attachment, Kind, PodRef};
 
 /// Maps an allocator error to the gRPC status the plugin turns into a CNI error.
 pub fn status_of(e: &IpamError) -> Status {
     let code = match e {
         IpamError::Config(_)
         | IpamError::InvalidRequest { .. }
-        | IpamError::InvalidHandle { .. }
+        | IpamError::InvalidAttachment { .. }
+        | IpamError::Refused { .. }
         | IpamError::PoolConflict { .. }
         | IpamError::PoolOverlap { .. } => Code::InvalidArgument,
         IpamError::Exhausted { .. } => Code::ResourceExhausted,
         IpamError::AddressInUse { .. } => Code::AlreadyExists,
-        IpamError::Unavailable { .. } | IpamError::NotSynced(_) | IpamError::Contention { .. } => {
-            Code::Unavailable
-        }
+        IpamError::Unavailable { .. }
+        | IpamError::NotSynced(_)
+        | IpamError::Contention { .. }
+        | IpamError::ReleasedMeanwhile { .. }
+        | IpamError::StoreFull { .. } => Code::Unavailable,
         IpamError::Etcd { .. } | IpamError::Corrupt { .. } => Code::Internal,
     };
     Status::new(code, e.to_string())
@@ -75,17 +78,21 @@ fn require_root<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn handle_of(attachment: Option<&Attachment>) -> Result<Handle, Status> {
+/// The attachment a request names: its network and its container id and ifname.
+fn attachment_of(
+    network: Option<&Network>,
+    attachment: Option<&v1::Attachment>,
+) -> Result<Attachment, Status> {
+    let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
     let a = attachment.ok_or_else(|| Status::invalid_argument("attachment is required"))?;
-    Ok(Handle::new(&a.container_id, &a.ifname))
+    Ok(Attachment::new(&n.name, &a.container_id, &a.ifname))
 }
 
-fn range_sets_of(network: Option<&Network>) -> Result<(String, Vec<RangeSet>), Status> {
+fn range_sets_of(network: Option<&Network>) -> Result<Vec<RangeSet>, Status> {
     let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
     let ipam: serde_json::Value = serde_json::from_str(&n.ipam_json)
         .map_err(|e| Status::invalid_argument(format!("ipam config is not JSON: {e}")))?;
-    let sets = parse_range_sets(&ipam).map_err(|e| status_of(&IpamError::Config(e)))?;
-    Ok((n.name.clone(), sets))
+    parse_range_sets(&ipam).map_err(|e| status_of(&IpamError::Config(e)))
 }
 
 fn parse_ips(values: &[String], what: &str) -> Result<Vec<IpAddr>, Status> {
@@ -119,19 +126,19 @@ impl Ipam for IpamService {
     ) -> Result<Response<AllocateReply>, Status> {
         require_root(&request)?;
         let req = request.into_inner();
-        let handle = handle_of(req.attachment.as_ref())?;
-        let (network, range_sets) = range_sets_of(req.network.as_ref())?;
+        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
+        let range_sets = range_sets_of(req.network.as_ref())?;
         let requested = parse_ips(&req.requested_ips, "requested address")?;
         let pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
             namespace: p.namespace,
             name: p.name,
             uid: p.uid,
         });
-        let span = tracing::info_span!("allocate", container = %handle.container_id, ifname = %handle.ifname,
-            pod = %pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default());
+        let span = tracing::info_span!("allocate", network = %attachment.network, container = %attachment.container_id, ifname = %attachment.ifname,
+            pod = ?pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default());
         let request = allocator::AllocateRequest {
-            handle,
-            network,
+            attachment,
+            netns: req.netns,
             pod,
             range_sets,
             requested,
@@ -159,10 +166,11 @@ impl Ipam for IpamService {
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseReply>, Status> {
         require_root(&request)?;
-        let handle = handle_of(request.get_ref().attachment.as_ref())?;
-        let span = tracing::info_span!("release", container = %handle.container_id, ifname = %handle.ifname);
+        let req = request.get_ref();
+        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
+        let span = tracing::info_span!("release", network = %attachment.network, container = %attachment.container_id, ifname = %attachment.ifname);
         async {
-            let released = self.allocator.release(&handle).await.map_err(|e| {
+            let released = self.allocator.release(&attachment).await.map_err(|e| {
                 tracing::warn!(error = %e, "release failed");
                 status_of(&e)
             })?;
@@ -179,20 +187,22 @@ impl Ipam for IpamService {
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckReply>, Status> {
         require_root(&request)?;
         let req = request.into_inner();
-        let handle = handle_of(req.attachment.as_ref())?;
+        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
         let expected: HashSet<IpAddr> = parse_ips(&req.addresses, "previous result address")?
             .into_iter()
             .collect();
         let held = self
             .allocator
-            .lookup(&handle)
+            .lookup(&attachment)
             .await
             .map_err(|e| status_of(&e))?
-            .ok_or_else(|| Status::not_found(format!("attachment {handle} holds no address")))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("attachment {attachment} holds no address"))
+            })?;
         let held: HashSet<IpAddr> = held.ips.iter().map(|x| x.ip).collect();
         if held != expected {
             return Err(Status::failed_precondition(format!(
-                "attachment {handle} holds {held:?}, the previous result says {expected:?}"
+                "attachment {attachment} holds {held:?}, the previous result says {expected:?}"
             )));
         }
         Ok(Response::new(CheckReply {}))
@@ -206,10 +216,10 @@ impl Ipam for IpamService {
             .as_ref()
             .map(|n| n.name.clone())
             .ok_or_else(|| Status::invalid_argument("network is required"))?;
-        let valid: HashSet<Handle> = req
+        let valid: HashSet<Attachment> = req
             .valid_attachments
             .iter()
-            .map(|a| Handle::new(&a.container_id, &a.ifname))
+            .map(|a| Attachment::new(&network, &a.container_id, &a.ifname))
             .collect();
         let released = self
             .allocator
@@ -219,9 +229,9 @@ impl Ipam for IpamService {
         Ok(Response::new(GcReply {
             released: released
                 .into_iter()
-                .map(|h| Attachment {
-                    container_id: h.container_id,
-                    ifname: h.ifname,
+                .map(|a| v1::Attachment {
+                    container_id: a.container_id,
+                    ifname: a.ifname,
                 })
                 .collect(),
         }))
@@ -232,9 +242,11 @@ impl Ipam for IpamService {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
         require_root(&request)?;
-        let (network, range_sets) = range_sets_of(request.get_ref().network.as_ref())?;
+        let network = request.get_ref().network.as_ref();
+        let range_sets = range_sets_of(network)?;
+        let name = network.map(|n| n.name.as_str()).unwrap_or_default();
         self.allocator
-            .status(&range_sets, &network)
+            .status(&range_sets, name)
             .await
             .map_err(|e| status_of(&e))?;
         Ok(Response::new(StatusReply {}))

@@ -7,11 +7,13 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity, KeyValue, TlsOptions,
-    Txn, TxnResponse,
+    AlarmAction, AlarmType, Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity,
+    KeyValue, ResponseHeader, TlsOptions, Txn, TxnResponse,
 };
 use tonic::Code;
 
@@ -66,6 +68,9 @@ impl StoreConfig {
 pub struct Store {
     client: Client,
     retry_timeout: Duration,
+    /// The highest revision any answer of etcd has shown this process: a lower bound of etcd's
+    /// revision now. See [`Store::seen_revision`].
+    seen_revision: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,12 +123,59 @@ impl Store {
                     store_error(format!("connect to {}", config.endpoints.join(",")), e)
                 })?,
             retry_timeout: config.retry_timeout,
+            seen_revision: Arc::new(AtomicI64::new(0)),
         };
         Ok(store)
     }
 
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A revision that etcd had reached before this call: every answer (transactions, reads,
+    /// watch messages) raises it. A request that notes it when it arrives knows that anything
+    /// written after its arrival has a higher revision.
+    pub fn seen_revision(&self) -> i64 {
+        self.seen_revision.load(Ordering::Acquire)
+    }
+
+    /// Records the revision of an answer from etcd.
+    pub fn saw(&self, header: Option<&ResponseHeader>) {
+        if let Some(h) = header {
+            self.seen_revision.fetch_max(h.revision(), Ordering::AcqRel);
+        }
+    }
+
+    /// Fails when etcd has raised an alarm that refuses writes (`NOSPACE`: the database reached
+    /// its quota; `CORRUPT`): every ADD would fail until an operator clears it.
+    pub async fn check_alarms(&self) -> Result<()> {
+        let resp = self
+            .retry("list etcd alarms", |mut c| async move {
+                c.alarm(AlarmAction::Get, AlarmType::None, None).await
+            })
+            .await?;
+        match resp.alarms().first() {
+            None => Ok(()),
+            Some(alarm) => Err(IpamError::StoreFull {
+                op: "status".into(),
+                reason: format!(
+                    "etcd member {:x} raised alarm {:?}",
+                    alarm.member_id(),
+                    alarm.alarm()
+                ),
+            }),
+        }
+    }
+
+    /// Grants a lease that expires after `ttl`.
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64> {
+        let seconds = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let resp = self
+            .retry("grant a lease", |mut c| async move {
+                c.lease_grant(seconds, None).await
+            })
+            .await?;
+        Ok(resp.id())
     }
 
     /// Runs `call` until it succeeds, fails for good, or the retry budget is spent.
@@ -160,11 +212,14 @@ impl Store {
     }
 
     pub async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
-        self.retry(op, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await
+        let resp = self
+            .retry(op, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        self.saw(resp.header());
+        Ok(resp)
     }
 
     pub async fn get(
@@ -173,12 +228,15 @@ impl Store {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse> {
-        self.retry(op, |mut c| {
-            let options = options.clone();
-            let key = key.to_string();
-            async move { c.get(key, options).await }
-        })
-        .await
+        let resp = self
+            .retry(op, |mut c| {
+                let options = options.clone();
+                let key = key.to_string();
+                async move { c.get(key, options).await }
+            })
+            .await?;
+        self.saw(resp.header());
+        Ok(resp)
     }
 
     /// Every key under `prefix` at one revision, read in pages so that a large pool does not
@@ -203,6 +261,7 @@ impl Store {
                 })
                 .await?;
             if revision == 0 {
+                self.saw(resp.header());
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
             let more = resp.more();
@@ -220,12 +279,27 @@ impl Store {
 }
 
 /// A failed etcd operation: `Unavailable` (the caller may try again later) when the error is
-/// transient, `Etcd` otherwise.
+/// transient, `StoreFull` when etcd refuses writes for want of space, `Etcd` otherwise.
 fn store_error(op: String, source: etcd_client::Error) -> IpamError {
     if is_transient(&source) {
         IpamError::Unavailable { op, source }
+    } else if let Some(reason) = out_of_space(&source) {
+        IpamError::StoreFull { op, reason }
     } else {
         IpamError::Etcd { op, source }
+    }
+}
+
+/// etcd's answer when its database reached `--quota-backend-bytes` (alarm NOSPACE).
+fn out_of_space(e: &etcd_client::Error) -> Option<String> {
+    match e {
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == Code::ResourceExhausted
+                && status.message().contains("database space exceeded") =>
+        {
+            Some(status.message().to_string())
+        }
+        _ => None,
     }
 }
 
@@ -242,18 +316,21 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Errors after which the same request may succeed: the endpoint is down, there is no leader,
-/// or the request timed out.
+/// the request timed out, or etcd sheds load ("too many requests").
 pub fn is_transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::Aborted
-                | Code::Cancelled
-                | Code::Unknown
-        ),
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::Cancelled
+                    | Code::Unknown
+            ) || (status.code() == Code::ResourceExhausted
+                && status.message().contains("too many requests"))
+        }
         etcd_client::Error::WatchError(_) => true,
         _ => false,
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use hostnic_ipamd::audit::audit;
 use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocation, Allocator, Handle, IpamError, Kind, PodRef,
+    parse_range_sets, AllocateRequest, Allocation, Allocator, Attachment, IpamError, Kind, PodRef,
     RangeSet, StoreConfig,
 };
 use hostnic_testkit::{shared_cluster3, shared_single, unique_prefix, EtcdCluster};
@@ -31,8 +31,7 @@ fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
 
 fn request(container: &str, range_sets: &[RangeSet], requested: &[&str]) -> AllocateRequest {
     AllocateRequest {
-        handle: Handle::new(container, "eth0"),
-        network: "test-net".into(),
+        attachment: Attachment::new("test-net", container, "eth0"),
         pod: Some(PodRef {
             namespace: "default".into(),
             name: format!("pod-{container}"),
@@ -44,6 +43,7 @@ fn request(container: &str, range_sets: &[RangeSet], requested: &[&str]) -> Allo
             .map(|s| s.parse().expect("literal"))
             .collect(),
         requested_kind: Kind::Exact,
+        netns: String::new(),
     }
 }
 
@@ -125,7 +125,7 @@ async fn four_nodes_with_64_tasks_each_exhaust_a_slash_22_exactly_once_on_three_
         .expect("scan");
     assert_eq!(report.problems, Vec::<String>::new());
     assert_eq!(report.allocations.len(), 1021);
-    assert_eq!(report.handles.len(), 1021);
+    assert_eq!(report.attachments.len(), 1021);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +151,7 @@ async fn nodes_racing_for_one_exact_address_have_exactly_one_winner() {
         }
     }
     assert_eq!(winners.len(), 1, "exactly one winner, losers: {losers:?}");
-    let winner = &winners[0].handle.container_id;
+    let winner = &winners[0].attachment.container_id;
     for e in &losers {
         assert!(matches!(e, IpamError::AddressInUse { .. }), "{e}");
         assert!(
@@ -172,7 +172,7 @@ async fn add_twice_returns_the_same_address_and_del_is_idempotent() {
     let second = a.allocate(&req).await.expect("add again");
     assert_eq!(ips(&first), ips(&second));
     assert_eq!(
-        a.lookup(&req.handle)
+        a.lookup(&req.attachment)
             .await
             .expect("lookup")
             .map(|x| ips(&x)),
@@ -184,12 +184,12 @@ async fn add_twice_returns_the_same_address_and_del_is_idempotent() {
     assert_eq!(ips(&b.allocate(&req).await.expect("add on b")), ips(&first));
 
     assert!(a
-        .release(&Handle::new("never-added", "eth0"))
+        .release(&Attachment::new("test-net", "never-added", "eth0"))
         .await
         .expect("del unknown")
         .is_none());
     let released = a
-        .release(&req.handle)
+        .release(&req.attachment)
         .await
         .expect("del")
         .expect("held something");
@@ -197,17 +197,21 @@ async fn add_twice_returns_the_same_address_and_del_is_idempotent() {
         released.ips.iter().map(|x| x.ip).collect::<Vec<_>>(),
         ips(&first)
     );
-    assert!(a.release(&req.handle).await.expect("del twice").is_none());
+    assert!(a
+        .release(&req.attachment)
+        .await
+        .expect("del twice")
+        .is_none());
     assert!(b
-        .release(&req.handle)
+        .release(&req.attachment)
         .await
         .expect("del on another node")
         .is_none());
-    assert_eq!(a.lookup(&req.handle).await.expect("lookup"), None);
+    assert_eq!(a.lookup(&req.attachment).await.expect("lookup"), None);
 
     let report = audit(a.store(), a.keys()).await.expect("scan");
     assert!(
-        report.allocations.is_empty() && report.handles.is_empty(),
+        report.allocations.is_empty() && report.attachments.is_empty(),
         "{report:?}"
     );
 }
@@ -219,7 +223,9 @@ async fn a_released_address_is_not_handed_out_again_at_once() {
     let a = allocator(cluster, &prefix, "node-a").await;
     let pool = sets(json!({"subnet": "10.41.0.0/24"}));
     let first = a.allocate(&request("r1", &pool, &[])).await.expect("add");
-    a.release(&Handle::new("r1", "eth0")).await.expect("del");
+    a.release(&Attachment::new("test-net", "r1", "eth0"))
+        .await
+        .expect("del");
     let second = a.allocate(&request("r2", &pool, &[])).await.expect("add");
     assert_ne!(ips(&first), ips(&second));
 }
@@ -262,7 +268,11 @@ async fn a_new_allocator_sees_every_existing_allocation() {
         // Leave the pool as it was for the next instance.
         for j in 0..i {
             fresh
-                .release(&Handle::new(format!("{node}-new{j}"), "eth0"))
+                .release(&Attachment::new(
+                    "test-net",
+                    format!("{node}-new{j}"),
+                    "eth0",
+                ))
                 .await
                 .expect("del");
         }
@@ -353,7 +363,7 @@ async fn rejected_requests_write_nothing_to_etcd() {
         .allocate(&request("bad/handle", &pool, &[]))
         .await
         .expect_err("slash");
-    assert!(matches!(err, IpamError::InvalidHandle { .. }), "{err}");
+    assert!(matches!(err, IpamError::InvalidAttachment { .. }), "{err}");
     assert_eq!(
         key_count(&a).await,
         keys_before,
@@ -386,7 +396,7 @@ async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none
                     loop {
                         match node.allocate(&req).await {
                             Ok(a) => {
-                                got.push((req.handle.clone(), a.ips[0].ip));
+                                got.push((req.attachment.clone(), a.ips[0].ip));
                                 break;
                             }
                             Err(e) if e.is_retryable() => retries += 1,
@@ -432,7 +442,7 @@ async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none
         "no leaked or lost address ({retries} retries)"
     );
     for (handle, ip) in &all {
-        let held = &report.handles[handle];
+        let (_, held) = &report.attachments[handle];
         assert_eq!(held.ips.len(), 1);
         assert_eq!(held.ips[0].ip, *ip, "{handle} holds what it was told");
     }
@@ -570,7 +580,7 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         .await
         .expect("repeated ADD on a full pool");
     let held = a
-        .lookup(&Handle::new("w1", "eth0"))
+        .lookup(&Attachment::new("test-net", "w1", "eth0"))
         .await
         .expect("lookup")
         .expect("held");
@@ -581,7 +591,7 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         .expect_err("CNI STATUS reports the exhaustion");
     assert!(matches!(status, IpamError::Exhausted { .. }), "{status}");
     let freed = a
-        .release(&Handle::new("w3", "eth0"))
+        .release(&Attachment::new("test-net", "w3", "eth0"))
         .await
         .expect("release")
         .expect("held");
@@ -597,7 +607,7 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
         }
     };
     assert_eq!(got.ips[0].ip, freed.ips[0].ip);
-    a.release(&Handle::new("w0", "eth0"))
+    a.release(&Attachment::new("test-net", "w0", "eth0"))
         .await
         .expect("release");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -694,10 +704,10 @@ async fn gc_releases_only_this_nodes_stale_attachments_of_the_network_past_the_g
         .await
         .expect("b");
     let mut other_network = request("other-net", &pool, &[]);
-    other_network.network = "another-network".into();
+    other_network.attachment.network = "another-network".into();
     a.allocate(&other_network).await.expect("other network");
 
-    let valid: HashSet<Handle> = [Handle::new("live", "eth0")].into();
+    let valid: HashSet<Attachment> = [Attachment::new("test-net", "live", "eth0")].into();
     let grace = std::time::Duration::from_secs(60);
     let kept = a.gc("test-net", &valid, grace).await.expect("gc");
     assert!(
@@ -708,14 +718,17 @@ async fn gc_releases_only_this_nodes_stale_attachments_of_the_network_past_the_g
         .gc("test-net", &valid, std::time::Duration::ZERO)
         .await
         .expect("gc");
-    assert_eq!(freed, vec![Handle::new("stale", "eth0")]);
-    for (id, held) in [
-        ("live", true),
-        ("stale", false),
-        ("other-node", true),
-        ("other-net", true),
+    assert_eq!(freed, vec![Attachment::new("test-net", "stale", "eth0")]);
+    for (network, id, held) in [
+        ("test-net", "live", true),
+        ("test-net", "stale", false),
+        ("test-net", "other-node", true),
+        ("another-network", "other-net", true),
     ] {
-        let found = a.lookup(&Handle::new(id, "eth0")).await.expect("lookup");
+        let found = a
+            .lookup(&Attachment::new(network, id, "eth0"))
+            .await
+            .expect("lookup");
         assert_eq!(found.is_some(), held, "{id}");
     }
 }

@@ -239,8 +239,8 @@ async fn operator_commands_list_usage_audit_and_release() {
     )
     .expect("valid");
     let request = hostnic_ipamd::AllocateRequest {
-        handle: hostnic_ipamd::Handle::new("op1", "eth0"),
-        network: "op-net".into(),
+        attachment: hostnic_ipamd::Attachment::new("op-net", "op1", "eth0"),
+        netns: String::new(),
         pod: Some(hostnic_ipamd::PodRef {
             namespace: "prod".into(),
             name: "db-0".into(),
@@ -255,7 +255,7 @@ async fn operator_commands_list_usage_audit_and_release() {
     let (ok, out) = operator(&prefix, &["list"]);
     assert!(ok, "{out}");
     assert!(
-        out.contains("10.91.0.0/24\t10.91.0.7\top1/eth0\tprod/db-0\tnode-op\top-net\tExact"),
+        out.contains("10.91.0.0/24\t10.91.0.7\top-net\top1\teth0\tprod/db-0\tnode-op\tExact"),
         "{out}"
     );
 
@@ -266,26 +266,30 @@ async fn operator_commands_list_usage_audit_and_release() {
 
     let (ok, out) = operator(&prefix, &["audit"]);
     assert!(
-        ok && out.contains("1 allocations, 1 attachments, 0 problems"),
+        ok && out.contains("1 pools, 1 allocations, 1 attachments, 0 problems"),
         "{out}"
     );
 
-    // Break the handle index by hand: audit must notice and fail.
+    // Break the attachment record by hand: audit must notice and fail.
     let mut client = allocator.store().client();
     client
-        .delete(allocator.keys().handle(&request.handle), None)
+        .delete(allocator.keys().attachment(&request.attachment), None)
         .await
         .expect("delete");
     let (ok, out) = operator(&prefix, &["audit"]);
-    assert!(!ok && out.contains("PROBLEM address 10.91.0.7"), "{out}");
+    assert!(
+        !ok && out.contains("ips/10.91.0.7: held by op1/eth0 of network op-net whose attachment record does not list it"),
+        "{out}"
+    );
     client
-        .put(allocator.keys().handle(&request.handle), serde_json::json!({"version": 1, "network": "op-net", "node": "node-op", "ips": [{"pool": "10.91.0.0_24", "ip": "10.91.0.7"}]}).to_string(), None)
+        .put(allocator.keys().attachment(&request.attachment), serde_json::json!({"version": 1, "network": "op-net", "node": "node-op", "ips": [{"pool": "10.91.0.0_24", "ip": "10.91.0.7"}]}).to_string(), None)
         .await
         .expect("restore");
 
     let (ok, out) = operator(&prefix, &["release", "op1", "eth0"]);
     assert!(
-        ok && out.contains("released 10.91.0.7 of pool 10.91.0.0/24 from op1/eth0"),
+        ok && out
+            .contains("released 10.91.0.7 of pool 10.91.0.0/24 from op1/eth0 of network op-net"),
         "{out}"
     );
     let (ok, out) = operator(&prefix, &["list"]);

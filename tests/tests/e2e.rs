@@ -351,11 +351,17 @@ fn ip_key(prefix: &str, subnet: &str, ip: Ipv4Addr) -> String {
     format!("{prefix}/pools/{}/ips/{ip}", subnet.replace('/', "_"))
 }
 
-fn handle_key(prefix: &str, pod: &Pod) -> String {
-    format!("{prefix}/handles/{}/{IFNAME}", pod.id)
+/// The key of `pod`'s attachment record (`attachments/<network>/<containerID>/<ifname>`), if
+/// there is one.
+fn attachment_key(records: &BTreeMap<String, Value>, prefix: &str, pod: &Pod) -> Option<String> {
+    let suffix = format!("/{}/{IFNAME}", pod.id);
+    records
+        .keys()
+        .find(|k| k.starts_with(&format!("{prefix}/attachments/")) && k.ends_with(&suffix))
+        .cloned()
 }
 
-/// The allocation and handle records of `pod` say it holds `ip`, allocated by `node`.
+/// The allocation and attachment records of `pod` say it holds `ip`, allocated by `node`.
 fn assert_recorded(
     records: &BTreeMap<String, Value>,
     prefix: &str,
@@ -371,10 +377,9 @@ fn assert_recorded(
     assert_eq!(rec["handle"]["containerID"], json!(pod.id), "{key}: {rec}");
     assert_eq!(rec["handle"]["ifname"], json!(IFNAME), "{key}: {rec}");
     assert_eq!(rec["node"], json!(node), "{key}: {rec}");
-    let key = handle_key(prefix, pod);
-    let rec = records
-        .get(&key)
-        .unwrap_or_else(|| panic!("no handle record {key}; records: {records:#?}"));
+    let key = attachment_key(records, prefix, pod)
+        .unwrap_or_else(|| panic!("no attachment record of {}; records: {records:#?}", pod.id));
+    let rec = &records[&key];
     let ips: Vec<&Value> = rec["ips"].as_array().into_iter().flatten().collect();
     assert!(
         ips.iter().any(|h| h["ip"] == json!(ip.to_string())),
@@ -382,14 +387,11 @@ fn assert_recorded(
     );
 }
 
-/// No allocation or handle record of `pod` remains.
+/// No allocation or attachment record of `pod` remains.
 fn assert_released(records: &BTreeMap<String, Value>, prefix: &str, pod: &Pod) {
-    let handle = handle_key(prefix, pod);
-    assert!(
-        !records.contains_key(&handle),
-        "{handle} still exists: {}",
-        records[&handle]
-    );
+    if let Some(key) = attachment_key(records, prefix, pod) {
+        panic!("{key} still exists: {}", records[&key]);
+    }
     for (key, rec) in records {
         assert!(
             !(key.contains("/ips/") && rec["handle"]["containerID"] == json!(pod.id)),
@@ -399,12 +401,12 @@ fn assert_released(records: &BTreeMap<String, Value>, prefix: &str, pod: &Pod) {
     }
 }
 
-/// Allocation (`/ips/`) and handle (`/handles/`) keys: what must be gone once every pod is
-/// deleted (pool and block records may stay).
+/// Allocation (`/ips/`) and attachment (`/attachments/`) keys: what must be gone once every pod
+/// is deleted (pool, block and release-marker records may stay).
 fn allocation_keys(records: &BTreeMap<String, Value>, prefix: &str) -> Vec<String> {
     records
         .keys()
-        .filter(|k| k.contains("/ips/") || k.starts_with(&format!("{prefix}/handles/")))
+        .filter(|k| k.contains("/ips/") || k.starts_with(&format!("{prefix}/attachments/")))
         .cloned()
         .collect()
 }
