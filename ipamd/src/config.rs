@@ -180,7 +180,7 @@ pub enum ConfigFileError {
         source_name: &'static str,
         reason: &'static str,
     },
-    #[error("{value} from {source_name} is out of range: {reason}")]
+    #[error("{source_name} is {value}: {reason}")]
     OutOfRange {
         value: u64,
         source_name: &'static str,
@@ -518,7 +518,10 @@ mod tests {
         for ms in ["0", "99", "8001", "18446744073709551615"] {
             let e = refusal(with_endpoint(&["--etcd-retry-ms", ms]), "{}", Some("h"));
             assert!(e.contains("--etcd-retry-ms / HOSTNIC_ETCD_RETRY_MS"), "{e}");
-            assert!(e.contains(&format!("{ms} from")), "{e}");
+            assert!(
+                e.contains(&format!("HOSTNIC_ETCD_RETRY_MS is {ms}:")),
+                "{e}"
+            );
             assert!(e.contains("100..=8000 ms"), "{e}");
         }
         let e = refusal(with_endpoint(&[]), r#"{"etcd": {"retryMs": 0}}"#, Some("h"));
