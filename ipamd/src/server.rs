@@ -143,7 +143,7 @@ impl SocketLock {
                     waited: if wait.is_zero() {
                         "not waiting for it (--socket-wait-seconds 0)".to_owned()
                     } else {
-                        format!("it did not stop within {}s", wait.as_secs())
+                        format!("it did not stop within {wait:?}")
                     },
                 });
             }
@@ -506,5 +506,43 @@ mod tests {
         assert!(stale_socket(&sock).expect("socket"));
         let e = stale_socket(dir.path()).expect_err("a directory is not stale");
         assert!(e.to_string().contains("is a directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_held_lock_is_refused_naming_its_holder_and_free_again_once_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let owner = std::fs::metadata(dir.path()).expect("temp dir").uid();
+        if owner != 0 {
+            eprintln!("SKIPPED socket lock test: the temp dir is not root's (uid {owner})");
+            return;
+        }
+        let socket = dir.path().join("run/ipamd.sock");
+        let held = SocketLock::acquire(&socket, Duration::ZERO)
+            .await
+            .expect("free lock");
+        assert_eq!(held.lock_path(), sibling(&socket, "lock"));
+        let e = SocketLock::acquire(&socket, Duration::ZERO)
+            .await
+            .expect_err("held")
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "another hostnic-ipamd (PID {}) holds {} and serves {}; not waiting for it \
+                 (--socket-wait-seconds 0): stop that daemon, or give this one another --socket",
+                std::process::id(),
+                held.lock_path().display(),
+                socket.display()
+            )
+        );
+        let e = SocketLock::acquire(&socket, Duration::from_millis(250))
+            .await
+            .expect_err("still held")
+            .to_string();
+        assert!(e.contains("it did not stop within 250ms"), "{e}");
+        drop(held);
+        SocketLock::acquire(&socket, Duration::ZERO)
+            .await
+            .expect("free again");
     }
 }
