@@ -52,9 +52,14 @@ pub struct Flags {
     /// This node's name, as Kubernetes knows it (spec.nodeName). Defaults to the hostname.
     #[arg(long, global = true, env = "HOSTNIC_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Unix socket the CNI plugins call.
+    /// Unix socket the CNI plugins call. Its directory must be owned by root and writable by
+    /// nobody else; missing directories are created 0755.
     #[arg(long, global = true, env = "HOSTNIC_IPAMD_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// How long to wait for another daemon holding the socket's lock to stop before giving up
+    /// (0: give up at once). Lets a rolling update start the new daemon before the old one ends.
+    #[arg(long, global = true, env = "HOSTNIC_IPAMD_SOCKET_WAIT_SECONDS")]
+    pub socket_wait_seconds: Option<u64>,
     /// Attachments younger than this survive a CNI GC that does not list them.
     #[arg(long, global = true, env = "HOSTNIC_GC_GRACE_SECONDS")]
     pub gc_grace_seconds: Option<u64>,
@@ -71,7 +76,7 @@ pub enum Command {
     /// List every allocation: pool, address, attachment, pod, node, network, kind.
     List {
         /// Only this pool (its subnet, e.g. 10.0.0.0/24).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_pool_subnet)]
         pool: Option<String>,
     },
     /// Show each pool's usage: dynamic addresses, held addresses, claimed blocks.
@@ -119,6 +124,7 @@ pub struct FileConfig {
     pub etcd: FileEtcd,
     pub node_name: Option<String>,
     pub socket: Option<PathBuf>,
+    pub socket_wait_seconds: Option<u64>,
     pub gc_grace_seconds: Option<u64>,
 }
 
@@ -142,11 +148,36 @@ pub struct DaemonConfig {
     pub store: StoreConfig,
     pub node_name: String,
     pub socket: PathBuf,
+    /// How long to wait for a daemon already serving `socket` to stop.
+    pub socket_wait: Duration,
     pub gc_grace: Duration,
 }
 
 /// Default of `--gc-grace-seconds`.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(60);
+
+/// Largest `--gc-grace-seconds`: the grace only has to cover an ADD that races the runtime's
+/// GC listing; a longer one keeps leaked addresses held for days.
+pub const MAX_GC_GRACE_SECONDS: u64 = 24 * 60 * 60;
+
+/// Smallest `--etcd-retry-ms`: below this not even one retry fits, and a leader election
+/// (about 2 s on a loopback cluster) turns every call into "try again later".
+pub const MIN_ETCD_RETRY_MS: u64 = 100;
+
+/// Largest `--etcd-retry-ms`: the plugin waits at most 10 s for the daemon (its
+/// `CALL_DEADLINE`); a budget near that makes the plugin give up first, while the daemon's
+/// work may still commit.
+pub const MAX_ETCD_RETRY_MS: u64 = 8_000;
+
+/// Default of `--socket-wait-seconds`: longer than Kubernetes' default 30 s termination grace,
+/// so that a new daemon of a rolling update outlasts an old one that has to be killed.
+pub const DEFAULT_SOCKET_WAIT: Duration = Duration::from_secs(60);
+
+/// Largest `--socket-wait-seconds`.
+pub const MAX_SOCKET_WAIT_SECONDS: u64 = 3600;
+
+/// Longest node name Kubernetes accepts (a DNS subdomain, RFC 1123).
+const MAX_NODE_NAME: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -166,6 +197,20 @@ pub enum ConfigFileError {
     NoEndpoints,
     #[error("no node name: set --node-name or HOSTNIC_NODE_NAME (the hostname could not be read)")]
     NoNodeName,
+    /// Node names are written into etcd records and must match `spec.nodeName`, which
+    /// Kubernetes only accepts as an RFC 1123 subdomain.
+    #[error("node name {name:?} from {source_name} is not valid: {reason}; Kubernetes node names are lower-case RFC 1123 subdomains (a-z, 0-9, '-', '.', starting and ending with a letter or digit, at most 253 characters)")]
+    InvalidNodeName {
+        name: String,
+        source_name: &'static str,
+        reason: &'static str,
+    },
+    #[error("{source_name} is {value}: {reason}")]
+    OutOfRange {
+        value: u64,
+        source_name: &'static str,
+        reason: String,
+    },
 }
 
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigFileError> {
@@ -179,7 +224,62 @@ pub fn read_file(path: &Path) -> Result<FileConfig, ConfigFileError> {
     })
 }
 
-/// Flags (and their environment variables) win over the file, the file over defaults.
+/// `list --pool`: a subnet in its canonical spelling (the one pool ids are made of), so that a
+/// typo is refused instead of listing nothing.
+fn parse_pool_subnet(text: &str) -> Result<String, String> {
+    let net: ipnet::IpNet = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a subnet such as 10.0.0.0/24 ({e})"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text} has host bits set; the pool's subnet is {}",
+            net.trunc()
+        ));
+    }
+    Ok(net.to_string())
+}
+
+/// Why `name` is not a lower-case RFC 1123 subdomain, as Kubernetes checks `spec.nodeName`
+/// (`IsDNS1123Subdomain`: the whole name at most 253 characters, dot-separated labels of
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`).
+fn node_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > MAX_NODE_NAME {
+        return Some("it is longer than 253 characters");
+    }
+    if name.chars().any(char::is_control) {
+        return Some("it contains a control character");
+    }
+    if name.chars().any(char::is_whitespace) {
+        return Some("it contains white space");
+    }
+    if name.contains('/') {
+        return Some("it contains '/'");
+    }
+    if name.chars().any(|c| c.is_ascii_uppercase()) {
+        return Some("it contains upper-case letters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Some("it has an empty label (a leading, trailing or doubled '.')");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Some("it contains a character other than a-z, 0-9, '-' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("a label starts or ends with '-'");
+        }
+    }
+    None
+}
+
+/// Flags (and their environment variables) win over the file, the file over defaults. Every
+/// value is checked here, so that a daemon never starts on one that cannot work.
 pub fn resolve(
     flags: Flags,
     file: FileConfig,
@@ -209,29 +309,106 @@ pub fn resolve(
     if tls.ca.is_some() || tls.cert.is_some() {
         store.tls = Some(tls);
     }
-    if let Some(ms) = flags.etcd_retry_ms.or(etcd.retry_ms) {
+    if let Some((ms, source_name)) = pick(
+        flags.etcd_retry_ms,
+        etcd.retry_ms,
+        "--etcd-retry-ms / HOSTNIC_ETCD_RETRY_MS",
+        "etcd.retryMs in the config file",
+    ) {
+        if !(MIN_ETCD_RETRY_MS..=MAX_ETCD_RETRY_MS).contains(&ms) {
+            return Err(ConfigFileError::OutOfRange {
+                value: ms,
+                source_name,
+                reason: format!(
+                    "the etcd retry budget must be {MIN_ETCD_RETRY_MS}..={MAX_ETCD_RETRY_MS} ms: \
+                     below {MIN_ETCD_RETRY_MS} ms no retry fits and an etcd leader election fails \
+                     every call; above {MAX_ETCD_RETRY_MS} ms the plugin (which waits 10 s) gives \
+                     up before the daemon answers"
+                ),
+            });
+        }
         store.retry_timeout = Duration::from_millis(ms);
     }
-    let node_name = flags
-        .node_name
-        .or(file.node_name)
-        .or(hostname)
-        .filter(|n| !n.is_empty())
-        .ok_or(ConfigFileError::NoNodeName)?;
+    let node_name = match (flags.node_name, file.node_name) {
+        (Some(name), _) => (name, "--node-name / HOSTNIC_NODE_NAME"),
+        (None, Some(name)) => (name, "nodeName in the config file"),
+        // The kubelet lower-cases the hostname when it names the node after it.
+        (None, None) => (
+            hostname
+                .map(|h| h.to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .ok_or(ConfigFileError::NoNodeName)?,
+            "the hostname (set --node-name to override)",
+        ),
+    };
+    if let Some(reason) = node_name_problem(&node_name.0) {
+        return Err(ConfigFileError::InvalidNodeName {
+            name: node_name.0,
+            source_name: node_name.1,
+            reason,
+        });
+    }
     let socket = flags
         .socket
         .or(file.socket)
         .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
-    let gc_grace = flags
-        .gc_grace_seconds
-        .or(file.gc_grace_seconds)
-        .map_or(DEFAULT_GC_GRACE, Duration::from_secs);
+    let socket_wait = match pick(
+        flags.socket_wait_seconds,
+        file.socket_wait_seconds,
+        "--socket-wait-seconds / HOSTNIC_IPAMD_SOCKET_WAIT_SECONDS",
+        "socketWaitSeconds in the config file",
+    ) {
+        None => DEFAULT_SOCKET_WAIT,
+        Some((s, source_name)) if s > MAX_SOCKET_WAIT_SECONDS => {
+            return Err(ConfigFileError::OutOfRange {
+                value: s,
+                source_name,
+                reason: format!(
+                    "waiting more than {MAX_SOCKET_WAIT_SECONDS} s for another daemon to stop \
+                     hides a stuck rollout; stop the other daemon instead"
+                ),
+            })
+        }
+        Some((s, _)) => Duration::from_secs(s),
+    };
+    let gc_grace = match pick(
+        flags.gc_grace_seconds,
+        file.gc_grace_seconds,
+        "--gc-grace-seconds / HOSTNIC_GC_GRACE_SECONDS",
+        "gcGraceSeconds in the config file",
+    ) {
+        None => DEFAULT_GC_GRACE,
+        Some((s, source_name)) if s > MAX_GC_GRACE_SECONDS => {
+            return Err(ConfigFileError::OutOfRange {
+                value: s,
+                source_name,
+                reason: format!(
+                    "the GC grace must be at most {MAX_GC_GRACE_SECONDS} s (a day): it only has \
+                     to cover an ADD racing the runtime's GC, and a longer one keeps leaked \
+                     addresses held"
+                ),
+            })
+        }
+        Some((s, _)) => Duration::from_secs(s),
+    };
     Ok(DaemonConfig {
         store,
-        node_name,
+        node_name: node_name.0,
         socket,
+        socket_wait,
         gc_grace,
     })
+}
+
+/// The flag's value if set, else the file's, each with the name an error should give it.
+fn pick<T>(
+    flag: Option<T>,
+    file: Option<T>,
+    flag_name: &'static str,
+    file_name: &'static str,
+) -> Option<(T, &'static str)> {
+    flag.map(|v| (v, flag_name))
+        .or_else(|| file.map(|v| (v, file_name)))
 }
 
 #[cfg(test)]
@@ -298,5 +475,159 @@ mod tests {
     fn unknown_file_keys_are_rejected() {
         let e = serde_json::from_str::<FileConfig>(r#"{"nodeNmae": "x"}"#).expect_err("typo");
         assert!(e.to_string().contains("nodeNmae"));
+    }
+
+    fn with_endpoint(args: &[&str]) -> Flags {
+        let mut all = vec!["--etcd-endpoints", "http://a:1"];
+        all.extend_from_slice(args);
+        flags(&all)
+    }
+
+    fn refusal(flags: Flags, file: &str, hostname: Option<&str>) -> String {
+        let file: FileConfig = serde_json::from_str(file).expect("file parses");
+        resolve(flags, file, hostname.map(str::to_owned))
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn node_names_that_are_not_rfc1123_subdomains_are_refused_naming_their_source() {
+        for (name, why) in [
+            ("", "empty"),
+            ("   ", "white space"),
+            ("a/b", "'/'"),
+            ("node\n1", "control character"),
+            ("Node-1", "upper-case"),
+            ("node_1", "other than a-z"),
+            ("-node", "starts or ends with '-'"),
+            ("node..1", "empty label"),
+            (&"a".repeat(254), "longer than 253"),
+        ] {
+            let arg = format!("--node-name={name}");
+            let e = refusal(with_endpoint(&[&arg]), "{}", Some("h"));
+            assert!(
+                e.contains("--node-name / HOSTNIC_NODE_NAME"),
+                "{name:?}: {e}"
+            );
+            assert!(e.contains(why), "{name:?}: {e}");
+            let file = serde_json::json!({ "nodeName": name }).to_string();
+            let e = refusal(with_endpoint(&[]), &file, Some("h"));
+            assert!(e.contains("nodeName in the config file"), "{name:?}: {e}");
+        }
+        let e = refusal(with_endpoint(&[]), "{}", Some("bad host"));
+        assert!(e.contains("the hostname"), "{e}");
+        for name in ["node-1", "ip-10-0-0-1.ec2.internal", "1", &"a".repeat(253)] {
+            let c = resolve(
+                with_endpoint(&["--node-name", name]),
+                FileConfig::default(),
+                None,
+            )
+            .expect("valid name");
+            assert_eq!(c.node_name, name);
+        }
+    }
+
+    #[test]
+    fn the_hostname_is_lower_cased_as_the_kubelet_does() {
+        let c = resolve(
+            with_endpoint(&[]),
+            FileConfig::default(),
+            Some("Node-A".into()),
+        )
+        .expect("resolves");
+        assert_eq!(c.node_name, "node-a");
+    }
+
+    #[test]
+    fn etcd_retry_budgets_out_of_range_are_refused_naming_their_source() {
+        for ms in ["0", "99", "8001", "18446744073709551615"] {
+            let e = refusal(with_endpoint(&["--etcd-retry-ms", ms]), "{}", Some("h"));
+            assert!(e.contains("--etcd-retry-ms / HOSTNIC_ETCD_RETRY_MS"), "{e}");
+            assert!(
+                e.contains(&format!("HOSTNIC_ETCD_RETRY_MS is {ms}:")),
+                "{e}"
+            );
+            assert!(e.contains("100..=8000 ms"), "{e}");
+        }
+        let e = refusal(with_endpoint(&[]), r#"{"etcd": {"retryMs": 0}}"#, Some("h"));
+        assert!(e.contains("etcd.retryMs in the config file"), "{e}");
+        for ms in [100, 8000] {
+            let c = resolve(
+                with_endpoint(&["--etcd-retry-ms", &ms.to_string()]),
+                FileConfig::default(),
+                Some("h".into()),
+            )
+            .expect("in range");
+            assert_eq!(c.store.retry_timeout, Duration::from_millis(ms));
+        }
+    }
+
+    #[test]
+    fn gc_grace_beyond_a_day_is_refused_naming_its_source() {
+        let e = refusal(
+            with_endpoint(&["--gc-grace-seconds", "86401"]),
+            "{}",
+            Some("h"),
+        );
+        assert!(
+            e.contains("--gc-grace-seconds / HOSTNIC_GC_GRACE_SECONDS"),
+            "{e}"
+        );
+        assert!(e.contains("at most 86400 s"), "{e}");
+        let e = refusal(
+            with_endpoint(&[]),
+            r#"{"gcGraceSeconds": 18446744073709551615}"#,
+            Some("h"),
+        );
+        assert!(e.contains("gcGraceSeconds in the config file"), "{e}");
+        // 0 is allowed: tests collect at once.
+        let c = resolve(
+            with_endpoint(&["--gc-grace-seconds", "0"]),
+            FileConfig::default(),
+            Some("h".into()),
+        )
+        .expect("zero grace");
+        assert_eq!(c.gc_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn socket_wait_has_a_default_and_a_bound() {
+        let c =
+            resolve(with_endpoint(&[]), FileConfig::default(), Some("h".into())).expect("resolves");
+        assert_eq!(c.socket_wait, DEFAULT_SOCKET_WAIT);
+        let c = resolve(
+            with_endpoint(&[]),
+            serde_json::from_str(r#"{"socketWaitSeconds": 0}"#).expect("file parses"),
+            Some("h".into()),
+        )
+        .expect("resolves");
+        assert_eq!(c.socket_wait, Duration::ZERO);
+        let e = refusal(
+            with_endpoint(&["--socket-wait-seconds", "3601"]),
+            "{}",
+            Some("h"),
+        );
+        assert!(
+            e.contains("--socket-wait-seconds / HOSTNIC_IPAMD_SOCKET_WAIT_SECONDS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn list_pool_must_be_a_subnet_and_is_given_in_its_canonical_spelling() {
+        let parse = |pool: &str| {
+            Flags::try_parse_from(["hostnic-ipamd", "list", "--pool", pool]).map(|f| f.command)
+        };
+        let e = parse("junk").expect_err("junk refused").to_string();
+        assert!(e.contains("--pool"), "{e}");
+        assert!(e.contains("\"junk\" is not a subnet"), "{e}");
+        let e = parse("10.0.0.5/24")
+            .expect_err("host bits refused")
+            .to_string();
+        assert!(e.contains("the pool's subnet is 10.0.0.0/24"), "{e}");
+        let Ok(Some(Command::List { pool })) = parse("fd00:0::/120") else {
+            panic!("an IPv6 subnet parses");
+        };
+        assert_eq!(pool.as_deref(), Some("fd00::/120"));
     }
 }

@@ -767,6 +767,17 @@ pub fn skip_unless_ci(what: &str, why: &str) {
     report_skip(what, why);
 }
 
+/// Spawns `cmd` so that the kernel SIGKILLs it if the test process dies without unwinding, for
+/// processes [`daemon::IpamDaemon`] does not fit (one expected to fail, or to wait its turn).
+pub fn spawn_with_pdeathsig(cmd: &mut Command) -> io::Result<Child> {
+    sys::spawn_with_pdeathsig(cmd)
+}
+
+/// Sends SIGTERM to `pid`; pass only PIDs of children not yet reaped.
+pub fn sigterm(pid: u32) -> io::Result<()> {
+    sys::sigterm(pid)
+}
+
 #[allow(unsafe_code)] // libc calls std has no safe wrapper for: prctl in pre_exec, kill(SIGTERM), geteuid, atexit
 mod sys {
     use std::io;
