@@ -69,9 +69,6 @@ async fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
-    let allocator = Allocator::start(&config.store, &config.node_name)
-        .await
-        .context("starting the allocator")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let shutdown = async move {
@@ -80,11 +77,15 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    server::serve(
-        Arc::new(allocator),
-        config.gc_grace,
-        &config.socket,
-        shutdown,
-    )
-    .await
+    tokio::pin!(shutdown);
+    // The socket's lock first: a second daemon waits here without touching etcd, and a bad
+    // socket path is refused before anything else happens.
+    let lock = tokio::select! {
+        lock = server::SocketLock::acquire(&config.socket, config.socket_wait) => lock?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let allocator = Allocator::start(&config.store, &config.node_name)
+        .await
+        .context("starting the allocator")?;
+    server::serve_locked(lock, Arc::new(allocator), config.gc_grace, shutdown).await
 }
