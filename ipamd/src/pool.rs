@@ -1668,3 +1668,364 @@ mod shipped_configs {
         }
     }
 }
+
+/// Properties over arbitrary configs and arbitrary pools: whatever comes in, parsing and the
+/// pool arithmetic neither panic nor run away, and what is accepted is valid and normal.
+#[cfg(test)]
+mod properties {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    use super::*;
+
+    /// Time one call may take on a loaded machine; a runaway loop takes far longer.
+    const BUDGET: Duration = Duration::from_secs(2);
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 500,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// IPv4 addresses near the pools the CIDRs below make, and at the special places.
+    fn v4() -> impl Strategy<Value = Ipv4Addr> {
+        let near = (0u8..2, 0u8..2, any::<u8>()).prop_map(|(b, c, d)| Ipv4Addr::new(10, b, c, d));
+        let special = (
+            prop::sample::select(vec![0u8, 127, 169, 224, 240, 255]),
+            any::<u8>(),
+            any::<u8>(),
+        )
+            .prop_map(|(a, c, d)| Ipv4Addr::new(a, if a == 169 { 254 } else { 0 }, c, d));
+        prop_oneof![
+            8 => near,
+            1 => special,
+            1 => any::<u32>().prop_map(Ipv4Addr::from),
+        ]
+    }
+
+    fn v6() -> impl Strategy<Value = Ipv6Addr> {
+        let head = prop_oneof![
+            6 => Just(0xfd00u16),
+            1 => prop::sample::select(vec![0xfe80u16, 0xff02, 0, 0x2001]),
+        ];
+        (head, 0u16..2, 0u16..2, any::<u16>()).prop_map(|(h, a, b, c)| {
+            if h == 0 && a == 1 {
+                // ::ffff:10.x.y.z, the IPv4-mapped spelling.
+                Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0x0a00, c)
+            } else {
+                Ipv6Addr::new(h, 0, 0, a, 0, 0, b, c)
+            }
+        })
+    }
+
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![3 => v4().prop_map(IpAddr::V4), 1 => v6().prop_map(IpAddr::V6)]
+    }
+
+    /// CIDRs of both families: with and without host bits, from /0 to the full length.
+    fn cidr() -> impl Strategy<Value = String> {
+        let v4 = (
+            v4(),
+            prop_oneof![6 => prop::sample::select(vec![8u8, 16, 22, 24, 26, 28, 30]), 1 => 0u8..=33],
+            prop::bool::weighted(0.9),
+        )
+            .prop_map(|(a, p, trunc)| match ipnet::Ipv4Net::new(a, p) {
+                Ok(n) if trunc => n.trunc().to_string(),
+                _ => format!("{a}/{p}"),
+            });
+        let v6 = (
+            v6(),
+            prop_oneof![6 => prop::sample::select(vec![48u8, 64, 112, 120, 126]), 1 => 0u8..=129],
+            prop::bool::weighted(0.9),
+        )
+            .prop_map(|(a, p, trunc)| match ipnet::Ipv6Net::new(a, p) {
+                Ok(n) if trunc => n.trunc().to_string(),
+                _ => format!("{a}/{p}"),
+            });
+        prop_oneof![3 => v4, 1 => v6]
+    }
+
+    /// A JSON value of the wrong type now and then.
+    fn or_junk(s: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            60 => s,
+            1 => prop_oneof![
+                Just(Value::Null),
+                any::<i64>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(json!([])),
+                Just(json!({})),
+                "[a-z0-9./:]{0,12}".prop_map(Value::from),
+            ],
+        ]
+    }
+
+    fn address_text() -> impl Strategy<Value = Value> {
+        or_junk(ip().prop_map(|a| Value::from(a.to_string())))
+    }
+
+    fn range_object() -> impl Strategy<Value = Value> {
+        (
+            prop::option::weighted(0.9, or_junk(cidr().prop_map(Value::from))),
+            prop::option::weighted(0.3, address_text()),
+            prop::option::weighted(0.3, address_text()),
+            prop::option::weighted(0.3, address_text()),
+        )
+            .prop_map(|(subnet, start, end, gateway)| {
+                let mut m = Map::new();
+                let keys = ["subnet", "rangeStart", "rangeEnd", "gateway"];
+                for (k, v) in keys.into_iter().zip([subnet, start, end, gateway]) {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                }
+                Value::Object(m)
+            })
+    }
+
+    fn exclude_entry() -> impl Strategy<Value = Value> {
+        or_junk(prop_oneof![
+            ip().prop_map(|a| Value::from(a.to_string())),
+            cidr().prop_map(Value::from),
+        ])
+    }
+
+    fn ipam() -> impl Strategy<Value = Value> {
+        let top = prop_oneof![3 => range_object(), 1 => Just(json!({}))];
+        let set = prop_oneof![
+            20 => prop::collection::vec(range_object(), 1..3),
+            1 => Just(Vec::new()),
+        ];
+        let ranges = prop::option::of(or_junk(
+            prop::collection::vec(set, 1..3).prop_map(|sets| json!(sets)),
+        ));
+        let exclude = prop::option::weighted(
+            0.5,
+            prop_oneof![
+                20 => prop::collection::vec(exclude_entry(), 0..6).prop_map(Value::from),
+                1 => prop::collection::vec(exclude_entry(), 1000..1100).prop_map(Value::from),
+            ],
+        );
+        let block = prop::option::weighted(
+            0.4,
+            or_junk(
+                prop_oneof![
+                    4 => prop_oneof![20u8..=32, 116u8..=128],
+                    1 => any::<u8>(),
+                ]
+                .prop_map(Value::from),
+            ),
+        );
+        (
+            top,
+            ranges,
+            exclude,
+            prop::option::weighted(0.2, address_text()),
+            prop::option::weighted(0.2, address_text()),
+            block,
+        )
+            .prop_map(|(top, ranges, exclude, fixed_start, fixed_end, block)| {
+                let mut m = match top {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+                let keys = ["ranges", "exclude", "fixedStart", "fixedEnd", "blockSize"];
+                for (k, v) in keys
+                    .into_iter()
+                    .zip([ranges, exclude, fixed_start, fixed_end, block])
+                {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                }
+                m.insert("type".into(), "hostnic-ipam".into());
+                Value::Object(m)
+            })
+    }
+
+    /// A config whose addresses are drawn inside (or just past) its subnets, so that a good
+    /// share is accepted: offsets from the network, excludes of any prefix, host bits now and
+    /// then, a dual-stack range set, a blockSize of either family.
+    fn plausible_ipam() -> impl Strategy<Value = Value> {
+        let v4 = (0u8..4, 16u8..=30);
+        let v6 = prop::option::weighted(0.4, (0u16..4, 64u8..=126));
+        (v4, v6).prop_flat_map(|((b, p4), v6)| {
+            let net4 = u32::from(Ipv4Addr::new(10, b, 0, 0));
+            let size4 = 1u64 << (32 - p4);
+            let at4 = move |o: u64| Ipv4Addr::from(net4.wrapping_add(o as u32)).to_string();
+            let offset = move || 0..size4 + 4;
+            let exclude =
+                (offset(), 24u8..=32, prop::bool::weighted(0.9)).prop_map(move |(o, p, trunc)| {
+                    let net = ipnet::Ipv4Net::new(Ipv4Addr::from(net4.wrapping_add(o as u32)), p)
+                        .unwrap_or_default();
+                    if p == 32 && trunc {
+                        net.addr().to_string()
+                    } else if trunc {
+                        net.trunc().to_string()
+                    } else {
+                        net.to_string()
+                    }
+                });
+            (
+                prop::option::weighted(0.5, offset()),
+                prop::option::weighted(0.5, offset()),
+                prop::option::weighted(0.3, offset()),
+                prop::collection::vec(exclude, 0..5),
+                prop::option::weighted(0.2, (offset(), 0u64..16)),
+                prop::option::weighted(
+                    0.4,
+                    prop_oneof![BLOCK_PREFIX_V4, BLOCK_PREFIX_V6, any::<u8>()],
+                ),
+                Just(v6),
+            )
+                .prop_map(move |(start, end, gw, exclude, fixed, block, v6)| {
+                    let mut range = Map::new();
+                    range.insert("subnet".into(), format!("{}/{p4}", at4(0)).into());
+                    for (k, v) in [("rangeStart", start), ("rangeEnd", end), ("gateway", gw)] {
+                        if let Some(o) = v {
+                            range.insert(k.into(), at4(o).into());
+                        }
+                    }
+                    let mut sets = vec![json!([range])];
+                    if let Some((h, p6)) = v6 {
+                        let net =
+                            ipnet::Ipv6Net::new(Ipv6Addr::new(0xfd00, h, 0, 0, 0, 0, 0, 0), p6)
+                                .unwrap_or_default();
+                        sets.push(json!([{"subnet": net.to_string()}]));
+                    }
+                    let mut ipam =
+                        json!({"type": "hostnic-ipam", "ranges": sets, "exclude": exclude});
+                    if let Some((o, len)) = fixed {
+                        ipam["fixedStart"] = at4(o).into();
+                        ipam["fixedEnd"] = at4(o + len).into();
+                    }
+                    if let Some(b) = block {
+                        ipam["blockSize"] = b.into();
+                    }
+                    ipam
+                })
+        })
+    }
+
+    /// A pool with any field any value: subnets of every prefix, integers near the subnet or
+    /// anywhere on the line, block prefixes 0..=255.
+    fn any_pool() -> impl Strategy<Value = Pool> {
+        let subnet = prop_oneof![
+            1 => (any::<u32>(), 0u8..=32).prop_map(|(a, p)| IpNet::from(
+                ipnet::Ipv4Net::new(Ipv4Addr::from(a), p).unwrap_or_default()
+            )),
+            4 => (0u32..4, 16u8..=30).prop_map(|(b, p)| IpNet::from(
+                ipnet::Ipv4Net::new(Ipv4Addr::new(10, b as u8, 0, 0), p)
+                    .unwrap_or_default()
+                    .trunc()
+            )),
+            1 => (any::<u128>(), 0u8..=128).prop_map(|(a, p)| IpNet::from(
+                ipnet::Ipv6Net::new(Ipv6Addr::from(a), p).unwrap_or_default()
+            )),
+            4 => (0u128..4, 48u8..=126).prop_map(|(b, p)| IpNet::from(
+                ipnet::Ipv6Net::new(Ipv6Addr::from((0xfd00 << 112) | (b << 64)), p)
+                    .unwrap_or_default()
+                    .trunc()
+            )),
+        ];
+        subnet.prop_flat_map(|subnet| {
+            let base = to_int(subnet.network());
+            let host_bits = Family::of(subnet.addr()).bits() - subnet.prefix_len();
+            let span = 1u128 << host_bits.min(12);
+            let n = move || {
+                prop_oneof![
+                    12 => (0..span).prop_map(move |o| base.saturating_add(o)),
+                    1 => any::<u128>(),
+                    1 => Just(u128::MAX),
+                ]
+            };
+            let range = move || {
+                prop_oneof![
+                    8 => (n(), 0u128..64).prop_map(|(a, l)| AddrRange::new(a, a.saturating_add(l))),
+                    1 => (n(), n()).prop_map(|(a, b)| AddrRange::new(a, b)),
+                ]
+            };
+            let gateway = n().prop_map(move |g| from_int(Family::of(subnet.addr()), g));
+            let family_prefixes = match Family::of(subnet.addr()) {
+                Family::V4 => BLOCK_PREFIX_V4,
+                Family::V6 => BLOCK_PREFIX_V6,
+            };
+            let block_prefix = prop_oneof![
+                4 => family_prefixes,
+                1 => any::<u8>(),
+            ];
+            let ranges = prop_oneof![
+                8 => prop::collection::vec(range(), 1..3),
+                1 => prop::collection::vec(range(), 0..70),
+            ];
+            (
+                gateway,
+                ranges,
+                prop::collection::vec(range(), 0..12),
+                prop::option::weighted(0.2, range()),
+                block_prefix,
+            )
+                .prop_map(move |(gateway, ranges, exclude, fixed, block_prefix)| {
+                    Pool {
+                        subnet,
+                        gateway,
+                        ranges,
+                        exclude,
+                        fixed,
+                        block_prefix,
+                    }
+                })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn parsing_any_config_is_quick_and_what_it_accepts_is_valid_and_normal(
+            ipam in prop_oneof![ipam(), plausible_ipam()]
+        ) {
+            let start = Instant::now();
+            let parsed = parse_range_sets(&ipam);
+            prop_assert!(start.elapsed() < BUDGET, "took {:?}", start.elapsed());
+            match parsed {
+                Ok(sets) => {
+                    prop_assert!(!sets.is_empty() && sets.len() <= MAX_RANGE_SETS);
+                    for pool in sets.iter().flat_map(|s| &s.pools) {
+                        prop_assert_eq!(pool.validate(), Ok(()));
+                        prop_assert_eq!(&pool.clone().normalised(), pool);
+                        prop_assert_eq!(pool.clone().checked(), Ok(pool.clone()));
+                        prop_assert!(pool.dynamic_size() > 0 || pool.fixed_size() > 0);
+                    }
+                }
+                Err(e) => prop_assert!(!e.field.is_empty() && !e.reason.is_empty(), "{}", e),
+            }
+        }
+
+        #[test]
+        fn validate_never_panics_and_what_it_accepts_computes_quickly(pool in any_pool()) {
+            let start = Instant::now();
+            let verdict = pool.validate();
+            let _ = pool.dynamic_size();
+            let _ = pool.skip_excluded_blocks(0);
+            let _ = pool.block_first(pool.block_of(u128::MAX));
+            let _ = pool.block_cidr(u128::MAX);
+            if verdict.is_ok() {
+                let len = pool.block_len();
+                prop_assert!(len <= 1 << MAX_BLOCK_BITS);
+                let next = pool.skip_excluded_blocks(0);
+                let _ = pool.block_cidr(next);
+                let spans: Vec<_> = pool.dynamic_block_spans().collect();
+                prop_assert_eq!(spans.len(), pool.ranges.len());
+                let normal = pool.clone().normalised();
+                prop_assert_eq!(normal.validate(), Ok(()));
+                prop_assert_eq!(normal.dynamic_size(), pool.dynamic_size());
+            }
+            prop_assert!(start.elapsed() < BUDGET, "took {:?}", start.elapsed());
+        }
+    }
+}
