@@ -242,9 +242,9 @@ impl PoolRecord {
         }
     }
 
-    /// The pool this record defines, checked with the rules a config must pass: a record is
-    /// input like any other, and an invalid one (a `blockSize` of 40, a range outside its
-    /// subnet) must be refused rather than drive the block arithmetic.
+    /// The pool this record defines, checked with the rules a config must pass and in normal
+    /// form: a record is input like any other, and an invalid one (a `blockSize` of 40, a
+    /// range outside its subnet) must be refused rather than drive the block arithmetic.
     pub fn to_pool(&self) -> Result<Pool, String> {
         let range = |p: &[IpAddr; 2]| AddrRange::new(to_int(p[0]), to_int(p[1]));
         let family = Family::of(self.subnet.addr());
@@ -269,27 +269,9 @@ impl PoolRecord {
             fixed: self.fixed.as_ref().map(range),
             block_prefix: self.block_size,
         };
-        validate_pool(&pool)?;
-        Ok(pool)
+        // Records written by earlier versions may be in another (equivalent) spelling.
+        pool.checked().map_err(|e| e.to_string())
     }
-}
-
-/// The bounds the block arithmetic relies on. FIXME(merge): Pool::validate.
-fn validate_pool(pool: &Pool) -> Result<(), String> {
-    let bits = pool.family().bits();
-    if pool.block_prefix > bits || pool.block_prefix < pool.subnet.prefix_len() {
-        return Err(format!(
-            "blockSize {} is invalid for subnet {}",
-            pool.block_prefix, pool.subnet
-        ));
-    }
-    if bits - pool.block_prefix > 12 {
-        return Err(format!(
-            "blockSize {} makes blocks too large",
-            pool.block_prefix
-        ));
-    }
-    Ok(())
 }
 
 /// A DEL's mark on its attachment, so that an ADD that began before the DEL (and whose
