@@ -627,6 +627,24 @@ mod tests {
         assert!(err.to_string().contains("\"-net\""), "{err}");
     }
 
+    /// The daemon keys attachments by network name in etcd keys: the name follows the CNI
+    /// spec's rule (libcni's `ValidateNetworkName`), and anything else is code 7 naming `name`.
+    #[test]
+    fn network_name_follows_the_spec_rule() {
+        for ok in ["a", "net1", "macvlan-conf", "k8s.pod_network-2", "0net"] {
+            assert_eq!(parse(with(minimal(), "/name", json!(ok))).unwrap().name, ok);
+        }
+        for bad in [
+            "net\n", "net\u{1}", "a/b", "../x", "net work", "-net", ".net", "_net", "ä", "a:b",
+            "a%2Fb",
+        ] {
+            let err = parse(with(minimal(), "/name", json!(bad))).unwrap_err();
+            assert_invalid(err, "name");
+        }
+        let err = parse(with(minimal(), "/name", json!("net\u{1b}[2J"))).unwrap_err();
+        assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+    }
+
     #[test]
     fn ipam_is_required() {
         let err = parse(without(minimal(), "/ipam")).unwrap_err();
