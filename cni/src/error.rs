@@ -83,6 +83,19 @@ pub enum CniError {
         source: std::io::Error,
     },
 
+    /// Code 5: a file the network config names cannot be used: missing, unreadable, not a
+    /// regular file, too large or not text. The reason is plain words, not the OS's text:
+    /// "No such file or directory" in a message makes Podman report a missing command.
+    #[error("cannot read {field} {}: {reason}", path.display())]
+    UnreadableFile {
+        /// JSON path of the field naming the file, e.g. `ipam.resolvConf`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// Code 6: bytes or a string could not be decoded (malformed JSON, a malformed version).
     #[error("cannot decode {what}: {reason}")]
     Decode {
@@ -195,7 +208,10 @@ impl CniError {
             CniError::UnsupportedField { .. } => 2,
             CniError::ContainerUnknown { .. } => 3,
             CniError::MissingEnv { .. } | CniError::InvalidEnv { .. } => 4,
-            CniError::Io { .. } | CniError::NotRoot { .. } | CniError::UntrustedSocket { .. } => 5,
+            CniError::Io { .. }
+            | CniError::UnreadableFile { .. }
+            | CniError::NotRoot { .. }
+            | CniError::UntrustedSocket { .. } => 5,
             CniError::Decode { .. } => 6,
             CniError::MissingConfig { .. }
             | CniError::InvalidConfig { .. }
@@ -352,6 +368,14 @@ mod tests {
                 CniError::NotRoot {
                     what: s("hostnic-ipamd at /run/hostnic/ipamd.sock"),
                     reason: s("caller uid 1000 is not root"),
+                },
+                5,
+            ),
+            (
+                CniError::UnreadableFile {
+                    field: "ipam.resolvConf",
+                    path: PathBuf::from("/dev/zero"),
+                    reason: s("it is a device, not a regular file"),
                 },
                 5,
             ),

@@ -351,16 +351,78 @@ fn attachment(invocation: &Invocation) -> Result<v1::Attachment, CniError> {
     })
 }
 
-/// Reads `ipam.resolvConf` when set; code 5 naming the path when it cannot be read.
+/// The most of `ipam.resolvConf` the plugin reads. A real resolv.conf is a few hundred bytes
+/// (glibc reads at most 6 search domains and 3 name servers); the bound keeps a config naming
+/// a huge file, or `/dev/zero`, from eating the node's memory.
+pub const RESOLV_CONF_LIMIT: u64 = 64 * 1024;
+
+/// Reads `ipam.resolvConf` when set; code 5 naming the path and why when it cannot be used.
+///
+/// Only a regular file of at most [`RESOLV_CONF_LIMIT`] bytes is read. It is opened with
+/// `O_NONBLOCK`, so a FIFO with no writer cannot hang the plugin in `open`, and then checked on
+/// the opened descriptor (not the path, which could be swapped in between), so a FIFO, a device
+/// or a directory is refused before any read.
 pub fn read_dns(ipam: &IpamConfig) -> Result<Dns, CniError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
     let Some(path) = &ipam.resolv_conf else {
         return Ok(Dns::default());
     };
-    let text = std::fs::read_to_string(path).map_err(|source| CniError::Io {
-        what: format!("read ipam.resolvConf {}", path.display()),
-        source,
+    let unreadable = |reason: String| CniError::UnreadableFile {
+        field: "ipam.resolvConf",
+        path: path.clone(),
+        reason,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| unreadable(io_reason(&e)))?;
+    let metadata = file.metadata().map_err(|e| unreadable(io_reason(&e)))?;
+    let kind = FileKind::of(metadata.file_type());
+    if kind != FileKind::Regular {
+        return Err(unreadable(format!(
+            "it is {}, not a regular file",
+            kind.describe()
+        )));
+    }
+    let too_large = || {
+        unreadable(format!(
+            "it is larger than {} KiB, which no resolv.conf is",
+            RESOLV_CONF_LIMIT / 1024
+        ))
+    };
+    if metadata.len() > RESOLV_CONF_LIMIT {
+        return Err(too_large());
+    }
+    // Bounded again while reading: the file may have grown since `fstat`.
+    let mut bytes = Vec::new();
+    file.take(RESOLV_CONF_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(io_reason(&e)))?;
+    if bytes.len() as u64 > RESOLV_CONF_LIMIT {
+        return Err(too_large());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        unreadable(format!(
+            "it is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     Ok(parse_resolv_conf(&text))
+}
+
+/// Plain words for a failed open or read: the OS's "No such file or directory" would make Podman
+/// report a missing command.
+fn io_reason(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::NotFound => "it does not exist".to_owned(),
+        ErrorKind::NotADirectory => "a component of the path is not a directory".to_owned(),
+        ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => error_chain(err),
+    }
 }
 
 /// The ADD result from the daemon's reply. A reply without addresses, or with one that does not
@@ -979,12 +1041,70 @@ mod tests {
         conf.ipam.resolv_conf = Some(PathBuf::from("/nonexistent/resolv.conf"));
         let err = prepare(&invocation("ADD", ""), &conf).unwrap_err();
         assert_eq!(err.code(), 5);
-        assert!(
-            err.to_string().contains("/nonexistent/resolv.conf"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "cannot read ipam.resolvConf /nonexistent/resolv.conf: it does not exist"
         );
         // DEL does not need it.
         prepare(&invocation("DEL", ""), &conf).unwrap();
+    }
+
+    /// `read_dns` on `path`, in a thread that must finish within 5 s: a hang is a failure,
+    /// not a stuck test run.
+    fn read_dns_within_5s(path: &Path) -> Result<Dns, CniError> {
+        let mut conf = config(json!({}));
+        conf.ipam.resolv_conf = Some(path.to_path_buf());
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(read_dns(&conf.ipam));
+        });
+        result
+            .recv_timeout(Duration::from_secs(5))
+            .expect("read_dns hung")
+    }
+
+    fn assert_unreadable(path: &Path, why: &str) {
+        let err = read_dns_within_5s(path).unwrap_err();
+        assert_eq!(err.code(), 5, "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read ipam.resolvConf {}: {why}", path.display())
+        );
+    }
+
+    #[test]
+    fn resolv_conf_that_is_not_a_regular_file_is_refused_at_once() {
+        assert_unreadable(Path::new("/dev/zero"), "it is a device, not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        assert_unreadable(dir.path(), "it is a directory, not a regular file");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", fifo.display());
+        // Nobody writes to it: a blocking open would wait forever.
+        assert_unreadable(&fifo, "it is a FIFO, not a regular file");
+        assert_unreadable(&dir.path().join("missing"), "it does not exist");
+    }
+
+    #[test]
+    fn resolv_conf_is_read_up_to_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'#'; 1024 * 1024]).unwrap();
+        assert_unreadable(&big, "it is larger than 64 KiB, which no resolv.conf is");
+        let limit = dir.path().join("limit");
+        let mut text = b"nameserver 10.96.0.10\n".to_vec();
+        text.resize(RESOLV_CONF_LIMIT as usize, b'#');
+        std::fs::write(&limit, text).unwrap();
+        assert_eq!(
+            read_dns_within_5s(&limit).unwrap().nameservers,
+            ["10.96.0.10"]
+        );
+        let binary = dir.path().join("binary");
+        std::fs::write(&binary, b"nameserver \xff").unwrap();
+        assert_unreadable(&binary, "it is not UTF-8 text (invalid byte at offset 11)");
     }
 
     #[test]

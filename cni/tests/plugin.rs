@@ -618,6 +618,22 @@ fn unreadable_resolv_conf_fails_before_allocating() {
 }
 
 #[test]
+fn resolv_conf_on_dev_zero_is_refused_at_once() {
+    let conf = conf(
+        "1.0.0",
+        &missing_socket(),
+        json!({"ipam": {"resolvConf": "/dev/zero"}}),
+    );
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    let reply = assert_error(&run, 5, &[]);
+    assert_eq!(
+        reply["msg"],
+        "cannot read ipam.resolvConf /dev/zero: it is a device, not a regular file"
+    );
+    assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
+}
+
+#[test]
 fn address_held_by_another_pod_is_code_101() {
     let Some(daemon) = FakeDaemon::start(Answers {
         allocate: Err((Code::AlreadyExists, "10.0.0.5 is held by default/web-1")),
