@@ -173,6 +173,21 @@ fn invalid_route_cidr_is_code_7() {
 }
 
 #[test]
+fn wrong_json_type_names_the_field() {
+    for (ipam, field) in [
+        (json!({"subnet": 5}), "ipam.subnet = 5"),
+        (
+            json!({"ranges": [[{"subnet": 5}]]}),
+            "ipam.ranges[0][0].subnet = 5",
+        ),
+    ] {
+        let conf = conf("1.0.0", &missing_socket(), json!({ "ipam": ipam }));
+        let run = run(&attachment_env("ADD", &[]), &conf);
+        assert_error(&run, 7, &[field, "expected a string, found a number"]);
+    }
+}
+
+#[test]
 fn version_lists_the_five_versions() {
     let run = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
     assert!(run.success, "{run:?}");
