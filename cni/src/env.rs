@@ -378,9 +378,20 @@ impl CniArgs {
     /// Splits `KEY=VALUE;KEY=VALUE`. Empty segments (a trailing `;`) are skipped; a segment
     /// without `=` or with an empty key is code 4. A value may contain `=`; the last of repeated
     /// keys wins. Empty values count as absent.
+    ///
+    /// A control character anywhere is code 4 naming the pair: no runtime sends one (pod names
+    /// and namespaces are DNS labels), and the pod's name and namespace go into the daemon's
+    /// records, logs and `list` output, where a newline would forge a line.
     pub fn parse(s: &str) -> Result<Self, CniError> {
         let mut args = CniArgs::default();
         for pair in s.split(';').filter(|p| !p.is_empty()) {
+            if let Some(bad) = pair.chars().find(|c| c.is_control()) {
+                return Err(CniError::InvalidEnv {
+                    var: CNI_ARGS,
+                    value: pair.to_owned(),
+                    reason: format!("contains the control character {bad:?}"),
+                });
+            }
             let (key, value) = match pair.split_once('=') {
                 Some((key, value)) if !key.is_empty() => (key, value),
                 _ => {
@@ -746,6 +757,23 @@ mod tests {
                         ..
                     }
                 ),
+                "{err:?}"
+            );
+            assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_cni_args_are_code_4_naming_the_pair() {
+        for bad in [
+            "K8S_POD_NAME=web-0\nINFO forged",
+            "K8S_POD_NAMESPACE=a\u{1b}[2J",
+            "X\u{7}=1",
+        ] {
+            let err = CniArgs::parse(&format!("IgnoreUnknown=1;{bad}")).unwrap_err();
+            assert_eq!(err.code(), 4, "{err}");
+            assert!(
+                matches!(&err, CniError::InvalidEnv { var: CNI_ARGS, value, .. } if value == bad),
                 "{err:?}"
             );
             assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
