@@ -17,7 +17,9 @@
 //! # Daemon failures as CNI errors
 //!
 //! Before connecting, [`check_socket`] looks at the socket file: the plugin sends a pod's
-//! details only to a socket owned by root. [`daemon_error`] is the one place where a failed
+//! details only to a socket owned by root; once connected, before sending anything,
+//! [`hostnic_proto::connect_to_root`] checks that the process listening on it runs as root, which
+//! no swap of the file between the two steps can fake. [`daemon_error`] is the one place where a failed
 //! call becomes a CNI error:
 //!
 //! | failure                                            | CNI code | message says                                        |
@@ -484,7 +486,8 @@ pub enum ConnectFailure {
     Refused,
     /// `EACCES`/`EPERM`: the socket is 0600 root, so the plugin is not running as root.
     PermissionDenied,
-    /// The file failed [`check_socket`]: the reason names its kind or owner.
+    /// The file failed [`check_socket`], or the process listening on it is not root
+    /// ([`hostnic_proto::connect_to_root`]): the reason names its kind or owner.
     Untrusted(String),
     /// No connection within [`CONNECT_TIMEOUT`].
     TimedOut,
@@ -512,6 +515,12 @@ impl ConnectFailure {
         let mut source = Some(err);
         while let Some(cause) = source {
             if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                if let Some(peer) = io
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<hostnic_proto::UntrustedPeer>())
+                {
+                    return ConnectFailure::Untrusted(peer.to_string());
+                }
                 return ConnectFailure::from_io(io);
             }
             source = cause.source();
@@ -772,7 +781,7 @@ async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
     // Bounded here as well as by the connector, so a wedged connect cannot hold the runtime.
     let channel = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        hostnic_proto::connect(socket, CONNECT_TIMEOUT),
+        hostnic_proto::connect_to_root(socket, CONNECT_TIMEOUT),
     )
     .await
     {
@@ -1332,6 +1341,25 @@ mod tests {
                 assert!(!reply.msg.contains(dump), "{}", reply.msg);
             }
         }
+    }
+
+    #[test]
+    fn a_listener_that_is_not_root_is_untrusted() {
+        let io = std::io::Error::other(hostnic_proto::UntrustedPeer { uid: 65534 });
+        let failure = ConnectFailure::from_transport(&io);
+        assert_eq!(
+            failure,
+            ConnectFailure::Untrusted(
+                "the process listening on the socket runs as uid 65534, not root".to_owned()
+            )
+        );
+        let reply = connect_error_for(Command::Add, failure);
+        assert_eq!(reply.code, 5);
+        assert_eq!(
+            reply.msg,
+            "refusing to use /run/test/ipamd.sock: the process listening on the socket runs as \
+             uid 65534, not root"
+        );
     }
 
     #[test]

@@ -975,3 +975,55 @@ fn daemon_dying_mid_call_is_try_again_later() {
     }
     assert!(run.took < Duration::from_secs(5), "took {:?}", run.took);
 }
+
+/// A listener run by another user behind a socket file that root owns (what a swap of the file
+/// after the plugin's check would give): the plugin reads the listener's credentials on the
+/// connection and sends nothing.
+#[test]
+fn listener_not_running_as_root_is_refused_even_behind_a_root_owned_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    if !creates_as_root(dir.path()) {
+        eprintln!("SKIPPED: needs root to run a listener as uid 65534");
+        return;
+    }
+    if !Path::new("/usr/bin/perl").exists() {
+        eprintln!("SKIPPED: /usr/bin/perl (perl-base) is missing");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("ipamd.sock");
+    let mut child = Command::new("/usr/bin/perl")
+        .args([
+            "-MIO::Socket::UNIX",
+            "-e",
+            "my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $ARGV[0], \
+             Listen => 5) or die \"listen: $!\"; sleep 30;",
+        ])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let chowned = std::os::unix::fs::chown(&socket, Some(0), Some(0));
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &socket, json!({})),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    chowned.unwrap();
+    assert_error(
+        &run,
+        5,
+        &[
+            socket.to_str().unwrap(),
+            "the process listening on the socket runs as uid 65534, not root",
+        ],
+    );
+}
