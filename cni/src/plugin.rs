@@ -17,10 +17,11 @@
 //! # Daemon failures as CNI errors
 //!
 //! Before connecting, [`check_socket`] looks at the socket file: the plugin sends a pod's
-//! details only to a socket owned by root; once connected, before sending anything,
-//! [`hostnic_proto::connect_to_root`] checks that the process listening on it runs as root, which
-//! no swap of the file between the two steps can fake. [`daemon_error`] is the one place where a failed
-//! call becomes a CNI error:
+//! details only to a socket owned by root. Once connected, before sending anything,
+//! [`hostnic_proto::connect_to_root`] checks that the process listening on it runs as root,
+//! which no swap of the file between the two steps can fake.
+//!
+//! [`daemon_error`] is the one place where a failed call becomes a CNI error:
 //!
 //! | failure                                            | CNI code | message says                                        |
 //! |----------------------------------------------------|----------|-----------------------------------------------------|
@@ -31,7 +32,7 @@
 //! | connection broke during the call (daemon died)     | 11       | the daemon went away during the command, and why    |
 //! | `Unavailable`, `DeadlineExceeded`, `Cancelled`     | 11       | the daemon's message (etcd down, daemon busy)       |
 //! | socket denies access (`EACCES`), `PermissionDenied`| 5        | the plugin must run as root                         |
-//! | socket path is not a socket, or not owned by root  | 5        | refusing to use PATH, naming its kind or owner      |
+//! | not a socket, not owned by root, listener not root | 5        | refusing to use PATH, naming its kind or owner      |
 //! | `InvalidArgument`                                  | 7        | the daemon rejected the request, and why            |
 //! | `NotFound`, for CHECK                              | 3        | the container is unknown                            |
 //! | `ResourceExhausted`                                | 100      | address pool exhausted                              |
