@@ -6,8 +6,9 @@
 //! accessors, called by the command that uses them: a DEL must not be refused because of an input
 //! it does not need, or the pod could never be torn down.
 //!
-//! The raw `ipam` object is kept whole: pool keys (`subnet`, `ranges`, `rangeStart`, `gateway`,
-//! `etcdConfig`, ...) are the daemon's to validate.
+//! The raw `ipam` object is kept whole: the values of the pool keys (`subnet`, `ranges`,
+//! `rangeStart`, `gateway`, `exclude`, `blockSize`, ...) are the daemon's to validate. Their JSON
+//! types are checked here, so that a wrong type names its path (`ipam.ranges[0][0].subnet`).
 //!
 //! Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md#section-1-network-configuration-format>;
 //! `runtimeConfig` and `args`: <https://github.com/containernetworking/cni/blob/main/CONVENTIONS.md>.
@@ -115,7 +116,7 @@ impl NetworkConfig {
     /// malformed JSON or a non-object (6, with serde's message), `cniVersion` missing (7),
     /// malformed (6) or unsupported (1), `name` missing or invalid (7), `ipam` missing or not an
     /// object (7), `ipam.type` missing (7), `ipam.socket`/`ipam.resolvConf`/`ipam.routes` invalid
-    /// (7). Unknown keys are ignored.
+    /// (7), a pool key of the wrong JSON type (7, naming its path). Unknown keys are ignored.
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
         let decode = |reason: String| CniError::Decode {
             what: "network config".to_owned(),
@@ -251,6 +252,7 @@ impl IpamConfig {
             .enumerate()
             .map(|(i, route)| parse_route(route, &format!("ipam.routes[{i}]")))
             .collect::<Result<_, _>>()?;
+        check_pool_key_types(ipam)?;
         Ok(IpamConfig {
             ipam_type,
             socket,
@@ -259,6 +261,87 @@ impl IpamConfig {
             raw: value.clone(),
         })
     }
+}
+
+/// The keys of one range (`ipam` itself, or an entry of `ipam.ranges`), all strings.
+const RANGE_KEYS: [&str; 4] = ["subnet", "rangeStart", "rangeEnd", "gateway"];
+
+/// Checks the JSON types of the pool keys the daemon reads (`subnet`, `rangeStart`, `rangeEnd`,
+/// `gateway`, `ranges`, `exclude`, `fixedStart`, `fixedEnd`, `blockSize`), so a wrong type is
+/// code 7 naming its JSON path (`ipam.ranges[0][0].subnet`) here, rather than a decoder message
+/// from the daemon that names no field. Their values (CIDRs, addresses, sizes) are still the
+/// daemon's to judge: it owns the pool rules, and checking them twice would let the two drift.
+fn check_pool_key_types(ipam: &Map<String, Value>) -> Result<(), CniError> {
+    check_range_types(ipam, "ipam")?;
+    for key in ["fixedStart", "fixedEnd"] {
+        optional_str(ipam, key, &format!("ipam.{key}"))?;
+    }
+    for (i, set) in optional_array(ipam, "ranges", "ipam.ranges")?
+        .iter()
+        .enumerate()
+    {
+        let set_path = format!("ipam.ranges[{i}]");
+        let Value::Array(set) = set else {
+            return Err(invalid(
+                &set_path,
+                set,
+                format!(
+                    "expected an array of ranges (ranges is an array of range sets), found {}",
+                    json_type(set)
+                ),
+            ));
+        };
+        for (j, range) in set.iter().enumerate() {
+            let range_path = format!("{set_path}[{j}]");
+            let Value::Object(range) = range else {
+                return Err(invalid(
+                    &range_path,
+                    range,
+                    format!("expected an object, found {}", json_type(range)),
+                ));
+            };
+            check_range_types(range, &range_path)?;
+        }
+    }
+    // The daemon reads `exclude` as a list with no null form, so null is refused here too.
+    if let Some(exclude) = ipam.get("exclude") {
+        let Value::Array(entries) = exclude else {
+            return Err(invalid(
+                "ipam.exclude",
+                exclude,
+                format!(
+                    "expected an array of addresses or CIDRs, found {}",
+                    json_type(exclude)
+                ),
+            ));
+        };
+        for (i, entry) in entries.iter().enumerate() {
+            if !entry.is_string() {
+                return Err(invalid(
+                    &format!("ipam.exclude[{i}]"),
+                    entry,
+                    format!("expected a string, found {}", json_type(entry)),
+                ));
+            }
+        }
+    }
+    if let Some(size) = optional(ipam, "blockSize") {
+        if size.as_u64().is_none_or(|n| n > u64::from(u8::MAX)) {
+            return Err(invalid(
+                "ipam.blockSize",
+                size,
+                "expected a prefix length, an integer from 0 to 255".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_range_types(range: &Map<String, Value>, path: &str) -> Result<(), CniError> {
+    for key in RANGE_KEYS {
+        optional_str(range, key, &format!("{path}.{key}"))?;
+    }
+    Ok(())
 }
 
 /// `{"dst": CIDR, "gw": IP?}`. Host bits in `dst` are refused (the kernel refuses such a route
@@ -625,6 +708,116 @@ mod tests {
         assert_invalid(err, "name");
         let err = parse(with(minimal(), "/name", json!("-net"))).unwrap_err();
         assert!(err.to_string().contains("\"-net\""), "{err}");
+    }
+
+    /// The daemon keys attachments by network name in etcd keys: the name follows the CNI
+    /// spec's rule (libcni's `ValidateNetworkName`), and anything else is code 7 naming `name`.
+    #[test]
+    fn network_name_follows_the_spec_rule() {
+        for ok in ["a", "net1", "macvlan-conf", "k8s.pod_network-2", "0net"] {
+            assert_eq!(parse(with(minimal(), "/name", json!(ok))).unwrap().name, ok);
+        }
+        for bad in [
+            "net\n", "net\u{1}", "a/b", "../x", "net work", "-net", ".net", "_net", "ä", "a:b",
+            "a%2Fb",
+        ] {
+            let err = parse(with(minimal(), "/name", json!(bad))).unwrap_err();
+            assert_invalid(err, "name");
+        }
+        let err = parse(with(minimal(), "/name", json!("net\u{1b}[2J"))).unwrap_err();
+        assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+    }
+
+    #[test]
+    fn wrong_types_in_pool_keys_are_code_7_naming_the_json_path() {
+        let ipam = |extra: Value| {
+            let mut conf = minimal();
+            for (k, v) in extra.as_object().unwrap() {
+                conf = with(conf, &format!("/ipam/{k}"), v.clone());
+            }
+            parse(conf)
+        };
+        let cases = [
+            (
+                json!({"subnet": 5}),
+                "invalid network config: ipam.subnet = 5: expected a string, found a number",
+            ),
+            (
+                json!({"gateway": ["10.0.0.1"]}),
+                "invalid network config: ipam.gateway = [\"10.0.0.1\"]: expected a string, found an array",
+            ),
+            (
+                json!({"rangeStart": true}),
+                "invalid network config: ipam.rangeStart = true: expected a string, found a boolean",
+            ),
+            (
+                json!({"fixedEnd": {}}),
+                "invalid network config: ipam.fixedEnd = {}: expected a string, found an object",
+            ),
+            (
+                json!({"ranges": [[{"subnet": 5}]]}),
+                "invalid network config: ipam.ranges[0][0].subnet = 5: expected a string, found a number",
+            ),
+            (
+                json!({"ranges": [[{"subnet": "10.0.0.0/24"}], [{"subnet": "fd00::/64", "rangeEnd": 7}]]}),
+                "invalid network config: ipam.ranges[1][0].rangeEnd = 7: expected a string, found a number",
+            ),
+            (
+                json!({"ranges": [{"subnet": "10.0.0.0/24"}]}),
+                "invalid network config: ipam.ranges[0] = {\"subnet\":\"10.0.0.0/24\"}: expected an array of ranges (ranges is an array of range sets), found an object",
+            ),
+            (
+                json!({"ranges": [["10.0.0.0/24"]]}),
+                "invalid network config: ipam.ranges[0][0] = \"10.0.0.0/24\": expected an object, found a string",
+            ),
+            (
+                json!({"ranges": {"subnet": "10.0.0.0/24"}}),
+                "invalid network config: ipam.ranges = {\"subnet\":\"10.0.0.0/24\"}: expected an array, found an object",
+            ),
+            (
+                json!({"exclude": "10.0.0.5"}),
+                "invalid network config: ipam.exclude = \"10.0.0.5\": expected an array of addresses or CIDRs, found a string",
+            ),
+            (
+                json!({"exclude": ["10.0.0.5", 6]}),
+                "invalid network config: ipam.exclude[1] = 6: expected a string, found a number",
+            ),
+            (
+                json!({"blockSize": "26"}),
+                "invalid network config: ipam.blockSize = \"26\": expected a prefix length, an integer from 0 to 255",
+            ),
+            (
+                json!({"blockSize": 26.5}),
+                "invalid network config: ipam.blockSize = 26.5: expected a prefix length, an integer from 0 to 255",
+            ),
+            (
+                json!({"blockSize": 256}),
+                "invalid network config: ipam.blockSize = 256: expected a prefix length, an integer from 0 to 255",
+            ),
+        ];
+        for (extra, want) in cases {
+            let err = ipam(extra.clone()).unwrap_err();
+            assert_eq!(err.code(), 7, "{extra}");
+            assert_eq!(err.to_string(), want, "{extra}");
+        }
+        // Right types pass; their values are the daemon's to judge.
+        let conf = ipam(json!({
+            "subnet": "not a cidr", "gateway": null, "blockSize": 26,
+            "ranges": [[{"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.10", "extra": 1}]],
+            "exclude": ["10.0.0.5", "10.0.0.64/26"], "fixedStart": "10.0.0.20"
+        }))
+        .unwrap();
+        assert_eq!(conf.ipam.raw["subnet"], "not a cidr");
+    }
+
+    #[test]
+    fn undecodable_config_is_code_6_and_wrong_type_is_code_7() {
+        let err =
+            NetworkConfig::parse(br#"{"cniVersion": "1.0.0", "ipam": {"subnet": 5"#).unwrap_err();
+        assert_eq!(err.code(), 6, "{err}");
+        assert!(err.to_string().contains("line 1 column"), "{err}");
+        let err = parse(with(minimal(), "/ipam/subnet", json!(5))).unwrap_err();
+        assert_eq!(err.code(), 7, "{err}");
     }
 
     #[test]

@@ -322,8 +322,10 @@ pub fn validate_container_id(id: &str) -> Result<(), String> {
 /// Linux's `IFNAMSIZ` minus the terminating NUL.
 const MAX_IFNAME_LEN: usize = 15;
 
-/// Validates an interface name as the spec defines it: not empty, not `.` or `..`, at most 15
-/// bytes, no `/`, `:` or whitespace. The error says what is wrong.
+/// Validates an interface name as the spec (and libcni's `ValidateInterfaceName`) defines it:
+/// not empty, not `.` or `..`, at most 15 bytes, no `/`, `:` or whitespace; and no control
+/// character, which the kernel would take but which would reach the daemon's records, its logs
+/// and `list` raw. The error says what is wrong, with the character escaped.
 pub fn validate_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_owned());
@@ -342,6 +344,9 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
         .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
     {
         return Err(format!("must not contain {bad:?}"));
+    }
+    if let Some(bad) = name.chars().find(|c| c.is_control()) {
+        return Err(format!("must not contain the control character {bad:?}"));
     }
     Ok(())
 }
@@ -373,9 +378,20 @@ impl CniArgs {
     /// Splits `KEY=VALUE;KEY=VALUE`. Empty segments (a trailing `;`) are skipped; a segment
     /// without `=` or with an empty key is code 4. A value may contain `=`; the last of repeated
     /// keys wins. Empty values count as absent.
+    ///
+    /// A control character anywhere is code 4 naming the pair: no runtime sends one (pod names
+    /// and namespaces are DNS labels), and the pod's name and namespace go into the daemon's
+    /// records, logs and `list` output, where a newline would forge a line.
     pub fn parse(s: &str) -> Result<Self, CniError> {
         let mut args = CniArgs::default();
         for pair in s.split(';').filter(|p| !p.is_empty()) {
+            if let Some(bad) = pair.chars().find(|c| c.is_control()) {
+                return Err(CniError::InvalidEnv {
+                    var: CNI_ARGS,
+                    value: pair.to_owned(),
+                    reason: format!("contains the control character {bad:?}"),
+                });
+            }
             let (key, value) = match pair.split_once('=') {
                 Some((key, value)) if !key.is_empty() => (key, value),
                 _ => {
@@ -682,6 +698,86 @@ mod tests {
             matches!(&err, CniError::InvalidEnv { var: CNI_IFNAME, value, .. } if value == "eth0:1"),
             "{err:?}"
         );
+    }
+
+    /// Control characters would reach the daemon's records, its logs and `list` raw; they are
+    /// refused here, as code 4 naming the variable, with the character escaped in the message.
+    #[test]
+    fn control_characters_in_ifname_or_container_id_are_code_4_naming_the_variable() {
+        for bad in [
+            "eth\u{1}",
+            "\u{1b}[2J",
+            "net\u{7f}",
+            "a\u{0}b",
+            "eth0\n",
+            "\u{85}x",
+        ] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?}");
+            let env: Vec<(String, String)> = with(&add_env(), CNI_IFNAME, "x")
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = if k == CNI_IFNAME { bad } else { v };
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect();
+            if bad.contains('\0') {
+                continue; // an environment cannot carry NUL; the validator alone is checked
+            }
+            let err = Invocation::from_env(env).unwrap_err();
+            assert_eq!(err.code(), 4, "{err}");
+            assert!(
+                matches!(
+                    &err,
+                    CniError::InvalidEnv {
+                        var: CNI_IFNAME,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(CNI_IFNAME), "{msg}");
+            assert!(!msg.chars().any(char::is_control), "escaped: {msg:?}");
+        }
+        for bad in ["abc\u{1}", "abc\n", "abc\u{1b}"] {
+            let env: Vec<(String, String)> = add_env()
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = if k == CNI_CONTAINERID { bad } else { v };
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect();
+            let err = Invocation::from_env(env).unwrap_err();
+            assert_eq!(err.code(), 4, "{err}");
+            assert!(
+                matches!(
+                    &err,
+                    CniError::InvalidEnv {
+                        var: CNI_CONTAINERID,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_in_cni_args_are_code_4_naming_the_pair() {
+        for bad in [
+            "K8S_POD_NAME=web-0\nINFO forged",
+            "K8S_POD_NAMESPACE=a\u{1b}[2J",
+            "X\u{7}=1",
+        ] {
+            let err = CniArgs::parse(&format!("IgnoreUnknown=1;{bad}")).unwrap_err();
+            assert_eq!(err.code(), 4, "{err}");
+            assert!(
+                matches!(&err, CniError::InvalidEnv { var: CNI_ARGS, value, .. } if value == bad),
+                "{err:?}"
+            );
+            assert!(!err.to_string().chars().any(char::is_control), "{err:?}");
+        }
     }
 
     #[test]

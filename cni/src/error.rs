@@ -5,6 +5,8 @@
 //! codes; [`CniError::reply`] renders the object the plugin prints on stdout before exiting
 //! non-zero. Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md#error>.
 
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 use crate::env::Command;
@@ -81,6 +83,19 @@ pub enum CniError {
         source: std::io::Error,
     },
 
+    /// Code 5: a file the network config names cannot be used: missing, unreadable, not a
+    /// regular file, too large or not text. The reason is plain words, not the OS's text:
+    /// "No such file or directory" in a message makes Podman report a missing command.
+    #[error("cannot read {field} {}: {reason}", path.display())]
+    UnreadableFile {
+        /// JSON path of the field naming the file, e.g. `ipam.resolvConf`.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// Code 6: bytes or a string could not be decoded (malformed JSON, a malformed version).
     #[error("cannot decode {what}: {reason}")]
     Decode {
@@ -119,14 +134,36 @@ pub enum CniError {
         reason: String,
     },
 
-    /// Code 11: a transient condition (the node daemon is restarting, etcd has no leader); the
-    /// runtime should retry the same request later.
-    #[error("{what}: {reason} (transient, try again later)")]
-    TryAgainLater {
-        /// What was unavailable, e.g. `hostnic-ipamd at /run/hostnic/ipamd.sock`.
+    /// Code 5: the plugin may not use the daemon's socket: the socket refused it (`EACCES`) or
+    /// the daemon refused its credentials. Both mean the plugin is not running as root, which
+    /// retrying cannot fix, so this is not code 11; it is the spec's I/O failure rather than 999
+    /// because nothing is broken but the way the plugin was started.
+    #[error("{what}: {reason}; hostnic-ipam must run as root")]
+    NotRoot {
+        /// Who refused, e.g. `hostnic-ipamd at /run/hostnic/ipamd.sock`.
         what: String,
-        /// Why.
+        /// How, e.g. the daemon's message.
         reason: String,
+    },
+
+    /// Code 5: the file at the daemon's socket path is not one the plugin may send a pod's
+    /// details to (not a socket, or not owned by root: another user may have planted it).
+    /// Not transient: someone has to look at the file.
+    #[error("refusing to use {}: {reason}", socket.display())]
+    UntrustedSocket {
+        /// The socket path.
+        socket: PathBuf,
+        /// What is wrong with the file, naming its owner or kind.
+        reason: String,
+    },
+
+    /// Code 11: a transient condition (the node daemon is not running or restarting, etcd has
+    /// no leader); the runtime should retry the same request later.
+    #[error("{message}; try again later")]
+    TryAgainLater {
+        /// What happened, naming the daemon's socket, e.g.
+        /// `hostnic-ipamd is not running (no socket at /run/hostnic/ipamd.sock)`.
+        message: String,
     },
 
     /// Code 50: the reply to STATUS when the plugin cannot serve ADD right now.
@@ -171,7 +208,10 @@ impl CniError {
             CniError::UnsupportedField { .. } => 2,
             CniError::ContainerUnknown { .. } => 3,
             CniError::MissingEnv { .. } | CniError::InvalidEnv { .. } => 4,
-            CniError::Io { .. } => 5,
+            CniError::Io { .. }
+            | CniError::UnreadableFile { .. }
+            | CniError::NotRoot { .. }
+            | CniError::UntrustedSocket { .. } => 5,
             CniError::Decode { .. } => 6,
             CniError::MissingConfig { .. }
             | CniError::InvalidConfig { .. }
@@ -202,15 +242,27 @@ impl CniError {
     }
 }
 
+/// The causes of `err`, `: `-separated, each shown once: a cause whose text the message or an
+/// earlier cause already shows is skipped (wrappers often repeat their source's text).
 fn source_chain(err: &dyn std::error::Error) -> Option<String> {
-    let mut source = err.source()?;
-    let mut chain = source.to_string();
-    while let Some(next) = source.source() {
-        chain.push_str(": ");
-        chain.push_str(&next.to_string());
-        source = next;
+    let message = err.to_string();
+    let mut chain: Option<String> = None;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        let shown = message.contains(&text) || chain.as_deref().is_some_and(|c| c.contains(&text));
+        if !shown && !text.is_empty() {
+            match &mut chain {
+                Some(chain) => {
+                    chain.push_str(": ");
+                    chain.push_str(&text);
+                }
+                None => chain = Some(text),
+            }
+        }
+        source = cause.source();
     }
-    Some(chain)
+    chain
 }
 
 /// The spec's error object: `{"cniVersion", "code", "msg", "details"}`.
@@ -313,9 +365,30 @@ mod tests {
                 7,
             ),
             (
+                CniError::NotRoot {
+                    what: s("hostnic-ipamd at /run/hostnic/ipamd.sock"),
+                    reason: s("caller uid 1000 is not root"),
+                },
+                5,
+            ),
+            (
+                CniError::UnreadableFile {
+                    field: "ipam.resolvConf",
+                    path: PathBuf::from("/dev/zero"),
+                    reason: s("it is a device, not a regular file"),
+                },
+                5,
+            ),
+            (
+                CniError::UntrustedSocket {
+                    socket: PathBuf::from("/run/hostnic/ipamd.sock"),
+                    reason: s("owned by uid 1000, not root"),
+                },
+                5,
+            ),
+            (
                 CniError::TryAgainLater {
-                    what: s("hostnic-ipamd"),
-                    reason: s("connection refused"),
+                    message: s("hostnic-ipamd is not running (no socket at /x.sock)"),
                 },
                 11,
             ),
@@ -430,9 +503,11 @@ mod tests {
             "cniVersion \"0.2.0\" is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)"
         );
         let err = CniError::TryAgainLater {
-            what: s("hostnic-ipamd at /run/hostnic/ipamd.sock"),
-            reason: s("connection refused"),
+            message: s("hostnic-ipamd is not running (no socket at /run/hostnic/ipamd.sock)"),
         };
-        assert!(err.to_string().contains("try again later"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "hostnic-ipamd is not running (no socket at /run/hostnic/ipamd.sock); try again later"
+        );
     }
 }

@@ -16,21 +16,44 @@
 //!
 //! # Daemon failures as CNI errors
 //!
+//! Before connecting, [`check_socket`] looks at the socket file: the plugin sends a pod's
+//! details only to a socket owned by root. Once connected, before sending anything,
+//! [`hostnic_proto::connect_to_root`] checks that the process listening on it runs as root,
+//! which no swap of the file between the two steps can fake.
+//!
 //! [`daemon_error`] is the one place where a failed call becomes a CNI error:
 //!
-//! | gRPC status / failure                          | CNI code | meaning                                   |
-//! |------------------------------------------------|----------|-------------------------------------------|
-//! | any failure, for STATUS                        | 50       | plugin not available, with the reason      |
-//! | cannot connect (no socket, refused, timeout)   | 11       | try again later; msg names the socket      |
-//! | `Unavailable`, `DeadlineExceeded`, `Cancelled` | 11       | try again later (etcd down, daemon busy)   |
-//! | `InvalidArgument`                              | 7        | invalid network config or request          |
-//! | `NotFound`, for CHECK                          | 3        | the attachment is unknown                  |
-//! | `ResourceExhausted`                            | 100      | address pool exhausted                     |
-//! | `AlreadyExists`                                | 101      | requested address is held by another pod   |
-//! | `FailedPrecondition`                           | 102      | the attachment does not match (CHECK)      |
-//! | `PermissionDenied`                             | 999      | the caller must run as root                |
-//! | anything else (`NotFound` outside CHECK, ...)  | 999      | internal error                             |
+//! | failure                                            | CNI code | message says                                        |
+//! |----------------------------------------------------|----------|-----------------------------------------------------|
+//! | any failure, for STATUS                            | 50       | plugin not available, with the reason below         |
+//! | no socket file (`ENOENT`)                          | 11       | hostnic-ipamd is not running (no socket at PATH)    |
+//! | socket refuses connections (`ECONNREFUSED`)        | 11       | hostnic-ipamd is not running (socket PATH refuses connections) |
+//! | no connection within [`CONNECT_TIMEOUT`]           | 11       | the daemon accepted no connection in time           |
+//! | connection broke during the call (daemon died)     | 11       | the daemon went away during the command, and why    |
+//! | `Unavailable`, `DeadlineExceeded`, `Cancelled`     | 11       | the daemon's message (etcd down, daemon busy)       |
+//! | socket denies access (`EACCES`), `PermissionDenied`| 5        | the plugin must run as root                         |
+//! | not a socket, not owned by root, listener not root | 5        | refusing to use PATH, naming its kind or owner      |
+//! | `InvalidArgument`                                  | 7        | the daemon rejected the request, and why            |
+//! | `NotFound`, for CHECK                              | 3        | the container is unknown                            |
+//! | `ResourceExhausted`                                | 100      | address pool exhausted                              |
+//! | `AlreadyExists`                                    | 101      | the requested address is held, and by whom          |
+//! | `FailedPrecondition`                               | 102      | the attachment does not match (CHECK)               |
+//! | anything else (`Internal`, `NotFound` outside CHECK)| 999     | the command failed in the daemon, and why           |
 //!
+//! Permission failures are code 5 (the spec's I/O failure), not 11: the socket is 0600 root and
+//! the daemon serves only root callers, so a plugin not running as root fails the same way every
+//! time, and a runtime told to retry would retry forever. They are not 999 either: nothing is
+//! broken but the way the plugin was started, and the message says so. An untrusted socket is
+//! code 5 for the same reason: retrying does not make it trustworthy.
+//!
+//! A connection that breaks during a call (the daemon was killed or restarted) reaches the
+//! plugin as a status the gRPC layer made up, `Unknown` "transport error" (a reset or broken
+//! pipe) or `Internal` "h2 protocol error" (a torn stream), never as the daemon's answer; such
+//! a status carries its cause as a source, which the daemon's statuses never do, so that is how
+//! [`CallFailure::Broken`] is told apart.
+//!
+//! Messages are plain text: no Rust debug output, each cause once, and no phrase the daemon's
+//! message already says ("pool exhausted: ..." is not prefixed with "address pool exhausted").
 //! The message is the daemon's status message, which names the address, pool or attachment;
 //! plugin-specific codes (100 and up) carry the socket in `details`.
 //!
@@ -331,16 +354,78 @@ fn attachment(invocation: &Invocation) -> Result<v1::Attachment, CniError> {
     })
 }
 
-/// Reads `ipam.resolvConf` when set; code 5 naming the path when it cannot be read.
+/// The most of `ipam.resolvConf` the plugin reads. A real resolv.conf is a few hundred bytes
+/// (glibc reads at most 6 search domains and 3 name servers); the bound keeps a config naming
+/// a huge file, or `/dev/zero`, from eating the node's memory.
+pub const RESOLV_CONF_LIMIT: u64 = 64 * 1024;
+
+/// Reads `ipam.resolvConf` when set; code 5 naming the path and why when it cannot be used.
+///
+/// Only a regular file of at most [`RESOLV_CONF_LIMIT`] bytes is read. It is opened with
+/// `O_NONBLOCK`, so a FIFO with no writer cannot hang the plugin in `open`, and then checked on
+/// the opened descriptor (not the path, which could be swapped in between), so a FIFO, a device
+/// or a directory is refused before any read.
 pub fn read_dns(ipam: &IpamConfig) -> Result<Dns, CniError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
     let Some(path) = &ipam.resolv_conf else {
         return Ok(Dns::default());
     };
-    let text = std::fs::read_to_string(path).map_err(|source| CniError::Io {
-        what: format!("read ipam.resolvConf {}", path.display()),
-        source,
+    let unreadable = |reason: String| CniError::UnreadableFile {
+        field: "ipam.resolvConf",
+        path: path.clone(),
+        reason,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| unreadable(io_reason(&e)))?;
+    let metadata = file.metadata().map_err(|e| unreadable(io_reason(&e)))?;
+    let kind = FileKind::of(metadata.file_type());
+    if kind != FileKind::Regular {
+        return Err(unreadable(format!(
+            "it is {}, not a regular file",
+            kind.describe()
+        )));
+    }
+    let too_large = || {
+        unreadable(format!(
+            "it is larger than {} KiB, which no resolv.conf is",
+            RESOLV_CONF_LIMIT / 1024
+        ))
+    };
+    if metadata.len() > RESOLV_CONF_LIMIT {
+        return Err(too_large());
+    }
+    // Bounded again while reading: the file may have grown since `fstat`.
+    let mut bytes = Vec::new();
+    file.take(RESOLV_CONF_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(io_reason(&e)))?;
+    if bytes.len() as u64 > RESOLV_CONF_LIMIT {
+        return Err(too_large());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        unreadable(format!(
+            "it is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })?;
     Ok(parse_resolv_conf(&text))
+}
+
+/// Plain words for a failed open or read: the OS's "No such file or directory" would make Podman
+/// report a missing command.
+fn io_reason(err: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::NotFound => "it does not exist".to_owned(),
+        ErrorKind::NotADirectory => "a component of the path is not a directory".to_owned(),
+        ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => error_chain(err),
+    }
 }
 
 /// The ADD result from the daemon's reply. A reply without addresses, or with one that does not
@@ -381,12 +466,145 @@ pub fn ipam_result(
 /// Why a call to the daemon did not succeed.
 #[derive(Debug)]
 pub enum CallFailure {
-    /// No connection: the socket is missing, refused, or did not accept within
-    /// [`CONNECT_TIMEOUT`]. The text is the cause.
-    Connect(String),
-    /// The call ended with a status: the daemon's, or one the gRPC layer made up for a transport
-    /// failure or an expired deadline.
+    /// No connection was made: see [`ConnectFailure`].
+    Connect(ConnectFailure),
+    /// The connection broke during the call: the daemon died, restarted or closed it. The gRPC
+    /// layer reports this as a status it makes up (`Unknown` "transport error" for a reset,
+    /// `Internal` "h2 protocol error" for a torn HTTP/2 stream), which must not be read as the
+    /// daemon's answer. The text is the cause chain, each cause once.
+    Broken(String),
+    /// The call ended with a status: the daemon's, or the one for an expired deadline.
     Status(tonic::Status),
+}
+
+/// Why the plugin did not connect to the daemon's socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing at the path (`ENOENT`, `ENOTDIR`): the daemon is not running.
+    NoSocket,
+    /// A socket file nobody listens on (`ECONNREFUSED`): the daemon stopped without removing
+    /// it, or is starting.
+    Refused,
+    /// `EACCES`/`EPERM`: the socket is 0600 root, so the plugin is not running as root.
+    PermissionDenied,
+    /// The file failed [`check_socket`], or the process listening on it is not root
+    /// ([`hostnic_proto::connect_to_root`]): the reason names its kind or owner.
+    Untrusted(String),
+    /// No connection within [`CONNECT_TIMEOUT`].
+    TimedOut,
+    /// Anything else: the cause chain, each cause once.
+    Other(String),
+}
+
+impl ConnectFailure {
+    /// The failure for an I/O error from `stat` or `connect` on the socket.
+    pub fn from_io(err: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        match err.kind() {
+            ErrorKind::NotFound | ErrorKind::NotADirectory => ConnectFailure::NoSocket,
+            ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            ErrorKind::PermissionDenied => ConnectFailure::PermissionDenied,
+            ErrorKind::TimedOut => ConnectFailure::TimedOut,
+            _ => ConnectFailure::Other(error_chain(err)),
+        }
+    }
+
+    /// The failure for a connect error from tonic: the first I/O error in its cause chain
+    /// decides, so the OS's text ("No such file or directory", which Podman takes for a missing
+    /// command) never reaches the message.
+    pub fn from_transport(err: &(dyn std::error::Error + 'static)) -> Self {
+        let mut source = Some(err);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+                if let Some(peer) = io
+                    .get_ref()
+                    .and_then(|e| e.downcast_ref::<hostnic_proto::UntrustedPeer>())
+                {
+                    return ConnectFailure::Untrusted(peer.to_string());
+                }
+                return ConnectFailure::from_io(io);
+            }
+            source = cause.source();
+        }
+        ConnectFailure::Other(error_chain(err))
+    }
+}
+
+/// What kind of file is at the socket path, for [`check_socket_owner`] and its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A unix socket: the only kind the plugin connects to.
+    Socket,
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A FIFO.
+    Fifo,
+    /// A character or block device.
+    Device,
+    /// A symbolic link (only seen when links are not followed).
+    Symlink,
+}
+
+impl FileKind {
+    /// The kind of `file_type`.
+    pub fn of(file_type: std::fs::FileType) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_socket() {
+            FileKind::Socket
+        } else if file_type.is_dir() {
+            FileKind::Directory
+        } else if file_type.is_fifo() {
+            FileKind::Fifo
+        } else if file_type.is_char_device() || file_type.is_block_device() {
+            FileKind::Device
+        } else if file_type.is_symlink() {
+            FileKind::Symlink
+        } else {
+            FileKind::Regular
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            FileKind::Socket => "a socket",
+            FileKind::Regular => "a regular file",
+            FileKind::Directory => "a directory",
+            FileKind::Fifo => "a FIFO",
+            FileKind::Device => "a device",
+            FileKind::Symlink => "a symbolic link",
+        }
+    }
+}
+
+/// Whether the plugin may send a pod's details to a file of `kind` owned by `owner_uid`: only to
+/// a socket that root owns. The daemon runs as root and its socket is created by it, so a socket
+/// owned by anyone else was put there by someone else (a user who could write the socket's
+/// directory), who would receive every pod's details and could answer with any address. The
+/// error is the reason, naming the kind or the owner.
+pub fn check_socket_owner(kind: FileKind, owner_uid: u32) -> Result<(), String> {
+    if kind != FileKind::Socket {
+        return Err(format!("it is {}, not a socket", kind.describe()));
+    }
+    if owner_uid != 0 {
+        return Err(format!(
+            "the socket is owned by uid {owner_uid}, not root; a non-root user may have put it \
+             there, so the plugin will not send it a request"
+        ));
+    }
+    Ok(())
+}
+
+/// Looks at `socket` before connecting: it must exist and pass [`check_socket_owner`]. The path
+/// is followed if it is a symbolic link, as `connect(2)` follows it: what is checked is what the
+/// plugin would talk to. A missing socket is [`ConnectFailure::NoSocket`], so the message is
+/// the same whether `stat` or `connect` finds it missing.
+pub fn check_socket(socket: &Path) -> Result<(), ConnectFailure> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(socket).map_err(|e| ConnectFailure::from_io(&e))?;
+    check_socket_owner(FileKind::of(metadata.file_type()), metadata.uid())
+        .map_err(ConnectFailure::Untrusted)
 }
 
 /// The CNI error for a failed call: the table in the [module documentation](self).
@@ -400,36 +618,76 @@ pub fn daemon_error(
     failure: &CallFailure,
 ) -> CniError {
     let daemon = daemon(socket);
-    let (code, message) = match failure {
-        CallFailure::Connect(cause) => {
-            let reason = format!("cannot connect: {cause}");
-            return if command == Command::Status {
-                CniError::Unavailable {
-                    reason: format!("{daemon}: {reason}"),
-                }
-            } else {
-                CniError::TryAgainLater {
-                    what: daemon,
-                    reason,
-                }
-            };
-        }
-        CallFailure::Status(status) => (status.code(), status_message(status)),
+    let err = match failure {
+        CallFailure::Connect(failure) => connect_error(socket, failure),
+        CallFailure::Broken(cause) => CniError::TryAgainLater {
+            message: format!("{daemon} went away during {command}: {cause}"),
+        },
+        CallFailure::Status(status) => status_error(command, socket, attachment, status),
     };
-    if command == Command::Status {
-        return CniError::Unavailable {
-            reason: format!("{daemon}: {message}"),
-        };
+    if command != Command::Status {
+        return err;
     }
+    // STATUS reports every failure as "not available", with the reason the other commands give.
+    let reason = match err {
+        CniError::TryAgainLater { message } => message,
+        other => other.to_string(),
+    };
+    if reason.contains(&socket.display().to_string()) {
+        CniError::Unavailable { reason }
+    } else {
+        CniError::Unavailable {
+            reason: format!("{daemon}: {reason}"),
+        }
+    }
+}
+
+fn connect_error(socket: &Path, failure: &ConnectFailure) -> CniError {
+    let path = socket.display();
+    match failure {
+        ConnectFailure::NoSocket => CniError::TryAgainLater {
+            message: format!("hostnic-ipamd is not running (no socket at {path})"),
+        },
+        ConnectFailure::Refused => CniError::TryAgainLater {
+            message: format!("hostnic-ipamd is not running (socket {path} refuses connections)"),
+        },
+        ConnectFailure::PermissionDenied => CniError::NotRoot {
+            what: daemon(socket),
+            reason: "permission denied on the socket".to_owned(),
+        },
+        ConnectFailure::Untrusted(reason) => CniError::UntrustedSocket {
+            socket: socket.to_path_buf(),
+            reason: reason.clone(),
+        },
+        ConnectFailure::TimedOut => CniError::TryAgainLater {
+            message: format!(
+                "{} accepted no connection within {} ms",
+                daemon(socket),
+                CONNECT_TIMEOUT.as_millis()
+            ),
+        },
+        ConnectFailure::Other(cause) => CniError::TryAgainLater {
+            message: format!("cannot connect to {}: {cause}", daemon(socket)),
+        },
+    }
+}
+
+fn status_error(
+    command: Command,
+    socket: &Path,
+    attachment: Option<&Attachment>,
+    status: &tonic::Status,
+) -> CniError {
+    let daemon = daemon(socket);
+    let message = status_message(status);
     let plugin = |code: u32, msg: String| CniError::Plugin {
         code,
         msg,
         details: Some(daemon.clone()),
     };
-    match code {
+    match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => CniError::TryAgainLater {
-            what: daemon,
-            reason: message,
+            message: format!("{daemon}: {message}"),
         },
         Code::InvalidArgument => CniError::Rejected {
             by: daemon,
@@ -441,23 +699,44 @@ pub fn daemon_error(
                 .unwrap_or_default(),
             reason: message,
         },
-        Code::ResourceExhausted => plugin(100, format!("address pool exhausted: {message}")),
+        Code::ResourceExhausted => plugin(
+            100,
+            unless_said("address pool exhausted", "exhausted", message),
+        ),
         Code::AlreadyExists => plugin(
             101,
-            format!("requested address is held by another pod: {message}"),
+            unless_said(
+                "requested address is held by another pod",
+                "held by",
+                message,
+            ),
         ),
         Code::FailedPrecondition => plugin(
             102,
             format!("{command}: the attachment does not match: {message}"),
         ),
-        Code::PermissionDenied => plugin(
-            999,
-            format!("{daemon} refused the caller, which must run as root: {message}"),
-        ),
+        Code::PermissionDenied => CniError::NotRoot {
+            what: daemon,
+            reason: message,
+        },
         other => plugin(
             999,
-            format!("{command} failed in hostnic-ipamd ({other:?}): {message}"),
+            format!(
+                "{command} failed in hostnic-ipamd: {message} (gRPC status: {})",
+                other.description()
+            ),
         ),
+    }
+}
+
+/// `message` with `prefix: ` in front, unless it already says `phrase` (case-insensitive): the
+/// daemon's messages usually name the condition ("pool exhausted: ..."), and saying it twice
+/// reads as two failures.
+fn unless_said(prefix: &str, phrase: &str, message: String) -> String {
+    if message.to_lowercase().contains(phrase) {
+        message
+    } else {
+        format!("{prefix}: {message}")
     }
 }
 
@@ -499,26 +778,17 @@ fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
 }
 
 async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
+    check_socket(socket).map_err(CallFailure::Connect)?;
     // Bounded here as well as by the connector, so a wedged connect cannot hold the runtime.
     let channel = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        hostnic_proto::connect(socket, CONNECT_TIMEOUT),
+        hostnic_proto::connect_to_root(socket, CONNECT_TIMEOUT),
     )
     .await
     {
         Ok(Ok(channel)) => channel,
-        // tonic's own text ("transport error") says nothing; the cause (ENOENT, ECONNREFUSED) does.
-        Ok(Err(err)) => {
-            let cause =
-                std::error::Error::source(&err).map_or_else(|| err.to_string(), error_chain);
-            return Err(CallFailure::Connect(cause));
-        }
-        Err(_) => {
-            return Err(CallFailure::Connect(format!(
-                "no connection within {} ms",
-                CONNECT_TIMEOUT.as_millis()
-            )))
-        }
+        Ok(Err(err)) => return Err(CallFailure::Connect(ConnectFailure::from_transport(&err))),
+        Err(_) => return Err(CallFailure::Connect(ConnectFailure::TimedOut)),
     };
     let mut client = IpamClient::new(channel);
     let call = async move {
@@ -558,7 +828,7 @@ async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
     };
     // The request deadline covers the response headers only; this also covers the body.
     match tokio::time::timeout(CALL_DEADLINE, call).await {
-        Ok(result) => result.map_err(CallFailure::Status),
+        Ok(result) => result.map_err(call_failure),
         Err(_) => Err(CallFailure::Status(tonic::Status::deadline_exceeded(
             format!("no reply within {} s", CALL_DEADLINE.as_secs()),
         ))),
@@ -571,19 +841,50 @@ fn with_deadline<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-/// `err` and its causes, `: `-separated, skipping a cause whose text its parent already shows.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
+/// A failed call's status as a [`CallFailure`]. A status the daemon sent arrives in the
+/// response and has no source; one with a source was made up by the gRPC layer from a broken
+/// connection (an expired deadline keeps its status: it is already code 11 and says so).
+fn call_failure(status: tonic::Status) -> CallFailure {
+    match std::error::Error::source(&status) {
+        Some(_) if !matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) => {
+            CallFailure::Broken(broken_cause(&status))
         }
+        _ => CallFailure::Status(status),
+    }
+}
+
+/// The text of a broken call: the status message, then its causes, each once. The status's own
+/// `Display` would print the cause with `{:?}` (a Rust debug dump), so it is not used.
+fn broken_cause(status: &tonic::Status) -> String {
+    let mut text = status_message(status);
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        push_cause(&mut text, &cause.to_string());
         source = cause.source();
     }
     text
+}
+
+/// `err` and its causes, `: `-separated, each once: a cause whose text is already shown (a
+/// wrapper repeating its source) is skipped.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        push_cause(&mut text, &cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn push_cause(text: &mut String, cause: &str) {
+    if cause.is_empty() || text.contains(cause) {
+        return;
+    }
+    if !text.is_empty() {
+        text.push_str(": ");
+    }
+    text.push_str(cause);
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CniError> {
@@ -750,12 +1051,70 @@ mod tests {
         conf.ipam.resolv_conf = Some(PathBuf::from("/nonexistent/resolv.conf"));
         let err = prepare(&invocation("ADD", ""), &conf).unwrap_err();
         assert_eq!(err.code(), 5);
-        assert!(
-            err.to_string().contains("/nonexistent/resolv.conf"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "cannot read ipam.resolvConf /nonexistent/resolv.conf: it does not exist"
         );
         // DEL does not need it.
         prepare(&invocation("DEL", ""), &conf).unwrap();
+    }
+
+    /// `read_dns` on `path`, in a thread that must finish within 5 s: a hang is a failure,
+    /// not a stuck test run.
+    fn read_dns_within_5s(path: &Path) -> Result<Dns, CniError> {
+        let mut conf = config(json!({}));
+        conf.ipam.resolv_conf = Some(path.to_path_buf());
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(read_dns(&conf.ipam));
+        });
+        result
+            .recv_timeout(Duration::from_secs(5))
+            .expect("read_dns hung")
+    }
+
+    fn assert_unreadable(path: &Path, why: &str) {
+        let err = read_dns_within_5s(path).unwrap_err();
+        assert_eq!(err.code(), 5, "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read ipam.resolvConf {}: {why}", path.display())
+        );
+    }
+
+    #[test]
+    fn resolv_conf_that_is_not_a_regular_file_is_refused_at_once() {
+        assert_unreadable(Path::new("/dev/zero"), "it is a device, not a regular file");
+        let dir = tempfile::tempdir().unwrap();
+        assert_unreadable(dir.path(), "it is a directory, not a regular file");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", fifo.display());
+        // Nobody writes to it: a blocking open would wait forever.
+        assert_unreadable(&fifo, "it is a FIFO, not a regular file");
+        assert_unreadable(&dir.path().join("missing"), "it does not exist");
+    }
+
+    #[test]
+    fn resolv_conf_is_read_up_to_64_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'#'; 1024 * 1024]).unwrap();
+        assert_unreadable(&big, "it is larger than 64 KiB, which no resolv.conf is");
+        let limit = dir.path().join("limit");
+        let mut text = b"nameserver 10.96.0.10\n".to_vec();
+        text.resize(RESOLV_CONF_LIMIT as usize, b'#');
+        std::fs::write(&limit, text).unwrap();
+        assert_eq!(
+            read_dns_within_5s(&limit).unwrap().nameservers,
+            ["10.96.0.10"]
+        );
+        let binary = dir.path().join("binary");
+        std::fs::write(&binary, b"nameserver \xff").unwrap();
+        assert_unreadable(&binary, "it is not UTF-8 text (invalid byte at offset 11)");
     }
 
     #[test]
@@ -832,7 +1191,7 @@ mod tests {
             (Check, tonic::Status::not_found("no attachment"), 3),
             (Add, tonic::Status::not_found("no such pool"), 999),
             (Del, tonic::Status::not_found("no such network"), 999),
-            (Add, tonic::Status::permission_denied("uid 1000"), 999),
+            (Add, tonic::Status::permission_denied("uid 1000"), 5),
             (Add, tonic::Status::internal("bug"), 999),
             (Gc, tonic::Status::unknown("?"), 999),
             (Gc, tonic::Status::unavailable("etcd"), 11),
@@ -863,25 +1222,307 @@ mod tests {
             Command::Status,
             Path::new(SOCKET),
             None,
-            &CallFailure::Connect("No such file or directory".to_owned()),
+            &CallFailure::Connect(ConnectFailure::NoSocket),
         );
         assert_eq!(err.code(), 50);
-        assert!(err.to_string().contains(SOCKET), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "plugin not available: hostnic-ipamd is not running (no socket at /run/test/ipamd.sock)"
+        );
+        let err = daemon_error(
+            Command::Status,
+            Path::new(SOCKET),
+            None,
+            &CallFailure::Broken("transport error".to_owned()),
+        );
+        assert_eq!(err.code(), 50);
+        assert!(err.to_string().contains("went away during STATUS"), "{err}");
+    }
+
+    fn connect_error_for(command: Command, failure: ConnectFailure) -> ErrorReply {
+        connect_error_at(Path::new(SOCKET), command, failure)
+    }
+
+    fn connect_error_at(socket: &Path, command: Command, failure: ConnectFailure) -> ErrorReply {
+        daemon_error(command, socket, None, &CallFailure::Connect(failure)).reply("1.1.0")
     }
 
     #[test]
-    fn connect_failure_is_try_again_later_naming_the_socket() {
+    fn connect_failures_say_what_happened_with_their_codes() {
+        let cases = [
+            (
+                ConnectFailure::NoSocket,
+                11,
+                "hostnic-ipamd is not running (no socket at /run/test/ipamd.sock); try again later",
+            ),
+            (
+                ConnectFailure::Refused,
+                11,
+                "hostnic-ipamd is not running (socket /run/test/ipamd.sock refuses connections); \
+                 try again later",
+            ),
+            (
+                ConnectFailure::TimedOut,
+                11,
+                "hostnic-ipamd at /run/test/ipamd.sock accepted no connection within 500 ms; \
+                 try again later",
+            ),
+            (
+                ConnectFailure::PermissionDenied,
+                5,
+                "hostnic-ipamd at /run/test/ipamd.sock: permission denied on the socket; \
+                 hostnic-ipam must run as root",
+            ),
+            (
+                ConnectFailure::Untrusted("the socket is owned by uid 1000, not root".to_owned()),
+                5,
+                "refusing to use /run/test/ipamd.sock: the socket is owned by uid 1000, not root",
+            ),
+        ];
         for command in [Command::Add, Command::Del, Command::Check, Command::Gc] {
-            let err = daemon_error(
-                command,
-                Path::new(SOCKET),
-                None,
-                &CallFailure::Connect("Connection refused (os error 111)".to_owned()),
-            );
-            assert_eq!(err.code(), 11, "{command}");
-            let text = err.to_string();
-            assert!(text.contains(SOCKET) && text.contains("refused"), "{text}");
+            for (failure, code, msg) in &cases {
+                let reply = connect_error_for(command, failure.clone());
+                assert_eq!(reply.code, *code, "{command} {failure:?}");
+                assert_eq!(reply.msg, *msg, "{command}");
+                assert_eq!(reply.details, None, "{command}");
+            }
         }
+    }
+
+    #[test]
+    fn connect_failures_are_classified_by_errno() {
+        use std::io::{Error, ErrorKind};
+        let cases = [
+            (ErrorKind::NotFound, ConnectFailure::NoSocket),
+            (ErrorKind::NotADirectory, ConnectFailure::NoSocket),
+            (ErrorKind::ConnectionRefused, ConnectFailure::Refused),
+            (
+                ErrorKind::PermissionDenied,
+                ConnectFailure::PermissionDenied,
+            ),
+            (ErrorKind::TimedOut, ConnectFailure::TimedOut),
+        ];
+        for (kind, want) in cases {
+            assert_eq!(ConnectFailure::from_io(&Error::from(kind)), want, "{kind}");
+        }
+        let other = ConnectFailure::from_io(&Error::from_raw_os_error(libc::EMFILE));
+        let ConnectFailure::Other(text) = &other else {
+            panic!("{other:?}");
+        };
+        assert!(!text.contains("Os {"), "{text}");
+    }
+
+    /// The real connect errors, from tonic's cause chain: the errno decides, and the OS's
+    /// "No such file or directory" (which makes Podman exit 127) never reaches the message.
+    #[test]
+    fn real_connect_errors_are_classified_and_not_dumped() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.sock");
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        for (socket, want) in [
+            (&missing, ConnectFailure::NoSocket),
+            (&stale, ConnectFailure::Refused),
+        ] {
+            let err = runtime
+                .block_on(hostnic_proto::connect(socket, CONNECT_TIMEOUT))
+                .unwrap_err();
+            assert_eq!(ConnectFailure::from_transport(&err), want);
+            let reply = connect_error_at(socket, Command::Add, want);
+            assert!(
+                reply.msg.contains(socket.to_str().unwrap()),
+                "{}",
+                reply.msg
+            );
+            for dump in ["No such file", "os error", "Os {", "ConnectError", "Error("] {
+                assert!(!reply.msg.contains(dump), "{}", reply.msg);
+            }
+        }
+    }
+
+    #[test]
+    fn a_listener_that_is_not_root_is_untrusted() {
+        let io = std::io::Error::other(hostnic_proto::UntrustedPeer { uid: 65534 });
+        let failure = ConnectFailure::from_transport(&io);
+        assert_eq!(
+            failure,
+            ConnectFailure::Untrusted(
+                "the process listening on the socket runs as uid 65534, not root".to_owned()
+            )
+        );
+        let reply = connect_error_for(Command::Add, failure);
+        assert_eq!(reply.code, 5);
+        assert_eq!(
+            reply.msg,
+            "refusing to use /run/test/ipamd.sock: the process listening on the socket runs as \
+             uid 65534, not root"
+        );
+    }
+
+    #[test]
+    fn broken_call_is_try_again_later_naming_the_command_and_cause() {
+        let reply = daemon_error(
+            Command::Add,
+            Path::new(SOCKET),
+            None,
+            &CallFailure::Broken(
+                "transport error: connection error: stream closed because of a broken pipe"
+                    .to_owned(),
+            ),
+        )
+        .reply("1.1.0");
+        assert_eq!(reply.code, 11);
+        assert_eq!(
+            reply.msg,
+            "hostnic-ipamd at /run/test/ipamd.sock went away during ADD: transport error: \
+             connection error: stream closed because of a broken pipe; try again later"
+        );
+    }
+
+    #[test]
+    fn a_status_with_a_source_is_a_broken_connection_not_the_daemons_answer() {
+        // What tonic makes of a connection the daemon tore down: `Unknown` with the transport
+        // error as its source (see the plugin integration test that kills a daemon mid-call).
+        let cause = std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed because of a broken pipe",
+        );
+        let status = tonic::Status::from_error(Box::new(cause));
+        assert_eq!(status.code(), Code::Unknown);
+        let CallFailure::Broken(text) = call_failure(status) else {
+            panic!("not classified as broken");
+        };
+        assert_eq!(text, "stream closed because of a broken pipe");
+        // The daemon's own statuses have no source and keep their code.
+        let failure = call_failure(tonic::Status::unknown("daemon said so"));
+        assert!(matches!(&failure, CallFailure::Status(s) if s.code() == Code::Unknown));
+        let failure = call_failure(tonic::Status::internal("corrupt record at k"));
+        let err = daemon_error(Command::Add, Path::new(SOCKET), None, &failure);
+        assert_eq!(err.code(), 999);
+    }
+
+    #[test]
+    fn causes_are_shown_once() {
+        let mut text = "transport error".to_owned();
+        for cause in [
+            "transport error",
+            "connection error",
+            "",
+            "connection error",
+        ] {
+            push_cause(&mut text, cause);
+        }
+        assert_eq!(text, "transport error: connection error");
+    }
+
+    #[test]
+    fn daemon_messages_are_not_prefixed_with_what_they_already_say() {
+        let exhausted = "pool exhausted: no free address in 10.0.0.0/24 for network \"n\"";
+        let reply = map(Command::Add, tonic::Status::resource_exhausted(exhausted)).reply("1.0.0");
+        assert_eq!((reply.code, reply.msg.as_str()), (100, exhausted));
+        let reply = map(Command::Add, tonic::Status::resource_exhausted("pool p1")).reply("1.0.0");
+        assert_eq!(reply.msg, "address pool exhausted: pool p1");
+        let held = "address 10.0.0.5 is held by default/web-1";
+        let reply = map(Command::Add, tonic::Status::already_exists(held)).reply("1.0.0");
+        assert_eq!((reply.code, reply.msg.as_str()), (101, held));
+        let reply =
+            map(Command::Add, tonic::Status::internal("corrupt record at k")).reply("1.0.0");
+        assert_eq!(
+            reply.msg,
+            "ADD failed in hostnic-ipamd: corrupt record at k (gRPC status: Internal error)"
+        );
+    }
+
+    #[test]
+    fn socket_owner_rule() {
+        assert_eq!(check_socket_owner(FileKind::Socket, 0), Ok(()));
+        let err = check_socket_owner(FileKind::Socket, 65534).unwrap_err();
+        assert!(
+            err.contains("uid 65534") && err.contains("not root"),
+            "{err}"
+        );
+        for (kind, name) in [
+            (FileKind::Regular, "a regular file"),
+            (FileKind::Directory, "a directory"),
+            (FileKind::Fifo, "a FIFO"),
+            (FileKind::Device, "a device"),
+            (FileKind::Symlink, "a symbolic link"),
+        ] {
+            let err = check_socket_owner(kind, 0).unwrap_err();
+            assert_eq!(err, format!("it is {name}, not a socket"));
+        }
+    }
+
+    /// Whether this process creates files as root (no libc call needed: a new file's owner is
+    /// the creator's fsuid).
+    fn creates_as_root(dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let probe = dir.join("uid-probe");
+        std::fs::write(&probe, b"").unwrap();
+        std::fs::metadata(&probe).unwrap().uid() == 0
+    }
+
+    #[test]
+    fn check_socket_accepts_a_root_socket_and_refuses_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        if !creates_as_root(dir.path()) {
+            eprintln!("SKIPPED check_socket test: needs root to create a root-owned socket");
+            return;
+        }
+        let socket = dir.path().join("ipamd.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(check_socket(&socket), Ok(()));
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&socket, &link).unwrap();
+        assert_eq!(
+            check_socket(&link),
+            Ok(()),
+            "a link is followed, as connect follows it"
+        );
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            check_socket(&file),
+            Err(ConnectFailure::Untrusted(
+                "it is a regular file, not a socket".to_owned()
+            ))
+        );
+        assert_eq!(
+            check_socket(dir.path()),
+            Err(ConnectFailure::Untrusted(
+                "it is a directory, not a socket".to_owned()
+            ))
+        );
+        assert_eq!(
+            check_socket(&dir.path().join("missing.sock")),
+            Err(ConnectFailure::NoSocket)
+        );
+    }
+
+    #[test]
+    fn check_socket_refuses_a_socket_planted_by_another_user() {
+        let dir = tempfile::tempdir().unwrap();
+        if !creates_as_root(dir.path()) {
+            eprintln!("SKIPPED planted-socket test: needs root to chown a socket to uid 65534");
+            return;
+        }
+        let socket = dir.path().join("ipamd.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        std::os::unix::fs::chown(&socket, Some(65534), Some(65534)).unwrap();
+        let failure = check_socket(&socket).unwrap_err();
+        let reply = connect_error_at(&socket, Command::Add, failure);
+        assert_eq!(reply.code, 5);
+        assert!(
+            reply.msg.contains(socket.to_str().unwrap()),
+            "{}",
+            reply.msg
+        );
+        assert!(reply.msg.contains("owned by uid 65534"), "{}", reply.msg);
     }
 
     #[test]

@@ -173,6 +173,21 @@ fn invalid_route_cidr_is_code_7() {
 }
 
 #[test]
+fn wrong_json_type_names_the_field() {
+    for (ipam, field) in [
+        (json!({"subnet": 5}), "ipam.subnet = 5"),
+        (
+            json!({"ranges": [[{"subnet": 5}]]}),
+            "ipam.ranges[0][0].subnet = 5",
+        ),
+    ] {
+        let conf = conf("1.0.0", &missing_socket(), json!({ "ipam": ipam }));
+        let run = run(&attachment_env("ADD", &[]), &conf);
+        assert_error(&run, 7, &[field, "expected a string, found a number"]);
+    }
+}
+
+#[test]
 fn version_lists_the_five_versions() {
     let run = run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
     assert!(run.success, "{run:?}");
@@ -207,6 +222,64 @@ fn missing_socket_is_try_again_later_at_once() {
     }
 }
 
+/// Podman exits 127 ("command not found") when an error says "No such file or directory": the
+/// message says what is wrong instead.
+#[test]
+fn missing_socket_says_the_daemon_is_not_running() {
+    let socket = missing_socket();
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &socket, json!({})),
+    );
+    let reply = assert_error(&run, 11, &[]);
+    assert_eq!(
+        reply["msg"],
+        "hostnic-ipamd is not running (no socket at /nonexistent/hostnic/ipamd.sock); \
+         try again later"
+    );
+    assert!(!run.stdout.contains("No such file"), "{run:?}");
+    assert!(!run.stdout.contains("os error"), "{run:?}");
+}
+
+#[test]
+fn socket_path_that_is_not_a_socket_is_refused_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ipamd.sock");
+    std::fs::write(&file, b"").unwrap();
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &file, json!({})),
+    );
+    assert_error(
+        &run,
+        5,
+        &[file.to_str().unwrap(), "regular file, not a socket"],
+    );
+}
+
+/// A socket another user put where the daemon's should be receives nothing: the plugin names
+/// the path and the owner, and does not ask to be retried.
+#[test]
+fn socket_planted_by_a_non_root_user_is_refused() {
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
+    std::os::unix::fs::chown(&daemon.socket, Some(65534), Some(65534)).unwrap();
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &daemon.socket, json!({})),
+    );
+    assert_error(
+        &run,
+        5,
+        &[
+            daemon.socket.to_str().unwrap(),
+            "owned by uid 65534, not root",
+        ],
+    );
+    assert_eq!(daemon.received(), [], "nothing may be sent to it");
+}
+
 #[test]
 fn refused_socket_is_try_again_later() {
     let dir = tempfile::tempdir().unwrap();
@@ -217,7 +290,15 @@ fn refused_socket_is_try_again_later() {
         &attachment_env("ADD", &[]),
         &conf("1.0.0", &socket, json!({})),
     );
-    assert_error(&run, 11, &[socket.to_str().unwrap(), "refused"]);
+    let reply = assert_error(&run, 11, &[socket.to_str().unwrap(), "refuses connections"]);
+    assert!(
+        reply["msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("hostnic-ipamd is not running"),
+        "{reply}"
+    );
+    assert!(!run.stdout.contains("os error"), "{run:?}");
     assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
 }
 
@@ -358,9 +439,23 @@ struct FakeDaemon {
     _dir: tempfile::TempDir,
 }
 
+/// Whether this process creates files as root: the plugin talks only to a root-owned socket,
+/// so a fake daemon started by anyone else would be refused (a new file's owner is its creator).
+fn creates_as_root(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = dir.join("uid-probe");
+    std::fs::write(&probe, b"").unwrap();
+    std::fs::metadata(&probe).unwrap().uid() == 0
+}
+
 impl FakeDaemon {
-    fn start(answers: Answers) -> Self {
+    /// `None`, after a SKIPPED line, when not root: the plugin would refuse the fake's socket.
+    fn start(answers: Answers) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
+        if !creates_as_root(dir.path()) {
+            eprintln!("SKIPPED: a fake hostnic-ipamd needs root (the plugin trusts root-owned sockets only)");
+            return None;
+        }
         let socket = dir.path().join("ipamd.sock");
         // Bound before the thread starts, so the socket accepts as soon as `start` returns.
         let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -390,13 +485,13 @@ impl FakeDaemon {
                     .unwrap();
             });
         });
-        FakeDaemon {
+        Some(FakeDaemon {
             socket,
             ipam,
             shutdown: Some(shutdown),
             thread: Some(thread),
             _dir: dir,
-        }
+        })
     }
 
     fn received(&self) -> Vec<Received> {
@@ -415,21 +510,23 @@ impl Drop for FakeDaemon {
     }
 }
 
-fn add_reply(version: &str) -> (Value, Vec<Received>) {
-    let daemon = FakeDaemon::start(Answers::default());
+fn add_reply(version: &str) -> Option<(Value, Vec<Received>)> {
+    let daemon = FakeDaemon::start(Answers::default())?;
     let env = attachment_env("ADD", &[("CNI_ARGS", POD_ARGS)]);
     let run = run(&env, &conf(version, &daemon.socket, json!({})));
     assert!(run.success, "{version}: {run:?}");
-    (
+    Some((
         serde_json::from_str(run.stdout.trim()).unwrap(),
         daemon.received(),
-    )
+    ))
 }
 
 #[test]
 fn add_result_has_ip_version_before_1_0_0() {
     for version in ["0.3.1", "0.4.0"] {
-        let (reply, _) = add_reply(version);
+        let Some((reply, _)) = add_reply(version) else {
+            return;
+        };
         assert_eq!(
             reply,
             json!({
@@ -444,7 +541,9 @@ fn add_result_has_ip_version_before_1_0_0() {
 
 #[test]
 fn add_result_has_no_ip_version_from_1_0_0() {
-    let (reply, _) = add_reply("1.0.0");
+    let Some((reply, _)) = add_reply("1.0.0") else {
+        return;
+    };
     assert_eq!(
         reply["ips"],
         json!([{"address": "10.0.0.5/24", "gateway": "10.0.0.1"}])
@@ -454,7 +553,9 @@ fn add_result_has_no_ip_version_from_1_0_0() {
 
 #[test]
 fn add_sends_requested_ips_pod_and_network() {
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let args = format!("{POD_ARGS};IP=10.0.0.5,10.0.0.9");
     let env = attachment_env("ADD", &[("CNI_ARGS", &args)]);
     let conf = conf(
@@ -497,7 +598,9 @@ fn add_sends_requested_ips_pod_and_network() {
 
 #[test]
 fn add_reports_dns_from_resolv_conf() {
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let resolv = daemon._dir.path().join("resolv.conf");
     std::fs::write(&resolv, "nameserver 10.96.0.10\nsearch svc.cluster.local\n").unwrap();
     let conf = conf(
@@ -516,7 +619,9 @@ fn add_reports_dns_from_resolv_conf() {
 
 #[test]
 fn unreadable_resolv_conf_fails_before_allocating() {
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let conf = conf(
         "1.0.0",
         &daemon.socket,
@@ -528,11 +633,29 @@ fn unreadable_resolv_conf_fails_before_allocating() {
 }
 
 #[test]
+fn resolv_conf_on_dev_zero_is_refused_at_once() {
+    let conf = conf(
+        "1.0.0",
+        &missing_socket(),
+        json!({"ipam": {"resolvConf": "/dev/zero"}}),
+    );
+    let run = run(&attachment_env("ADD", &[]), &conf);
+    let reply = assert_error(&run, 5, &[]);
+    assert_eq!(
+        reply["msg"],
+        "cannot read ipam.resolvConf /dev/zero: it is a device, not a regular file"
+    );
+    assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
+}
+
+#[test]
 fn address_held_by_another_pod_is_code_101() {
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         allocate: Err((Code::AlreadyExists, "10.0.0.5 is held by default/web-1")),
         ..Answers::default()
-    });
+    }) else {
+        return;
+    };
     let env = attachment_env("ADD", &[("CNI_ARGS", "IP=10.0.0.5")]);
     let run = run(&env, &conf("1.0.0", &daemon.socket, json!({})));
     let reply = assert_error(&run, 101, &["10.0.0.5 is held by default/web-1"]);
@@ -547,13 +670,15 @@ fn address_held_by_another_pod_is_code_101() {
 
 #[test]
 fn pool_exhausted_is_code_100() {
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         allocate: Err((
             Code::ResourceExhausted,
             "pool 10.0.0.0/24 has no free address",
         )),
         ..Answers::default()
-    });
+    }) else {
+        return;
+    };
     let run = run(
         &attachment_env("ADD", &[]),
         &conf("1.0.0", &daemon.socket, json!({})),
@@ -561,12 +686,37 @@ fn pool_exhausted_is_code_100() {
     assert_error(&run, 100, &["pool exhausted", "10.0.0.0/24"]);
 }
 
+/// The daemon's own wording names the condition; the plugin does not say it twice.
+#[test]
+fn daemon_exhaustion_message_is_not_doubled() {
+    let Some(daemon) = FakeDaemon::start(Answers {
+        allocate: Err((
+            Code::ResourceExhausted,
+            "pool exhausted: no free address in 10.0.0.0/24 for network \"macvlan-net\"",
+        )),
+        ..Answers::default()
+    }) else {
+        return;
+    };
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &daemon.socket, json!({})),
+    );
+    let reply = assert_error(&run, 100, &[]);
+    assert_eq!(
+        reply["msg"],
+        "pool exhausted: no free address in 10.0.0.0/24 for network \"macvlan-net\""
+    );
+}
+
 #[test]
 fn daemon_unavailable_is_code_11() {
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         allocate: Err((Code::Unavailable, "etcd: no leader")),
         other: Err((Code::Unavailable, "etcd: no leader")),
-    });
+    }) else {
+        return;
+    };
     let conf = conf("1.1.0", &daemon.socket, json!({}));
     let run_add = run(&attachment_env("ADD", &[]), &conf);
     assert_error(&run_add, 11, &["etcd: no leader", "try again later"]);
@@ -578,7 +728,9 @@ fn daemon_unavailable_is_code_11() {
 
 #[test]
 fn del_releases_and_ignores_malformed_requested_ips() {
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let env = attachment_env("DEL", &[("CNI_ARGS", "IP=not-an-address")]);
     let conf = conf(
         "1.0.0",
@@ -598,7 +750,9 @@ fn del_releases_and_ignores_malformed_requested_ips() {
 #[test]
 fn check_sends_prev_result_and_maps_unknown_attachment_to_3() {
     let prev = json!({"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.5/24"}]}});
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let run_ok = run(
         &attachment_env("CHECK", &[]),
         &conf("1.0.0", &daemon.socket, prev.clone()),
@@ -610,20 +764,24 @@ fn check_sends_prev_result_and_maps_unknown_attachment_to_3() {
     };
     assert_eq!(request.addresses, ["10.0.0.5/24"]);
 
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         other: Err((Code::NotFound, "no attachment net1")),
         ..Answers::default()
-    });
+    }) else {
+        return;
+    };
     let unknown = run(
         &attachment_env("CHECK", &[]),
         &conf("1.0.0", &daemon.socket, prev.clone()),
     );
     assert_error(&unknown, 3, &[CID, "no attachment net1"]);
 
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         other: Err((Code::FailedPrecondition, "10.0.0.5/24 is not held")),
         ..Answers::default()
-    });
+    }) else {
+        return;
+    };
     let run = run(
         &attachment_env("CHECK", &[]),
         &conf("1.0.0", &daemon.socket, prev),
@@ -633,7 +791,9 @@ fn check_sends_prev_result_and_maps_unknown_attachment_to_3() {
 
 #[test]
 fn gc_and_status_succeed_silently() {
-    let daemon = FakeDaemon::start(Answers::default());
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
     let conf = conf(
         "1.1.0",
         &daemon.socket,
@@ -661,13 +821,209 @@ fn gc_and_status_succeed_silently() {
 
 #[test]
 fn permission_denied_says_root() {
-    let daemon = FakeDaemon::start(Answers {
+    let Some(daemon) = FakeDaemon::start(Answers {
         allocate: Err((Code::PermissionDenied, "caller uid 1000")),
         ..Answers::default()
-    });
+    }) else {
+        return;
+    };
     let run = run(
         &attachment_env("ADD", &[]),
         &conf("1.0.0", &daemon.socket, json!({})),
     );
-    assert_error(&run, 999, &["root", "caller uid 1000"]);
+    let reply = assert_error(&run, 5, &["must run as root", "caller uid 1000"]);
+    assert_eq!(reply["details"], Value::Null, "{reply}");
+}
+
+// ---- a daemon that dies during the call ----
+
+/// An `Ipam` whose `allocate` reports that it was called and then never answers; every other
+/// call is refused.
+#[derive(Debug)]
+struct Hangs(std::sync::mpsc::Sender<()>);
+
+#[tonic::async_trait]
+impl Ipam for Hangs {
+    async fn allocate(
+        &self,
+        _: Request<v1::AllocateRequest>,
+    ) -> Result<Response<v1::AllocateReply>, Status> {
+        let _ = self.0.send(());
+        std::future::pending::<()>().await;
+        Err(Status::internal("unreachable"))
+    }
+
+    async fn release(
+        &self,
+        _: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseReply>, Status> {
+        Err(Status::unimplemented("release"))
+    }
+
+    async fn check(
+        &self,
+        _: Request<v1::CheckRequest>,
+    ) -> Result<Response<v1::CheckReply>, Status> {
+        Err(Status::unimplemented("check"))
+    }
+
+    async fn gc(&self, _: Request<v1::GcRequest>) -> Result<Response<v1::GcReply>, Status> {
+        Err(Status::unimplemented("gc"))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        Err(Status::unimplemented("status"))
+    }
+}
+
+/// A daemon served by its own thread and runtime that is torn down, connections and all, as
+/// soon as a call reaches `allocate`: what a SIGKILL of hostnic-ipamd does to a call in flight.
+/// `None` (after a SKIPPED line) when not root.
+fn daemon_that_dies_mid_call() -> Option<(tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>)>
+{
+    let dir = tempfile::tempdir().unwrap();
+    if !creates_as_root(dir.path()) {
+        eprintln!(
+            "SKIPPED: a fake hostnic-ipamd needs root (the plugin trusts root-owned sockets only)"
+        );
+        return None;
+    }
+    let socket = dir.path().join("ipamd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (called, on_call) = std::sync::mpsc::channel();
+    let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+            let serve = tonic::transport::Server::builder()
+                .add_service(IpamServer::new(Hangs(called)))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener));
+            tokio::select! {
+                _ = serve => {}
+                _ = killed => {}
+            }
+        });
+        // Dropping the runtime drops every connection task: the peer sees the socket close.
+        drop(runtime);
+    });
+    let killer = std::thread::spawn(move || {
+        if on_call.recv_timeout(Duration::from_secs(10)).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = kill.send(());
+        server.join().unwrap();
+    });
+    Some((dir, socket, killer))
+}
+
+/// Which status tonic makes of a connection torn down mid-call: `Unknown` "transport error"
+/// with the transport error as its source. The plugin reads the source, not the code.
+#[test]
+fn a_call_cut_by_the_daemon_dying_is_unknown_with_a_transport_source() {
+    let Some((_dir, socket, killer)) = daemon_that_dies_mid_call() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = runtime.block_on(async {
+        let channel = hostnic_proto::connect(&socket, Duration::from_secs(1))
+            .await
+            .unwrap();
+        v1::ipam_client::IpamClient::new(channel)
+            .allocate(v1::AllocateRequest::default())
+            .await
+            .unwrap_err()
+    });
+    killer.join().unwrap();
+    assert_eq!(status.code(), Code::Unknown, "{status:?}");
+    assert_eq!(status.message(), "transport error");
+    assert!(std::error::Error::source(&status).is_some(), "{status:?}");
+}
+
+#[test]
+fn daemon_dying_mid_call_is_try_again_later() {
+    let Some((_dir, socket, killer)) = daemon_that_dies_mid_call() else {
+        return;
+    };
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &socket, json!({})),
+    );
+    killer.join().unwrap();
+    let reply = assert_error(
+        &run,
+        11,
+        &[
+            socket.to_str().unwrap(),
+            "went away during ADD",
+            "try again later",
+        ],
+    );
+    let msg = reply["msg"].as_str().unwrap();
+    for dump in ["Custom {", "kind:", "Error(", "source:"] {
+        assert!(!msg.contains(dump), "no debug output: {msg}");
+    }
+    assert!(run.took < Duration::from_secs(5), "took {:?}", run.took);
+}
+
+/// A listener run by another user behind a socket file that root owns (what a swap of the file
+/// after the plugin's check would give): the plugin reads the listener's credentials on the
+/// connection and sends nothing.
+#[test]
+fn listener_not_running_as_root_is_refused_even_behind_a_root_owned_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    if !creates_as_root(dir.path()) {
+        eprintln!("SKIPPED: needs root to run a listener as uid 65534");
+        return;
+    }
+    if !Path::new("/usr/bin/perl").exists() {
+        eprintln!("SKIPPED: /usr/bin/perl (perl-base) is missing");
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("ipamd.sock");
+    let mut child = Command::new("/usr/bin/perl")
+        .args([
+            "-MIO::Socket::UNIX",
+            "-e",
+            "my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => $ARGV[0], \
+             Listen => 5) or die \"listen: $!\"; sleep 30;",
+        ])
+        .arg(&socket)
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let chowned = std::os::unix::fs::chown(&socket, Some(0), Some(0));
+    let run = run(
+        &attachment_env("ADD", &[]),
+        &conf("1.0.0", &socket, json!({})),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    chowned.unwrap();
+    assert_error(
+        &run,
+        5,
+        &[
+            socket.to_str().unwrap(),
+            "the process listening on the socket runs as uid 65534, not root",
+        ],
+    );
 }
