@@ -276,6 +276,28 @@ impl PoolRecord {
 
 /// The bounds the block arithmetic relies on. FIXME(merge): Pool::validate.
 fn validate_pool(pool: &Pool) -> Result<(), String> {
+    let subnet = pool.subnet;
+    if subnet != subnet.trunc() {
+        return Err(format!("subnet {subnet} has host bits set"));
+    }
+    if !subnet.contains(&pool.gateway) {
+        return Err(format!(
+            "gateway {} is outside subnet {subnet}",
+            pool.gateway
+        ));
+    }
+    let named = |what: &'static str| move |r: &AddrRange| (what, *r);
+    let ranges = (pool.ranges.iter().map(named("range")))
+        .chain(pool.exclude.iter().map(named("exclude")))
+        .chain(pool.fixed.iter().map(named("fixed")));
+    for (what, r) in ranges {
+        let (first, last) = (pool.addr(r.first), pool.addr(r.last));
+        if r.first > r.last || !subnet.contains(&first) || !subnet.contains(&last) {
+            return Err(format!(
+                "{what} {first}-{last} is reversed or outside subnet {subnet}"
+            ));
+        }
+    }
     let bits = pool.family().bits();
     if pool.block_prefix > bits || pool.block_prefix < pool.subnet.prefix_len() {
         return Err(format!(
@@ -514,6 +536,39 @@ mod tests {
         .expect("decodes");
         let err = record.to_pool().expect_err("blockSize 40 refused");
         assert!(err.contains("blockSize"), "{err}");
+    }
+
+    #[test]
+    fn a_pool_record_whose_addresses_leave_its_subnet_is_refused() {
+        let base = json!({"version": 1, "subnet": "10.0.0.0/24", "gateway": "10.0.0.1",
+            "ranges": [["10.0.0.2", "10.0.0.254"]], "blockSize": 26});
+        let with = |field: &str, value: serde_json::Value| {
+            let mut record = base.clone();
+            record[field] = value;
+            serde_json::from_value::<PoolRecord>(record).expect("decodes")
+        };
+        let cases = [
+            (with("subnet", json!("10.0.0.5/24")), "host bits"),
+            (with("gateway", json!("10.0.1.1")), "gateway 10.0.1.1"),
+            (with("ranges", json!([["10.0.0.0", "10.0.1.0"]])), "range"),
+            (with("ranges", json!([["9.0.0.0", "10.0.0.9"]])), "range"),
+            (
+                with("ranges", json!([["10.0.0.9", "10.0.0.2"]])),
+                "reversed",
+            ),
+            (
+                with("exclude", json!([["10.0.0.9", "10.0.9.9"]])),
+                "exclude",
+            ),
+            (with("fixed", json!(["10.0.0.9", "10.0.0.2"])), "fixed"),
+        ];
+        for (record, expected) in cases {
+            let err = record.to_pool().expect_err("refused");
+            assert!(err.contains(expected), "{record:?}: {err}");
+        }
+        assert!(with("exclude", json!([["10.0.0.9", "10.0.0.9"]]))
+            .to_pool()
+            .is_ok());
     }
 
     #[test]
