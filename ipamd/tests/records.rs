@@ -746,3 +746,129 @@ async fn records_of_the_earlier_layout_are_read_not_lost() {
     assert_eq!(get(a.store(), &legacy_key).await, None);
     assert_eq!(problems(&a).await, Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_pool_and_its_address_are_repaired_with_the_operator_commands() {
+    let prefix = unique_prefix("repair-pool");
+    let store = Store::connect(&config(&prefix)).await.expect("connects");
+    let keys = Keys::new(&prefix);
+    let bad_key = keys.pool("10.73.0.0_24");
+    put(
+        &store,
+        &bad_key,
+        json!({"version": 1, "subnet": "10.73.0.0/24", "gateway": "10.73.0.1",
+            "ranges": [["10.73.0.2", "10.73.0.254"]], "blockSize": 40})
+        .to_string(),
+    )
+    .await;
+    let address = keys.address("10.73.0.0_24", ip("10.73.0.5"));
+    put(
+        &store,
+        &address,
+        address_record(&Attachment::new("net", "gone", "eth0")),
+    )
+    .await;
+    let run = operator(&prefix, &["audit"]);
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(
+        run.stdout.contains(&format!("PROBLEM {bad_key}: ")),
+        "{run}"
+    );
+    assert!(
+        run.stdout.contains(&format!("PROBLEM {address}: ")),
+        "{run}"
+    );
+
+    let run = operator(&prefix, &["remove-pool", "10.73.0.0/24"]);
+    assert_eq!(run.code, Some(1), "{run}");
+    let run = operator(&prefix, &["release-address", "10.73.0.5"]);
+    assert_eq!(run.code, Some(0), "{run}");
+    let run = operator(&prefix, &["remove-pool", "10.73.0.0/24"]);
+    assert_eq!(run.code, Some(0), "{run}");
+    let run = operator(&prefix, &["audit"]);
+    assert_eq!(run.code, Some(0), "{run}");
+
+    let a = allocator(&prefix, "node-p").await;
+    let got = add(
+        &a,
+        &Attachment::new("net", "p1", "eth0"),
+        &sets(json!({"subnet": "10.73.0.0/24"})),
+    )
+    .await;
+    assert_eq!(got, ip("10.73.0.2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_record_of_the_earlier_layout_does_not_leak_its_addresses() {
+    let prefix = unique_prefix("legacy-corrupt");
+    let a = allocator(&prefix, "node-m").await;
+    let keys = a.keys().clone();
+    add(
+        &a,
+        &Attachment::new("net-a", "other", "eth0"),
+        &sets(json!({"subnet": "10.74.0.0/24"})),
+    )
+    .await;
+    let legacy = Attachment::new("net-a", "old2", "eth0");
+    let legacy_key = keys.legacy_handle(&legacy);
+    let address_key = keys.address("10.74.0.0_24", ip("10.74.0.5"));
+    put(a.store(), &legacy_key, "garbage").await;
+    put(a.store(), &address_key, address_record(&legacy)).await;
+
+    // The earlier layout keyed records without the network: the addresses tell whose it is.
+    let other_network = Attachment::new("net-b", "old2", "eth0");
+    assert!(a.lookup(&other_network).await.expect("lookup").is_none());
+    assert!(a.release(&other_network).await.expect("release").is_none());
+    assert!(get(a.store(), &legacy_key).await.is_some());
+    assert!(get(a.store(), &address_key).await.is_some());
+    match a.lookup(&legacy).await {
+        Err(IpamError::Corrupt { key, .. }) => assert_eq!(key, legacy_key),
+        other => panic!("lookup of an unreadable record: {other:?}"),
+    }
+
+    let released = a
+        .release(&legacy)
+        .await
+        .expect("release")
+        .expect("released");
+    assert_eq!(released.ips[0].ip, ip("10.74.0.5"));
+    assert_eq!(get(a.store(), &address_key).await, None);
+    assert_eq!(get(a.store(), &legacy_key).await, None);
+    assert_eq!(problems(&a).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: the ADD transaction guards only the attachment key of this layout, so a repeated ADD of an attachment held under handles/ gets a second address, and its DEL then frees only that one"]
+async fn a_repeated_add_of_an_attachment_held_under_the_earlier_layout_returns_its_address() {
+    let prefix = unique_prefix("legacy-readd");
+    let a = allocator(&prefix, "node-n").await;
+    let keys = a.keys().clone();
+    let pool = sets(json!({"subnet": "10.75.0.0/24"}));
+    add(&a, &Attachment::new("net-a", "other", "eth0"), &pool).await;
+    let legacy = Attachment::new("net-a", "old3", "eth0");
+    put(
+        a.store(),
+        &keys.legacy_handle(&legacy),
+        json!({"version": 1, "network": "net-a", "node": "n",
+            "ips": [{"pool": "10.75.0.0_24", "ip": "10.75.0.5"}], "allocatedAt": 0})
+        .to_string(),
+    )
+    .await;
+    put(
+        a.store(),
+        &keys.address("10.75.0.0_24", ip("10.75.0.5")),
+        address_record(&legacy),
+    )
+    .await;
+
+    let again = add(&a, &legacy, &pool).await;
+    assert_eq!(
+        again,
+        ip("10.75.0.5"),
+        "a repeated ADD returns what it holds"
+    );
+    a.release(&legacy).await.expect("release");
+    let report = audit(a.store(), &keys).await.expect("scan");
+    assert_eq!(report.problems, Vec::<String>::new());
+    assert_eq!(report.allocations.len(), 1, "only `other` holds an address");
+}
