@@ -204,6 +204,16 @@ pub async fn remove_pool(
         .get("read the pool index", &keys.pool_index(), None)
         .await?;
     let index_kv = index_resp.kvs().first();
+    let indexed = index_kv
+        .and_then(|kv| serde_json::from_slice::<PoolIndex>(kv.value()).ok())
+        .is_some_and(|index| index.subnets.contains(subnet));
+    let exists = indexed
+        || report.pools.contains_key(&id)
+        || report.blocks.iter().any(|(pool, _, _)| *pool == id)
+        || (report.bad_keys.iter()).any(|k| *k == pool_key || k.starts_with(&under));
+    if !exists {
+        return Err(refused(format!("there is no pool {subnet} (see `usage`)")));
+    }
     if !dry_run {
         // No address record may appear under the pool meanwhile: a range compare holds only
         // while every key in the range (none) has create revision 0.

@@ -603,6 +603,12 @@ async fn remove_pool_removes_only_a_pool_that_holds_nothing() {
     let run = operator(&prefix, &["remove-pool", "10.70.1.0/24"]);
     assert_eq!(run.code, Some(1), "{run}");
     assert!(run.stderr.contains("holds 1 addresses"), "{run}");
+    let run = operator(&prefix, &["remove-pool", "10.70.9.0/24"]);
+    assert_eq!(run.code, Some(1), "{run}");
+    assert!(
+        run.stderr.contains("there is no pool 10.70.9.0/24"),
+        "{run}"
+    );
     let run = operator(&prefix, &["remove-pool", "10.70.2.0/24", "--dry-run"]);
     assert_eq!(run.code, Some(0), "{run}");
     assert!(
