@@ -926,8 +926,11 @@ impl Inner {
             match decode::<AttachmentRecord>(&kv) {
                 Ok(record) if i == 1 && record.network != attachment.network => continue,
                 Ok(record) => return Ok(Found::Record { key, kv, record }),
-                // An unreadable record of the earlier layout may be another network's.
-                Err(_) if i == 1 => continue,
+                // An unreadable record of the earlier layout may be another network's: it is
+                // this attachment's only if address records name this attachment.
+                Err(_) if i == 1 && self.addresses_held_by(attachment).await?.is_empty() => {
+                    continue
+                }
                 Err(e) => {
                     return Ok(Found::Unreadable {
                         key,

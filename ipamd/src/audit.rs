@@ -231,3 +231,74 @@ fn check_pool_index(report: &mut AuditReport, keys: &Keys, index: Option<PoolInd
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::parse_range_sets;
+    use serde_json::json;
+
+    fn report_with_pools(subnets: &[&str]) -> AuditReport {
+        let mut report = AuditReport::default();
+        for subnet in subnets {
+            let sets = parse_range_sets(&json!({ "subnet": subnet })).expect("valid");
+            let pool = sets[0].pools[0].clone();
+            report.pools.insert(pool.id(), pool);
+        }
+        report
+    }
+
+    fn index(subnets: &[&str]) -> Option<PoolIndex> {
+        Some(PoolIndex {
+            version: 1,
+            subnets: subnets
+                .iter()
+                .map(|s| s.parse().expect("literal"))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn the_pool_index_must_list_exactly_the_pools_with_a_valid_record() {
+        let keys = Keys::new("/p");
+        let cases: [(&[&str], Option<PoolIndex>, &[&str]); 5] = [
+            (&["10.0.0.0/24"], index(&["10.0.0.0/24"]), &[]),
+            (&[], None, &[]),
+            (
+                &["10.0.0.0/24", "10.1.0.0/24"],
+                index(&["10.0.0.0/24"]),
+                &["/p/pool-index: does not list pool 10.1.0.0/24, so an overlapping pool could be added"],
+            ),
+            (
+                &["10.0.0.0/24"],
+                None,
+                &["/p/pool-index: does not list pool 10.0.0.0/24, so an overlapping pool could be added"],
+            ),
+            (
+                &["10.0.0.0/24"],
+                index(&["10.0.0.0/24", "10.2.0.0/16"]),
+                &["/p/pool-index: lists 10.2.0.0/16, which has no valid pool record"],
+            ),
+        ];
+        for (pools, stored, expected) in cases {
+            let mut report = report_with_pools(pools);
+            check_pool_index(&mut report, &keys, stored.clone());
+            assert_eq!(
+                report.problems, expected,
+                "pools {pools:?}, index {stored:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_pool_index_is_reported_once_not_as_empty() {
+        let keys = Keys::new("/p");
+        let mut report = report_with_pools(&["10.0.0.0/24"]);
+        report.bad_record(&keys.pool_index(), "unreadable pool index record");
+        check_pool_index(&mut report, &keys, None);
+        assert_eq!(
+            report.problems,
+            vec!["/p/pool-index: unreadable pool index record"]
+        );
+    }
+}

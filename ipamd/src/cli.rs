@@ -4,7 +4,7 @@
 //! Text that came from etcd or a runtime (pod names, container ids) is printed escaped, so a
 //! name with a newline cannot forge a line of output.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -98,12 +98,22 @@ pub async fn release(
     let attachments: Vec<Attachment> = match network {
         Some(network) => vec![Attachment::new(network, container_id, ifname)],
         None => {
-            let (_, _, report) = scan(config).await?;
-            report
+            let (_, keys, report) = scan(config).await?;
+            // An attachment whose record cannot be read is found by its key, or by the address
+            // records that name it.
+            let unreadable = report.bad_keys.iter().filter_map(|k| match keys.parse(k) {
+                Some(KeyRef::Attachment(a)) => Some(a),
+                _ => None,
+            });
+            let holders = report.allocations.values().map(|r| r.attachment.clone());
+            let found: BTreeSet<Attachment> = report
                 .attachments
                 .into_keys()
+                .chain(unreadable)
+                .chain(holders)
                 .filter(|a| a.container_id == container_id && a.ifname == ifname)
-                .collect()
+                .collect();
+            found.into_iter().collect()
         }
     };
     let mut released = 0;
@@ -194,6 +204,16 @@ pub async fn remove_pool(
         .get("read the pool index", &keys.pool_index(), None)
         .await?;
     let index_kv = index_resp.kvs().first();
+    let indexed = index_kv
+        .and_then(|kv| serde_json::from_slice::<PoolIndex>(kv.value()).ok())
+        .is_some_and(|index| index.subnets.contains(subnet));
+    let exists = indexed
+        || report.pools.contains_key(&id)
+        || report.blocks.iter().any(|(pool, _, _)| *pool == id)
+        || (report.bad_keys.iter()).any(|k| *k == pool_key || k.starts_with(&under));
+    if !exists {
+        return Err(refused(format!("there is no pool {subnet} (see `usage`)")));
+    }
     if !dry_run {
         // No address record may appear under the pool meanwhile: a range compare holds only
         // while every key in the range (none) has create revision 0.
@@ -243,7 +263,7 @@ pub async fn drop_key(config: &StoreConfig, key: &str, dry_run: bool) -> Result<
     let (store, keys, report) = scan(config).await?;
     if !report.bad_keys.iter().any(|k| k == key) {
         let why = match keys.parse(key) {
-            None if !key.starts_with(keys.prefix()) => "is not under the prefix",
+            None if !key.starts_with(&format!("{}/", keys.prefix())) => "is not under the prefix",
             _ => "is not a record audit finds unreadable or invalid (only those can be dropped)",
         };
         return Err(refused(format!("{key} {why}")));

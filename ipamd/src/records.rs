@@ -499,6 +499,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_record_whose_addresses_leave_its_subnet_is_refused() {
+        let base = json!({"version": 1, "subnet": "10.0.0.0/24", "gateway": "10.0.0.1",
+            "ranges": [["10.0.0.2", "10.0.0.254"]], "blockSize": 26});
+        let with = |field: &str, value: serde_json::Value| {
+            let mut record = base.clone();
+            record[field] = value;
+            serde_json::from_value::<PoolRecord>(record).expect("decodes")
+        };
+        let cases = [
+            (with("subnet", json!("10.0.0.5/24")), "host bits"),
+            (with("gateway", json!("10.0.1.1")), "gateway"),
+            (with("ranges", json!([["10.0.0.0", "10.0.1.0"]])), "range"),
+            (with("ranges", json!([["9.0.0.0", "10.0.0.9"]])), "range"),
+            (
+                with("ranges", json!([["10.0.0.9", "10.0.0.2"]])),
+                "before first",
+            ),
+            (
+                with("exclude", json!([["10.0.0.9", "10.0.9.9"]])),
+                "exclude",
+            ),
+            (with("fixed", json!(["10.0.0.9", "10.0.0.2"])), "fixed"),
+        ];
+        for (record, expected) in cases {
+            let err = record.to_pool().expect_err("refused");
+            assert!(err.contains(expected), "{record:?}: {err}");
+        }
+        assert!(with("exclude", json!([["10.0.0.9", "10.0.0.9"]]))
+            .to_pool()
+            .is_ok());
+    }
+
+    #[test]
     fn allocation_records_keep_the_wire_shape_of_the_earlier_layout() {
         let earlier = json!({"version": 1, "handle": {"containerID": "c1", "ifname": "eth0"},
             "node": "n1", "network": "net1", "kind": "dynamic", "allocatedAt": 7});
