@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
-use hostnic_ipamd::{cli, server, Allocator};
+use hostnic_ipamd::{cli, netns_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -59,6 +59,18 @@ async fn main() -> anyhow::Result<ExitCode> {
             cli::remove_pool(&config.store, &subnet, dry_run).await?
         }
         Command::DropKey { key, dry_run } => cli::drop_key(&config.store, &key, dry_run).await?,
+        Command::GcNetns { dry_run } => {
+            let allocator = Allocator::start(&config.store, &config.node_name)
+                .await
+                .context("starting the allocator")?;
+            let report = netns_gc::pass(&allocator, config.gc_grace, dry_run).await?;
+            for line in report.lines() {
+                println!("{line}");
+            }
+            if !report.failed.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Audit => {
             if !cli::audit_command(&config.store).await? {
                 return Ok(ExitCode::FAILURE);
@@ -69,9 +81,27 @@ async fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
-    let allocator = Allocator::start(&config.store, &config.node_name)
-        .await
-        .context("starting the allocator")?;
+    let allocator = Arc::new(
+        Allocator::start(&config.store, &config.node_name)
+            .await
+            .context("starting the allocator")?,
+    );
+    // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
+    let (stop_gc, gc_stopped) = tokio::sync::watch::channel(());
+    let gc = config.netns_gc_interval.map(|interval| {
+        let schedule = netns_gc::Schedule {
+            interval,
+            grace: config.gc_grace,
+        };
+        let mut gc_stopped = gc_stopped.clone();
+        tokio::spawn(netns_gc::run(
+            Arc::clone(&allocator),
+            schedule,
+            async move {
+                let _ = gc_stopped.changed().await;
+            },
+        ))
+    });
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let shutdown = async move {
@@ -79,12 +109,13 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        let _ = stop_gc.send(());
     };
-    server::serve(
-        Arc::new(allocator),
-        config.gc_grace,
-        &config.socket,
-        shutdown,
-    )
-    .await
+    let served = server::serve(allocator, config.gc_grace, &config.socket, shutdown).await;
+    if let Some(gc) = gc {
+        if let Err(e) = gc.await {
+            tracing::warn!(error = %e, "network-namespace GC task ended abnormally");
+        }
+    }
+    served
 }
