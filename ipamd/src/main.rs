@@ -1,5 +1,6 @@
 //! hostnic-ipamd: serve the plugins until SIGTERM, or run one operator command.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,6 +14,8 @@ use tokio::signal::unix::{signal, SignalKind};
 async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a file or a pod's log.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -19,7 +19,8 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,50 +110,60 @@ pub fn decide(
     }
 }
 
-/// What `stat` says about `path`, read as [`PathState`]: only ENOENT, in a directory that
-/// exists, is [`PathState::Missing`]. The directory is checked so that a daemon that does not
-/// see the host's `/run/netns` at all (a container without the mount) releases nothing rather
-/// than everything; for `/proc/...` paths the check is that procfs is mounted, because a gone
-/// process takes its whole `/proc/<pid>` with it.
-pub fn classify(path: &str, stat: impl Fn(&Path) -> io::Result<()>) -> PathState {
+/// The inode number of the initial PID namespace (`PROC_PID_INIT_INO` in the kernel's
+/// `include/linux/proc_ns.h`): `/proc/self/ns/pid` has it only in the host's PID namespace.
+pub const HOST_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// What `stat` (returning the inode number) says about `path`, read as [`PathState`]: only
+/// ENOENT, in a place the daemon can see, is [`PathState::Missing`]. A daemon that does not see
+/// the host's paths must release nothing rather than everything, so:
+///
+/// - for a path under `/run/netns` (or anywhere but `/proc`), its directory must exist: a
+///   container without the host's `/run/netns` mounted has no such directory;
+/// - for a `/proc/<pid>/...` path, the daemon must be in the host's PID namespace (`hostPID`):
+///   in a container's own, no host PID is visible and every such path looks gone.
+pub fn classify(path: &str, stat: impl Fn(&Path) -> io::Result<u64>) -> PathState {
     let p = Path::new(path);
     if !p.is_absolute() {
         return PathState::Unknown(format!("{} is not an absolute path", escaped(path)));
     }
     match stat(p) {
-        Ok(()) => PathState::Present,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let Some(anchor) = anchor_of(p) else {
-                return PathState::Unknown(format!("{} has no parent directory", escaped(path)));
-            };
-            match stat(&anchor) {
-                Ok(()) => PathState::Missing,
-                Err(e) => PathState::Unknown(format!(
-                    "{} does not exist, but neither does {} ({e}): does the daemon see the host's namespace paths?",
-                    escaped(path),
-                    anchor.display()
-                )),
-            }
-        }
-        Err(e) => PathState::Unknown(format!("checking {}: {e}", escaped(path))),
+        Ok(_) => return PathState::Present,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return PathState::Unknown(format!("checking {}: {e}", escaped(path))),
     }
-}
-
-/// The path that must exist for a missing `path` to mean a missing namespace.
-fn anchor_of(path: &Path) -> Option<PathBuf> {
-    if path.starts_with("/proc") {
-        Some(PathBuf::from("/proc/self/ns/net"))
-    } else {
-        path.parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
+    if p.starts_with("/proc") {
+        let own = Path::new("/proc/self/ns/pid");
+        return match stat(own) {
+            Ok(HOST_PID_NS_INODE) => PathState::Missing,
+            Ok(_) => PathState::Unknown(format!(
+                "{} does not exist, but the daemon is not in the host's PID namespace (hostPID), so it cannot see the process",
+                escaped(path)
+            )),
+            Err(e) => PathState::Unknown(format!(
+                "{} does not exist, but neither does {} ({e}): is /proc mounted?",
+                escaped(path),
+                own.display()
+            )),
+        };
+    }
+    let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return PathState::Unknown(format!("{} has no parent directory", escaped(path)));
+    };
+    match stat(dir) {
+        Ok(_) => PathState::Missing,
+        Err(e) => PathState::Unknown(format!(
+            "{} does not exist, but neither does {} ({e}): does the daemon see the host's namespace paths?",
+            escaped(path),
+            dir.display()
+        )),
     }
 }
 
 /// [`classify`] against this host's filesystem (`stat`, following links: `/proc/<pid>/ns/net`
 /// is a link to the namespace).
 pub fn host_path_state(path: &str) -> PathState {
-    classify(path, |p| std::fs::metadata(p).map(|_| ()))
+    classify(path, |p| std::fs::metadata(p).map(|m| m.ino()))
 }
 
 /// An attachment the pass released (or, in a dry run, would release).
@@ -538,25 +549,29 @@ mod tests {
         assert!(reason.contains(r"a\nb"), "{reason}");
     }
 
-    /// A fake `stat`: `entries` exist, `errors` fail with that OS error, everything else is
-    /// ENOENT.
+    /// A fake `stat`: `entries` exist (with inode 1, except `/proc/self/ns/pid`, which has
+    /// `pid_ns`), `errors` fail with that OS error, everything else is ENOENT.
     fn fake_stat<'a>(
         entries: &'a [&'a str],
         errors: &'a [(&'a str, i32)],
-    ) -> impl Fn(&Path) -> io::Result<()> + 'a {
+        pid_ns: u64,
+    ) -> impl Fn(&Path) -> io::Result<u64> + 'a {
         move |p: &Path| {
             let p = p.to_str().expect("utf-8");
             if let Some((_, code)) = errors.iter().find(|(e, _)| *e == p) {
                 return Err(io::Error::from_raw_os_error(*code));
             }
-            if entries.contains(&p) {
-                Ok(())
+            if p == "/proc/self/ns/pid" {
+                Ok(pid_ns)
+            } else if entries.contains(&p) {
+                Ok(1)
             } else {
                 Err(io::Error::from(io::ErrorKind::NotFound))
             }
         }
     }
 
+    const ENOENT: i32 = 2;
     const EIO: i32 = 5;
     const EACCES: i32 = 13;
     const ENOTDIR: i32 = 20;
@@ -564,12 +579,13 @@ mod tests {
     #[test]
     fn only_enoent_in_an_existing_directory_is_missing() {
         let stat = fake_stat(
-            &["/run/netns", "/run/netns/alive", "/proc/self/ns/net"],
+            &["/run/netns", "/run/netns/alive"],
             &[
                 ("/run/netns/denied", EACCES),
                 ("/run/netns/broken", EIO),
                 ("/run/netns/file/x", ENOTDIR),
             ],
+            HOST_PID_NS_INODE,
         );
         assert_eq!(classify("/run/netns/alive", &stat), PathState::Present);
         assert_eq!(classify("/run/netns/gone", &stat), PathState::Missing);
@@ -588,17 +604,28 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_or_procfs_means_unknown_not_gone() {
-        // A daemon in a container without the host's /run/netns or /proc sees nothing at all.
-        let stat = fake_stat(&[], &[]);
-        for path in ["/run/netns/cni-1", "/proc/4242/ns/net"] {
-            let state = classify(path, &stat);
-            assert!(
-                matches!(&state, PathState::Unknown(why) if why.contains("host's namespace paths")),
-                "{path}: {state:?}"
-            );
-        }
-        let stat = fake_stat(&["/proc/self/ns/net"], &[]);
+    fn a_missing_directory_or_another_pid_namespace_means_unknown_not_gone() {
+        // A daemon in a container without the host's /run/netns sees no namespace at all.
+        let stat = fake_stat(&[], &[], HOST_PID_NS_INODE);
+        let state = classify("/run/netns/cni-1", &stat);
+        assert!(
+            matches!(&state, PathState::Unknown(why) if why.contains("host's namespace paths")),
+            "{state:?}"
+        );
+        // Nor, without hostPID, any host process.
+        let stat = fake_stat(&[], &[], 4_026_532_000);
+        let state = classify("/proc/4242/ns/net", &stat);
+        assert!(
+            matches!(&state, PathState::Unknown(why) if why.contains("hostPID")),
+            "{state:?}"
+        );
+        let stat = fake_stat(&[], &[("/proc/self/ns/pid", ENOENT)], 0);
+        let state = classify("/proc/4242/ns/net", &stat);
+        assert!(
+            matches!(&state, PathState::Unknown(why) if why.contains("is /proc mounted?")),
+            "{state:?}"
+        );
+        let stat = fake_stat(&[], &[], HOST_PID_NS_INODE);
         let state = classify("/var/run/netns/x", &stat);
         assert!(
             matches!(&state, PathState::Unknown(why)
@@ -609,7 +636,7 @@ mod tests {
 
     #[test]
     fn a_relative_path_is_unknown() {
-        let stat = fake_stat(&[], &[]);
+        let stat = fake_stat(&[], &[], HOST_PID_NS_INODE);
         assert!(matches!(
             classify("netns/x", &stat),
             PathState::Unknown(why) if why.contains("not an absolute path")
@@ -627,6 +654,11 @@ mod tests {
         std::fs::remove_file(&file).expect("remove");
         assert_eq!(host_path_state(&path), PathState::Missing);
         assert_eq!(host_path_state("/proc/self/ns/net"), PathState::Present);
+        let own_pid_ns = std::fs::metadata("/proc/self/ns/pid").map(|m| m.ino());
+        if own_pid_ns.is_ok_and(|ino| ino == HOST_PID_NS_INODE) {
+            // No process has PID 2^22 + 1 (above the kernel's pid_max limit).
+            assert_eq!(host_path_state("/proc/4194305/ns/net"), PathState::Missing);
+        }
         let nul = format!("{path}\0x");
         assert!(matches!(host_path_state(&nul), PathState::Unknown(_)));
     }
