@@ -15,7 +15,7 @@
 //! The rules are in [`decide`], pure and table-tested; [`pass`] lists, probes and releases;
 //! [`run`] repeats a pass on an interval inside the daemon; the `gc-netns` command runs one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
@@ -325,12 +325,15 @@ pub async fn pass(allocator: &Allocator, grace: Duration, dry_run: bool) -> Resu
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let states = probe_all(to_probe.clone()).await;
+    let states: HashMap<String, PathState> = to_probe
+        .iter()
+        .cloned()
+        .zip(probe_all(to_probe.clone()).await)
+        .collect();
     let state_of = |path: &str| {
-        to_probe
-            .iter()
-            .position(|p| p == path)
-            .map(|i| states[i].clone())
+        states
+            .get(path)
+            .cloned()
             .unwrap_or_else(|| PathState::Unknown(format!("{} was not probed", escaped(path))))
     };
     let mut report = PassReport {
