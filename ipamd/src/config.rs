@@ -63,6 +63,10 @@ pub struct Flags {
     /// Attachments younger than this survive a CNI GC that does not list them.
     #[arg(long, global = true, env = "HOSTNIC_GC_GRACE_SECONDS")]
     pub gc_grace_seconds: Option<u64>,
+    /// How often the daemon releases this node's attachments whose network namespace no longer
+    /// exists (after the GC grace); 0 disables it.
+    #[arg(long, global = true, env = "HOSTNIC_NETNS_GC_INTERVAL_SECONDS")]
+    pub netns_gc_interval_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -110,6 +114,13 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Release this node's attachments whose network namespace no longer exists and that are
+    /// older than --gc-grace-seconds, as the daemon does every --netns-gc-interval-seconds.
+    GcNetns {
+        /// Show what would be released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Scan etcd and report every record that cannot be read or does not validate, any address
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.
@@ -126,6 +137,7 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub socket_wait_seconds: Option<u64>,
     pub gc_grace_seconds: Option<u64>,
+    pub netns_gc_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -151,6 +163,8 @@ pub struct DaemonConfig {
     /// How long to wait for a daemon already serving `socket` to stop.
     pub socket_wait: Duration,
     pub gc_grace: Duration,
+    /// How often the network-namespace GC runs; None when it is disabled.
+    pub netns_gc_interval: Option<Duration>,
 }
 
 /// Default of `--gc-grace-seconds`.
@@ -178,6 +192,12 @@ pub const MAX_SOCKET_WAIT_SECONDS: u64 = 3600;
 
 /// Longest node name Kubernetes accepts (a DNS subdomain, RFC 1123).
 const MAX_NODE_NAME: usize = 253;
+
+/// Default of `--netns-gc-interval-seconds`.
+pub const DEFAULT_NETNS_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest `--netns-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
+pub const MAX_NETNS_GC_INTERVAL_SECONDS: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -391,12 +411,33 @@ pub fn resolve(
         }
         Some((s, _)) => Duration::from_secs(s),
     };
+    let netns_gc_interval = match pick(
+        flags.netns_gc_interval_seconds,
+        file.netns_gc_interval_seconds,
+        "--netns-gc-interval-seconds / HOSTNIC_NETNS_GC_INTERVAL_SECONDS",
+        "netnsGcIntervalSeconds in the config file",
+    ) {
+        None => Some(DEFAULT_NETNS_GC_INTERVAL),
+        Some((0, _)) => None,
+        Some((s, source_name)) if s > MAX_NETNS_GC_INTERVAL_SECONDS => {
+            return Err(ConfigFileError::OutOfRange {
+                value: s,
+                source_name,
+                reason: format!(
+                    "use 1 to {MAX_NETNS_GC_INTERVAL_SECONDS} s, or 0 to disable the \
+                     network-namespace GC; a leak-repair pass less often than daily is a typo"
+                ),
+            })
+        }
+        Some((s, _)) => Some(Duration::from_secs(s)),
+    };
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
         socket,
         socket_wait,
         gc_grace,
+        netns_gc_interval,
     })
 }
 
@@ -469,6 +510,41 @@ mod tests {
         assert_eq!(c.node_name, "node-1");
         assert!(c.store.tls.is_some());
         assert_eq!(c.store.retry_timeout, Duration::from_millis(2200));
+    }
+
+    #[test]
+    fn the_netns_gc_interval_defaults_to_a_minute_is_disabled_by_0_and_bounded() {
+        let base = ["--etcd-endpoints", "http://a:1", "--node-name", "n"];
+        let with = |extra: &[&str], file: &str| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let file: FileConfig = serde_json::from_str(file).expect("file parses");
+            resolve(flags(&args), file, None)
+        };
+        let c = with(&[], "{}").expect("resolves");
+        assert_eq!(c.netns_gc_interval, Some(DEFAULT_NETNS_GC_INTERVAL));
+        let c = with(&[], r#"{"netnsGcIntervalSeconds": 5}"#).expect("resolves");
+        assert_eq!(c.netns_gc_interval, Some(Duration::from_secs(5)));
+        let c = with(
+            &["--netns-gc-interval-seconds", "0"],
+            r#"{"netnsGcIntervalSeconds": 5}"#,
+        )
+        .expect("resolves");
+        assert_eq!(c.netns_gc_interval, None, "0 disables it");
+        let e = with(&["--netns-gc-interval-seconds", "86401"], "{}").expect_err("absurd");
+        assert!(
+            e.to_string().contains("86401") && e.to_string().contains("0 to disable"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gc_netns_takes_a_dry_run_flag() {
+        let f = flags(&["gc-netns", "--dry-run", "--gc-grace-seconds", "0"]);
+        assert!(matches!(
+            f.command,
+            Some(Command::GcNetns { dry_run: true })
+        ));
+        assert_eq!(f.gc_grace_seconds, Some(0));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod blocks;
 pub mod cli;
 pub mod error;
+pub mod netns_gc;
 pub mod pool;
 pub mod records;
 pub mod store;

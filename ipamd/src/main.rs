@@ -1,18 +1,21 @@
 //! hostnic-ipamd: serve the plugins until SIGTERM, or run one operator command.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
-use hostnic_ipamd::{cli, server, Allocator};
+use hostnic_ipamd::{cli, netns_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a file or a pod's log.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -59,6 +62,18 @@ async fn main() -> anyhow::Result<ExitCode> {
             cli::remove_pool(&config.store, &subnet, dry_run).await?
         }
         Command::DropKey { key, dry_run } => cli::drop_key(&config.store, &key, dry_run).await?,
+        Command::GcNetns { dry_run } => {
+            let allocator = Allocator::start(&config.store, &config.node_name)
+                .await
+                .context("starting the allocator")?;
+            let report = netns_gc::pass(&allocator, config.gc_grace, dry_run).await?;
+            for line in report.lines() {
+                println!("{line}");
+            }
+            if !report.failed.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Audit => {
             if !cli::audit_command(&config.store).await? {
                 return Ok(ExitCode::FAILURE);
@@ -71,11 +86,14 @@ async fn main() -> anyhow::Result<ExitCode> {
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
+    let (stop_gc, gc_stopped) = tokio::sync::watch::channel(());
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        let _ = stop_gc.send(());
     };
     tokio::pin!(shutdown);
     // The socket's lock first: a second daemon waits here without touching etcd, and a bad
@@ -84,8 +102,30 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         lock = server::SocketLock::acquire(&config.socket, config.socket_wait) => lock?,
         () = &mut shutdown => return Ok(()),
     };
-    let allocator = Allocator::start(&config.store, &config.node_name)
-        .await
-        .context("starting the allocator")?;
-    server::serve_locked(lock, Arc::new(allocator), config.gc_grace, shutdown).await
+    let allocator = Arc::new(
+        Allocator::start(&config.store, &config.node_name)
+            .await
+            .context("starting the allocator")?,
+    );
+    let gc = config.netns_gc_interval.map(|interval| {
+        let schedule = netns_gc::Schedule {
+            interval,
+            grace: config.gc_grace,
+        };
+        let mut gc_stopped = gc_stopped.clone();
+        tokio::spawn(netns_gc::run(
+            Arc::clone(&allocator),
+            schedule,
+            async move {
+                let _ = gc_stopped.changed().await;
+            },
+        ))
+    });
+    let served = server::serve_locked(lock, allocator, config.gc_grace, shutdown).await;
+    if let Some(gc) = gc {
+        if let Err(e) = gc.await {
+            tracing::warn!(error = %e, "network-namespace GC task ended abnormally");
+        }
+    }
+    served
 }

@@ -197,7 +197,7 @@ async fn an_invalid_pool_record_is_skipped_and_neither_hangs_an_allocator_nor_th
     {
         Err(IpamError::Corrupt { key, reason }) => {
             assert_eq!(key, bad_key);
-            assert!(reason.contains("blockSize 40"), "{reason}");
+            assert!(reason.contains("blockSize \"40\""), "{reason}");
         }
         other => panic!("expected a corrupt-record error naming {bad_key}, got {other:?}"),
     }
