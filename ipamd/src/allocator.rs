@@ -220,7 +220,20 @@ impl Allocator {
     /// released; None if the attachment held nothing (DEL is idempotent).
     pub async fn release(&self, attachment: &Attachment) -> Result<Option<AttachmentRecord>> {
         check_attachment(attachment)?;
-        self.inner.release(attachment).await
+        self.inner.release(attachment, None).await
+    }
+
+    /// Releases `held` only if its record is still the one listed (same revision): a GC must
+    /// not release an attachment that was released and added again since it looked. Returns
+    /// None, and changes nothing, if the record changed or is gone.
+    pub async fn release_if_unchanged(
+        &self,
+        held: &HeldAttachment,
+    ) -> Result<Option<AttachmentRecord>> {
+        check_attachment(&held.attachment)?;
+        self.inner
+            .release(&held.attachment, Some(held.revision))
+            .await
     }
 
     /// Releases this node's attachments of `network` that are not in `valid` (CNI GC). Keeps
@@ -235,19 +248,20 @@ impl Allocator {
         grace: Duration,
     ) -> Result<Vec<Attachment>> {
         let stale = self
-            .attachments_of_node(|a, record| {
-                a.network == network && !valid.contains(a) && is_older(record, grace)
-            })
-            .await?;
+            .node_attachments(Some(network))
+            .await?
+            .into_iter()
+            .filter(|h| !valid.contains(&h.attachment) && is_older(&h.record, grace));
         let mut released = Vec::new();
         let mut failures = Vec::new();
-        for attachment in stale {
-            match self.inner.release(&attachment).await {
-                Ok(_) => {
-                    tracing::info!(%attachment, reason = "not in the runtime's valid attachments", "garbage-collected attachment");
-                    released.push(attachment);
+        for held in stale {
+            match self.release_if_unchanged(&held).await {
+                Ok(Some(_)) => {
+                    tracing::info!(attachment = %held.attachment, reason = "not in the runtime's valid attachments", "garbage-collected attachment");
+                    released.push(held.attachment);
                 }
-                Err(e) => failures.push(format!("{attachment}: {e}")),
+                Ok(None) => {}
+                Err(e) => failures.push(format!("{}: {e}", held.attachment)),
             }
         }
         if failures.is_empty() {
@@ -261,26 +275,51 @@ impl Allocator {
         }
     }
 
-    /// This node's attachments (both key layouts) for which `wanted` holds, with their records.
-    /// Unreadable records are skipped: `audit` names them.
-    pub async fn attachments_of_node(
-        &self,
-        wanted: impl Fn(&Attachment, &AttachmentRecord) -> bool,
-    ) -> Result<Vec<Attachment>> {
+    /// This node's attachments (of `network` only, when given), from both key layouts, with
+    /// their records. Reads this node's index and records, not the cluster's (but all of what
+    /// remains of the earlier layout, which has no index). Unreadable records are skipped:
+    /// `audit` names them.
+    pub async fn node_attachments(&self, network: Option<&str>) -> Result<Vec<HeldAttachment>> {
         let inner = &self.inner;
-        let mut found = Vec::new();
-        for prefix in [inner.keys.attachments(), inner.keys.legacy_handles()] {
-            let (_, kvs) = inner.store.load_prefix(&prefix).await?;
-            for kv in &kvs {
-                let Some((attachment, record)) = inner.attachment_of_kv(kv) else {
-                    continue;
-                };
-                if record.node == inner.node && wanted(&attachment, &record) {
-                    found.push(attachment);
+        let index = inner.keys.node_attachments(&inner.node, network);
+        let options = GetOptions::new()
+            .with_range(crate::store::prefix_end(index.as_bytes()))
+            .with_keys_only();
+        let listed = inner
+            .store
+            .get("list this node's attachments", &index, Some(options))
+            .await?;
+        let keys: Vec<String> = listed
+            .kvs()
+            .iter()
+            .filter_map(|kv| match inner.keys.parse(kv.key_str().ok()?) {
+                Some(KeyRef::NodeAttachment { attachment, .. }) => {
+                    Some(inner.keys.attachment(&attachment))
                 }
-            }
+                _ => None,
+            })
+            .collect();
+        let mut kvs = Vec::new();
+        for chunk in keys.chunks(100) {
+            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+            let resp = inner
+                .store
+                .txn("read this node's attachments", Txn::new().and_then(reads))
+                .await?;
+            kvs.extend((0..chunk.len()).filter_map(|i| got(&resp, i)));
         }
-        Ok(found)
+        let (_, legacy) = inner
+            .store
+            .load_prefix(&inner.keys.legacy_handles())
+            .await?;
+        kvs.extend(legacy);
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| inner.attachment_of_kv(kv))
+            .filter(|h| {
+                h.record.node == inner.node && network.is_none_or(|n| h.attachment.network == n)
+            })
+            .collect())
     }
 
     /// Succeeds when an ADD for these range sets could succeed now: etcd answers and accepts
@@ -317,6 +356,15 @@ impl Allocator {
             Found::Nothing => Ok(None),
         }
     }
+}
+
+/// An attachment record as a listing found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldAttachment {
+    pub attachment: Attachment,
+    pub record: AttachmentRecord,
+    /// The record's mod revision: [`Allocator::release_if_unchanged`] releases only this one.
+    pub revision: i64,
 }
 
 fn is_older(record: &AttachmentRecord, grace: Duration) -> bool {
@@ -806,6 +854,9 @@ impl Inner {
             netns: req.netns.clone(),
         };
         puts.push(TxnOp::put(attachment_key.as_str(), encode(&record), None));
+        let index_key = self.keys.node_attachment(&self.node, attachment);
+        puts.push(TxnOp::put(index_key.as_str(), "", None));
+        keys.push(index_key);
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let resp = self
             .store
@@ -945,10 +996,10 @@ impl Inner {
 
     /// An attachment key-value of either layout, decoded; None (logged once) if it does not
     /// decode or validate.
-    fn attachment_of_kv(&self, kv: &KeyValue) -> Option<(Attachment, AttachmentRecord)> {
+    fn attachment_of_kv(&self, kv: &KeyValue) -> Option<HeldAttachment> {
         let key = kv.key_str().ok()?;
         let attachment = match self.keys.parse(key)? {
-            KeyRef::Attachment(a) => a,
+            KeyRef::Attachment(attachment) => attachment,
             KeyRef::LegacyHandle {
                 container_id,
                 ifname,
@@ -961,7 +1012,11 @@ impl Inner {
                     network: record.network.clone(),
                     ..attachment
                 };
-                Some((attachment, record))
+                Some(HeldAttachment {
+                    attachment,
+                    record,
+                    revision: kv.mod_revision(),
+                })
             }
             Err(e) => {
                 self.skip_once(key, &e.to_string());
@@ -1019,8 +1074,16 @@ impl Inner {
         }
     }
 
-    async fn release(&self, attachment: &Attachment) -> Result<Option<AttachmentRecord>> {
-        let cached = self.lock_committed().remove(attachment);
+    /// Releases `attachment`; with `expected`, only if its record is at that revision.
+    async fn release(
+        &self,
+        attachment: &Attachment,
+        expected: Option<i64>,
+    ) -> Result<Option<AttachmentRecord>> {
+        let cached = self
+            .lock_committed()
+            .remove(attachment)
+            .filter(|c| expected.is_none_or(|e| e == c.revision));
         if let Some(committed) = cached {
             // Fast path: nothing changed since this node's ADD wrote these keys.
             let attachment_key = self.keys.attachment(attachment);
@@ -1054,7 +1117,17 @@ impl Inner {
 
         let mut last = String::new();
         for _ in 0..8 {
-            let (guard, record, ip_keys) = match self.read_attachment(attachment).await? {
+            let found = self.read_attachment(attachment).await?;
+            let unchanged = match &found {
+                Found::Record { kv, .. } | Found::Unreadable { kv, .. } => {
+                    expected.is_none_or(|e| e == kv.mod_revision())
+                }
+                Found::Nothing => expected.is_none(),
+            };
+            if !unchanged {
+                return Ok(None);
+            }
+            let (guard, record, ip_keys) = match found {
                 Found::Nothing => {
                     // Nothing to free, but the marker still stops a late ADD.
                     self.release_txn(attachment, |lease| {
@@ -1080,6 +1153,10 @@ impl Inner {
             };
             let (held, deletes) = self.held_addresses(attachment, &ip_keys).await?;
             let (record_key, record_revision) = guard;
+            let node = record
+                .as_ref()
+                .map_or(self.node.as_str(), |r| r.node.as_str());
+            let index_key = self.keys.node_attachment(node, attachment);
             let resp = self
                 .release_txn(attachment, |lease| {
                     let mut compares = vec![Compare::mod_revision(
@@ -1088,7 +1165,10 @@ impl Inner {
                         record_revision,
                     )];
                     compares.extend(held.iter().cloned());
-                    let mut ops = vec![TxnOp::delete(record_key.as_str(), None)];
+                    let mut ops = vec![
+                        TxnOp::delete(record_key.as_str(), None),
+                        TxnOp::delete(index_key.as_str(), None),
+                    ];
                     ops.extend(deletes.iter().cloned());
                     ops.push(self.marker_put(attachment, lease));
                     Txn::new().when(compares).and_then(ops)

@@ -29,6 +29,8 @@ pub struct AuditReport {
     pub allocations: HashMap<(String, IpAddr), AllocationRecord>,
     /// Attachment records (both key layouts), with the key each was read from.
     pub attachments: HashMap<Attachment, (String, AttachmentRecord)>,
+    /// The node index: the nodes whose index lists each attachment.
+    pub indexed: HashMap<Attachment, Vec<String>>,
     /// Block claims: pool id, block, node.
     pub blocks: Vec<(String, IpNet, String)>,
     /// Everything that breaks an invariant, one sentence each, starting with the key.
@@ -98,15 +100,18 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
                     addresses.push((key, pool, ip, record));
                 }
             }
-            KeyRef::Attachment(a) => {
+            KeyRef::Attachment(attachment) => {
                 let Some(record) = report.decode::<AttachmentRecord>(&key, value, "attachment")
                 else {
                     continue;
                 };
-                if record.network != a.network {
+                if record.network != attachment.network {
                     report.problem(&key, format!("record names network {:?}", record.network));
                 }
-                report.attachments.insert(a, (key, record));
+                report.attachments.insert(attachment, (key, record));
+            }
+            KeyRef::NodeAttachment { node, attachment } => {
+                report.indexed.entry(attachment).or_default().push(node);
             }
             KeyRef::LegacyHandle {
                 container_id,
@@ -126,6 +131,7 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
     }
 
     check_pool_index(&mut report, keys, index);
+    check_node_index(&mut report, keys);
     let blocks = std::mem::take(&mut report.blocks);
     for (pool, block, node) in &blocks {
         match report.pools.get(pool) {
@@ -205,6 +211,38 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
     report.problems.sort();
     report.bad_keys.sort();
     Ok(report)
+}
+
+/// Every attachment record of this layout is in the index of its node, and every index entry
+/// has its record.
+fn check_node_index(report: &mut AuditReport, keys: &Keys) {
+    let mut problems = Vec::new();
+    let mut dangling = Vec::new();
+    for (attachment, (key, record)) in &report.attachments {
+        let in_index = report
+            .indexed
+            .get(attachment)
+            .is_some_and(|nodes| nodes.contains(&record.node));
+        if !in_index && key == &keys.attachment(attachment) {
+            problems.push(format!(
+                "{key}: missing from the index of node {:?}, so that node's GC does not see it",
+                record.node
+            ));
+        }
+    }
+    for (attachment, nodes) in &report.indexed {
+        let record_node = report.attachments.get(attachment).map(|(_, r)| &r.node);
+        let unreadable = report.bad_keys.contains(&keys.attachment(attachment));
+        for node in nodes {
+            if record_node != Some(node) && !unreadable {
+                dangling.push(keys.node_attachment(node, attachment));
+            }
+        }
+    }
+    report.problems.extend(problems);
+    for key in dangling {
+        report.bad_record(&key, "index entry without a matching attachment record");
+    }
 }
 
 /// The pool index must list exactly the subnets that have a pool record.

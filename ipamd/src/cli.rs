@@ -85,47 +85,53 @@ pub async fn usage(config: &StoreConfig) -> Result<(), IpamError> {
 }
 
 /// Releases the attachments with this container id and ifname (of `network` only, when given),
-/// as a CNI DEL would.
+/// as a CNI DEL on their node would, wherever this command runs.
 pub async fn release(
     config: &StoreConfig,
-    node: &str,
     network: Option<&str>,
     container_id: &str,
     ifname: &str,
 ) -> Result<(), IpamError> {
-    let allocator = Allocator::start(config, node).await?;
-    allocator.ready().await?;
-    let attachments: Vec<Attachment> = match network {
-        Some(network) => vec![Attachment::new(network, container_id, ifname)],
-        None => {
-            let (_, keys, report) = scan(config).await?;
-            // An attachment whose record cannot be read is found by its key, or by the address
-            // records that name it.
-            let unreadable = report.bad_keys.iter().filter_map(|k| match keys.parse(k) {
-                Some(KeyRef::Attachment(a)) => Some(a),
-                _ => None,
-            });
-            let holders = report.allocations.values().map(|r| r.attachment.clone());
-            let found: BTreeSet<Attachment> = report
-                .attachments
-                .into_keys()
-                .chain(unreadable)
-                .chain(holders)
-                .filter(|a| a.container_id == container_id && a.ifname == ifname)
-                .collect();
-            found.into_iter().collect()
+    let (_, keys, report) = scan(config).await?;
+    // An attachment whose record cannot be read is found by its key, or by the address records
+    // that name it.
+    let unreadable = report.bad_keys.iter().filter_map(|k| match keys.parse(k) {
+        Some(KeyRef::Attachment(a)) => {
+            let node = report.indexed.get(&a)?.first()?.clone();
+            Some((node, a))
         }
-    };
+        _ => None,
+    });
+    let listed = report
+        .attachments
+        .iter()
+        .map(|(a, (_, r))| (r.node.clone(), a.clone()));
+    let holders = report
+        .allocations
+        .values()
+        .map(|r| (r.node.clone(), r.attachment.clone()));
+    let found: BTreeSet<(String, Attachment)> = listed
+        .chain(unreadable)
+        .chain(holders)
+        .filter(|(_, a)| {
+            a.container_id == container_id
+                && a.ifname == ifname
+                && network.is_none_or(|n| a.network == n)
+        })
+        .collect();
     let mut released = 0;
-    for attachment in attachments {
+    for (node, attachment) in found {
+        let allocator = Allocator::start(config, &node).await?;
+        allocator.ready().await?;
         if let Some(record) = allocator.release(&attachment).await? {
             for ip in record.ips {
                 released += 1;
                 println!(
-                    "released {} of pool {} from {}",
+                    "released {} of pool {} from {} on node {}",
                     ip.ip,
                     cidr_of_id(&ip.pool),
-                    escaped(&attachment.to_string())
+                    escaped(&attachment.to_string()),
+                    escaped(&node)
                 );
             }
         }
@@ -144,7 +150,6 @@ pub async fn release(
 /// attachment that lists it, else the address record alone.
 pub async fn release_address(
     config: &StoreConfig,
-    node: &str,
     ip: IpAddr,
     dry_run: bool,
 ) -> Result<(), IpamError> {
@@ -165,7 +170,7 @@ pub async fn release_address(
             .is_some_and(|(_, a)| a.ips.iter().any(|x| x.ip == ip && x.pool == *pool));
         let holder = escaped(&record.attachment.to_string());
         if listed && !dry_run {
-            let allocator = Allocator::start(config, node).await?;
+            let allocator = Allocator::start(config, &record.node).await?;
             allocator.ready().await?;
             allocator.release(&record.attachment).await?;
             println!("released {holder} (it held {ip})");
@@ -281,7 +286,7 @@ pub async fn drop_key(config: &StoreConfig, key: &str, dry_run: bool) -> Result<
     delete_if_unchanged(&store, key).await?;
     if matches!(
         keys.parse(key),
-        Some(KeyRef::Attachment(_)) | Some(KeyRef::LegacyHandle { .. })
+        Some(KeyRef::Attachment { .. }) | Some(KeyRef::LegacyHandle { .. })
     ) {
         println!("deleted {key}; its addresses, if any, are listed by audit: free them with release-address");
     } else {

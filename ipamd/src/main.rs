@@ -45,18 +45,9 @@ async fn main() -> anyhow::Result<ExitCode> {
             container_id,
             ifname,
             network,
-        } => {
-            cli::release(
-                &config.store,
-                &config.node_name,
-                network.as_deref(),
-                &container_id,
-                &ifname,
-            )
-            .await?
-        }
+        } => cli::release(&config.store, network.as_deref(), &container_id, &ifname).await?,
         Command::ReleaseAddress { ip, dry_run } => {
-            cli::release_address(&config.store, &config.node_name, ip, dry_run).await?
+            cli::release_address(&config.store, ip, dry_run).await?
         }
         Command::RemovePool { subnet, dry_run } => {
             cli::remove_pool(&config.store, &subnet, dry_run).await?

@@ -21,12 +21,10 @@ use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Txn, TxnOp, TxnOpResponse};
-
-use crate::allocator::Allocator;
+use crate::allocator::{Allocator, HeldAttachment};
 use crate::cli::escaped;
 use crate::error::Result;
 use crate::records::{now_unix, Attachment, AttachmentRecord};
@@ -260,68 +258,21 @@ async fn probe_all(paths: Vec<String>) -> Vec<PathState> {
     }
 }
 
-/// This node's attachments with their records.
-async fn records_of_node(allocator: &Allocator) -> Result<Vec<(Attachment, AttachmentRecord)>> {
-    // `attachments_of_node` takes a `Fn` filter; the records are collected on the side.
-    let seen = Mutex::new(Vec::new());
-    allocator
-        .attachments_of_node(|a, r| {
-            seen.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((a.clone(), r.clone()));
-            false
-        })
-        .await?;
-    Ok(seen.into_inner().unwrap_or_else(|e| e.into_inner()))
-}
-
-/// The record of `attachment` as etcd holds it now (either key layout), None if it is gone or
-/// does not decode.
-async fn current_record(
-    allocator: &Allocator,
-    attachment: &Attachment,
-) -> Result<Option<AttachmentRecord>> {
-    let keys = allocator.keys();
-    let reads = [keys.attachment(attachment), keys.legacy_handle(attachment)]
-        .into_iter()
-        .map(|k| TxnOp::get(k, None))
-        .collect::<Vec<_>>();
-    let resp = allocator
-        .store()
-        .txn(&format!("read {attachment}"), Txn::new().and_then(reads))
-        .await?;
-    for op in resp.op_responses() {
-        let TxnOpResponse::Get(get) = op else {
-            continue;
-        };
-        let Some(kv) = get.kvs().first() else {
-            continue;
-        };
-        match serde_json::from_slice::<AttachmentRecord>(kv.value()) {
-            Ok(record) if record.network == attachment.network => return Ok(Some(record)),
-            _ => continue,
-        }
-    }
-    Ok(None)
-}
-
 /// One pass: lists this node's attachments, decides with [`decide`] at the current time, and
 /// releases each one to release (unless `dry_run`). Keeps going past failures.
 ///
-/// Just before a release the record is read again and must be unchanged, and its path still
-/// missing: a container restarted with the same id meanwhile (a new ADD, a new namespace) is
-/// left alone. What remains is the few milliseconds between that read and the release
-/// transaction.
+/// Just before a release the path must still be missing, and the release happens only if the
+/// record is still at the revision listed: a container restarted with the same id meanwhile
+/// (a new ADD, a new namespace) is left alone.
 pub async fn pass(allocator: &Allocator, grace: Duration, dry_run: bool) -> Result<PassReport> {
     allocator.ready().await?;
-    let records = records_of_node(allocator).await?;
+    let records = allocator.node_attachments(None).await?;
     let now = now_unix();
     let to_probe: Vec<String> = records
         .iter()
-        .filter(|(_, r)| {
-            !r.netns.is_empty() && now.saturating_sub(r.allocated_at) >= grace.as_secs()
-        })
-        .map(|(_, r)| r.netns.clone())
+        .map(|h| &h.record)
+        .filter(|r| !r.netns.is_empty() && now.saturating_sub(r.allocated_at) >= grace.as_secs())
+        .map(|r| r.netns.clone())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -340,10 +291,11 @@ pub async fn pass(allocator: &Allocator, grace: Duration, dry_run: bool) -> Resu
         dry_run,
         ..PassReport::default()
     };
-    for (attachment, record) in records {
-        let reason = match decide(&record, now, grace, state_of) {
+    for held in records {
+        let (attachment, record) = (&held.attachment, &held.record);
+        let reason = match decide(record, now, grace, state_of) {
             Verdict::Keep(keep) => {
-                report.kept.push((attachment, keep));
+                report.kept.push((attachment.clone(), keep));
                 continue;
             }
             Verdict::Release { reason } => reason,
@@ -358,31 +310,27 @@ pub async fn pass(allocator: &Allocator, grace: Duration, dry_run: bool) -> Resu
             report.released.push(released);
             continue;
         }
-        match release_if_unchanged(allocator, &attachment, &record).await {
+        match release_if_still_gone(allocator, &held).await {
             Ok(Some(ips)) => report.released.push(Released { ips, ..released }),
-            Ok(None) => report.changed.push(attachment),
-            Err(e) => report.failed.push((attachment, e.to_string())),
+            Ok(None) => report.changed.push(attachment.clone()),
+            Err(e) => report.failed.push((attachment.clone(), e.to_string())),
         }
     }
     Ok(report)
 }
 
-/// Releases `attachment` if etcd still holds `listed` for it and its path is still missing.
+/// Releases `held` if its path is still missing and etcd still holds the record listed.
 /// Returns the released addresses, or None if it changed meanwhile.
-async fn release_if_unchanged(
+async fn release_if_still_gone(
     allocator: &Allocator,
-    attachment: &Attachment,
-    listed: &AttachmentRecord,
+    held: &HeldAttachment,
 ) -> Result<Option<Vec<IpAddr>>> {
-    if current_record(allocator, attachment).await?.as_ref() != Some(listed) {
-        return Ok(None);
-    }
-    let state = probe_all(vec![listed.netns.clone()]).await;
+    let state = probe_all(vec![held.record.netns.clone()]).await;
     if state.first() != Some(&PathState::Missing) {
         return Ok(None);
     }
     Ok(allocator
-        .release(attachment)
+        .release_if_unchanged(held)
         .await?
         .map(|record| record.ips.iter().map(|h| h.ip).collect()))
 }

@@ -6,6 +6,9 @@
 //! <prefix>/pools/<pool-id>/ips/<ip>           AllocationRecord
 //! <prefix>/attachments/<network>/<containerID>/<ifname>
 //!                                             AttachmentRecord
+//! <prefix>/nodes/<node>/attachments/<network>/<containerID>/<ifname>
+//!                                             "" (index: a node lists its own attachments
+//!                                             without reading the cluster's)
 //! <prefix>/released/<network>/<containerID>/<ifname>
 //!                                             ReleaseMarker (under a lease: it expires)
 //! <prefix>/pool-index                         PoolIndex    (every subnet with a pool)
@@ -301,6 +304,11 @@ pub enum KeyRef {
         ip: IpAddr,
     },
     Attachment(Attachment),
+    /// The entry of an attachment in its node's index.
+    NodeAttachment {
+        node: String,
+        attachment: Attachment,
+    },
     /// An attachment record of the earlier layout, keyed without its network.
     LegacyHandle {
         container_id: String,
@@ -335,6 +343,22 @@ impl Keys {
     /// Prefix of every attachment record.
     pub fn attachments(&self) -> String {
         format!("{}/attachments/", self.prefix)
+    }
+
+    /// Prefix of the index of one node's attachments, of one network when given.
+    pub fn node_attachments(&self, node: &str, network: Option<&str>) -> String {
+        match network {
+            Some(network) => format!("{}/nodes/{node}/attachments/{network}/", self.prefix),
+            None => format!("{}/nodes/{node}/attachments/", self.prefix),
+        }
+    }
+
+    /// The entry of attachment `a` in the index of `node`.
+    pub fn node_attachment(&self, node: &str, a: &Attachment) -> String {
+        format!(
+            "{}/nodes/{node}/attachments/{}/{}/{}",
+            self.prefix, a.network, a.container_id, a.ifname
+        )
     }
 
     /// Prefix of the attachment records of the earlier layout.
@@ -397,6 +421,12 @@ impl Keys {
             ["attachments", network, container_id, ifname] => Some(KeyRef::Attachment(
                 Attachment::new(*network, *container_id, *ifname),
             )),
+            ["nodes", node, "attachments", network, container_id, ifname] => {
+                Some(KeyRef::NodeAttachment {
+                    node: node.to_string(),
+                    attachment: Attachment::new(*network, *container_id, *ifname),
+                })
+            }
             ["handles", container_id, ifname] => Some(KeyRef::LegacyHandle {
                 container_id: container_id.to_string(),
                 ifname: ifname.to_string(),
@@ -454,6 +484,13 @@ mod tests {
             (
                 keys.attachment(&attachment),
                 KeyRef::Attachment(attachment.clone()),
+            ),
+            (
+                keys.node_attachment("node-1", &attachment),
+                KeyRef::NodeAttachment {
+                    node: "node-1".into(),
+                    attachment: attachment.clone(),
+                },
             ),
             (
                 keys.released(&attachment),
