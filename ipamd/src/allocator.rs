@@ -110,6 +110,8 @@ struct Inner {
     /// Why the last load from etcd failed, for the error of requests that wait on it.
     load_error: Mutex<Option<String>>,
     retry_timeout: Duration,
+    /// Test hook, see [`Allocator::hold_commits_at`].
+    commit_gate: Mutex<Option<Arc<tokio::sync::Barrier>>>,
 }
 
 /// A node's allocator. Dropping it stops its watch.
@@ -142,6 +144,7 @@ impl Allocator {
             synced,
             load_error: Mutex::new(None),
             retry_timeout: config.retry_timeout,
+            commit_gate: Mutex::new(None),
         });
         let watcher = tokio::spawn(Arc::clone(&inner).follow());
         Ok(Allocator { inner, watcher })
@@ -157,6 +160,18 @@ impl Allocator {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Test hook: while a gate is set, every ADD's commit transaction meets it twice before it
+    /// is sent (once on arrival, once to go on), so that a test can act in between, e.g. DEL
+    /// the attachment of an ADD that has noted its arrival revision but not yet committed.
+    #[doc(hidden)]
+    pub fn hold_commits_at(&self, gate: Option<Arc<tokio::sync::Barrier>>) {
+        *self
+            .inner
+            .commit_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = gate;
     }
 
     /// Waits until the pools have been loaded from etcd.
@@ -175,6 +190,14 @@ impl Allocator {
         let plan = plan(req)?;
         inner.wait_synced().await?;
         let pools: Vec<&Pool> = req.range_sets.iter().flat_map(|s| s.pools.iter()).collect();
+        if inner.defines_new_pool(&pools) {
+            // Registering is a write: first refuse what the commit would refuse anyway.
+            match inner.refusal_before_registering(req, &plan).await {
+                Ok(()) => {}
+                Err(e @ IpamError::Exhausted { .. }) => return self.held_or(req, e).await,
+                Err(e) => return Err(e),
+            }
+        }
         inner.register_pools(&pools).await?;
         let mut last = String::new();
         for _ in 0..MAX_ROUNDS {
@@ -187,8 +210,11 @@ impl Allocator {
                         .await
                     {
                         Ok(()) => {}
-                        // A full pool does not stop a repeated ADD from getting its address.
-                        Err(e @ IpamError::Exhausted { .. }) => return self.held_or(req, e).await,
+                        // A full pool does not stop a repeated ADD from getting its address,
+                        // nor does an etcd that refuses the block claim a full block needs.
+                        Err(e @ (IpamError::Exhausted { .. } | IpamError::StoreFull { .. })) => {
+                            return self.held_or(req, e).await
+                        }
                         Err(e) => return Err(e),
                     },
                 }
@@ -442,6 +468,20 @@ fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
     Ok(plan)
 }
 
+/// Who an address record names, for an `AddressInUse` error.
+fn holder_of(kv: &KeyValue) -> String {
+    match decode::<AllocationRecord>(kv) {
+        Ok(holder) => {
+            let who = match &holder.pod {
+                Some(pod) => format!("pod {}/{} ({})", pod.namespace, pod.name, holder.attachment),
+                None => format!("container {}", holder.attachment),
+            };
+            format!("{who} on node {}", holder.node)
+        }
+        Err(e) => format!("an unreadable record ({e})"),
+    }
+}
+
 fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(kv.value()).map_err(|e| IpamError::Corrupt {
         key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -560,6 +600,71 @@ impl Inner {
             "pools not loaded from etcd within {:?}: {cause}",
             self.retry_timeout
         )))
+    }
+
+    /// Whether some of `pools` is unknown here, so that registering them writes to etcd.
+    fn defines_new_pool(&self, pools: &[&Pool]) -> bool {
+        let states = self.lock_pools();
+        pools.iter().any(|p| !states.contains_key(&p.id()))
+    }
+
+    /// What the commit of `req` would refuse, found before a new pool is written, so that the
+    /// refusal leaves no pool behind: an exact address that another attachment holds, or a
+    /// range set of known pools with no free address.
+    async fn refusal_before_registering(
+        &self,
+        req: &AllocateRequest,
+        plan: &[Option<(Pool, IpAddr)>],
+    ) -> Result<()> {
+        {
+            let mut states = self.lock_pools();
+            for (set, exact) in req.range_sets.iter().zip(plan) {
+                let full = exact.is_none()
+                    && set.pools.iter().all(|p| {
+                        states
+                            .get_mut(&p.id())
+                            .is_some_and(|state| !state.has_free())
+                    });
+                if full {
+                    let subnets: Vec<String> =
+                        set.pools.iter().map(|p| p.subnet.to_string()).collect();
+                    return Err(IpamError::Exhausted {
+                        pools: subnets.join(", "),
+                        network: req.attachment.network.clone(),
+                    });
+                }
+            }
+        }
+        let exact: Vec<(String, IpAddr)> = plan
+            .iter()
+            .flatten()
+            .map(|(pool, ip)| (self.keys.address(&pool.id(), *ip), *ip))
+            .collect();
+        if exact.is_empty() {
+            return Ok(());
+        }
+        let reads: Vec<TxnOp> = exact
+            .iter()
+            .map(|(key, _)| TxnOp::get(key.as_str(), None))
+            .collect();
+        let resp = self
+            .store
+            .txn(
+                &format!("read the addresses requested for {}", req.attachment),
+                Txn::new().and_then(reads),
+            )
+            .await?;
+        for (i, (_, ip)) in exact.iter().enumerate() {
+            let Some(kv) = got(&resp, i) else { continue };
+            let own = decode::<AllocationRecord>(&kv).is_ok_and(|r| r.attachment == req.attachment);
+            if !own {
+                return Err(IpamError::AddressInUse {
+                    ip: *ip,
+                    holder: holder_of(&kv),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure etcd holds the definition of every pool: checks those it knows, and writes
@@ -858,6 +963,15 @@ impl Inner {
         puts.push(TxnOp::put(index_key.as_str(), "", None));
         keys.push(index_key);
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
+        let gate = self
+            .commit_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(gate) = gate {
+            gate.wait().await;
+            gate.wait().await;
+        }
         let resp = self
             .store
             .txn(&format!("allocate for {attachment}"), txn)
@@ -903,22 +1017,9 @@ impl Inner {
             picks.keep(i);
             let pick = &picks.picks[i];
             if pick.kind != Kind::Dynamic {
-                let holder = match decode::<AllocationRecord>(&kv) {
-                    Ok(holder) => {
-                        let who = match &holder.pod {
-                            Some(pod) => format!(
-                                "pod {}/{} ({})",
-                                pod.namespace, pod.name, holder.attachment
-                            ),
-                            None => format!("container {}", holder.attachment),
-                        };
-                        format!("{who} on node {}", holder.node)
-                    }
-                    Err(e) => format!("an unreadable record ({e})"),
-                };
                 return Err(IpamError::AddressInUse {
                     ip: pick.ip,
-                    holder,
+                    holder: holder_of(&kv),
                 });
             }
             lost.push(pick.ip.to_string());
@@ -1129,12 +1230,25 @@ impl Inner {
             }
             let (guard, record, ip_keys) = match found {
                 Found::Nothing => {
-                    // Nothing to free, but the marker still stops a late ADD.
-                    self.release_txn(attachment, |lease| {
-                        Txn::new().and_then([self.marker_put(attachment, lease)])
-                    })
-                    .await?;
-                    return Ok(None);
+                    // Nothing to free, but the marker still stops a late ADD; one that commits
+                    // between the read and the marker is found in the next round.
+                    let attachment_key = self.keys.attachment(attachment);
+                    let resp = self
+                        .release_txn(attachment, |lease| {
+                            Txn::new()
+                                .when([Compare::create_revision(
+                                    attachment_key.as_str(),
+                                    CompareOp::Equal,
+                                    0,
+                                )])
+                                .and_then([self.marker_put(attachment, lease)])
+                        })
+                        .await?;
+                    if resp.succeeded() {
+                        return Ok(None);
+                    }
+                    last = "the attachment was committed while releasing".into();
+                    continue;
                 }
                 Found::Record { key, kv, record } => {
                     let ip_keys: Vec<String> = record

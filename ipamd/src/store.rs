@@ -159,9 +159,10 @@ impl Store {
             Some(alarm) => Err(IpamError::StoreFull {
                 op: "status".into(),
                 reason: format!(
-                    "etcd member {:x} raised alarm {:?}",
+                    "etcd member {:x} raised alarm {}",
                     alarm.member_id(),
-                    alarm.alarm()
+                    // etcd's own name, as `etcdctl alarm list` shows it.
+                    alarm.alarm().as_str_name()
                 ),
             }),
         }
@@ -344,5 +345,44 @@ mod tests {
     fn prefix_end_covers_exactly_the_prefix() {
         assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    fn grpc(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn etcd_shedding_load_is_transient_and_a_full_quota_is_not() {
+        // etcd's own texts (etcdserver/api/v3rpc/rpctypes).
+        let busy = grpc(Code::ResourceExhausted, "etcdserver: too many requests");
+        assert!(is_transient(&busy));
+        assert!(matches!(
+            store_error("txn".into(), busy),
+            IpamError::Unavailable { .. }
+        ));
+
+        let full = grpc(
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        );
+        assert!(!is_transient(&full));
+        match store_error("txn".into(), full) {
+            IpamError::StoreFull { op, reason } => {
+                assert_eq!(op, "txn");
+                assert!(reason.contains("database space exceeded"), "{reason}");
+            }
+            other => panic!("expected StoreFull, got {other}"),
+        }
+
+        // Another exhausted resource is neither.
+        let big = grpc(
+            Code::ResourceExhausted,
+            "grpc: received message larger than max",
+        );
+        assert!(!is_transient(&big));
+        assert!(matches!(
+            store_error("txn".into(), big),
+            IpamError::Etcd { .. }
+        ));
     }
 }

@@ -52,6 +52,8 @@ pub struct EtcdCluster {
     initial_cluster: String,
     members: Vec<Member>,
     tls: Option<ServerTls>,
+    /// Flags passed to every member after the testkit's own (`start_with_flags`).
+    extra_flags: Vec<OsString>,
     shut_down: AtomicBool,
 }
 
@@ -84,16 +86,27 @@ impl EtcdCluster {
     /// exits or stays unhealthy, and with a pointer to `scripts/install-deps.sh` if there is no
     /// `etcd` binary.
     pub fn start(members: usize) -> anyhow::Result<EtcdCluster> {
-        Self::start_with(members, None)
+        Self::start_with(members, None, &[])
+    }
+
+    /// Like `start`, with `flags` added to every member's command line (and kept for
+    /// restarts), e.g. `["--quota-backend-bytes", "..."]`.
+    pub fn start_with_flags(members: usize, flags: &[&str]) -> anyhow::Result<EtcdCluster> {
+        let flags: Vec<OsString> = flags.iter().map(OsString::from).collect();
+        Self::start_with(members, None, &flags)
     }
 
     /// Like `start`, with client URLs on https that require a client certificate signed by
     /// `tls.ca`.
     pub fn start_tls(members: usize, tls: ServerTls) -> anyhow::Result<EtcdCluster> {
-        Self::start_with(members, Some(tls))
+        Self::start_with(members, Some(tls), &[])
     }
 
-    fn start_with(members: usize, tls: Option<ServerTls>) -> anyhow::Result<EtcdCluster> {
+    fn start_with(
+        members: usize,
+        tls: Option<ServerTls>,
+        flags: &[OsString],
+    ) -> anyhow::Result<EtcdCluster> {
         if members == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -101,7 +114,7 @@ impl EtcdCluster {
         sweep_stale_dirs();
         let mut attempt = 1;
         loop {
-            match Self::try_start(&etcd, members, tls.clone()) {
+            match Self::try_start(&etcd, members, tls.clone(), flags) {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) if attempt < START_ATTEMPTS && is_port_conflict(&e) => attempt += 1,
                 Err(e) => {
@@ -113,7 +126,12 @@ impl EtcdCluster {
         }
     }
 
-    fn try_start(etcd: &Path, count: usize, tls: Option<ServerTls>) -> anyhow::Result<EtcdCluster> {
+    fn try_start(
+        etcd: &Path,
+        count: usize,
+        tls: Option<ServerTls>,
+        flags: &[OsString],
+    ) -> anyhow::Result<EtcdCluster> {
         let dir = make_data_dir()?;
         let ports = free_ports(3 * count)?;
         let members: Vec<Member> = (0..count)
@@ -144,6 +162,7 @@ impl EtcdCluster {
             initial_cluster,
             members,
             tls,
+            extra_flags: flags.to_vec(),
             shut_down: AtomicBool::new(false),
         };
         let deadline = Instant::now() + HEALTHY_TIMEOUT;
@@ -217,6 +236,27 @@ impl EtcdCluster {
     pub fn stop_member(&self, i: usize) {
         let child = lock(&self.members[i].child).take();
         terminate_all(child.into_iter().collect());
+    }
+
+    /// Freezes member `i` with SIGSTOP: it keeps its sockets but answers nothing, as a member
+    /// stalled by a long GC pause, a full disk or a hung VM does. No-op if it is not running.
+    /// `resume_member` undoes it; dropping the cluster resumes paused members before stopping
+    /// them.
+    ///
+    /// Panics if `i >= member_count()`.
+    pub fn pause_member(&self, i: usize) {
+        if let Some(child) = lock(&self.members[i].child).as_ref() {
+            let _ = sys::signal(child.id(), libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a member frozen by `pause_member` run again (SIGCONT). No-op if it is not running.
+    ///
+    /// Panics if `i >= member_count()`.
+    pub fn resume_member(&self, i: usize) {
+        if let Some(child) = lock(&self.members[i].child).as_ref() {
+            let _ = sys::signal(child.id(), libc::SIGCONT);
+        }
     }
 
     /// Starts member `i` again with its old name, ports and data directory, and waits until it
@@ -311,6 +351,7 @@ impl EtcdCluster {
             );
             args.push("--client-cert-auth".into());
         }
+        args.extend(self.extra_flags.iter().cloned());
         let child = spawn_on_long_lived_thread(SpawnRequest {
             program: self.etcd.clone(),
             args,
@@ -474,8 +515,10 @@ fn has_active_peers(port: u16) -> bool {
 fn terminate_all(mut children: Vec<Child>) {
     children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     for c in &children {
-        // The child is not reaped yet, so its PID cannot have been reused.
-        let _ = sys::sigterm(c.id());
+        // The child is not reaped yet, so its PID cannot have been reused. A paused member
+        // handles SIGTERM only once it runs again.
+        let _ = sys::signal(c.id(), libc::SIGCONT);
+        let _ = sys::signal(c.id(), libc::SIGTERM);
     }
     let deadline = Instant::now() + STOP_GRACE;
     while !children.is_empty() && Instant::now() < deadline {
@@ -778,7 +821,7 @@ pub fn sigterm(pid: u32) -> io::Result<()> {
     sys::sigterm(pid)
 }
 
-#[allow(unsafe_code)] // libc calls std has no safe wrapper for: prctl in pre_exec, kill(SIGTERM), geteuid, atexit
+#[allow(unsafe_code)] // libc calls std has no safe wrapper for: prctl in pre_exec, kill (SIGTERM, SIGSTOP, SIGCONT), geteuid, atexit
 mod sys {
     use std::io;
     use std::os::unix::process::CommandExt as _;
@@ -812,15 +855,19 @@ mod sys {
         cmd.spawn()
     }
 
-    /// Sends SIGTERM to `pid`; callers pass only PIDs of children not yet reaped.
-    pub(crate) fn sigterm(pid: u32) -> io::Result<()> {
+    /// Sends `sig` to `pid`; callers pass only PIDs of children not yet reaped.
+    pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
         let pid = libc::pid_t::try_from(pid)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
         // SAFETY: kill has no memory-safety preconditions.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        if unsafe { libc::kill(pid, sig) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    pub(crate) fn sigterm(pid: u32) -> io::Result<()> {
+        signal(pid, libc::SIGTERM)
     }
 
     pub(crate) fn is_root() -> bool {
