@@ -200,6 +200,7 @@ impl Allocator {
         }
         inner.register_pools(&pools).await?;
         let mut last = String::new();
+        let mut guard_legacy = true;
         for _ in 0..MAX_ROUNDS {
             let mut picks = Picks::new(inner);
             for (set, exact) in req.range_sets.iter().zip(&plan) {
@@ -219,9 +220,10 @@ impl Allocator {
                     },
                 }
             }
-            match inner.commit(req, &mut picks, began).await {
+            match inner.commit(req, &mut picks, began, guard_legacy).await {
                 Ok(Outcome::Done(allocation)) => return Ok(allocation),
                 Ok(Outcome::Lost(why)) => last = why,
+                Ok(Outcome::OtherNetworksLegacy) => guard_legacy = false,
                 // Nor does an etcd that refuses writes.
                 Err(e @ IpamError::StoreFull { .. }) => return self.held_or(req, e).await,
                 Err(e) => return Err(e),
@@ -353,6 +355,17 @@ impl Allocator {
     pub async fn status(&self, range_sets: &[RangeSet], network: &str) -> Result<()> {
         self.inner.wait_synced().await?;
         self.inner.store.check_alarms().await?;
+        for pool in range_sets.iter().flat_map(|s| &s.pools) {
+            let key = self.inner.keys.pool(&pool.id());
+            if self.inner.lock_skipped().contains(&key) {
+                return Err(IpamError::Corrupt {
+                    key,
+                    reason:
+                        "the pool record does not validate; `hostnic-ipamd audit` names the problem"
+                            .into(),
+                });
+            }
+        }
         let mut pools = self.inner.lock_pools();
         for set in range_sets {
             let has_free = set.pools.iter().any(|p| match pools.get_mut(&p.id()) {
@@ -569,6 +582,8 @@ impl Drop for Picks<'_> {
 
 enum Outcome {
     Done(Allocation),
+    /// The earlier layout holds a record for the container id and ifname, of another network.
+    OtherNetworksLegacy,
     /// The round lost a race; try again with the state it taught us.
     Lost(String),
 }
@@ -797,20 +812,31 @@ impl Inner {
     }
 
     /// Decodes and validates a pool record.
+    /// Decodes and validates a pool record, which must define the subnet its key names.
     fn pool_of_kv(&self, kv: &KeyValue) -> Result<Pool> {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        decode::<PoolRecord>(kv)?
+        let pool = decode::<PoolRecord>(kv)?
             .to_pool()
-            .map_err(|reason| IpamError::Corrupt { key, reason })
+            .map_err(|reason| IpamError::Corrupt {
+                key: key.clone(),
+                reason,
+            })?;
+        if key != self.keys.pool(&pool.id()) {
+            return Err(IpamError::Corrupt {
+                reason: format!("defines subnet {} under another subnet's key", pool.subnet),
+                key,
+            });
+        }
+        Ok(pool)
+    }
+
+    fn lock_skipped(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.skipped.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Logs a record that does not validate, once per key.
     fn skip_once(&self, key: &str, reason: &str) {
-        let first = self
-            .skipped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.to_string());
+        let first = self.lock_skipped().insert(key.to_string());
         if first {
             tracing::warn!(
                 key,
@@ -909,11 +935,17 @@ impl Inner {
 
     /// One CAS round: writes every picked address and the attachment record, or learns why
     /// not. `began` is the revision the request arrived at (see the module documentation).
+    ///
+    /// With `guard_legacy`, the transaction also requires that no record of the earlier layout
+    /// exists for the container id and ifname: a repeated ADD of an attachment made before the
+    /// upgrade must return its address, not take a second one. A record there of another
+    /// network turns the guard off for the next round ([`Outcome::OtherNetworksLegacy`]).
     async fn commit(
         &self,
         req: &AllocateRequest,
         picks: &mut Picks<'_>,
         began: i64,
+        guard_legacy: bool,
     ) -> Result<Outcome> {
         let attachment = &req.attachment;
         let attachment_key = self.keys.attachment(attachment);
@@ -962,6 +994,16 @@ impl Inner {
         let index_key = self.keys.node_attachment(&self.node, attachment);
         puts.push(TxnOp::put(index_key.as_str(), "", None));
         keys.push(index_key);
+        let legacy_key = self.keys.legacy_handle(attachment);
+        if guard_legacy {
+            compares.push(Compare::create_revision(
+                legacy_key.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+        }
+        let legacy_index = gets.len();
+        gets.push(TxnOp::get(legacy_key.as_str(), None));
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let gate = self
             .commit_gate
@@ -1007,6 +1049,16 @@ impl Inner {
                 released: kv.mod_revision(),
                 began,
             });
+        }
+        if let Some(kv) = got(&resp, legacy_index).filter(|_| guard_legacy) {
+            match decode::<AttachmentRecord>(&kv) {
+                Ok(existing) if existing.network == attachment.network => {
+                    let allocation = self.allocation_of(attachment, &existing)?;
+                    return already_held(req, allocation).map(Outcome::Done);
+                }
+                Ok(_) => return Ok(Outcome::OtherNetworksLegacy),
+                Err(e) => return Err(e),
+            }
         }
 
         let mut lost = Vec::new();
@@ -1472,6 +1524,7 @@ impl Inner {
         match self.keys.parse(key) {
             Some(KeyRef::Pool { pool }) if put => match self.pool_of_kv(kv) {
                 Ok(def) => {
+                    self.lock_skipped().remove(key);
                     if states.get(&pool).is_none_or(|s| **s.pool() != def) {
                         states.insert(pool, PoolState::new(Arc::new(def), &self.node));
                     }
@@ -1484,6 +1537,7 @@ impl Inner {
                 }
             },
             Some(KeyRef::Pool { pool }) => {
+                self.lock_skipped().remove(key);
                 states.remove(&pool);
             }
             Some(KeyRef::Address { pool, ip }) => {
