@@ -57,8 +57,10 @@
 //! The message is the daemon's status message, which names the address, pool or attachment;
 //! plugin-specific codes (100 and up) carry the socket in `details`.
 //!
-//! DEL is not made to succeed when the daemon is unreachable: the runtime retries a failed DEL,
-//! whereas a DEL reported as done would leak the address for good.
+//! DEL is not made to succeed when the daemon is unreachable: kubelet retries a failed DEL,
+//! whereas a DEL reported as done would leak the address for good. Runtimes that never retry
+//! (Podman) are covered by the daemon's network-namespace GC, which releases an attachment
+//! whose namespace is gone.
 
 use std::ffi::OsStr;
 use std::future::Future;
