@@ -576,4 +576,80 @@ mod tests {
         assert_eq!(record.attachment, Attachment::new("net1", "c1", "eth0"));
         assert_eq!(serde_json::to_value(&record).expect("encodes"), earlier);
     }
+
+    mod decoding {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Values shaped like records, with fields of the wrong type, out of range or missing.
+        fn record_like() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u8>().prop_map(serde_json::Value::from),
+                "[0-9a-f:./_]{0,20}".prop_map(serde_json::Value::from),
+                prop_oneof![
+                    Just("10.0.0.0/24"),
+                    Just("10.0.0.1"),
+                    Just("10.0.0.255"),
+                    Just("::/0"),
+                    Just("0.0.0.0/0"),
+                    Just("fd00::1"),
+                    Just("255.255.255.255"),
+                ]
+                .prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("version".to_string()),
+                            Just("subnet".to_string()),
+                            Just("gateway".to_string()),
+                            Just("ranges".to_string()),
+                            Just("exclude".to_string()),
+                            Just("fixed".to_string()),
+                            Just("blockSize".to_string()),
+                            Just("handle".to_string()),
+                            Just("network".to_string()),
+                            Just("node".to_string()),
+                            Just("kind".to_string()),
+                            Just("ips".to_string()),
+                            Just("allocatedAt".to_string()),
+                        ],
+                        inner,
+                        0..8,
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever a key holds, decoding it is an error or a record, never a panic, and a
+            /// pool record either is refused or yields a pool whose block arithmetic is sound.
+            #[test]
+            fn any_value_decodes_to_a_record_or_an_error(value in record_like(), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+                for text in [value.to_string().into_bytes(), bytes] {
+                    let _ = serde_json::from_slice::<AllocationRecord>(&text);
+                    let _ = serde_json::from_slice::<AttachmentRecord>(&text);
+                    let _ = serde_json::from_slice::<BlockRecord>(&text);
+                    let _ = serde_json::from_slice::<PoolIndex>(&text);
+                    let _ = serde_json::from_slice::<ReleaseMarker>(&text);
+                    if let Ok(record) = serde_json::from_slice::<PoolRecord>(&text) {
+                        if let Ok(pool) = record.to_pool() {
+                            prop_assert!(pool.block_len() <= 4096);
+                            let _ = pool.dynamic_size();
+                            let _ = pool.skip_excluded_blocks(0);
+                            prop_assert_eq!(PoolRecord::from_pool(&pool).to_pool(), Ok(pool));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
