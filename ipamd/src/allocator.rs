@@ -29,7 +29,8 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 
 use crate::addr::to_int;
-use crate::blocks::{Next, PoolState};
+use crate::blocks::Next;
+use crate::cache::{block_owner, decode_pool, Change, PoolCache, Skipped, UNREADABLE_OWNER};
 use crate::error::{IpamError, Result};
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
@@ -45,10 +46,6 @@ const MAX_ROUNDS: usize = 256;
 /// How long a release marker outlives its DEL: far longer than any transaction can stay
 /// pending in etcd (a leader election takes seconds).
 const MARKER_TTL: Duration = Duration::from_secs(600);
-
-/// The owner recorded for a block whose claim record cannot be read: claimed by nobody this
-/// node can use, never free. Not a valid node name, so it matches no node.
-const UNREADABLE_OWNER: &str = "<unreadable block record>";
 
 /// What an ADD asks for.
 #[derive(Debug, Clone)]
@@ -100,12 +97,10 @@ struct Inner {
     store: Store,
     keys: Keys,
     node: String,
-    pools: Mutex<HashMap<String, PoolState>>,
+    cache: Mutex<PoolCache>,
     committed: Mutex<HashMap<Attachment, Committed>>,
     /// The lease release markers are written under, and when it was granted.
     marker_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
-    /// Keys of records that did not validate, so each is logged once, not on every reload.
-    skipped: Mutex<HashSet<String>>,
     synced: watch::Sender<bool>,
     /// Why the last load from etcd failed, for the error of requests that wait on it.
     load_error: Mutex<Option<String>>,
@@ -137,10 +132,9 @@ impl Allocator {
             store,
             keys: Keys::new(&config.prefix),
             node: node.to_string(),
-            pools: Mutex::new(HashMap::new()),
+            cache: Mutex::new(PoolCache::new(Keys::new(&config.prefix), node)),
             committed: Mutex::new(HashMap::new()),
             marker_lease: tokio::sync::Mutex::new(None),
-            skipped: Mutex::new(HashSet::new()),
             synced,
             load_error: Mutex::new(None),
             retry_timeout: config.retry_timeout,
@@ -357,7 +351,7 @@ impl Allocator {
         self.inner.store.check_alarms().await?;
         for pool in range_sets.iter().flat_map(|s| &s.pools) {
             let key = self.inner.keys.pool(&pool.id());
-            if self.inner.lock_skipped().contains(&key) {
+            if self.inner.lock_pools().skipped(&key).is_some() {
                 return Err(IpamError::Corrupt {
                     key,
                     reason:
@@ -546,9 +540,7 @@ impl<'a> Picks<'a> {
 
     fn exact(&mut self, pool: &Pool, ip: IpAddr, kind: Kind) {
         let mut pools = self.inner.lock_pools();
-        let state = pools
-            .entry(pool.id())
-            .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.inner.node));
+        let state = pools.state_of(pool);
         let marked = state.mark(to_int(ip));
         self.picks.push(Pick {
             pool: Arc::clone(state.pool()),
@@ -573,9 +565,7 @@ impl Drop for Picks<'_> {
     fn drop(&mut self) {
         let mut pools = self.inner.lock_pools();
         for pick in self.picks.iter().filter(|p| p.marked) {
-            if let Some(state) = pools.get_mut(&pick.pool.id()) {
-                state.unmark(to_int(pick.ip));
-            }
+            pools.unmark(&pick.pool.id(), pick.ip);
         }
     }
 }
@@ -589,8 +579,8 @@ enum Outcome {
 }
 
 impl Inner {
-    fn lock_pools(&self) -> MutexGuard<'_, HashMap<String, PoolState>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_pools(&self) -> MutexGuard<'_, PoolCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_committed(&self) -> MutexGuard<'_, HashMap<Attachment, Committed>> {
@@ -620,7 +610,7 @@ impl Inner {
     /// Whether some of `pools` is unknown here, so that registering them writes to etcd.
     fn defines_new_pool(&self, pools: &[&Pool]) -> bool {
         let states = self.lock_pools();
-        pools.iter().any(|p| !states.contains_key(&p.id()))
+        pools.iter().any(|p| !states.contains(&p.id()))
     }
 
     /// What the commit of `req` would refuse, found before a new pool is written, so that the
@@ -713,7 +703,9 @@ impl Inner {
             for (i, pool) in new.iter().enumerate() {
                 match got(&resp, i + 1) {
                     Some(kv) => {
-                        let stored = self.pool_of_kv(&kv)?;
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let stored = decode_pool(&self.keys, &key, kv.value())
+                            .map_err(|reason| IpamError::Corrupt { key, reason })?;
                         same_definition(&stored, pool)?;
                         self.remember_pool(stored);
                     }
@@ -811,49 +803,16 @@ impl Inner {
         })
     }
 
-    /// Decodes and validates a pool record.
-    /// Decodes and validates a pool record, which must define the subnet its key names.
-    fn pool_of_kv(&self, kv: &KeyValue) -> Result<Pool> {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let pool = decode::<PoolRecord>(kv)?
-            .to_pool()
-            .map_err(|reason| IpamError::Corrupt {
-                key: key.clone(),
-                reason,
-            })?;
-        if key != self.keys.pool(&pool.id()) {
-            return Err(IpamError::Corrupt {
-                reason: format!("defines subnet {} under another subnet's key", pool.subnet),
-                key,
-            });
-        }
-        Ok(pool)
-    }
-
-    fn lock_skipped(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.skipped.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Logs a record that does not validate, once per key.
     fn skip_once(&self, key: &str, reason: &str) {
-        let first = self.lock_skipped().insert(key.to_string());
-        if first {
-            tracing::warn!(
-                key,
-                reason,
-                "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
-            );
-        }
+        let first = self.lock_pools().skip(key, reason.to_string());
+        log_skipped(first);
     }
 
     /// Makes sure the in-memory state has `pool` (the watch may not have delivered it yet, or a
     /// reload may have replaced the state with a snapshot taken before it existed).
-    fn remember_pool(&self, pool: Pool) -> Arc<Pool> {
-        let mut pools = self.lock_pools();
-        let state = pools
-            .entry(pool.id())
-            .or_insert_with(|| PoolState::new(Arc::new(pool), &self.node));
-        Arc::clone(state.pool())
+    fn remember_pool(&self, pool: Pool) {
+        self.lock_pools().state_of(&pool);
     }
 
     /// Picks the next dynamic address of a range set, claiming blocks as needed.
@@ -864,13 +823,10 @@ impl Inner {
         network: &str,
     ) -> Result<()> {
         for pool in &set.pools {
-            let id = pool.id();
             loop {
                 let (next, state_pool) = {
                     let mut pools = self.lock_pools();
-                    let state = pools
-                        .entry(id.clone())
-                        .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.node));
+                    let state = pools.state_of(pool);
                     (state.next_address(), Arc::clone(state.pool()))
                 };
                 match next {
@@ -910,7 +866,10 @@ impl Inner {
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.store.txn(&format!("claim block {cidr}"), txn).await?;
         let owner = match got(&resp, 0) {
-            Some(kv) if !resp.succeeded() => self.block_owner(&kv),
+            Some(kv) if !resp.succeeded() => block_owner(kv.value()).unwrap_or_else(|reason| {
+                self.skip_once(&key, &reason);
+                UNREADABLE_OWNER.to_string()
+            }),
             _ => self.node.clone(),
         };
         tracing::debug!(block = %cidr, %owner, "block claimed");
@@ -919,18 +878,6 @@ impl Inner {
             state.set_owner(index, Some(&owner));
         }
         Ok(())
-    }
-
-    /// The node a block record names; a record that cannot be read names nobody this node can
-    /// use, so the block is neither claimed again nor treated as free.
-    fn block_owner(&self, kv: &KeyValue) -> String {
-        match decode::<BlockRecord>(kv) {
-            Ok(record) => record.node,
-            Err(e) => {
-                self.skip_once(&String::from_utf8_lossy(kv.key()), &e.to_string());
-                UNREADABLE_OWNER.to_string()
-            }
-        }
     }
 
     /// One CAS round: writes every picked address and the attachment record, or learns why
@@ -1431,9 +1378,7 @@ impl Inner {
     fn forget(&self, record: &AttachmentRecord) {
         let mut pools = self.lock_pools();
         for h in &record.ips {
-            if let Some(state) = pools.get_mut(&h.pool) {
-                state.unmark(to_int(h.ip));
-            }
+            pools.unmark(&h.pool, h.ip);
         }
     }
 
@@ -1464,12 +1409,14 @@ impl Inner {
     /// Rebuilds the in-memory state from etcd. Returns the revision it reflects.
     async fn load(&self) -> Result<i64> {
         let (revision, kvs) = self.store.load_prefix(&self.keys.pools()).await?;
-        let mut states: HashMap<String, PoolState> = HashMap::new();
-        for kv in &kvs {
-            self.apply(&mut states, kv, EventType::Put);
-        }
-        let loaded = states.len();
-        *self.lock_pools() = states;
+        let snapshot = kvs
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())));
+        let (skipped, loaded) = {
+            let mut cache = self.lock_pools();
+            (cache.load(snapshot), cache.len())
+        };
+        skipped.into_iter().for_each(|s| log_skipped(Some(s)));
         tracing::info!(
             pools = loaded,
             keys = kvs.len(),
@@ -1508,60 +1455,37 @@ impl Inner {
                 )));
             }
             self.store.saw(resp.header());
-            let mut pools = self.lock_pools();
-            for event in resp.events() {
-                if let Some(kv) = event.kv() {
-                    self.apply(&mut pools, kv, event.event_type());
+            let mut skipped = Vec::new();
+            {
+                let mut cache = self.lock_pools();
+                for event in resp.events() {
+                    let Some((kv, key)) = event.kv().and_then(|kv| Some((kv, kv.key_str().ok()?)))
+                    else {
+                        continue;
+                    };
+                    let change = match event.event_type() {
+                        EventType::Put => Change::Put {
+                            key,
+                            value: kv.value(),
+                        },
+                        EventType::Delete => Change::Delete { key },
+                    };
+                    skipped.extend(cache.apply(change));
                 }
             }
+            skipped.into_iter().for_each(|s| log_skipped(Some(s)));
         }
     }
+}
 
-    /// Applies one key's put or delete to the in-memory state.
-    fn apply(&self, states: &mut HashMap<String, PoolState>, kv: &KeyValue, event: EventType) {
-        let Ok(key) = kv.key_str() else { return };
-        let put = event == EventType::Put;
-        match self.keys.parse(key) {
-            Some(KeyRef::Pool { pool }) if put => match self.pool_of_kv(kv) {
-                Ok(def) => {
-                    self.lock_skipped().remove(key);
-                    if states.get(&pool).is_none_or(|s| **s.pool() != def) {
-                        states.insert(pool, PoolState::new(Arc::new(def), &self.node));
-                    }
-                }
-                Err(e) => {
-                    // The pool is unusable until its record is fixed; other pools are not
-                    // affected.
-                    states.remove(&pool);
-                    self.skip_once(key, &e.to_string());
-                }
-            },
-            Some(KeyRef::Pool { pool }) => {
-                self.lock_skipped().remove(key);
-                states.remove(&pool);
-            }
-            Some(KeyRef::Address { pool, ip }) => {
-                if let Some(state) = states.get_mut(&pool) {
-                    if state.pool().subnet.contains(&ip) {
-                        if put {
-                            state.mark(to_int(ip));
-                        } else {
-                            state.unmark(to_int(ip));
-                        }
-                    }
-                }
-            }
-            Some(KeyRef::Block { pool, block }) => {
-                if let Some(state) = states.get_mut(&pool) {
-                    let Some(index) = state.pool().block_index(&block) else {
-                        return;
-                    };
-                    let owner = put.then(|| self.block_owner(kv));
-                    state.set_owner(index, owner.as_deref());
-                }
-            }
-            _ => {}
-        }
+/// Logs a record skipped for the first time.
+fn log_skipped(skipped: Option<Skipped>) {
+    if let Some(Skipped { key, reason }) = skipped {
+        tracing::warn!(
+            key,
+            reason,
+            "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
+        );
     }
 }
 

@@ -8,6 +8,7 @@ pub mod addr;
 pub mod allocator;
 pub mod audit;
 pub mod blocks;
+pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod netns_gc;

@@ -1,0 +1,367 @@
+//! The node's picture of the pools: every pool definition, which node claimed each block, and
+//! which addresses are held, built from etcd in the style of kube-runtime's reflector. A load
+//! (a snapshot of `pools/`) and each watch event go in through [`PoolCache::load`] and
+//! [`PoolCache::apply`], which are pure: the watch loop in `allocator` only feeds them.
+//!
+//! A record that does not decode or validate is skipped and reported once (the caller logs
+//! it): a bad pool record makes that pool unusable until it is fixed, a bad block claim counts
+//! as claimed by nobody this node can use, and nothing else is affected.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::addr::to_int;
+use crate::blocks::PoolState;
+use crate::pool::Pool;
+use crate::records::{BlockRecord, KeyRef, Keys, PoolRecord};
+
+/// The owner recorded for a block whose claim record cannot be read. Not a valid node name, so
+/// it matches no node: the block is neither claimed again nor treated as free.
+pub const UNREADABLE_OWNER: &str = "<unreadable block record>";
+
+/// One change of a key under `pools/`, as a load or the watch delivers it.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Put { key: &'a str, value: &'a [u8] },
+    Delete { key: &'a str },
+}
+
+/// A record skipped for the first time: what to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Free-address state of every pool this node knows, and the records it skipped.
+#[derive(Debug)]
+pub struct PoolCache {
+    keys: Keys,
+    node: String,
+    pools: HashMap<String, PoolState>,
+    /// Keys of records that do not decode or validate, with why. Kept across loads, so a
+    /// reload does not report them again.
+    skipped: HashMap<String, String>,
+}
+
+impl PoolCache {
+    pub fn new(keys: Keys, node: &str) -> Self {
+        PoolCache {
+            keys,
+            node: node.to_string(),
+            pools: HashMap::new(),
+            skipped: HashMap::new(),
+        }
+    }
+
+    /// Replaces the picture with a snapshot of every key under `pools/`. Returns the records
+    /// skipped for the first time.
+    pub fn load<'a>(
+        &mut self,
+        snapshot: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Vec<Skipped> {
+        self.pools.clear();
+        // Pool definitions first: blocks and addresses of a pool apply only once it is known.
+        let snapshot: Vec<(&str, &[u8])> = snapshot.into_iter().collect();
+        let (defs, rest): (Vec<_>, Vec<_>) = snapshot
+            .into_iter()
+            .partition(|(key, _)| matches!(self.keys.parse(key), Some(KeyRef::Pool { .. })));
+        defs.into_iter()
+            .chain(rest)
+            .filter_map(|(key, value)| self.apply(Change::Put { key, value }))
+            .collect()
+    }
+
+    /// Applies one change. Returns the record skipped, if this change made a record be skipped
+    /// for the first time.
+    pub fn apply(&mut self, change: Change<'_>) -> Option<Skipped> {
+        let (key, value) = match change {
+            Change::Put { key, value } => (key, Some(value)),
+            Change::Delete { key } => (key, None),
+        };
+        match (self.keys.parse(key)?, value) {
+            (KeyRef::Pool { pool }, Some(value)) => match decode_pool(&self.keys, key, value) {
+                Ok(def) => {
+                    self.skipped.remove(key);
+                    if self.pools.get(&pool).is_none_or(|s| **s.pool() != def) {
+                        self.pools
+                            .insert(pool, PoolState::new(Arc::new(def), &self.node));
+                    }
+                    None
+                }
+                Err(reason) => {
+                    self.pools.remove(&pool);
+                    self.skip(key, reason)
+                }
+            },
+            (KeyRef::Pool { pool }, None) => {
+                self.skipped.remove(key);
+                self.pools.remove(&pool);
+                None
+            }
+            (KeyRef::Address { pool, ip }, value) => {
+                let state = self.pools.get_mut(&pool)?;
+                if state.pool().subnet.contains(&ip) {
+                    if value.is_some() {
+                        state.mark(to_int(ip));
+                    } else {
+                        state.unmark(to_int(ip));
+                    }
+                }
+                None
+            }
+            (KeyRef::Block { pool, block }, value) => {
+                let index = self.pools.get(&pool)?.pool().block_index(&block)?;
+                let (owner, skipped) = match value.map(block_owner) {
+                    None => (None, None),
+                    Some(Ok(node)) => (Some(node), None),
+                    Some(Err(reason)) => {
+                        (Some(UNREADABLE_OWNER.to_string()), self.skip(key, reason))
+                    }
+                };
+                if let Some(state) = self.pools.get_mut(&pool) {
+                    state.set_owner(index, owner.as_deref());
+                }
+                skipped
+            }
+            _ => None,
+        }
+    }
+
+    /// Records that the record at `key` was skipped; Some the first time.
+    pub fn skip(&mut self, key: &str, reason: String) -> Option<Skipped> {
+        if self.skipped.contains_key(key) {
+            return None;
+        }
+        self.skipped.insert(key.to_string(), reason.clone());
+        Some(Skipped {
+            key: key.to_string(),
+            reason,
+        })
+    }
+
+    /// Why the record at `key` is skipped, if it is.
+    pub fn skipped(&self, key: &str) -> Option<&str> {
+        self.skipped.get(key).map(String::as_str)
+    }
+
+    pub fn contains(&self, pool_id: &str) -> bool {
+        self.pools.contains_key(pool_id)
+    }
+
+    pub fn get(&self, pool_id: &str) -> Option<&PoolState> {
+        self.pools.get(pool_id)
+    }
+
+    pub fn get_mut(&mut self, pool_id: &str) -> Option<&mut PoolState> {
+        self.pools.get_mut(pool_id)
+    }
+
+    /// The state of `pool`, made from its definition if the cache does not have it yet (the
+    /// watch may not have delivered it, or a reload replaced the picture with a snapshot taken
+    /// before it existed).
+    pub fn state_of(&mut self, pool: &Pool) -> &mut PoolState {
+        self.pools
+            .entry(pool.id())
+            .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.node))
+    }
+
+    /// Unmarks an address released here, without waiting for the watch.
+    pub fn unmark(&mut self, pool_id: &str, ip: std::net::IpAddr) {
+        if let Some(state) = self.pools.get_mut(pool_id) {
+            state.unmark(to_int(ip));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+}
+
+/// The pool a record at `key` defines: decoded, checked with the rules of a config, and
+/// defining the subnet its key names.
+pub fn decode_pool(keys: &Keys, key: &str, value: &[u8]) -> Result<Pool, String> {
+    let record: PoolRecord = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    let pool = record.to_pool()?;
+    if key != keys.pool(&pool.id()) {
+        return Err(format!(
+            "defines subnet {} under another subnet's key",
+            pool.subnet
+        ));
+    }
+    Ok(pool)
+}
+
+/// The node a block claim names.
+pub fn block_owner(value: &[u8]) -> Result<String, String> {
+    serde_json::from_slice::<BlockRecord>(value)
+        .map(|r| r.node)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::Next;
+    use crate::pool::parse_range_sets;
+    use crate::records::RECORD_VERSION;
+    use serde_json::json;
+
+    const PREFIX: &str = "/p";
+
+    fn keys() -> Keys {
+        Keys::new(PREFIX)
+    }
+
+    fn pool(subnet: &str) -> Pool {
+        let sets = parse_range_sets(&json!({"subnet": subnet, "blockSize": 28})).expect("valid");
+        sets[0].pools[0].clone()
+    }
+
+    fn pool_value(pool: &Pool) -> Vec<u8> {
+        serde_json::to_vec(&PoolRecord::from_pool(pool)).expect("encodes")
+    }
+
+    fn block_value(node: &str) -> Vec<u8> {
+        serde_json::to_vec(&BlockRecord {
+            version: RECORD_VERSION,
+            node: node.into(),
+        })
+        .expect("encodes")
+    }
+
+    /// A cache loaded with one /24 pool of /28 blocks.
+    fn loaded(extra: &[(&str, &[u8])]) -> (PoolCache, Pool, Vec<Skipped>) {
+        let p = pool("10.0.0.0/24");
+        let def = pool_value(&p);
+        let pool_key = keys().pool(&p.id());
+        let mut snapshot: Vec<(&str, &[u8])> = extra.to_vec();
+        // Definitions may come after their blocks and addresses in a snapshot.
+        snapshot.push((pool_key.as_str(), def.as_slice()));
+        let mut cache = PoolCache::new(keys(), "node-a");
+        let skipped = cache.load(snapshot);
+        (cache, p, skipped)
+    }
+
+    #[test]
+    fn a_load_marks_held_addresses_and_claimed_blocks_whatever_their_order() {
+        let block_key = keys().block("10.0.0.0_24", &"10.0.0.0/28".parse().expect("literal"));
+        let ip_key = keys().address("10.0.0.0_24", "10.0.0.2".parse().expect("literal"));
+        let owner = block_value("node-a");
+        let (mut cache, p, skipped) =
+            loaded(&[(&block_key, &owner), (&ip_key, b"held, value not read")]);
+        assert_eq!(skipped, vec![]);
+        let state = cache.get_mut(&p.id()).expect("pool loaded");
+        assert_eq!(
+            state.next_address(),
+            Next::Address(to_int("10.0.0.3".parse().expect("literal"))),
+            "10.0.0.2 is held and block 0 is this node's"
+        );
+    }
+
+    #[test]
+    fn each_change_is_applied_and_a_delete_undoes_a_put() {
+        let (mut cache, p, _) = loaded(&[]);
+        let ip_key = keys().address(&p.id(), "10.0.0.9".parse().expect("literal"));
+        let n = to_int("10.0.0.9".parse().expect("literal"));
+        let cases: [(Change, bool); 3] = [
+            (
+                Change::Put {
+                    key: &ip_key,
+                    value: b"{}",
+                },
+                false,
+            ),
+            (Change::Delete { key: &ip_key }, true),
+            (
+                Change::Put {
+                    key: &ip_key,
+                    value: b"{}",
+                },
+                false,
+            ),
+        ];
+        for (change, free_after) in cases {
+            assert_eq!(cache.apply(change), None);
+            let state = cache.get_mut(&p.id()).expect("pool");
+            // A free address can be marked (true); a held one cannot (false).
+            let was_free = state.mark(n);
+            if was_free {
+                state.unmark(n);
+            }
+            assert_eq!(was_free, free_after, "{change:?}");
+        }
+        assert_eq!(
+            cache.apply(Change::Delete {
+                key: &keys().pool(&p.id())
+            }),
+            None
+        );
+        assert!(cache.is_empty(), "deleting the definition forgets the pool");
+    }
+
+    #[test]
+    fn an_invalid_pool_record_is_skipped_once_and_affects_only_its_pool() {
+        let bad_key = keys().pool("10.1.0.0_24");
+        let bad = json!({"version": 1, "subnet": "10.1.0.0/24", "gateway": "10.1.0.1",
+            "ranges": [["10.1.0.2", "10.1.0.254"]], "blockSize": 40})
+        .to_string();
+        let (mut cache, p, skipped) = loaded(&[(&bad_key, bad.as_bytes())]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].key, bad_key);
+        assert!(skipped[0].reason.contains("blockSize"), "{skipped:?}");
+        assert!(cache.contains(&p.id()) && !cache.contains("10.1.0.0_24"));
+        assert!(cache.skipped(&bad_key).is_some());
+        let again = cache.load([(bad_key.as_str(), bad.as_bytes())]);
+        assert_eq!(again, vec![], "a reload does not report it again");
+        // Fixed: usable, no longer skipped.
+        let fixed = pool_value(&pool("10.1.0.0/24"));
+        assert_eq!(
+            cache.apply(Change::Put {
+                key: &bad_key,
+                value: &fixed
+            }),
+            None
+        );
+        assert!(cache.contains("10.1.0.0_24") && cache.skipped(&bad_key).is_none());
+    }
+
+    #[test]
+    fn a_pool_record_under_another_subnets_key_is_skipped() {
+        let wrong_key = keys().pool("10.2.0.0_24");
+        let value = pool_value(&pool("10.3.0.0/24"));
+        let mut cache = PoolCache::new(keys(), "node-a");
+        let skipped = cache.load([(wrong_key.as_str(), value.as_slice())]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].reason.contains("another subnet's key"));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_block_claim_is_nobody_s_and_never_free() {
+        let b0 = keys().block("10.0.0.0_24", &"10.0.0.0/28".parse().expect("literal"));
+        let (mut cache, p, skipped) = loaded(&[(&b0, b"garbage")]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].key, b0);
+        let state = cache.get_mut(&p.id()).expect("pool");
+        assert_eq!(
+            state.next_address(),
+            Next::Claim(1),
+            "block 0 is not offered for claiming"
+        );
+    }
+
+    #[test]
+    fn keys_of_unknown_pools_and_foreign_keys_change_nothing() {
+        let (mut cache, _, _) = loaded(&[]);
+        let other = keys().address("10.9.0.0_24", "10.9.0.5".parse().expect("literal"));
+        for key in [other.as_str(), "/p/pools/x/unknown/y", "/elsewhere/pools/z"] {
+            assert_eq!(cache.apply(Change::Put { key, value: b"{}" }), None);
+        }
+        assert_eq!(cache.len(), 1);
+    }
+}
