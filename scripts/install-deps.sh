@@ -10,14 +10,15 @@ log() { printf '[install-deps] %s\n' "$*"; }
 # `ip` lives in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl)
+PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl podman runc busybox-static)
 
 missing_tools() {
   local cmd
-  for cmd in etcd etcdctl protoc ip ping openssl; do
+  for cmd in etcd etcdctl protoc ip ping openssl podman runc; do
     command -v "$cmd" >/dev/null 2>&1 || printf '%s ' "$cmd"
   done
   [ -x /usr/lib/cni/macvlan ] || printf '%s ' /usr/lib/cni/macvlan
+  [ -x /bin/busybox ] || printf '%s ' /bin/busybox
 }
 
 missing=$(missing_tools)

@@ -117,6 +117,12 @@ impl IpamDaemon {
         child.wait().ok().map(|s| (s, start.elapsed()))
     }
 
+    /// The daemon's log file (stdout and stderr). A daemon started again for the same node on
+    /// the same socket appends to it.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The last lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
