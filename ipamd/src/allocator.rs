@@ -90,6 +90,7 @@ pub struct Allocation {
 struct Committed {
     revision: i64,
     keys: Vec<String>,
+    record: AttachmentRecord,
 }
 
 #[derive(Debug)]
@@ -193,13 +194,21 @@ impl Allocator {
             }
         }
         inner.register_pools(&pools).await?;
+        // One read, for exact requests only: the address may be one its DEL just released.
+        let released = if req.requested.is_empty() {
+            None
+        } else {
+            inner.release_marker(&req.attachment).await?
+        };
         let mut last = String::new();
         let mut guard_legacy = true;
         for _ in 0..MAX_ROUNDS {
             let mut picks = Picks::new(inner);
             for (set, exact) in req.range_sets.iter().zip(&plan) {
                 match exact {
-                    Some((pool, ip)) => picks.exact(pool, *ip, req.requested_kind),
+                    Some((pool, ip)) => {
+                        picks.exact(pool, *ip, req.requested_kind, released.as_ref())
+                    }
                     None => match inner
                         .pick_dynamic(set, &mut picks, &req.attachment.network)
                         .await
@@ -479,7 +488,11 @@ fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
 fn holder_of(kv: &KeyValue) -> String {
     match decode::<AllocationRecord>(kv) {
         Ok(holder) => {
+            // Runtimes outside Kubernetes (Podman) send a name without a namespace.
             let who = match &holder.pod {
+                Some(pod) if pod.namespace.is_empty() => {
+                    format!("container {} ({})", pod.name, holder.attachment)
+                }
                 Some(pod) => format!("pod {}/{} ({})", pod.namespace, pod.name, holder.attachment),
                 None => format!("container {}", holder.attachment),
             };
@@ -518,6 +531,9 @@ struct Pick {
     pool: Arc<Pool>,
     ip: IpAddr,
     kind: Kind,
+    /// Since when the attachment held this address before a DEL that is being undone (see
+    /// [`ReleaseMarker::ips`]); None for a new allocation.
+    since: Option<u64>,
     /// Whether this pick marked the address in memory (and so must unmark it if it fails).
     marked: bool,
 }
@@ -538,14 +554,20 @@ impl<'a> Picks<'a> {
         }
     }
 
-    fn exact(&mut self, pool: &Pool, ip: IpAddr, kind: Kind) {
+    /// Picks `ip` of `pool`; as it was held before `released`, if that DEL released it.
+    fn exact(&mut self, pool: &Pool, ip: IpAddr, kind: Kind, released: Option<&ReleaseMarker>) {
         let mut pools = self.inner.lock_pools();
         let state = pools.state_of(pool);
         let marked = state.mark(to_int(ip));
+        let earlier = released.and_then(|m| {
+            let held = m.ips.iter().find(|h| h.ip == ip && h.pool == pool.id())?;
+            Some((held.kind?, m.allocated_at))
+        });
         self.picks.push(Pick {
             pool: Arc::clone(state.pool()),
             ip,
-            kind,
+            kind: earlier.map_or(kind, |(kind, _)| kind),
+            since: earlier.map(|(_, since)| since),
             marked,
         });
     }
@@ -835,6 +857,7 @@ impl Inner {
                             ip: state_pool.addr(n),
                             pool: state_pool,
                             kind: Kind::Dynamic,
+                            since: None,
                             marked: true,
                         });
                         return Ok(());
@@ -917,7 +940,7 @@ impl Inner {
                 pod: req.pod.clone(),
                 node: self.node.clone(),
                 kind: pick.kind,
-                allocated_at: now,
+                allocated_at: pick.since.unwrap_or(now),
             };
             compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
             puts.push(TxnOp::put(key.as_str(), encode(&record), None));
@@ -925,6 +948,7 @@ impl Inner {
             held.push(HeldIp {
                 pool: pick.pool.id(),
                 ip: pick.ip,
+                kind: Some(pick.kind),
             });
             keys.push(key);
         }
@@ -934,7 +958,12 @@ impl Inner {
             node: self.node.clone(),
             pod: req.pod.clone(),
             ips: held,
-            allocated_at: now,
+            allocated_at: picks
+                .picks
+                .iter()
+                .filter_map(|p| p.since)
+                .min()
+                .unwrap_or(now),
             netns: req.netns.clone(),
         };
         puts.push(TxnOp::put(attachment_key.as_str(), encode(&record), None));
@@ -969,8 +998,14 @@ impl Inner {
         if resp.succeeded() {
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             picks.keep_all();
-            self.lock_committed()
-                .insert(attachment.clone(), Committed { revision, keys });
+            self.lock_committed().insert(
+                attachment.clone(),
+                Committed {
+                    revision,
+                    keys,
+                    record: record.clone(),
+                },
+            );
             return Ok(Outcome::Done(self.allocation_of(attachment, &record)?));
         }
 
@@ -1139,12 +1174,32 @@ impl Inner {
         }
     }
 
-    /// The put of `attachment`'s release marker.
-    fn marker_put(&self, attachment: &Attachment, lease: i64) -> TxnOp {
+    /// The release marker of `attachment`, if a DEL left one that can be read.
+    async fn release_marker(&self, attachment: &Attachment) -> Result<Option<ReleaseMarker>> {
+        let key = self.keys.released(attachment);
+        let resp = self
+            .store
+            .get("read the release marker", &key, None)
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| decode::<ReleaseMarker>(kv).ok()))
+    }
+
+    /// The put of `attachment`'s release marker, remembering what `released` held.
+    fn marker_put(
+        &self,
+        attachment: &Attachment,
+        lease: i64,
+        released: Option<&AttachmentRecord>,
+    ) -> TxnOp {
         let marker = ReleaseMarker {
             version: RECORD_VERSION,
             node: self.node.clone(),
             released_at: now_unix(),
+            ips: released.map(|r| r.ips.clone()).unwrap_or_default(),
+            allocated_at: released.map_or(0, |r| r.allocated_at),
         };
         TxnOp::put(
             self.keys.released(attachment),
@@ -1203,7 +1258,7 @@ impl Inner {
                             .iter()
                             .map(|k| TxnOp::delete(k.as_str(), None)),
                     );
-                    ops.push(self.marker_put(attachment, lease));
+                    ops.push(self.marker_put(attachment, lease, Some(&committed.record)));
                     Txn::new().when(compares).and_then(ops)
                 })
                 .await?;
@@ -1240,7 +1295,7 @@ impl Inner {
                                     CompareOp::Equal,
                                     0,
                                 )])
-                                .and_then([self.marker_put(attachment, lease)])
+                                .and_then([self.marker_put(attachment, lease, None)])
                         })
                         .await?;
                     if resp.succeeded() {
@@ -1283,7 +1338,7 @@ impl Inner {
                         TxnOp::delete(index_key.as_str(), None),
                     ];
                     ops.extend(deletes.iter().cloned());
-                    ops.push(self.marker_put(attachment, lease));
+                    ops.push(self.marker_put(attachment, lease, record.as_ref()));
                     Txn::new().when(compares).and_then(ops)
                 })
                 .await?;
@@ -1296,7 +1351,11 @@ impl Inner {
                     ips: ip_keys
                         .iter()
                         .filter_map(|k| match self.keys.parse(k) {
-                            Some(KeyRef::Address { pool, ip }) => Some(HeldIp { pool, ip }),
+                            Some(KeyRef::Address { pool, ip }) => Some(HeldIp {
+                                pool,
+                                ip,
+                                kind: None,
+                            }),
                             _ => None,
                         })
                         .collect(),

@@ -178,6 +178,9 @@ impl From<AllocationRecord> for AllocationWire {
 pub struct HeldIp {
     pub pool: String,
     pub ip: IpAddr,
+    /// How it was chosen (absent in records of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
 }
 
 /// Index from an attachment to its addresses, so DEL is one read, not a scan.
@@ -287,6 +290,13 @@ pub struct ReleaseMarker {
     pub node: String,
     /// Seconds since the Unix epoch.
     pub released_at: u64,
+    /// What the attachment held and since when: an ADD right after the DEL that asks for the
+    /// same address (Podman's `network reload` is a DEL, then an ADD with `IP=` the old
+    /// address) gets the address back with its kind and time, not as a new exact request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<HeldIp>,
+    #[serde(default)]
+    pub allocated_at: u64,
 }
 
 /// What a key under the prefix refers to.

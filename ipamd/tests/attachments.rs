@@ -663,3 +663,57 @@ async fn an_etcd_out_of_space_fails_new_adds_and_status_but_answers_a_repeated_a
     assert!(matches!(err, IpamError::StoreFull { .. }), "{err}");
     assert!(err.to_string().contains("NOSPACE"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn del_then_add_asking_for_the_released_address_keeps_its_kind_and_time() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("reload-del-add");
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let pool = sets(json!({"subnet": "10.97.0.0/24"}));
+    let att = Attachment::new("net", "reloaded", "eth0");
+    let first = a.allocate(&request(&att, &pool, &[])).await.expect("ADD");
+    let held = first.ips[0].ip;
+    let address_key = a.keys().address("10.97.0.0_24", held);
+    let attachment_key = a.keys().attachment(&att);
+    let (address, _) = record::<AllocationRecord>(&a, &address_key)
+        .await
+        .expect("address record");
+    let (attachment, _) = record::<AttachmentRecord>(&a, &attachment_key)
+        .await
+        .expect("attachment record");
+    assert_eq!(address.kind, Kind::Dynamic);
+
+    // Times are kept in seconds: let one pass, so a new time would show.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Podman 4.3's `network reload`: a DEL, then an ADD with IP= the address it had.
+    a.release(&att).await.expect("DEL");
+    let held_str = held.to_string();
+    let again = a
+        .allocate(&request(&att, &pool, &[held_str.as_str()]))
+        .await
+        .expect("ADD with IP=");
+    assert_eq!(again, first);
+    let (address_now, _) = record::<AllocationRecord>(&a, &address_key)
+        .await
+        .expect("address record");
+    let (attachment_now, _) = record::<AttachmentRecord>(&a, &attachment_key)
+        .await
+        .expect("attachment record");
+    assert_eq!(address_now.kind, Kind::Dynamic, "still dynamic");
+    assert_eq!(address_now.allocated_at, address.allocated_at);
+    assert_eq!(attachment_now.allocated_at, attachment.allocated_at);
+
+    // An exact request for another address is a new allocation of its own kind and time.
+    a.release(&att).await.expect("DEL");
+    let other = a
+        .allocate(&request(&att, &pool, &["10.97.0.77"]))
+        .await
+        .expect("ADD with another IP=");
+    assert_eq!(other.ips[0].ip.to_string(), "10.97.0.77");
+    let (other_record, _) =
+        record::<AllocationRecord>(&a, &a.keys().address("10.97.0.0_24", other.ips[0].ip))
+            .await
+            .expect("address record");
+    assert_eq!(other_record.kind, Kind::Exact);
+    assert!(other_record.allocated_at > address.allocated_at);
+}

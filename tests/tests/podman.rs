@@ -1015,9 +1015,6 @@ fn podman_network_reload_keeps_the_address() {
 }
 
 #[test]
-#[ignore = "Podman 4.3's network reload is a DEL then an ADD with IP=<old address>: the record \
-            is rewritten with kind exact and a new allocatedAt (the re-ADD of a held \
-            attachment, which keeps both, is not what Podman sends)"]
 fn podman_network_reload_keeps_the_record_kind_and_allocation_time() {
     let Some(r) = reload_a_running_container("podman-reload-kind", "10.226.4.0/24") else {
         return;
@@ -1057,7 +1054,7 @@ fn podman_run_with_an_address_another_container_holds_fails_naming_the_holder() 
     assert!(!out.status.success(), "podman run --ip {ip} succeeded");
     let stderr = text(&out.stderr);
     for needle in [
-        format!("address {ip} is held by pod /holder"),
+        format!("address {ip} is held by container holder ("),
         holder_id.clone(),
         format!("of network {}", podman.network),
     ] {
