@@ -697,3 +697,305 @@ async fn delete_if_unchanged(store: &Store, key: &str) -> Result<(), IpamError> 
 fn refused(reason: String) -> IpamError {
     IpamError::Refused { reason }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::parse_range_sets;
+    use crate::records::AllocationRecord;
+    use serde_json::json;
+
+    fn attachment(container_id: &str) -> Attachment {
+        Attachment::new("net", container_id, "eth0")
+    }
+
+    fn pod(name: &str) -> Option<PodRef> {
+        Some(PodRef {
+            namespace: "prod".into(),
+            name: name.into(),
+            uid: String::new(),
+        })
+    }
+
+    fn row(pod_name: &str) -> AllocationRow {
+        AllocationRow {
+            pool: "10.0.0.0/24".into(),
+            ip: "10.0.0.5".parse().expect("literal"),
+            attachment: attachment("c1"),
+            pod: pod(pod_name),
+            node: "node-a".into(),
+            kind: Kind::Dynamic,
+        }
+    }
+
+    fn report(subnets: &[&str], held: &[(&str, &str, &str)]) -> AuditReport {
+        let mut report = AuditReport::default();
+        for subnet in subnets {
+            let sets = parse_range_sets(&json!({ "subnet": subnet })).expect("valid");
+            let pool = sets[0].pools[0].clone();
+            report.pools.insert(pool.id(), pool);
+        }
+        for (subnet, ip, container_id) in held {
+            let id = pool_id(&subnet.parse().expect("literal"));
+            let record = AllocationRecord {
+                version: RECORD_VERSION,
+                attachment: attachment(container_id),
+                pod: None,
+                node: "node-a".into(),
+                kind: Kind::Exact,
+                allocated_at: 0,
+            };
+            let ip = ip.parse().expect("literal");
+            report.allocations.insert((id, ip), record);
+        }
+        report
+    }
+
+    #[test]
+    fn an_allocation_row_has_one_tab_separated_field_per_header_column() {
+        let line = row("db-0").to_string();
+        assert_eq!(
+            line,
+            "10.0.0.0/24\t10.0.0.5\tnet\tc1\teth0\tprod/db-0\tnode-a\tDynamic"
+        );
+        assert_eq!(
+            line.split('\t').count(),
+            AllocationRow::HEADER.split('\t').count()
+        );
+        let no_pod = AllocationRow {
+            pod: None,
+            ..row("")
+        };
+        assert_eq!(no_pod.to_string().split('\t').nth(5), Some("-"));
+    }
+
+    #[test]
+    fn a_pod_name_with_a_newline_cannot_forge_a_row() {
+        let rows = vec![row("db-0\n10.0.0.0/24\t10.0.0.6")];
+        let lines = rows.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[0], AllocationRow::HEADER);
+        assert_eq!(
+            lines[1],
+            r"10.0.0.0/24	10.0.0.5	net	c1	eth0	prod/db-0\n10.0.0.0/24\t10.0.0.6	node-a	Dynamic"
+        );
+        assert_eq!(lines[1].split('\t').count(), 8);
+    }
+
+    #[test]
+    fn rows_are_sorted_by_pool_and_address_and_filtered_by_pool() {
+        let report = report(
+            &["10.0.0.0/24", "10.0.1.0/24"],
+            &[
+                ("10.0.1.0/24", "10.0.1.3", "c3"),
+                ("10.0.0.0/24", "10.0.0.10", "c2"),
+                ("10.0.0.0/24", "10.0.0.9", "c1"),
+            ],
+        );
+        let held = |rows: Vec<AllocationRow>| -> Vec<(String, String)> {
+            rows.iter()
+                .map(|r| (r.ip.to_string(), r.attachment.container_id.clone()))
+                .collect()
+        };
+        let pair = |ip: &str, c: &str| (ip.to_string(), c.to_string());
+        assert_eq!(
+            held(allocation_rows(&report, None)),
+            vec![
+                pair("10.0.0.9", "c1"),
+                pair("10.0.0.10", "c2"),
+                pair("10.0.1.3", "c3")
+            ]
+        );
+        let pool: IpNet = "10.0.1.0/24".parse().expect("literal");
+        let rows = allocation_rows(&report, Some(&pool));
+        assert_eq!(held(rows.clone()), vec![pair("10.0.1.3", "c3")]);
+        assert_eq!(rows[0].pool, "10.0.1.0/24");
+        let elsewhere: IpNet = "10.9.0.0/24".parse().expect("literal");
+        assert!(allocation_rows(&report, Some(&elsewhere)).is_empty());
+    }
+
+    #[test]
+    fn usage_counts_held_addresses_and_blocks_by_node() {
+        let mut report = report(
+            &["10.0.0.0/24", "10.0.1.0/24"],
+            &[
+                ("10.0.0.0/24", "10.0.0.9", "c1"),
+                ("10.0.0.0/24", "10.0.0.10", "c2"),
+            ],
+        );
+        let id = pool_id(&"10.0.0.0/24".parse().expect("literal"));
+        for (block, node) in [
+            ("10.0.0.0/26", "node-b"),
+            ("10.0.0.64/26", "node-a"),
+            ("10.0.0.128/26", "node-b"),
+        ] {
+            let block = block.parse().expect("literal");
+            report.blocks.push((id.clone(), block, node.into()));
+        }
+        let usage = pool_usage(&report);
+        assert_eq!(usage.len(), 2);
+        assert_eq!(usage[0].subnet.to_string(), "10.0.0.0/24");
+        assert_eq!(usage[0].held, 2);
+        let blocks: Vec<(&str, u64)> = (usage[0].blocks.iter())
+            .map(|(n, c)| (n.as_str(), *c))
+            .collect();
+        assert_eq!(blocks, vec![("node-a", 1), ("node-b", 2)]);
+        assert_eq!(usage[1].held, 0);
+        assert!(usage[1].blocks.is_empty());
+        let lines = usage.lines();
+        assert_eq!(lines[0], PoolUsage::HEADER);
+        assert_eq!(
+            lines[1],
+            format!("10.0.0.0/24\t{}\t2\tnode-a=1,node-b=2", usage[0].dynamic)
+        );
+        assert_eq!(lines[2], format!("10.0.1.0/24\t{}\t0\t", usage[1].dynamic));
+    }
+
+    #[test]
+    fn a_node_name_with_a_newline_stays_in_its_usage_row() {
+        let usage = PoolUsage {
+            subnet: "10.0.0.0/24".parse().expect("literal"),
+            dynamic: 253,
+            held: 0,
+            blocks: BTreeMap::from([("a\nb".to_string(), 1)]),
+        };
+        assert_eq!(usage.to_string(), r"10.0.0.0/24	253	0	a\nb=1");
+    }
+
+    #[test]
+    fn audit_prints_each_problem_escaped_then_the_counts_and_fails_on_any() {
+        let clean = AuditSummary {
+            pools: 1,
+            allocations: 2,
+            attachments: 2,
+            problems: vec![],
+        };
+        assert_eq!(
+            clean.lines(),
+            vec!["1 pools, 2 allocations, 2 attachments, 0 problems"]
+        );
+        assert!(clean.finish().expect("no error"));
+        let broken = AuditSummary {
+            problems: vec!["/p/pools/x: unreadable\nrecord".into()],
+            ..AuditSummary::default()
+        };
+        assert_eq!(
+            broken.lines(),
+            vec![
+                r"PROBLEM /p/pools/x: unreadable\nrecord",
+                "0 pools, 0 allocations, 0 attachments, 1 problems"
+            ]
+        );
+        assert!(!broken.finish().expect("no error"));
+    }
+
+    #[test]
+    fn a_release_says_what_it_freed_or_that_nothing_was_held() {
+        let nothing = Release {
+            container_id: "c\n1".into(),
+            ifname: "eth0".into(),
+            released: vec![],
+            stopped: None,
+        };
+        assert_eq!(nothing.lines(), vec![r"c\n1/eth0 holds no address"]);
+        let freed = Release {
+            released: vec![ReleasedAddress {
+                ip: "10.0.0.5".parse().expect("literal"),
+                pool: "10.0.0.0/24".into(),
+                attachment: attachment("c1"),
+                node: "node-a".into(),
+            }],
+            stopped: Some(refused("etcd went away".into())),
+            ..nothing
+        };
+        assert_eq!(
+            freed.lines(),
+            vec![
+                "released 10.0.0.5 of pool 10.0.0.0/24 from c1/eth0 of network net on node node-a"
+            ]
+        );
+        assert!(freed.finish().is_err(), "the error that stopped it is kept");
+    }
+
+    #[test]
+    fn an_address_release_names_each_action_and_its_dry_run() {
+        let ip: IpAddr = "10.0.0.5".parse().expect("literal");
+        let outcome = |actions| AddressRelease {
+            ip,
+            actions,
+            stopped: None,
+        };
+        assert_eq!(outcome(vec![]).lines(), vec!["10.0.0.5 is not held"]);
+        let holder = attachment("c1");
+        let record = |dry_run| AddressAction::DeleteRecord {
+            key: "/p/pools/10.0.0.0_24/ips/10.0.0.5".into(),
+            holder: holder.clone(),
+            dry_run,
+        };
+        let whole = |dry_run| AddressAction::ReleaseAttachment {
+            holder: holder.clone(),
+            dry_run,
+        };
+        assert_eq!(
+            outcome(vec![whole(true), whole(false), record(true), record(false)]).lines(),
+            vec![
+                "would release c1/eth0 of network net (it holds 10.0.0.5)",
+                "released c1/eth0 of network net (it held 10.0.0.5)",
+                "would delete the address record of 10.0.0.5 (held by c1/eth0 of network net, which does not list it)",
+                "deleted /p/pools/10.0.0.0_24/ips/10.0.0.5 (held by c1/eth0 of network net, which did not list it)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_dropped_key_shows_its_value_escaped_and_what_became_of_it() {
+        let key = "/p/attachments/net/c1/eth0".to_string();
+        let value = b"{\"ips\":\n".to_vec();
+        let shown = r#"/p/attachments/net/c1/eth0 = {\"ips\":\n"#;
+        let dry = KeyDrop::WouldDelete {
+            key: key.clone(),
+            value: value.clone(),
+        };
+        assert_eq!(
+            dry.lines(),
+            vec![shown, "would delete /p/attachments/net/c1/eth0"]
+        );
+        let deleted = KeyDrop::Deleted {
+            key: key.clone(),
+            value: value.clone(),
+            attachment: true,
+        };
+        assert_eq!(deleted.lines()[0], shown);
+        assert!(deleted.lines()[1].ends_with("free them with release-address"));
+        let stopped = KeyDrop::Stopped {
+            key: key.clone(),
+            value,
+            error: refused(format!("{key} changed meanwhile; run again")),
+        };
+        assert_eq!(stopped.lines(), vec![shown]);
+        assert!(stopped.finish().is_err());
+        let gone = KeyDrop::Gone { key };
+        assert_eq!(
+            gone.lines(),
+            vec!["/p/attachments/net/c1/eth0 is gone already"]
+        );
+    }
+
+    #[test]
+    fn a_pool_removal_names_the_pool_and_its_record() {
+        let removal = PoolRemoval {
+            subnet: "10.0.0.0/24".parse().expect("literal"),
+            key: "/p/pools/10.0.0.0_24".into(),
+            dry_run: true,
+        };
+        assert_eq!(
+            removal.lines(),
+            vec!["would remove pool 10.0.0.0/24: /p/pools/10.0.0.0_24, its blocks, and its entry in the pool index"]
+        );
+        let done = PoolRemoval {
+            dry_run: false,
+            ..removal
+        };
+        assert!(done.lines()[0].starts_with("removed pool 10.0.0.0/24"));
+    }
+}
