@@ -30,48 +30,55 @@ async fn main() -> anyhow::Result<ExitCode> {
         .map(|h| h.trim().to_string());
     let command = flags.command.clone().unwrap_or(Command::Serve);
     let config = resolve(flags, file, hostname)?;
-    match command {
-        Command::Serve => serve(config).await?,
+    let store = &config.store;
+    let exit = match command {
+        Command::Serve => {
+            serve(config).await?;
+            ExitCode::SUCCESS
+        }
         Command::List { pool } => {
             let pool = pool
                 .as_deref()
                 .map(str::parse::<ipnet::IpNet>)
                 .transpose()
                 .context("--pool must be a subnet such as 10.0.0.0/24")?;
-            cli::list(&config.store, pool.as_ref()).await?
+            print(cli::list(store, pool.as_ref()).await?)?
         }
-        Command::Usage => cli::usage(&config.store).await?,
+        Command::Usage => print(cli::usage(store).await?)?,
         Command::Release {
             container_id,
             ifname,
             network,
-        } => cli::release(&config.store, network.as_deref(), &container_id, &ifname).await?,
+        } => print(cli::release(store, network.as_deref(), &container_id, &ifname).await?)?,
         Command::ReleaseAddress { ip, dry_run } => {
-            cli::release_address(&config.store, ip, dry_run).await?
+            print(cli::release_address(store, ip, dry_run).await?)?
         }
         Command::RemovePool { subnet, dry_run } => {
-            cli::remove_pool(&config.store, &subnet, dry_run).await?
+            print(cli::remove_pool(store, &subnet, dry_run).await?)?
         }
-        Command::DropKey { key, dry_run } => cli::drop_key(&config.store, &key, dry_run).await?,
+        Command::DropKey { key, dry_run } => print(cli::drop_key(store, &key, dry_run).await?)?,
         Command::GcNetns { dry_run } => {
-            let allocator = Allocator::start(&config.store, &config.node_name)
+            let allocator = Allocator::start(store, &config.node_name)
                 .await
                 .context("starting the allocator")?;
-            let report = netns_gc::pass(&allocator, config.gc_grace, dry_run).await?;
-            for line in report.lines() {
-                println!("{line}");
-            }
-            if !report.failed.is_empty() {
-                return Ok(ExitCode::FAILURE);
-            }
+            print(netns_gc::pass(&allocator, config.gc_grace, dry_run).await?)?
         }
-        Command::Audit => {
-            if !cli::audit_command(&config.store).await? {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
+        Command::Audit => print(cli::audit(store).await?)?,
+    };
+    Ok(exit)
+}
+
+/// Prints what an operator command found or did; then its exit status, or the error that
+/// stopped it partway.
+fn print(outcome: impl cli::Outcome) -> Result<ExitCode, hostnic_ipamd::IpamError> {
+    for line in outcome.lines() {
+        println!("{line}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if outcome.finish()? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {

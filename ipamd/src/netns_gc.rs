@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::allocator::{Allocator, HeldAttachment};
-use crate::cli::escaped;
+use crate::cli::{escaped, Outcome};
 use crate::error::Result;
 use crate::records::{now_unix, Attachment, AttachmentRecord};
 
@@ -229,6 +229,17 @@ impl PassReport {
             self.failed.len(),
         ));
         lines
+    }
+}
+
+/// The pass fails when a release failed; the attachment is tried again at the next pass.
+impl Outcome for PassReport {
+    fn lines(&self) -> Vec<String> {
+        PassReport::lines(self)
+    }
+
+    fn finish(self) -> Result<bool, crate::IpamError> {
+        Ok(self.failed.is_empty())
     }
 }
 
