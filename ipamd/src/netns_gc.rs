@@ -439,6 +439,7 @@ mod tests {
             ips: vec![HeldIp {
                 pool: "10.0.0.0_24".into(),
                 ip: "10.0.0.5".parse().expect("literal"),
+                kind: None,
             }],
             allocated_at,
             netns: netns.into(),
