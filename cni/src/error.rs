@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::env::Command;
-use crate::version::CniVersion;
+use crate::types::{CniVersion, Command};
 
 /// Everything that can go wrong between exec and reply.
 #[derive(Debug, thiserror::Error)]

@@ -75,10 +75,11 @@ use serde_json::Value;
 use tonic::Code;
 
 use crate::config::{IpamConfig, NetworkConfig};
-use crate::env::{Attachment, CniArgs, Command, Invocation};
+use crate::env::{CniArgs, Invocation};
 use crate::error::{CniError, ErrorReply};
 use crate::result::{parse_resolv_conf, Dns, IpConfig, IpamResult, Route};
-use crate::version::{version_reply, CniVersion};
+use crate::types::{Attachment, CniVersion, Command};
+use crate::version::version_reply;
 
 /// Environment variable naming the daemon's socket when the config does not.
 pub const SOCKET_ENV: &str = "HOSTNIC_IPAMD_SOCKET";
