@@ -762,6 +762,14 @@ mod tests {
             let err = ipam(extra.clone()).unwrap_err();
             assert_eq!(err.code(), 7, "{extra}");
             assert_eq!(err.to_string(), want, "{extra}");
+            // The exported check, which the daemon runs, says the same of the `ipam` object.
+            let mut object = minimal()["ipam"].clone();
+            object
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let exported = check_pool_key_types(&object).unwrap_err();
+            assert_eq!(exported.to_string(), want, "{extra}");
         }
         // Right types pass; their values are the daemon's to judge.
         let conf = ipam(json!({
