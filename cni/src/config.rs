@@ -13,68 +13,15 @@
 //! Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md#section-1-network-configuration-format>;
 //! `runtimeConfig` and `args`: <https://github.com/containernetworking/cni/blob/main/CONVENTIONS.md>.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
 
-use crate::env::{check_identifier, Attachment};
 use crate::error::CniError;
 use crate::result::{IpConfig, Route};
-use crate::version::CniVersion;
-
-/// An address a pod asks for: a bare IP, or an IP with the prefix length of its subnet.
-///
-/// The form of Multus' `ips` capability, the `args.cni.ips` convention and `CNI_ARGS` `IP=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RequestedIp {
-    /// The address itself (host bits included).
-    pub address: IpAddr,
-    /// The prefix length, when the request gave one.
-    pub prefix_len: Option<u8>,
-}
-
-impl RequestedIp {
-    /// The address with its prefix, when it has one.
-    pub fn to_ipnet(&self) -> Option<IpNet> {
-        self.prefix_len
-            .and_then(|len| IpNet::new(self.address, len).ok())
-    }
-}
-
-impl FromStr for RequestedIp {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.contains('/') {
-            let net: IpNet = s
-                .parse()
-                .map_err(|e| format!("not an IP address with prefix: {e}"))?;
-            Ok(RequestedIp {
-                address: net.addr(),
-                prefix_len: Some(net.prefix_len()),
-            })
-        } else {
-            let address: IpAddr = s.parse().map_err(|e| format!("not an IP address: {e}"))?;
-            Ok(RequestedIp {
-                address,
-                prefix_len: None,
-            })
-        }
-    }
-}
-
-impl fmt::Display for RequestedIp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.prefix_len {
-            Some(len) => write!(f, "{}/{len}", self.address),
-            None => write!(f, "{}", self.address),
-        }
-    }
-}
+use crate::types::{validate_network_name, Attachment, CniVersion, RequestedIp};
 
 /// The network configuration, with its static part checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,7 +81,7 @@ impl NetworkConfig {
         let cni_version: CniVersion = version.parse()?;
 
         let name = required_str(&raw, "name", "name")?;
-        check_identifier(name).map_err(|reason| invalid("name", &raw["name"], reason))?;
+        validate_network_name(name).map_err(|reason| invalid("name", &raw["name"], reason))?;
         let name = name.to_owned();
 
         let ipam_value = optional(&raw, "ipam").ok_or_else(|| CniError::MissingConfig {
@@ -252,7 +199,7 @@ impl IpamConfig {
             .enumerate()
             .map(|(i, route)| parse_route(route, &format!("ipam.routes[{i}]")))
             .collect::<Result<_, _>>()?;
-        check_pool_key_types(ipam)?;
+        check_pool_keys(ipam)?;
         Ok(IpamConfig {
             ipam_type,
             socket,
@@ -267,11 +214,27 @@ impl IpamConfig {
 const RANGE_KEYS: [&str; 4] = ["subnet", "rangeStart", "rangeEnd", "gateway"];
 
 /// Checks the JSON types of the pool keys the daemon reads (`subnet`, `rangeStart`, `rangeEnd`,
-/// `gateway`, `ranges`, `exclude`, `fixedStart`, `fixedEnd`, `blockSize`), so a wrong type is
-/// code 7 naming its JSON path (`ipam.ranges[0][0].subnet`) here, rather than a decoder message
-/// from the daemon that names no field. Their values (CIDRs, addresses, sizes) are still the
-/// daemon's to judge: it owns the pool rules, and checking them twice would let the two drift.
-fn check_pool_key_types(ipam: &Map<String, Value>) -> Result<(), CniError> {
+/// `gateway`, `ranges`, `exclude`, `fixedStart`, `fixedEnd`, `blockSize`) in an `ipam` object,
+/// so a wrong type is code 7 naming its JSON path here, e.g.
+/// `ipam.ranges[0][0].subnet = 5: expected a string, found a number`. Their values (CIDRs,
+/// addresses, sizes) are the daemon's to judge: it owns the pool rules, and checking them twice
+/// would let the two drift.
+///
+/// [`NetworkConfig::parse`] runs it; the daemon runs it too, before decoding the pools, so that
+/// a wrong type reads the same from either side. The error is always
+/// [`CniError::InvalidConfig`], whose `field`, `value` and `reason` the daemon reuses.
+pub fn check_pool_key_types(ipam: &Value) -> Result<(), CniError> {
+    let Value::Object(ipam) = ipam else {
+        return Err(invalid(
+            "ipam",
+            ipam,
+            format!("expected an object, found {}", json_type(ipam)),
+        ));
+    };
+    check_pool_keys(ipam)
+}
+
+fn check_pool_keys(ipam: &Map<String, Value>) -> Result<(), CniError> {
     check_range_types(ipam, "ipam")?;
     for key in ["fixedStart", "fixedEnd"] {
         optional_str(ipam, key, &format!("ipam.{key}"))?;
@@ -799,6 +762,14 @@ mod tests {
             let err = ipam(extra.clone()).unwrap_err();
             assert_eq!(err.code(), 7, "{extra}");
             assert_eq!(err.to_string(), want, "{extra}");
+            // The exported check, which the daemon runs, says the same of the `ipam` object.
+            let mut object = minimal()["ipam"].clone();
+            object
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let exported = check_pool_key_types(&object).unwrap_err();
+            assert_eq!(exported.to_string(), want, "{extra}");
         }
         // Right types pass; their values are the daemon's to judge.
         let conf = ipam(json!({

@@ -7,15 +7,11 @@
 //! `CNI_ARGS` keys: <https://github.com/containernetworking/cni/blob/main/CONVENTIONS.md#cni_args>.
 
 use std::ffi::OsStr;
-use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::RequestedIp;
 use crate::error::CniError;
-use crate::version::CniVersion;
+use crate::types::{validate_container_id, validate_ifname, Attachment, Command, RequestedIp};
 
 /// `CNI_COMMAND`: the operation.
 pub const CNI_COMMAND: &str = "CNI_COMMAND";
@@ -30,55 +26,8 @@ pub const CNI_ARGS: &str = "CNI_ARGS";
 /// `CNI_PATH`: `:`-separated directories holding plugin executables.
 pub const CNI_PATH: &str = "CNI_PATH";
 
-/// The CNI operation, from `CNI_COMMAND`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Command {
-    /// Attach: allocate addresses.
-    Add,
-    /// Detach: release addresses; idempotent and best-effort.
-    Del,
-    /// Verify an attachment against `prevResult` (spec 0.4.0+).
-    Check,
-    /// Report supported spec versions.
-    Version,
-    /// Release everything not in `cni.dev/valid-attachments` (spec 1.1.0+).
-    Gc,
-    /// Report whether ADD can be served (spec 1.1.0+).
-    Status,
-}
-
+// What the environment must carry for each command: the spec ties it to the command.
 impl Command {
-    /// Every command, in the order the spec lists them.
-    pub const ALL: [Command; 6] = [
-        Command::Add,
-        Command::Del,
-        Command::Check,
-        Command::Status,
-        Command::Version,
-        Command::Gc,
-    ];
-
-    /// The value of `CNI_COMMAND`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Command::Add => "ADD",
-            Command::Del => "DEL",
-            Command::Check => "CHECK",
-            Command::Version => "VERSION",
-            Command::Gc => "GC",
-            Command::Status => "STATUS",
-        }
-    }
-
-    /// The oldest spec version that has this command, among the supported ones.
-    pub const fn min_version(self) -> CniVersion {
-        match self {
-            Command::Add | Command::Del | Command::Version => CniVersion::V0_3_0,
-            Command::Check => CniVersion::V0_4_0,
-            Command::Gc | Command::Status => CniVersion::V1_1_0,
-        }
-    }
-
     /// The spec's "Required environment parameters" besides `CNI_COMMAND`.
     const fn required_env(self) -> &'static [&'static str] {
         match self {
@@ -92,12 +41,6 @@ impl Command {
     /// Whether the command concerns one attachment (container id + ifname).
     const fn has_attachment(self) -> bool {
         matches!(self, Command::Add | Command::Del | Command::Check)
-    }
-}
-
-impl fmt::Display for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -118,17 +61,6 @@ impl FromStr for Command {
                 ),
             })
     }
-}
-
-/// One attachment of a container to a network: the key a plugin stores its state under
-/// (together with the network name). The JSON shape is that of `cni.dev/valid-attachments`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Attachment {
-    /// `CNI_CONTAINERID`.
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    /// `CNI_IFNAME`.
-    pub ifname: String,
 }
 
 /// Everything the environment says about this execution, validated for its command.
@@ -289,66 +221,6 @@ impl RawEnv {
             _ => None,
         }
     }
-}
-
-/// Whether `s` is a CNI identifier: an ASCII letter or digit, then letters, digits, `_`, `.`,
-/// `-`. The spec's rule for container ids and network names.
-pub(crate) fn check_identifier(s: &str) -> Result<(), String> {
-    let mut bytes = s.bytes();
-    match bytes.next() {
-        None => return Err("must not be empty".to_owned()),
-        Some(first) if !first.is_ascii_alphanumeric() => {
-            return Err("must start with an ASCII letter or digit".to_owned());
-        }
-        Some(_) => {}
-    }
-    if let Some(bad) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "contains {bad:?}; only ASCII letters, digits, '_', '.' and '-' are allowed"
-        ));
-    }
-    Ok(())
-}
-
-/// Validates a container id as the spec defines it: not empty, starting with an ASCII letter or
-/// digit, followed by letters, digits, `_`, `.` or `-`. The error says what is wrong.
-pub fn validate_container_id(id: &str) -> Result<(), String> {
-    check_identifier(id)
-}
-
-/// Linux's `IFNAMSIZ` minus the terminating NUL.
-const MAX_IFNAME_LEN: usize = 15;
-
-/// Validates an interface name as the spec (and libcni's `ValidateInterfaceName`) defines it:
-/// not empty, not `.` or `..`, at most 15 bytes, no `/`, `:` or whitespace; and no control
-/// character, which the kernel would take but which would reach the daemon's records, its logs
-/// and `list` raw. The error says what is wrong, with the character escaped.
-pub fn validate_ifname(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if name == "." || name == ".." {
-        return Err("must not be '.' or '..'".to_owned());
-    }
-    if name.len() > MAX_IFNAME_LEN {
-        return Err(format!(
-            "is {} bytes long, the limit is {MAX_IFNAME_LEN}",
-            name.len()
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| *c == '/' || *c == ':' || c.is_whitespace())
-    {
-        return Err(format!("must not contain {bad:?}"));
-    }
-    if let Some(bad) = name.chars().find(|c| c.is_control()) {
-        return Err(format!("must not contain the control character {bad:?}"));
-    }
-    Ok(())
 }
 
 /// `CNI_ARGS`: `KEY=VALUE` pairs separated by `;`, with the keys Kubernetes runtimes send.

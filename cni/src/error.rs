@@ -9,8 +9,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::env::Command;
-use crate::version::CniVersion;
+use crate::types::{CniVersion, Command};
 
 /// Everything that can go wrong between exec and reply.
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +172,10 @@ pub enum CniError {
         reason: String,
     },
 
-    /// A plugin-specific error with a code of 100 or more (the spec reserves 0-99). A code below
-    /// 100 is a programming error and is reported as 999.
+    /// A plugin-specific error with a code of 100 or more (the spec reserves 0-99): this plugin
+    /// uses [`CODE_POOL_EXHAUSTED`] (100), [`CODE_ADDRESS_HELD`] (101) and
+    /// [`CODE_CHECK_MISMATCH`] (102), as the README's table lists them. A code below 100 is a
+    /// programming error and is reported as 999.
     #[error("{msg}")]
     Plugin {
         /// The code, 100 or more.
@@ -196,6 +197,15 @@ pub enum CniError {
 fn supported_versions() -> String {
     CniVersion::ALL.map(CniVersion::as_str).join(", ")
 }
+
+/// Code 100: no free address in the network's pools (the daemon's `ResourceExhausted`).
+pub const CODE_POOL_EXHAUSTED: u32 = 100;
+/// Code 101: a requested address is held by another pod, which the message names (the daemon's
+/// `AlreadyExists`).
+pub const CODE_ADDRESS_HELD: u32 = 101;
+/// Code 102: CHECK found that the attachment does not match `prevResult` (the daemon's
+/// `FailedPrecondition`).
+pub const CODE_CHECK_MISMATCH: u32 = 102;
 
 /// Code libcni uses for internal errors, and ours for a malformed [`CniError::Plugin`].
 const CODE_INTERNAL: u32 = 999;
@@ -231,7 +241,7 @@ impl CniError {
     pub fn reply(&self, cni_version: &str) -> ErrorReply {
         let details = match self {
             CniError::Plugin { details, .. } => details.clone(),
-            _ => source_chain(self),
+            _ => causes_not_in_message(self),
         };
         ErrorReply {
             cni_version: cni_version.to_owned(),
@@ -242,27 +252,41 @@ impl CniError {
     }
 }
 
-/// The causes of `err`, `: `-separated, each shown once: a cause whose text the message or an
-/// earlier cause already shows is skipped (wrappers often repeat their source's text).
-fn source_chain(err: &dyn std::error::Error) -> Option<String> {
+/// The part of [`error_chain`] after `err`'s own message: its causes, or none when the message
+/// already shows them all.
+fn causes_not_in_message(err: &CniError) -> Option<String> {
     let message = err.to_string();
-    let mut chain: Option<String> = None;
-    let mut source = err.source();
+    let chain = error_chain(err);
+    let causes = chain.strip_prefix(&message).unwrap_or(&chain);
+    let causes = causes.strip_prefix(": ").unwrap_or(causes);
+    (!causes.is_empty()).then(|| causes.to_owned())
+}
+
+/// `text`, then each cause from `source` on, `: `-separated and each shown once: a cause whose
+/// text is already shown (wrappers often repeat their source's text) or is empty is skipped.
+///
+/// The one formatter of a cause chain in this crate: it gives an error reply its `details`, and
+/// the plugin its words for an I/O, transport or broken-call failure.
+pub(crate) fn with_causes(
+    mut text: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
     while let Some(cause) = source {
-        let text = cause.to_string();
-        let shown = message.contains(&text) || chain.as_deref().is_some_and(|c| c.contains(&text));
-        if !shown && !text.is_empty() {
-            match &mut chain {
-                Some(chain) => {
-                    chain.push_str(": ");
-                    chain.push_str(&text);
-                }
-                None => chain = Some(text),
+        let cause_text = cause.to_string();
+        if !cause_text.is_empty() && !text.contains(&cause_text) {
+            if !text.is_empty() {
+                text.push_str(": ");
             }
+            text.push_str(&cause_text);
         }
         source = cause.source();
     }
-    chain
+    text
+}
+
+/// `err`'s message and its causes, as [`with_causes`] shows them.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    with_causes(err.to_string(), err.source())
 }
 
 /// The spec's error object: `{"cniVersion", "code", "msg", "details"}`.
@@ -400,11 +424,27 @@ mod tests {
             ),
             (
                 CniError::Plugin {
-                    code: 101,
-                    msg: s("pool exhausted"),
+                    code: CODE_POOL_EXHAUSTED,
+                    msg: s("pool exhausted: no free address in 10.0.0.0/24"),
+                    details: None,
+                },
+                100,
+            ),
+            (
+                CniError::Plugin {
+                    code: CODE_ADDRESS_HELD,
+                    msg: s("address 10.0.0.5 is held by default/web-1"),
                     details: None,
                 },
                 101,
+            ),
+            (
+                CniError::Plugin {
+                    code: CODE_CHECK_MISMATCH,
+                    msg: s("CHECK: the attachment does not match: 10.0.0.6 is not held"),
+                    details: None,
+                },
+                102,
             ),
             (CniError::Internal { reason: s("bug") }, 999),
         ]
@@ -455,7 +495,7 @@ mod tests {
         assert_eq!(reply.details.as_deref(), Some("broken pipe"));
 
         let err = CniError::Plugin {
-            code: 102,
+            code: CODE_ADDRESS_HELD,
             msg: s("requested address 10.0.0.5 is held by default/web-1"),
             details: Some(s("pool 10.0.0.0/24")),
         };
@@ -463,7 +503,7 @@ mod tests {
             serde_json::to_value(err.reply("0.3.1")).unwrap(),
             json!({
                 "cniVersion": "0.3.1",
-                "code": 102,
+                "code": 101,
                 "msg": "requested address 10.0.0.5 is held by default/web-1",
                 "details": "pool 10.0.0.0/24"
             })
@@ -509,5 +549,67 @@ mod tests {
             err.to_string(),
             "hostnic-ipamd is not running (no socket at /run/hostnic/ipamd.sock); try again later"
         );
+    }
+
+    /// An error and its causes, for the chain formatter.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    fn layers(texts: &[&'static str]) -> Layer {
+        let (last, rest) = texts.split_last().unwrap();
+        rest.iter().rev().fold(Layer(last, None), |inner, text| {
+            Layer(text, Some(Box::new(inner)))
+        })
+    }
+
+    #[test]
+    fn a_chain_shows_each_cause_once() {
+        let err = layers(&[
+            "transport error",
+            "transport error",
+            "connection error",
+            "",
+            "connection error",
+            "broken pipe",
+        ]);
+        assert_eq!(
+            error_chain(&err),
+            "transport error: connection error: broken pipe"
+        );
+        assert_eq!(
+            with_causes("call failed".to_owned(), err.1.as_deref().map(|l| l as _)),
+            "call failed: transport error: connection error: broken pipe"
+        );
+        assert_eq!(with_causes(String::new(), Some(&err)), error_chain(&err));
+    }
+
+    /// `details` is the chain after the message: what the message already says is not repeated,
+    /// and an error whose message says it all has no details.
+    #[test]
+    fn reply_details_are_the_causes_the_message_does_not_show() {
+        let err = CniError::Io {
+            what: s("read stdin"),
+            source: std::io::Error::other(layers(&["read stdin", "broken pipe"])),
+        };
+        assert_eq!(err.reply("1.0.0").details.as_deref(), Some("broken pipe"));
+        let err = CniError::Io {
+            what: s("read stdin: broken pipe"),
+            source: std::io::Error::other("broken pipe"),
+        };
+        assert_eq!(err.reply("1.0.0").details, None);
+        let err = CniError::Internal { reason: s("bug") };
+        assert_eq!(err.reply("1.0.0").details, None);
     }
 }

@@ -75,10 +75,14 @@ use serde_json::Value;
 use tonic::Code;
 
 use crate::config::{IpamConfig, NetworkConfig};
-use crate::env::{Attachment, CniArgs, Command, Invocation};
-use crate::error::{CniError, ErrorReply};
+use crate::env::{CniArgs, Invocation};
+use crate::error::{
+    error_chain, with_causes, CniError, ErrorReply, CODE_ADDRESS_HELD, CODE_CHECK_MISMATCH,
+    CODE_POOL_EXHAUSTED,
+};
 use crate::result::{parse_resolv_conf, Dns, IpConfig, IpamResult, Route};
-use crate::version::{version_reply, CniVersion};
+use crate::types::{Attachment, CniVersion, Command};
+use crate::version::version_reply;
 
 /// Environment variable naming the daemon's socket when the config does not.
 pub const SOCKET_ENV: &str = "HOSTNIC_IPAMD_SOCKET";
@@ -702,11 +706,11 @@ fn status_error(
             reason: message,
         },
         Code::ResourceExhausted => plugin(
-            100,
+            CODE_POOL_EXHAUSTED,
             unless_said("address pool exhausted", "exhausted", message),
         ),
         Code::AlreadyExists => plugin(
-            101,
+            CODE_ADDRESS_HELD,
             unless_said(
                 "requested address is held by another pod",
                 "held by",
@@ -714,7 +718,7 @@ fn status_error(
             ),
         ),
         Code::FailedPrecondition => plugin(
-            102,
+            CODE_CHECK_MISMATCH,
             format!("{command}: the attachment does not match: {message}"),
         ),
         Code::PermissionDenied => CniError::NotRoot {
@@ -858,35 +862,7 @@ fn call_failure(status: tonic::Status) -> CallFailure {
 /// The text of a broken call: the status message, then its causes, each once. The status's own
 /// `Display` would print the cause with `{:?}` (a Rust debug dump), so it is not used.
 fn broken_cause(status: &tonic::Status) -> String {
-    let mut text = status_message(status);
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        push_cause(&mut text, &cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// `err` and its causes, `: `-separated, each once: a cause whose text is already shown (a
-/// wrapper repeating its source) is skipped.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        push_cause(&mut text, &cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn push_cause(text: &mut String, cause: &str) {
-    if cause.is_empty() || text.contains(cause) {
-        return;
-    }
-    if !text.is_empty() {
-        text.push_str(": ");
-    }
-    text.push_str(cause);
+    with_causes(status_message(status), std::error::Error::source(status))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CniError> {
@@ -966,6 +942,26 @@ mod tests {
         assert!(requested_ips(&invocation("ADD", ""), &config(json!({})))
             .unwrap()
             .is_empty());
+    }
+
+    /// The daemon reads `requested_ips` with [`crate::parse_plain_ip`], which refuses a prefix:
+    /// every address the plugin sends, CIDR requests included, must pass it unchanged.
+    #[test]
+    fn requested_ips_sent_are_plain_addresses_the_daemon_accepts() {
+        let inv = invocation("ADD", "IP=10.0.0.5/24,fd00::5/64");
+        let conf = config(json!({
+            "runtimeConfig": {"ips": ["10.0.0.6/24", "fd00::6"]},
+            "args": {"cni": {"ips": ["10.0.0.7/32"]}},
+        }));
+        let DaemonCall::Allocate(call) = prepare(&inv, &conf).unwrap() else {
+            panic!("ADD allocates");
+        };
+        let sent = call.request.requested_ips;
+        assert_eq!(sent.len(), 5, "{sent:?}");
+        for address in &sent {
+            let ip = crate::parse_plain_ip(address).unwrap();
+            assert_eq!(&ip.to_string(), address);
+        }
     }
 
     #[test]
@@ -1405,20 +1401,6 @@ mod tests {
         let failure = call_failure(tonic::Status::internal("corrupt record at k"));
         let err = daemon_error(Command::Add, Path::new(SOCKET), None, &failure);
         assert_eq!(err.code(), 999);
-    }
-
-    #[test]
-    fn causes_are_shown_once() {
-        let mut text = "transport error".to_owned();
-        for cause in [
-            "transport error",
-            "connection error",
-            "",
-            "connection error",
-        ] {
-            push_cause(&mut text, cause);
-        }
-        assert_eq!(text, "transport error: connection error");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::version::CniVersion;
+use crate::types::CniVersion;
 
 /// One allocated address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,76 +1,20 @@
-//! CNI spec versions this plugin speaks, and what each of them allows.
+//! CNI spec versions this plugin speaks: reading `cniVersion`, refusing a command the config's
+//! version does not have, and the VERSION reply. The versions themselves, and what each allows,
+//! are [`CniVersion`] in [`types`](crate::types).
 //!
 //! The runtime names the version in the network config's `cniVersion`; the plugin must answer in
 //! that version's format or refuse with code 1.
 //! Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md#version-considerations>
 //! and <https://github.com/containernetworking/cni/blob/main/SPEC.md#version-probe-plugin-version-support>.
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::env::Command;
 use crate::error::CniError;
-
-/// A CNI spec version that this plugin implements.
-///
-/// Ordered, so feature checks are comparisons (`v >= CniVersion::V0_4_0`). Versions before 0.3.0
-/// (the `ip4`/`ip6` result shape) are not supported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum CniVersion {
-    /// 0.3.0: rich result (`interfaces`, `ips`), plugin chaining.
-    V0_3_0,
-    /// 0.3.1: typo fixes only.
-    V0_3_1,
-    /// 0.4.0: `CHECK`, `prevResult` on `DEL`.
-    V0_4_0,
-    /// 1.0.0: `version` removed from `ips` entries.
-    V1_0_0,
-    /// 1.1.0: `GC`, `STATUS`, `cniVersions`.
-    V1_1_0,
-}
+use crate::types::{CniVersion, Command};
 
 impl CniVersion {
-    /// Every supported version, oldest first: the `supportedVersions` of the VERSION reply.
-    pub const ALL: [CniVersion; 5] = [
-        CniVersion::V0_3_0,
-        CniVersion::V0_3_1,
-        CniVersion::V0_4_0,
-        CniVersion::V1_0_0,
-        CniVersion::V1_1_0,
-    ];
-
-    /// The newest supported version: used when the runtime does not say which one it wants.
-    pub const LATEST: CniVersion = CniVersion::V1_1_0;
-
-    /// The canonical spelling, as it appears in `cniVersion`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            CniVersion::V0_3_0 => "0.3.0",
-            CniVersion::V0_3_1 => "0.3.1",
-            CniVersion::V0_4_0 => "0.4.0",
-            CniVersion::V1_0_0 => "1.0.0",
-            CniVersion::V1_1_0 => "1.1.0",
-        }
-    }
-
-    const fn triple(self) -> (u64, u64, u64) {
-        match self {
-            CniVersion::V0_3_0 => (0, 3, 0),
-            CniVersion::V0_3_1 => (0, 3, 1),
-            CniVersion::V0_4_0 => (0, 4, 0),
-            CniVersion::V1_0_0 => (1, 0, 0),
-            CniVersion::V1_1_0 => (1, 1, 0),
-        }
-    }
-
-    /// Whether a network config of this version may be run with `command`
-    /// (CHECK needs 0.4.0, GC and STATUS need 1.1.0).
-    pub fn supports(self, command: Command) -> bool {
-        self >= command.min_version()
-    }
-
     /// [`supports`](Self::supports) as a `Result`, with the spec's code 1 when refused (as libcni's
     /// skeleton answers a CHECK against an older config).
     pub fn ensure_supports(self, command: Command) -> Result<(), CniError> {
@@ -82,17 +26,6 @@ impl CniVersion {
                 version: self,
             })
         }
-    }
-
-    /// Whether `ips` entries of a result carry `"version": "4"|"6"` (dropped in 1.0.0).
-    pub fn ip_has_version_field(self) -> bool {
-        self < CniVersion::V1_0_0
-    }
-}
-
-impl fmt::Display for CniVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -109,12 +42,6 @@ impl FromStr for CniVersion {
             .ok_or_else(|| CniError::IncompatibleVersion {
                 version: s.to_owned(),
             })
-    }
-}
-
-impl Serialize for CniVersion {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
     }
 }
 

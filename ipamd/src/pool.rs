@@ -635,6 +635,29 @@ fn value_at(root: &serde_json::Value, path: &serde_path_to_error::Path) -> Strin
 /// Parses and validates the pools of an `ipam` config object. Every pool returned is in normal
 /// form and passes [`Pool::validate`].
 pub fn parse_range_sets(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, ConfigError> {
+    // The plugin's type check first, so a key of the wrong JSON type is reported here in the
+    // plugin's words (`ipam.ranges[0][0].subnet`, `5`, "expected a string, found a number");
+    // the decoder's path is the fallback for anything that check does not cover.
+    hostnic_cni::check_pool_key_types(ipam).map_err(|e| match e {
+        hostnic_cni::CniError::InvalidConfig {
+            field,
+            value,
+            reason,
+        } => {
+            // Cut as `value_at` cuts: a status message carries no whole array.
+            let value = match value.char_indices().nth(64) {
+                Some((cut, _)) => format!("{}...", &value[..cut]),
+                None => value,
+            };
+            ConfigError {
+                field,
+                value,
+                reason,
+            }
+        }
+        // Not produced by that check (its doc says so); kept in its own words all the same.
+        other => invalid("ipam", "", other.to_string()),
+    })?;
     let raw: RawIpam = serde_path_to_error::deserialize(ipam).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." { "ipam".into() } else { path };
@@ -1144,6 +1167,76 @@ mod tests {
         assert!(pool.fixed.is_some());
     }
 
+    /// A key of the wrong JSON type reads the same from the daemon as from the plugin: the same
+    /// path, value (up to the daemon's cut of a long one) and reason; each side keeps its own
+    /// error type around them.
+    #[test]
+    fn a_wrong_json_type_is_reported_as_the_plugin_reports_it() {
+        let cases = [
+            (
+                json!({"ranges": [[{"subnet": 5}]]}),
+                "ipam.ranges[0][0].subnet",
+                "5",
+                "expected a string, found a number",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "gateway": ["10.0.0.1"]}),
+                "ipam.gateway",
+                "[\"10.0.0.1\"]",
+                "expected a string, found an array",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.5", 6]}),
+                "ipam.exclude[1]",
+                "6",
+                "expected a string, found a number",
+            ),
+            (
+                json!({"ranges": {"subnet": "10.0.0.0/24"}}),
+                "ipam.ranges",
+                "{\"subnet\":\"10.0.0.0/24\"}",
+                "expected an array, found an object",
+            ),
+            (
+                json!({"subnet": "10.0.0.0/24", "blockSize": -1}),
+                "ipam.blockSize",
+                "-1",
+                "expected a prefix length, an integer from 0 to 255",
+            ),
+            (
+                json!("10.0.0.0/24"),
+                "ipam",
+                "\"10.0.0.0/24\"",
+                "expected an object",
+            ),
+        ];
+        for (ipam, field, value, reason) in cases {
+            let daemon = err(ipam.clone());
+            assert_eq!(
+                (daemon.field.as_str(), daemon.value.as_str()),
+                (field, value),
+                "{daemon}"
+            );
+            assert!(daemon.reason.starts_with(reason), "{daemon}");
+            let plugin = hostnic_cni::check_pool_key_types(&ipam).expect_err("refused");
+            let hostnic_cni::CniError::InvalidConfig {
+                field: plugin_field,
+                value: plugin_value,
+                reason: plugin_reason,
+            } = &plugin
+            else {
+                panic!("{plugin:?}");
+            };
+            assert_eq!(
+                (plugin_field, plugin_value, plugin_reason),
+                (&daemon.field, &daemon.value, &daemon.reason)
+            );
+            assert_eq!(plugin.code(), 7);
+        }
+        // A value of the right type is still the daemon's to judge, with its own field names.
+        assert_eq!(err(json!({"subnet": "10.0.0.0/33"})).field, "subnet");
+    }
+
     #[test]
     fn each_invalid_config_gets_its_own_error_naming_field_and_value() {
         let cases = [
@@ -1218,7 +1311,11 @@ mod tests {
             ),
             (json!({"type": "hostnic-ipam"}), "subnet", "required"),
             (json!({"subnet": "10.0.0.0/31"}), "subnet", "too small"),
-            (json!({"subnet": 7}), "subnet", "invalid type"),
+            (
+                json!({"subnet": 7}),
+                "ipam.subnet",
+                "expected a string, found a number",
+            ),
         ];
         let mut seen = std::collections::HashSet::new();
         for (config, field, reason) in cases {
@@ -1411,30 +1508,30 @@ mod tests {
     #[test]
     fn a_wrong_json_type_names_its_path() {
         let cases = [
-            (json!({"subnet": 5}), "subnet", "5"),
+            (json!({"subnet": 5}), "ipam.subnet", "5"),
             (
                 json!({"ranges": [[{"subnet": 5}]]}),
-                "ranges[0][0].subnet",
+                "ipam.ranges[0][0].subnet",
                 "5",
             ),
             (
                 json!({"ranges": [{"subnet": "10.0.0.0/24"}]}),
-                "ranges[0]",
+                "ipam.ranges[0]",
                 "{\"subnet\":\"10.0.0.0/24\"}",
             ),
             (
                 json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.9", true]}),
-                "exclude[1]",
+                "ipam.exclude[1]",
                 "true",
             ),
             (
                 json!({"subnet": "10.0.0.0/24", "blockSize": 300}),
-                "blockSize",
+                "ipam.blockSize",
                 "300",
             ),
             (
                 json!({"subnet": "10.0.0.0/24", "gateway": vec!["x"; 40]}),
-                "gateway",
+                "ipam.gateway",
                 "[\"x\",\"x\",",
             ),
             (json!(5), "ipam", "5"),
@@ -1444,7 +1541,7 @@ mod tests {
             assert_eq!(e.field, field, "{config}: {e}");
             assert!(e.value.starts_with(value), "{config}: {e}");
             assert!(e.value.len() < 80, "{config}: {e}");
-            assert!(e.reason.contains("invalid"), "{config}: {e}");
+            assert!(e.reason.starts_with("expected"), "{config}: {e}");
         }
     }
 

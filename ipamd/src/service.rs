@@ -12,7 +12,6 @@ use hostnic_proto::v1::{
     self, AllocateReply, AllocateRequest, CheckReply, CheckRequest, GcReply, GcRequest,
     IpAllocation, Network, ReleaseReply, ReleaseRequest, StatusReply, StatusRequest,
 };
-use ipnet::IpNet;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
@@ -96,12 +95,21 @@ fn range_sets_of(network: Option<&Network>) -> Result<Vec<RangeSet>, Status> {
 }
 
 fn parse_ips(values: &[String], what: &str) -> Result<Vec<IpAddr>, Status> {
+    // `requested_ips` carries plain addresses, as the plugin sends them, so a prefix there is
+    // refused naming the field; CHECK's previous-result addresses are CIDRs, of which only the
+    // address is compared. Both are read with the plugin's grammar.
+    let plain_only = what == "requested address";
     values
         .iter()
         .map(|v| {
             let text = v.trim();
-            text.parse::<IpAddr>()
-                .or_else(|_| text.parse::<IpNet>().map(|n| n.addr()))
+            if plain_only {
+                return hostnic_cni::parse_plain_ip(text).map_err(|reason| {
+                    Status::invalid_argument(format!("requested_ips: {what} {v:?}: {reason}"))
+                });
+            }
+            text.parse::<hostnic_cni::RequestedIp>()
+                .map(|ip| ip.address)
                 .map_err(|_| Status::invalid_argument(format!("{what} {v:?} is not an IP address")))
         })
         .collect()

@@ -138,6 +138,18 @@ async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
         .expect_err("invalid");
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("rangeStart"), "{}", bad.message());
+    // The plugin sends requested addresses plain; a prefix is refused, naming the field, rather
+    // than silently dropped. (CHECK's addresses below are CIDRs, and pass.)
+    let cidr = c
+        .allocate(add("d5", vec!["10.90.0.51/24".into()]))
+        .await
+        .expect_err("a requested CIDR is refused");
+    assert_eq!(cidr.code(), Code::InvalidArgument);
+    assert!(
+        cidr.message().contains("requested_ips") && cidr.message().contains("10.90.0.51/24"),
+        "{}",
+        cidr.message()
+    );
 
     c.check(CheckRequest {
         attachment: attachment("d1"),
