@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hostnic_ipamd::audit::audit;
 use hostnic_ipamd::{
@@ -371,66 +373,134 @@ async fn rejected_requests_write_nothing_to_etcd() {
     );
 }
 
+/// One allocation as a kubelet sees it: from the first try to the answer, across the retries
+/// it made while told to try again later.
+struct Served {
+    attachment: Attachment,
+    ip: IpAddr,
+    started: Instant,
+    ended: Instant,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none() {
+    const TASKS_PER_NODE: usize = 16;
+    // A bound on each task, so that a run much longer than planned fails on its own assertion
+    // instead of exhausting the pool: 48 tasks x 150 stay below the /19's 8190 addresses.
+    const MAX_PER_TASK: usize = 150;
     // A cluster of its own: this test kills members.
     let cluster = EtcdCluster::start(3).expect("3-member etcd");
     let prefix = unique_prefix("leader-kill");
-    let pool = sets(json!({"subnet": "10.80.0.0/21"}));
+    let pool = sets(json!({"subnet": "10.80.0.0/19"}));
     let mut nodes = Vec::new();
     for n in 0..3 {
         nodes.push(Arc::new(
             allocator(&cluster, &prefix, &format!("node-{n}")).await,
         ));
     }
+    // Every task allocates back to back until told to stop, which is only after etcd has a
+    // leader again: whenever the leader is absent, every task has a request in flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served_count = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
-        for t in 0..16 {
+        for t in 0..TASKS_PER_NODE {
             let (node, pool) = (Arc::clone(node), pool.clone());
+            let (stop, served_count) = (Arc::clone(&stop), Arc::clone(&served_count));
             tasks.push(tokio::spawn(async move {
-                let mut got = Vec::new();
+                let mut served = Vec::new();
                 let mut retries = 0;
-                for i in 0..36 {
+                let mut stopped = false;
+                for i in 0..MAX_PER_TASK {
+                    if stop.load(Ordering::Acquire) {
+                        stopped = true;
+                        break;
+                    }
                     let req = request(&format!("k{n}x{t}x{i}"), &pool, &[]);
+                    let started = Instant::now();
                     // Like a kubelet: retry the same attachment while told to try again later.
-                    loop {
+                    let ip = loop {
                         match node.allocate(&req).await {
-                            Ok(a) => {
-                                got.push((req.attachment.clone(), a.ips[0].ip));
-                                break;
-                            }
+                            Ok(a) => break a.ips[0].ip,
                             Err(e) if e.is_retryable() => retries += 1,
                             Err(e) => panic!("node-{n}: {e}"),
                         }
-                    }
+                    };
+                    served.push(Served {
+                        attachment: req.attachment.clone(),
+                        ip,
+                        started,
+                        ended: Instant::now(),
+                    });
+                    served_count.fetch_add(1, Ordering::Relaxed);
                 }
-                (got, retries)
+                (served, retries, stopped || stop.load(Ordering::Acquire))
             }));
         }
     }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let leader = cluster.leader().expect("a leader");
-    cluster.kill_member(leader);
-    let running = tasks.iter().filter(|t| !t.is_finished()).count();
-    assert!(
-        running > 0,
-        "the leader died after the run ended: the run must be longer"
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    // Kill the leader once the run is under way: a few allocations per task, blocks claimed.
+    let warm_up = Instant::now() + Duration::from_secs(30);
+    while served_count.load(Ordering::Relaxed) < 8 * tasks.len() {
+        assert!(Instant::now() < warm_up, "no allocations before the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Blocking HTTP polls of the members: off the runtime's async path.
+    let (leader, killed_at, leaderless_at, recovered_at) = tokio::task::block_in_place(|| {
+        let leader = cluster.leader().expect("a leader");
+        cluster.kill_member(leader);
+        let killed_at = Instant::now();
+        // The last instant at which no member was leader: a poll that finds none started
+        // then (each member answers for itself, and a leader elected mid-poll stays leader).
+        let mut leaderless_at = None;
+        let deadline = killed_at + Duration::from_secs(15);
+        loop {
+            let polled = Instant::now();
+            if cluster.leader().is_some() {
+                break (leader, killed_at, leaderless_at, Instant::now());
+            }
+            leaderless_at = Some(polled);
+            assert!(Instant::now() < deadline, "no new leader within 15 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    stop.store(true, Ordering::Release);
     cluster.restart_member(leader).expect("member rejoins");
 
     let mut all = Vec::new();
     let mut retries = 0;
     for t in tasks {
-        let (got, r) = t.await.expect("task");
-        all.extend(got);
+        let (served, r, stopped) = t.await.expect("task");
+        assert!(
+            stopped,
+            "a task made {MAX_PER_TASK} allocations before etcd had a leader again"
+        );
+        all.extend(served);
         retries += r;
     }
-    assert_eq!(all.len(), 3 * 16 * 36);
-    eprintln!(
-        "leader killed with {running} tasks running; {retries} requests surfaced as try-again (the store retried the rest within its budget)"
+    let leaderless_at = leaderless_at.expect(
+        "every poll after the kill found a leader: the election cannot have been that fast",
     );
-    let unique: HashSet<IpAddr> = all.iter().map(|(_, ip)| *ip).collect();
+    // The requests that met the outage: in flight at an instant when etcd had no leader. All
+    // of them are in `all`, so each was answered with an address.
+    let met_outage = all
+        .iter()
+        .filter(|s| s.started <= leaderless_at && s.ended >= leaderless_at)
+        .count();
+    let spanned_outage = all
+        .iter()
+        .filter(|s| s.started <= killed_at && s.ended >= recovered_at)
+        .count();
+    eprintln!(
+        "{} allocations; leader gone for {:?} (last seen leaderless {:?} after the kill); {met_outage} requests in flight while leaderless, {spanned_outage} across the whole outage; {retries} surfaced as try-again (the store retried the rest within its budget)",
+        all.len(),
+        recovered_at - killed_at,
+        leaderless_at - killed_at,
+    );
+    assert!(
+        met_outage > 0,
+        "no request was in flight while etcd had no leader"
+    );
+    let unique: HashSet<IpAddr> = all.iter().map(|s| s.ip).collect();
     assert_eq!(unique.len(), all.len(), "an address was handed out twice");
     let report = audit(nodes[0].store(), nodes[0].keys())
         .await
@@ -441,10 +511,14 @@ async fn killing_the_etcd_leader_mid_run_loses_no_allocation_and_duplicates_none
         all.len(),
         "no leaked or lost address ({retries} retries)"
     );
-    for (handle, ip) in &all {
-        let (_, held) = &report.attachments[handle];
+    for s in &all {
+        let (_, held) = &report.attachments[&s.attachment];
         assert_eq!(held.ips.len(), 1);
-        assert_eq!(held.ips[0].ip, *ip, "{handle} holds what it was told");
+        assert_eq!(
+            held.ips[0].ip, s.ip,
+            "{} holds what it was told",
+            s.attachment
+        );
     }
 }
 

@@ -71,18 +71,68 @@ fn attachment(id: &str) -> Option<Attachment> {
     })
 }
 
-#[tokio::test]
-async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
-    if !hostnic_testkit::require_root("daemon socket test (the daemon only serves root)") {
+/// Why the tests that talk to a serving daemon need root: it serves only from a socket
+/// directory owned by root, and answers only root callers.
+const SERVING_NEEDS_ROOT: &str = "the daemon serves only from a root-owned socket directory";
+
+#[test]
+fn its_socket_is_private_and_removed_when_sigterm_stops_it() {
+    if !hostnic_testkit::require_root(&format!("daemon socket mode test ({SERVING_NEEDS_ROOT})")) {
         return;
     }
-    let prefix = unique_prefix("daemon");
-    let mut daemon = Daemon::start("node-d", &prefix);
+    let prefix = unique_prefix("daemon-socket");
+    let mut daemon = Daemon::start("node-s", &prefix);
     let mode = std::fs::metadata(&daemon.socket)
         .expect("socket")
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode");
+    let status = daemon.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(!daemon.socket.exists(), "socket removed on shutdown");
+}
+
+/// What a run without root can check of the daemon's socket: a daemon that may not serve from
+/// its directory (not root's when not root; writable by others when root) says why, exits with
+/// an error and leaves no socket behind.
+#[test]
+fn a_daemon_that_may_not_serve_from_its_socket_directory_exits_and_leaves_no_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    // As root the directory is root's: opening it to everyone is what makes it unsafe.
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let socket = run.join("ipamd.sock");
+    let err = IpamDaemon::start(
+        Path::new(env!("CARGO_BIN_EXE_hostnic-ipamd")),
+        &shared_single().endpoints(),
+        "node-u",
+        &unique_prefix("daemon-unsafe-dir"),
+        &socket,
+        &[],
+    )
+    .expect_err("the daemon refuses an unsafe socket directory");
+    let err = format!("{err:#}");
+    assert!(err.contains("exited before it was ready"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refusing to serve from socket directory {}",
+            run.display()
+        )),
+        "{err}"
+    );
+    assert!(!socket.exists(), "nothing bound at {}", socket.display());
+}
+
+#[tokio::test]
+async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
+    if !hostnic_testkit::require_root(&format!(
+        "daemon gRPC test ({SERVING_NEEDS_ROOT}, to root callers only)"
+    )) {
+        return;
+    }
+    let prefix = unique_prefix("daemon");
+    let mut daemon = Daemon::start("node-d", &prefix);
     let mut c = client(&daemon.socket).await;
     let ipam = serde_json::json!({"type": "hostnic-ipam", "subnet": "10.90.0.0/24"});
 

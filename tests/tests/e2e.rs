@@ -4,8 +4,9 @@
 //!
 //! Needs root and `ip netns` (the tests skip with `SKIPPED ...` otherwise), `etcd`, `etcdctl`,
 //! `ping` and the reference plugins in `/usr/lib/cni` (`scripts/install-deps.sh`), and the
-//! workspace binaries in `target/debug` (`cargo build --workspace` first: `cargo test -p
-//! hostnic-e2e` does not build other packages' binaries).
+//! workspace binaries in `target/debug` built from the current sources (`cargo test
+//! --workspace` builds them; `cargo test -p hostnic-e2e` does not, and the tests then fail
+//! naming the stale or missing binary).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -17,6 +18,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hostnic_cni::plugin::CONNECT_TIMEOUT;
+use hostnic_testkit::bins::workspace_binary;
 use hostnic_testkit::daemon::{IpamDaemon, STOP_GRACE};
 use hostnic_testkit::netns::{
     addresses, link_exists, ping, require_netns, run_cni, temp_dir, CniCall, CniOutput, CniPath,
@@ -30,6 +33,11 @@ const CNI_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// CNI error code for "try again later": the daemon or etcd is unreachable.
 const CODE_TRY_AGAIN_LATER: u64 = 11;
 const IFNAME: &str = "eth0";
+/// What a loaded 2-core machine may add to one CNI call chain (the main plugin and hostnic-ipam
+/// started, scheduled and exited) beyond the waits the code promises. Such a chain takes 3-10 ms
+/// here when idle; 2 s is far above that, so a bound of "promised wait + SLACK" fails only when
+/// the code waits on something it does not promise to wait on.
+const SLACK: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------
 // Setup: binaries, tools, CNI_PATH
@@ -48,8 +56,8 @@ fn setup(what: &str) -> Option<Setup> {
     if !require_netns(what) {
         return None;
     }
-    let plugin = workspace_binary("hostnic-ipam");
-    let daemon = workspace_binary("hostnic-ipamd");
+    let plugin = workspace_binary("hostnic-ipam").unwrap_or_else(|e| panic!("{e:#}"));
+    let daemon = workspace_binary("hostnic-ipamd").unwrap_or_else(|e| panic!("{e:#}"));
     for tool in ["etcd", "etcdctl", "ping"] {
         assert!(
             on_path(tool),
@@ -66,22 +74,6 @@ fn setup(what: &str) -> Option<Setup> {
     }
     let cni_path = CniPath::new(&[&plugin]).expect("creating the CNI_PATH directory");
     Some(Setup { daemon, cni_path })
-}
-
-/// `target/debug/<name>`: the test executable is `target/debug/deps/e2e-<hash>`.
-fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("locating the test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable lives in target/<profile>/deps");
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} does not exist: run `cargo build --workspace` before `cargo test -p hostnic-e2e`",
-        bin.display()
-    );
-    bin
 }
 
 fn on_path(tool: &str) -> bool {
@@ -512,7 +504,7 @@ impl Network<'_> {
     }
 }
 
-/// Tests that bound a time (code 11 within 1 s or 3 s) and the test that starts 60 plugin
+/// Tests that bound a time (code 11 within a promised wait + [`SLACK`]) and the test that starts 60 plugin
 /// processes at once hold this, so that process start-up of one is not charged to the other
 /// on a 2-core machine.
 fn run_alone() -> std::sync::MutexGuard<'static, ()> {
@@ -527,10 +519,15 @@ fn macvlan_pods_get_distinct_recorded_addresses_and_reach_each_other() {
     };
     let started = Instant::now();
     let supported = supported_versions(&Path::new(REFERENCE_PLUGINS_DIR).join("macvlan"));
-    let versions: Vec<&str> = CNI_VERSIONS
+    let (versions, dropped): (Vec<&str>, Vec<&str>) = CNI_VERSIONS
         .into_iter()
-        .filter(|v| supported.iter().any(|s| s == v))
-        .collect();
+        .partition(|v| supported.iter().any(|s| s == v));
+    for version in dropped {
+        hostnic_testkit::report_skipped_part(
+            &format!("macvlan with cniVersion {version}"),
+            &format!("the installed macvlan does not speak it (it supports {supported:?})"),
+        );
+    }
     assert!(
         !versions.is_empty(),
         "macvlan supports none of {CNI_VERSIONS:?}: {supported:?}"
@@ -610,6 +607,12 @@ fn bridge_pods_get_addresses_and_reach_each_other() {
         .rev()
         .find(|v| supported.iter().any(|s| s == v))
         .expect("bridge supports one of our CNI versions");
+    if version != CNI_VERSIONS[CNI_VERSIONS.len() - 1] {
+        hostnic_testkit::report_skipped_part(
+            &format!("bridge with cniVersion {}", CNI_VERSIONS[CNI_VERSIONS.len() - 1]),
+            &format!("the installed bridge does not speak it (it supports {supported:?}); {version} is tried instead"),
+        );
+    }
     let subnet = "10.202.0.0/24";
     let net = Network {
         setup: &setup,
@@ -753,9 +756,12 @@ fn add_without_daemon_fails_fast_with_try_again_later() {
         "{}",
         describe(&out)
     );
+    // The plugin promises "try again later" once CONNECT_TIMEOUT has passed without a
+    // connection (at once when there is no socket at all); SLACK covers exec and scheduling.
+    let bound = CONNECT_TIMEOUT + SLACK;
     assert!(
-        out.elapsed < Duration::from_secs(1),
-        "hostnic-ipam took {:?} to notice there is no daemon",
+        out.elapsed < bound,
+        "hostnic-ipam took {:?} to notice there is no daemon (bound: connect timeout {CONNECT_TIMEOUT:?} + slack {SLACK:?})",
         out.elapsed
     );
     eprintln!(
@@ -772,8 +778,8 @@ fn add_without_daemon_fails_fast_with_try_again_later() {
         describe(&out)
     );
     assert!(
-        out.elapsed < Duration::from_secs(1),
-        "macvlan + hostnic-ipam took {:?} to fail without a daemon",
+        out.elapsed < bound,
+        "macvlan + hostnic-ipam took {:?} to fail without a daemon (bound: connect timeout {CONNECT_TIMEOUT:?} + slack {SLACK:?})",
         out.elapsed
     );
     // macvlan 1.1.1 leaves its (down) link in the pod when IPAM fails, with host-local too:
@@ -817,9 +823,13 @@ fn add_while_etcd_is_down_is_retryable_and_writes_nothing() {
         "{}",
         describe(&out)
     );
+    // The daemon (started without --etcd-retry-ms) promises an answer within its etcd retry
+    // budget, no attempt outliving it; the plugin promises to connect within CONNECT_TIMEOUT.
+    let budget = hostnic_ipamd::StoreConfig::new(Vec::new()).retry_timeout;
+    let bound = CONNECT_TIMEOUT + budget + SLACK;
     assert!(
-        out.elapsed < Duration::from_secs(3),
-        "ADD took {:?} to report that etcd is down",
+        out.elapsed < bound,
+        "ADD took {:?} to report that etcd is down (bound: connect timeout {CONNECT_TIMEOUT:?} + retry budget {budget:?} + slack {SLACK:?})",
         out.elapsed
     );
     eprintln!("ADD with etcd down: code 11 in {:?}", out.elapsed);

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
+pub mod bins;
 pub mod certs;
 pub mod daemon;
 pub mod netns;
@@ -794,11 +795,68 @@ pub fn require_root(what: &str) -> bool {
     }
 }
 
-/// Says that a test is skipped, on the real stderr: libtest captures `eprintln!` of passing
-/// tests, and a skip nobody sees is a pass nobody earned.
+/// Environment variable naming a file to which every skip is also appended, one line each, so
+/// that `scripts/test.sh` can count skips exactly instead of reading them out of interleaved
+/// test output. Unset (a plain `cargo test`), skips are only printed.
+pub const SKIP_LOG_ENV: &str = "HOSTNIC_TEST_SKIP_LOG";
+
+/// Says that a test is skipped: it returns without checking what it is about. Printed as
+/// `SKIPPED <what>: <why>` on the real stderr (libtest captures `eprintln!` of passing tests, and
+/// a skip nobody sees is a pass nobody earned), and recorded in [`SKIP_LOG_ENV`]'s file.
 pub fn report_skip(what: &str, why: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}: {why}");
+    record_skip(SkipKind::Test, what, why);
+}
+
+/// Says that one part of a test is not run (a CNI version a reference plugin does not speak)
+/// while the test goes on and checks the rest: `SKIPPED part of <test>: <what>: <why>`. Counted
+/// apart from skipped tests, since the test still passes or fails on what it checked.
+pub fn report_skipped_part(what: &str, why: &str) {
+    record_skip(SkipKind::Part, what, why);
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SkipKind {
+    Test,
+    Part,
+}
+
+fn record_skip(kind: SkipKind, what: &str, why: &str) {
+    let what = one_line(what);
+    let why = one_line(why);
+    // libtest names each test's thread after the test; the executable tells crates apart.
+    let test = thread::current()
+        .name()
+        .unwrap_or("<unnamed thread>")
+        .to_owned();
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    // One write each: a line written piecemeal to unbuffered stderr can be split by another
+    // thread's output.
+    let line = match kind {
+        SkipKind::Test => format!("SKIPPED {what}: {why}\n"),
+        SkipKind::Part => format!("SKIPPED part of {test}: {what}: {why}\n"),
+    };
+    let _ = io::stderr().lock().write_all(line.as_bytes());
+    if let Some(path) = std::env::var_os(SKIP_LOG_ENV).filter(|p| !p.is_empty()) {
+        let kind = match kind {
+            SkipKind::Test => "test",
+            SkipKind::Part => "part",
+        };
+        let record = format!("{kind}\t{exe}\t{}\t{what}: {why}\n", one_line(&test));
+        // O_APPEND and one write: records of concurrent tests and processes do not interleave.
+        let _ = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(record.as_bytes()));
+    }
+}
+
+/// Tabs and newlines would break the skip log's one-record-per-line format.
+fn one_line(s: &str) -> String {
+    s.replace(['\t', '\n', '\r'], " ")
 }
 
 /// A missing prerequisite that CI always has (root, network namespaces) fails the test under
