@@ -117,6 +117,12 @@ impl IpamDaemon {
         child.wait().ok().map(|s| (s, start.elapsed()))
     }
 
+    /// The daemon's log file (stdout and stderr, plain text: not a terminal), for tests that
+    /// read what it logged.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The last lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
