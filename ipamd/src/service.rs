@@ -3,6 +3,7 @@
 //! those codes to CNI error codes.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,8 @@ use hostnic_proto::v1::{
 };
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::allocator::{self, Allocator};
 use crate::error::IpamError;
@@ -126,46 +128,101 @@ fn reply_ips(allocation: &allocator::Allocation) -> Vec<IpAllocation> {
         .collect()
 }
 
+/// The span a request runs in, named after its verb. The fields are filled in as the request
+/// is read (`record_*`), so that every line it logs, here or in the allocator, names the
+/// network, the attachment and the pod where the request says them.
+macro_rules! request_span {
+    ($verb:literal) => {
+        tracing::info_span!(
+            $verb,
+            network = Empty,
+            container = Empty,
+            ifname = Empty,
+            pod = Empty
+        )
+    };
+}
+
+fn record_network(network: Option<&Network>) {
+    if let Some(n) = network {
+        Span::current().record("network", tracing::field::display(&n.name));
+    }
+}
+
+fn record_attachment(network: Option<&Network>, attachment: Option<&v1::Attachment>) {
+    record_network(network);
+    if let Some(a) = attachment {
+        let span = Span::current();
+        span.record("container", tracing::field::display(&a.container_id));
+        span.record("ifname", tracing::field::display(&a.ifname));
+    }
+}
+
+fn record_pod(pod: Option<&PodRef>) {
+    if let Some(p) = pod {
+        Span::current().record(
+            "pod",
+            tracing::field::display(format_args!("{}/{}", p.namespace, p.name)),
+        );
+    }
+}
+
+/// Runs one request in `span` and logs its outcome once: `body` logs a success with what it
+/// did, a refusal or failure is logged here with its gRPC code.
+async fn traced<T>(
+    span: Span,
+    body: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    async move {
+        let result = body.await;
+        if let Err(status) = &result {
+            tracing::warn!(code = ?status.code(), error = %status.message(), "request failed");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
 #[tonic::async_trait]
 impl Ipam for IpamService {
     async fn allocate(
         &self,
         request: Request<AllocateRequest>,
     ) -> Result<Response<AllocateReply>, Status> {
-        require_root(&request)?;
-        let req = request.into_inner();
-        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
-        let range_sets = range_sets_of(req.network.as_ref())?;
-        let requested = parse_ips(&req.requested_ips, "requested address")?;
-        let pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
-            namespace: p.namespace,
-            name: p.name,
-            uid: p.uid,
-        });
-        let span = tracing::info_span!("allocate", network = %attachment.network, container = %attachment.container_id, ifname = %attachment.ifname,
-            pod = ?pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_default());
-        let request = allocator::AllocateRequest {
-            attachment,
-            netns: req.netns,
-            pod,
-            range_sets,
-            requested,
-            requested_kind: Kind::Exact,
-        };
-        async {
-            match self.allocator.allocate(&request).await {
-                Ok(allocation) => {
-                    let ips = reply_ips(&allocation);
-                    tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), "allocated");
-                    Ok(Response::new(AllocateReply { ips }))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "allocation failed");
-                    Err(status_of(&e))
-                }
-            }
-        }
-        .instrument(span)
+        traced(request_span!("allocate"), async {
+            record_attachment(
+                request.get_ref().network.as_ref(),
+                request.get_ref().attachment.as_ref(),
+            );
+            require_root(&request)?;
+            let req = request.into_inner();
+            let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
+            let pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
+                namespace: p.namespace,
+                name: p.name,
+                uid: p.uid,
+            });
+            record_pod(pod.as_ref());
+            let range_sets = range_sets_of(req.network.as_ref())?;
+            let requested = parse_ips(&req.requested_ips, "requested address")?;
+            let request = allocator::AllocateRequest {
+                attachment,
+                netns: req.netns,
+                pod,
+                range_sets,
+                requested,
+                requested_kind: Kind::Exact,
+            };
+            let allocation = self
+                .allocator
+                .allocate(&request)
+                .await
+                .map_err(|e| status_of(&e))?;
+            let ips = reply_ips(&allocation);
+            tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), "allocated");
+            Ok(Response::new(AllocateReply { ips }))
+        })
         .await
     }
 
@@ -173,90 +230,113 @@ impl Ipam for IpamService {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseReply>, Status> {
-        require_root(&request)?;
-        let req = request.get_ref();
-        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
-        let span = tracing::info_span!("release", network = %attachment.network, container = %attachment.container_id, ifname = %attachment.ifname);
-        async {
-            let released = self.allocator.release(&attachment).await.map_err(|e| {
-                tracing::warn!(error = %e, "release failed");
-                status_of(&e)
-            })?;
+        traced(request_span!("release"), async {
+            let req = request.get_ref();
+            record_attachment(req.network.as_ref(), req.attachment.as_ref());
+            require_root(&request)?;
+            let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
+            let released = self
+                .allocator
+                .release(&attachment)
+                .await
+                .map_err(|e| status_of(&e))?;
+            record_pod(released.as_ref().and_then(|r| r.pod.as_ref()));
             let released: Vec<String> = released
                 .map(|r| r.ips.iter().map(|x| x.ip.to_string()).collect())
                 .unwrap_or_default();
             tracing::info!(?released, "released");
             Ok(Response::new(ReleaseReply { released }))
-        }
-        .instrument(span)
+        })
         .await
     }
 
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckReply>, Status> {
-        require_root(&request)?;
-        let req = request.into_inner();
-        let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
-        let expected: HashSet<IpAddr> = parse_ips(&req.addresses, "previous result address")?
-            .into_iter()
-            .collect();
-        let held = self
-            .allocator
-            .lookup(&attachment)
-            .await
-            .map_err(|e| status_of(&e))?
-            .ok_or_else(|| {
-                Status::not_found(format!("attachment {attachment} holds no address"))
-            })?;
-        let held: HashSet<IpAddr> = held.ips.iter().map(|x| x.ip).collect();
-        if held != expected {
-            return Err(Status::failed_precondition(format!(
-                "attachment {attachment} holds {held:?}, the previous result says {expected:?}"
-            )));
-        }
-        Ok(Response::new(CheckReply {}))
+        traced(request_span!("check"), async {
+            record_attachment(
+                request.get_ref().network.as_ref(),
+                request.get_ref().attachment.as_ref(),
+            );
+            require_root(&request)?;
+            let req = request.into_inner();
+            let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
+            let expected: HashSet<IpAddr> = parse_ips(&req.addresses, "previous result address")?
+                .into_iter()
+                .collect();
+            let held = self
+                .allocator
+                .lookup(&attachment)
+                .await
+                .map_err(|e| status_of(&e))?
+                .ok_or_else(|| {
+                    Status::not_found(format!("attachment {attachment} holds no address"))
+                })?;
+            let held: HashSet<IpAddr> = held.ips.iter().map(|x| x.ip).collect();
+            if held != expected {
+                return Err(Status::failed_precondition(format!(
+                    "attachment {attachment} holds {held:?}, the previous result says {expected:?}"
+                )));
+            }
+            tracing::info!(ips = ?held, "checked");
+            Ok(Response::new(CheckReply {}))
+        })
+        .await
     }
 
     async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcReply>, Status> {
-        require_root(&request)?;
-        let req = request.into_inner();
-        let network = req
-            .network
-            .as_ref()
-            .map(|n| n.name.clone())
-            .ok_or_else(|| Status::invalid_argument("network is required"))?;
-        let valid: HashSet<Attachment> = req
-            .valid_attachments
-            .iter()
-            .map(|a| Attachment::new(&network, &a.container_id, &a.ifname))
-            .collect();
-        let released = self
-            .allocator
-            .gc(&network, &valid, self.gc_grace)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(GcReply {
-            released: released
-                .into_iter()
-                .map(|a| v1::Attachment {
-                    container_id: a.container_id,
-                    ifname: a.ifname,
-                })
-                .collect(),
-        }))
+        traced(request_span!("gc"), async {
+            record_network(request.get_ref().network.as_ref());
+            require_root(&request)?;
+            let req = request.into_inner();
+            let network = req
+                .network
+                .as_ref()
+                .map(|n| n.name.clone())
+                .ok_or_else(|| Status::invalid_argument("network is required"))?;
+            let valid: HashSet<Attachment> = req
+                .valid_attachments
+                .iter()
+                .map(|a| Attachment::new(&network, &a.container_id, &a.ifname))
+                .collect();
+            let released = self
+                .allocator
+                .gc(&network, &valid, self.gc_grace)
+                .await
+                .map_err(|e| status_of(&e))?;
+            tracing::info!(
+                valid = valid.len(),
+                released = ?released.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "garbage collected"
+            );
+            Ok(Response::new(GcReply {
+                released: released
+                    .into_iter()
+                    .map(|a| v1::Attachment {
+                        container_id: a.container_id,
+                        ifname: a.ifname,
+                    })
+                    .collect(),
+            }))
+        })
+        .await
     }
 
     async fn status(
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        require_root(&request)?;
-        let network = request.get_ref().network.as_ref();
-        let range_sets = range_sets_of(network)?;
-        let name = network.map(|n| n.name.as_str()).unwrap_or_default();
-        self.allocator
-            .status(&range_sets, name)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(StatusReply {}))
+        traced(request_span!("status"), async {
+            record_network(request.get_ref().network.as_ref());
+            require_root(&request)?;
+            let network = request.get_ref().network.as_ref();
+            let range_sets = range_sets_of(network)?;
+            let name = network.map(|n| n.name.as_str()).unwrap_or_default();
+            self.allocator
+                .status(&range_sets, name)
+                .await
+                .map_err(|e| status_of(&e))?;
+            tracing::info!("ready for ADD");
+            Ok(Response::new(StatusReply {}))
+        })
+        .await
     }
 }
