@@ -52,8 +52,10 @@ pub const SUBNET_PREFIX_V4: RangeInclusive<u8> = 8..=30;
 pub const SUBNET_PREFIX_V6: RangeInclusive<u8> = 48..=126;
 
 /// At most this many range sets in one config: an ADD writes one address per range set plus
-/// the handle, a release marker and a sticky record in one transaction, and etcd refuses a
-/// transaction of more than 128 operations (`--max-txn-ops`). A dual-stack network needs 2.
+/// the attachment record and its index entry in one transaction, guarded by a compare per
+/// address, the attachment, its release marker and its record of the earlier layout, and etcd
+/// refuses a transaction of more than 128 operations (`--max-txn-ops`). A dual-stack network
+/// needs 2.
 pub const MAX_RANGE_SETS: usize = 16;
 /// At most this many ranges in one config (and so pools, and ranges in one pool): a new
 /// network registers each of its pools with one put, and 64 pool puts plus the 19 writes of an

@@ -181,7 +181,7 @@ async fn add_twice_returns_the_same_address_and_del_is_idempotent() {
         Some(ips(&first))
     );
 
-    // Another node running the same ADD for the same handle gets the same answer too.
+    // Another node running the same ADD for the same attachment gets the same answer too.
     let b = allocator(cluster, &prefix, "node-b").await;
     assert_eq!(ips(&b.allocate(&req).await.expect("add on b")), ips(&first));
 
@@ -301,7 +301,7 @@ async fn dual_stack_gets_one_address_per_range_set_in_one_transaction() {
     );
     assert_eq!(got.ips[1].address().to_string(), "fd00:60::42/120");
 
-    // The IPv6 address is taken: a second handle asking for it gets nothing at all,
+    // The IPv6 address is taken: a second attachment asking for it gets nothing at all,
     // not even the IPv4 address of the first range set.
     let keys_before = key_count(&a).await;
     let err = a

@@ -850,7 +850,7 @@ fn add_while_etcd_is_down_is_retryable_and_writes_nothing() {
     assert_eq!(
         allocation_keys(&records, &prefix).len(),
         4,
-        "two allocations, an ip and a handle record each: {records:#?}"
+        "two allocations, an address and an attachment record each: {records:#?}"
     );
 
     // What the runtime does after a failed ADD: DEL (which removes the link macvlan left
@@ -991,7 +991,7 @@ fn concurrent_adds_through_two_daemons_never_share_an_address() {
     // Pod i goes through daemon i % 2; all plugin processes run at once.
     let run_all = |command: &'static str| -> Vec<CniOutput> {
         thread::scope(|s| {
-            let handles: Vec<_> = pods
+            let threads: Vec<_> = pods
                 .iter()
                 .enumerate()
                 .map(|(i, pod)| {
@@ -1000,7 +1000,7 @@ fn concurrent_adds_through_two_daemons_never_share_an_address() {
                     s.spawn(move || cni(setup, "hostnic-ipam", command, pod, config))
                 })
                 .collect();
-            handles
+            threads
                 .into_iter()
                 .map(|h| h.join().expect("a plugin thread panicked"))
                 .collect()
