@@ -32,6 +32,7 @@ use crate::addr::to_int;
 use crate::blocks::Next;
 use crate::cache::{block_owner, decode_pool, Change, PoolCache, Skipped, UNREADABLE_OWNER};
 use crate::error::{IpamError, Result};
+use crate::planner::{already_held, holder_of, plan, read_refusal, Read, Refusal, Verdict};
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
     now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, KeyRef, Keys,
@@ -430,76 +431,10 @@ enum Found {
     Nothing,
 }
 
-/// The answer to an ADD whose attachment already holds `allocation`: the same addresses, but
-/// never a different address than one the request asks for exactly.
-fn already_held(req: &AllocateRequest, allocation: Allocation) -> Result<Allocation> {
-    let held = |ip: &IpAddr| allocation.ips.iter().any(|x| x.ip == *ip);
-    match req.requested.iter().find(|ip| !held(ip)) {
-        None => Ok(allocation),
-        Some(ip) => {
-            let held: Vec<String> = allocation.ips.iter().map(|x| x.ip.to_string()).collect();
-            Err(IpamError::InvalidRequest {
-                ip: *ip,
-                network: req.attachment.network.clone(),
-                reason: format!(
-                    "attachment {} already holds {}; DEL it before asking for another address",
-                    req.attachment,
-                    held.join(", ")
-                ),
-            })
-        }
-    }
-}
-
 fn check_attachment(attachment: &Attachment) -> Result<()> {
     attachment
         .validate()
         .map_err(|reason| IpamError::InvalidAttachment { reason })
-}
-
-/// Matches each requested address to its range set: `Some((pool, ip))` for exact, None for
-/// dynamic.
-fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
-    let mut plan: Vec<Option<(Pool, IpAddr)>> = vec![None; req.range_sets.len()];
-    for &ip in &req.requested {
-        let invalid = |reason: String| IpamError::InvalidRequest {
-            ip,
-            network: req.attachment.network.clone(),
-            reason,
-        };
-        let (i, pool) = req
-            .range_sets
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.pool_for(ip).map(|p| (i, p)))
-            .ok_or_else(|| invalid("outside every subnet of the network".into()))?;
-        pool.check_exact(ip).map_err(invalid)?;
-        if let Some((_, other)) = &plan[i] {
-            return Err(invalid(format!(
-                "{other} is also requested from the same range set"
-            )));
-        }
-        plan[i] = Some((pool.clone(), ip));
-    }
-    Ok(plan)
-}
-
-/// Who an address record names, for an `AddressInUse` error.
-fn holder_of(kv: &KeyValue) -> String {
-    match decode::<AllocationRecord>(kv) {
-        Ok(holder) => {
-            // Runtimes outside Kubernetes (Podman) send a name without a namespace.
-            let who = match &holder.pod {
-                Some(pod) if pod.namespace.is_empty() => {
-                    format!("container {} ({})", pod.name, holder.attachment)
-                }
-                Some(pod) => format!("pod {}/{} ({})", pod.namespace, pod.name, holder.attachment),
-                None => format!("container {}", holder.attachment),
-            };
-            format!("{who} on node {}", holder.node)
-        }
-        Err(e) => format!("an unreadable record ({e})"),
-    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(kv: &KeyValue) -> Result<T> {
@@ -687,7 +622,7 @@ impl Inner {
             if !own {
                 return Err(IpamError::AddressInUse {
                     ip: *ip,
-                    holder: holder_of(&kv),
+                    holder: holder_of(kv.value()),
                 });
             }
         }
@@ -1009,59 +944,61 @@ impl Inner {
             return Ok(Outcome::Done(self.allocation_of(attachment, &record)?));
         }
 
-        // The attachment exists: this ADD already happened (a retry, or the runtime calling
-        // twice).
-        if let Some(kv) = got(&resp, 0) {
-            let existing: AttachmentRecord = decode(&kv)?;
-            for pick in picks.picks.iter_mut() {
-                if existing
-                    .ips
-                    .iter()
-                    .any(|h| h.ip == pick.ip && h.pool == pick.pool.id())
-                {
-                    pick.marked = false;
+        let read = |i: usize| {
+            got(&resp, i).map(|kv| Read {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                mod_revision: kv.mod_revision(),
+            })
+        };
+        let refusal = Refusal {
+            attachment: read(0),
+            marker: read(1),
+            addresses: (0..picks.picks.len()).map(|i| read(i + 2)).collect(),
+            legacy: read(legacy_index),
+        };
+        let picked: Vec<(IpAddr, Kind)> = picks.picks.iter().map(|p| (p.ip, p.kind)).collect();
+        match read_refusal(&refusal, attachment, &picked, began, guard_legacy)? {
+            Verdict::Held(existing) => {
+                // Picks of addresses the attachment holds stay marked: they are held.
+                for pick in picks.picks.iter_mut() {
+                    if existing
+                        .ips
+                        .iter()
+                        .any(|h| h.ip == pick.ip && h.pool == pick.pool.id())
+                    {
+                        pick.marked = false;
+                    }
                 }
+                let allocation = self.allocation_of(attachment, &existing)?;
+                already_held(req, allocation).map(Outcome::Done)
             }
-            let allocation = self.allocation_of(attachment, &existing)?;
-            return already_held(req, allocation).map(Outcome::Done);
-        }
-        if let Some(kv) = got(&resp, 1).filter(|kv| kv.mod_revision() > began) {
-            return Err(IpamError::ReleasedMeanwhile {
+            Verdict::ReleasedMeanwhile { released } => Err(IpamError::ReleasedMeanwhile {
                 attachment: attachment.clone(),
-                released: kv.mod_revision(),
+                released,
                 began,
-            });
-        }
-        if let Some(kv) = got(&resp, legacy_index).filter(|_| guard_legacy) {
-            match decode::<AttachmentRecord>(&kv) {
-                Ok(existing) if existing.network == attachment.network => {
-                    let allocation = self.allocation_of(attachment, &existing)?;
-                    return already_held(req, allocation).map(Outcome::Done);
+            }),
+            Verdict::OtherNetworksLegacy => Ok(Outcome::OtherNetworksLegacy),
+            Verdict::Taken {
+                picks: taken,
+                exact,
+            } => {
+                for &i in &taken {
+                    picks.keep(i);
                 }
-                Ok(_) => return Ok(Outcome::OtherNetworksLegacy),
-                Err(e) => return Err(e),
+                if let Some((ip, holder)) = exact {
+                    return Err(IpamError::AddressInUse { ip, holder });
+                }
+                let lost: Vec<String> = taken
+                    .iter()
+                    .map(|&i| picks.picks[i].ip.to_string())
+                    .collect();
+                Ok(Outcome::Lost(format!(
+                    "addresses taken meanwhile: {}",
+                    lost.join(", ")
+                )))
             }
         }
-
-        let mut lost = Vec::new();
-        for i in 0..picks.picks.len() {
-            let Some(kv) = got(&resp, i + 2) else {
-                continue;
-            };
-            picks.keep(i);
-            let pick = &picks.picks[i];
-            if pick.kind != Kind::Dynamic {
-                return Err(IpamError::AddressInUse {
-                    ip: pick.ip,
-                    holder: holder_of(&kv),
-                });
-            }
-            lost.push(pick.ip.to_string());
-        }
-        Ok(Outcome::Lost(format!(
-            "addresses taken meanwhile: {}",
-            lost.join(", ")
-        )))
     }
 
     fn allocation_of(

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod netns_gc;
+pub mod planner;
 pub mod pool;
 pub mod records;
 pub mod store;
