@@ -1,0 +1,139 @@
+//! Following etcd: the first load of the pools, the watch that keeps the pool cache current,
+//! and a reload whenever the watch fails or falls behind a compaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+
+use super::Inner;
+use crate::cache::{Change, Skipped};
+use crate::error::{IpamError, Result};
+
+impl Inner {
+    pub(super) async fn wait_synced(&self) -> Result<()> {
+        let mut rx = self.synced.subscribe();
+        let synced = tokio::time::timeout(self.retry_timeout, rx.wait_for(|synced| *synced))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if synced {
+            return Ok(());
+        }
+        let cause = self
+            .load_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no answer yet".into());
+        Err(IpamError::NotSynced(format!(
+            "pools not loaded from etcd within {:?}: {cause}",
+            self.retry_timeout
+        )))
+    }
+
+    /// Loads every pool, then follows the watch; reloads after any watch failure.
+    pub(super) async fn follow(self: Arc<Self>) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let revision = match self.load().await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    tracing::warn!(error = %e, "loading pools from etcd failed; retrying");
+                    *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(e.to_string());
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            self.synced.send_replace(true);
+            delay = Duration::from_millis(50);
+            if let Err(e) = self.watch_from(revision + 1).await {
+                tracing::warn!(error = %e, "watch on pools ended; reloading");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// Rebuilds the in-memory state from etcd. Returns the revision it reflects.
+    pub(super) async fn load(&self) -> Result<i64> {
+        let (revision, kvs) = self.store.load_prefix(&self.keys.pools()).await?;
+        let snapshot = kvs
+            .iter()
+            .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())));
+        let (skipped, loaded) = {
+            let mut cache = self.lock_pools();
+            (cache.load(snapshot), cache.len())
+        };
+        skipped.into_iter().for_each(|s| log_skipped(Some(s)));
+        tracing::info!(
+            pools = loaded,
+            keys = kvs.len(),
+            revision,
+            "pools loaded from etcd"
+        );
+        Ok(revision)
+    }
+
+    pub(super) async fn watch_from(&self, revision: i64) -> Result<()> {
+        let prefix = self.keys.pools();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision)
+            .with_progress_notify();
+        let mut stream = self
+            .store
+            .retry("watch pools", |mut c| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move { c.watch(prefix, Some(options)).await }
+            })
+            .await?;
+        loop {
+            let msg = stream.message().await.map_err(|e| IpamError::Unavailable {
+                op: "watch pools".into(),
+                source: e,
+            })?;
+            let Some(resp) = msg else {
+                return Err(IpamError::NotSynced("watch stream closed".into()));
+            };
+            if resp.canceled() {
+                return Err(IpamError::NotSynced(format!(
+                    "watch canceled (compacted at {}): {}",
+                    resp.compact_revision(),
+                    resp.cancel_reason()
+                )));
+            }
+            self.store.saw(resp.header());
+            let mut skipped = Vec::new();
+            {
+                let mut cache = self.lock_pools();
+                for event in resp.events() {
+                    let Some((kv, key)) = event.kv().and_then(|kv| Some((kv, kv.key_str().ok()?)))
+                    else {
+                        continue;
+                    };
+                    let change = match event.event_type() {
+                        EventType::Put => Change::Put {
+                            key,
+                            value: kv.value(),
+                        },
+                        EventType::Delete => Change::Delete { key },
+                    };
+                    skipped.extend(cache.apply(change));
+                }
+            }
+            skipped.into_iter().for_each(|s| log_skipped(Some(s)));
+        }
+    }
+}
+
+/// Logs a record skipped for the first time.
+pub(super) fn log_skipped(skipped: Option<Skipped>) {
+    if let Some(Skipped { key, reason }) = skipped {
+        tracing::warn!(
+            key,
+            reason,
+            "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
+        );
+    }
+}
