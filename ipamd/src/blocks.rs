@@ -11,6 +11,7 @@
 //! comes back when the watch delivers the delete.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::pool::Pool;
@@ -38,6 +39,16 @@ pub enum Next {
 }
 
 /// Free-address state of one pool for one node.
+///
+/// Invariants, restored by [`PoolState::refresh`] after every change of a block's bits or owner:
+/// - `blocks[b].free` is the number of dynamic addresses of block `b` whose bit is clear;
+/// - `any_free` is exactly the materialised blocks with `free > 0`;
+/// - `own_free` is exactly the blocks of `any_free` whose owner is this node;
+/// - every block below `claim_cursor` is claimed, or has no free dynamic address (a block that
+///   loses its claim while it has a free address moves the cursor back to it).
+///
+/// A block is materialised (given a bitmap) when it is claimed or one of its addresses is
+/// marked; blocks nobody touched cost nothing, so a /8 costs what a /24 does.
 #[derive(Debug)]
 pub struct PoolState {
     pool: Arc<Pool>,
@@ -45,11 +56,12 @@ pub struct PoolState {
     blocks: BTreeMap<u128, Block>,
     /// Blocks claimed by this node that have a free dynamic address.
     own_free: BTreeSet<u128>,
-    /// Blocks materialised here (claimed or holding something) that have a free dynamic address.
+    /// Materialised blocks that have a free dynamic address.
     any_free: BTreeSet<u128>,
-    /// The last address handed out: dynamic allocation continues after it, as host-local does.
+    /// The last address handed out: dynamic allocation continues after it, as host-local does,
+    /// so a released address is not handed out again at once.
     cursor: Option<u128>,
-    /// Blocks before this one are known to be claimed or full.
+    /// See the invariants: where the search for a block to claim starts.
     claim_cursor: u128,
 }
 
@@ -193,25 +205,7 @@ impl PoolState {
     /// Chooses the next dynamic address: after the cursor in this node's blocks, else a block
     /// to claim, else an address to borrow from another node's block.
     pub fn next_address(&mut self) -> Next {
-        let (cursor_block, cursor_offset) = match self.cursor {
-            Some(c) => {
-                let b = self.pool.block_of(c);
-                (b, c - self.pool.block_first(b) + 1)
-            }
-            None => (0, 0),
-        };
-        let after = self.own_free.range(cursor_block..).copied();
-        let before = self.own_free.range(..=cursor_block).copied();
-        let candidates: Vec<u128> = after.take(2).chain(before.take(2)).collect();
-        let found = candidates.iter().enumerate().find_map(|(i, &b)| {
-            let from = if i == 0 && b == cursor_block {
-                cursor_offset
-            } else {
-                0
-            };
-            self.free_in(b, from)
-        });
-        if let Some(n) = found {
+        if let Some(n) = self.next_own() {
             return Next::Address(self.take(n));
         }
         if let Some(index) = self.next_unclaimed() {
@@ -221,6 +215,30 @@ impl PoolState {
             return Next::Borrow(self.take(n));
         }
         Next::Exhausted
+    }
+
+    /// The first free dynamic address of this node's blocks after the cursor, wrapping around.
+    /// Every block of `own_free` has one, so only the cursor's own block (free only before the
+    /// cursor) can come up empty, and at most two blocks are looked at.
+    fn next_own(&self) -> Option<u128> {
+        let (block, offset) = match self.cursor {
+            Some(c) => {
+                let b = self.pool.block_of(c);
+                (b, c - self.pool.block_first(b) + 1)
+            }
+            None => (0, 0),
+        };
+        if self.own_free.contains(&block) {
+            if let Some(n) = self.free_in(block, offset) {
+                return Some(n);
+            }
+        }
+        let later = self
+            .own_free
+            .range((Bound::Excluded(block), Bound::Unbounded))
+            .next();
+        let next = later.or_else(|| self.own_free.first())?;
+        self.free_in(*next, 0)
     }
 
     /// Whether a dynamic address is free anywhere in the pool.
@@ -391,5 +409,101 @@ mod tests {
         }
         assert_eq!(s.own_blocks(), 4);
         assert!(s.blocks.len() <= 5);
+    }
+
+    /// The invariants written on [`PoolState`], checked from scratch.
+    fn assert_invariants(s: &PoolState) {
+        for (&b, block) in &s.blocks {
+            let first = s.pool.block_first(b);
+            let free = (0..s.pool.block_len())
+                .filter(|&o| s.pool.is_dynamic(first + o) && !is_held(&block.held, o))
+                .count() as u32;
+            assert_eq!(block.free, free, "free count of block {b}");
+            assert_eq!(s.any_free.contains(&b), free > 0, "any_free of block {b}");
+            let own = block.owner.as_deref() == Some(s.node.as_str());
+            assert_eq!(
+                s.own_free.contains(&b),
+                free > 0 && own,
+                "own_free of block {b}"
+            );
+            if b < s.claim_cursor {
+                assert!(
+                    block.owner.is_some() || free == 0,
+                    "block {b} below the claim cursor"
+                );
+            }
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Next address, claiming blocks for this node as asked.
+            Allocate,
+            /// Another node claims block `b` (or the claim is removed).
+            Owner(u8, Option<bool>),
+            /// The address at offset `o` of the pool is marked or unmarked (the watch).
+            Mark(u8, bool),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => Just(Op::Allocate),
+                1 => (0u8..4, prop::option::of(any::<bool>())).prop_map(|(b, o)| Op::Owner(b, o)),
+                2 => (any::<u8>(), any::<bool>()).prop_map(|(o, m)| Op::Mark(o, m)),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Whatever the watch and other nodes do, the invariants hold, an address handed
+            /// out was free, and the pool is exhausted only when no dynamic address is free.
+            #[test]
+            fn the_invariants_hold_and_only_free_addresses_are_handed_out(ops in prop::collection::vec(op(), 1..120)) {
+                let mut s = state(
+                    json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/29", "10.0.0.200"], "blockSize": 26}),
+                    "a",
+                );
+                let base = n("10.0.0.0");
+                for op in ops {
+                    match op {
+                        Op::Allocate => loop {
+                            match s.next_address() {
+                                Next::Address(a) | Next::Borrow(a) => {
+                                    prop_assert!(s.pool().is_dynamic(a));
+                                    prop_assert!(s.is_marked(a));
+                                    break;
+                                }
+                                Next::Claim(b) => {
+                                    prop_assert!(s.blocks.get(&b).is_none_or(|x| x.owner.is_none()));
+                                    s.set_owner(b, Some("a"));
+                                }
+                                Next::Exhausted => {
+                                    let free = (0..256u128)
+                                        .any(|o| s.pool().is_dynamic(base + o) && !s.is_marked(base + o));
+                                    prop_assert!(!free, "exhausted with a free address");
+                                    break;
+                                }
+                            }
+                        },
+                        Op::Owner(b, owner) => {
+                            let owner = owner.map(|mine| if mine { "a" } else { "b" });
+                            s.set_owner(u128::from(b), owner);
+                        }
+                        Op::Mark(o, true) => {
+                            s.mark(base + u128::from(o));
+                        }
+                        Op::Mark(o, false) => {
+                            s.unmark(base + u128::from(o));
+                        }
+                    }
+                    assert_invariants(&s);
+                }
+            }
+        }
     }
 }
