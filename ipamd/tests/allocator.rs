@@ -8,49 +8,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hostnic_ipamd::audit::audit;
-use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocation, Allocator, Attachment, IpamError, Kind, PodRef,
-    RangeSet, StoreConfig,
-};
+use hostnic_ipamd::{AllocateRequest, Allocator, Attachment, IpamError, RangeSet};
 use hostnic_testkit::{shared_cluster3, shared_single, unique_prefix, EtcdCluster};
+
+mod common;
+use common::{allocator, config, ips, sets};
 use serde_json::json;
 
-fn config(cluster: &EtcdCluster, prefix: &str) -> StoreConfig {
-    StoreConfig::new(cluster.endpoints()).with_prefix(prefix)
-}
-
-async fn allocator(cluster: &EtcdCluster, prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(cluster, prefix), node)
-        .await
-        .expect("allocator starts");
-    a.ready().await.expect("pools load");
-    a
-}
-
-fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
-    parse_range_sets(&ipam).expect("valid pool config")
-}
-
 fn request(container: &str, range_sets: &[RangeSet], requested: &[&str]) -> AllocateRequest {
-    AllocateRequest {
-        attachment: Attachment::new("test-net", container, "eth0"),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: format!("pod-{container}"),
-            uid: String::new(),
-        }),
-        range_sets: range_sets.to_vec(),
-        requested: requested
-            .iter()
-            .map(|s| s.parse().expect("literal"))
-            .collect(),
-        requested_kind: Kind::Exact,
-        netns: String::new(),
-    }
-}
-
-fn ips(a: &Allocation) -> Vec<IpAddr> {
-    a.ips.iter().map(|x| x.ip).collect()
+    common::request(
+        &Attachment::new("test-net", container, "eth0"),
+        range_sets,
+        requested,
+    )
 }
 
 /// Number of keys under `prefix`, to prove that failed requests wrote nothing.

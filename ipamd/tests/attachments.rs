@@ -11,59 +11,13 @@ use std::time::{Duration, Instant};
 use hostnic_ipamd::audit::audit;
 use hostnic_ipamd::records::{AllocationRecord, AttachmentRecord};
 use hostnic_ipamd::service::status_of;
-use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocation, Allocator, Attachment, IpamError, Kind, PodRef,
-    RangeSet, StoreConfig,
-};
+use hostnic_ipamd::{Allocator, Attachment, IpamError, Kind, RangeSet};
 use hostnic_testkit::{shared_single, unique_prefix, EtcdCluster};
 use serde_json::json;
 use tokio::sync::Barrier;
 
-fn config(cluster: &EtcdCluster, prefix: &str) -> StoreConfig {
-    StoreConfig::new(cluster.endpoints()).with_prefix(prefix)
-}
-
-async fn allocator(cluster: &EtcdCluster, prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(cluster, prefix), node)
-        .await
-        .expect("allocator starts");
-    a.ready().await.expect("pools load");
-    a
-}
-
-fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
-    parse_range_sets(&ipam).expect("valid pool config")
-}
-
-fn request(
-    attachment: &Attachment,
-    range_sets: &[RangeSet],
-    requested: &[&str],
-) -> AllocateRequest {
-    AllocateRequest {
-        attachment: attachment.clone(),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: format!("pod-{}", attachment.container_id),
-            uid: String::new(),
-        }),
-        range_sets: range_sets.to_vec(),
-        requested: requested
-            .iter()
-            .map(|s| s.parse().expect("literal"))
-            .collect(),
-        requested_kind: Kind::Exact,
-        netns: String::new(),
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("literal")
-}
-
-fn ips(a: &Allocation) -> Vec<IpAddr> {
-    a.ips.iter().map(|x| x.ip).collect()
-}
+mod common;
+use common::{allocator, ip, ips, request, sets};
 
 /// Every key under the allocator's prefix.
 async fn keys(a: &Allocator) -> Vec<String> {

@@ -11,28 +11,23 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, RangeSet, StoreConfig,
-};
+use hostnic_ipamd::{AllocateRequest, Allocator, Attachment, Kind, RangeSet};
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{self as proto, Network};
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::netns::{require_netns, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
 
+mod common;
+
 const NETWORK: &str = "gc-net";
 
 async fn allocator(prefix: &str, node: &str) -> Allocator {
-    let config = StoreConfig::new(shared_single().endpoints()).with_prefix(prefix);
-    let a = Allocator::start(&config, node)
-        .await
-        .expect("allocator starts");
-    a.ready().await.expect("pools load");
-    a
+    common::allocator(shared_single(), prefix, node).await
 }
 
 fn sets(subnet: &str) -> Vec<RangeSet> {
-    parse_range_sets(&serde_json::json!({ "subnet": subnet })).expect("valid pool config")
+    common::sets(serde_json::json!({ "subnet": subnet }))
 }
 
 fn attachment(id: &str) -> Attachment {

@@ -7,27 +7,24 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use hostnic_ipamd::cli::{self, AllocationRow, Outcome};
-use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, PodRef, RangeSet, StoreConfig,
-};
+use hostnic_ipamd::{AllocateRequest, Allocator, Attachment, Kind, PodRef, RangeSet, StoreConfig};
 use hostnic_testkit::{shared_single, unique_prefix};
 use ipnet::IpNet;
 use serde_json::json;
 
+mod common;
+use common::{ip, net};
+
 fn config(prefix: &str) -> StoreConfig {
-    StoreConfig::new(shared_single().endpoints()).with_prefix(prefix)
+    common::config(shared_single(), prefix)
 }
 
 async fn allocator(prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(prefix), node)
-        .await
-        .expect("allocator starts");
-    a.ready().await.expect("pools load");
-    a
+    common::allocator(shared_single(), prefix, node).await
 }
 
 fn sets(subnet: &str) -> Vec<RangeSet> {
-    parse_range_sets(&json!({ "subnet": subnet })).expect("valid pool config")
+    common::sets(json!({ "subnet": subnet }))
 }
 
 fn pod(name: &str) -> Option<PodRef> {
@@ -36,14 +33,6 @@ fn pod(name: &str) -> Option<PodRef> {
         name: name.into(),
         uid: String::new(),
     })
-}
-
-fn ip(text: &str) -> IpAddr {
-    text.parse().expect("literal address")
-}
-
-fn net(text: &str) -> IpNet {
-    text.parse().expect("literal subnet")
 }
 
 /// Allocates for `attachment` in the pool of `subnet`: `requested` exactly, or the next free

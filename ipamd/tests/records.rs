@@ -13,43 +13,26 @@ use hostnic_ipamd::audit::audit;
 use hostnic_ipamd::records::{Keys, PoolIndex};
 use hostnic_ipamd::store::Store;
 use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocation, Allocator, Attachment, IpamError, Kind, PodRef,
-    RangeSet, StoreConfig,
+    AllocateRequest, Allocation, Allocator, Attachment, IpamError, RangeSet, StoreConfig,
 };
 use hostnic_testkit::daemon::{IpamDaemon, STOP_GRACE};
 use hostnic_testkit::{shared_single, unique_prefix};
 use ipnet::IpNet;
 use serde_json::json;
 
+mod common;
+use common::{ip, net, sets};
+
 fn config(prefix: &str) -> StoreConfig {
-    StoreConfig::new(shared_single().endpoints()).with_prefix(prefix)
+    common::config(shared_single(), prefix)
 }
 
 async fn allocator(prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(prefix), node)
-        .await
-        .expect("allocator starts");
-    a.ready().await.expect("pools load");
-    a
-}
-
-fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
-    parse_range_sets(&ipam).expect("valid pool config")
+    common::allocator(shared_single(), prefix, node).await
 }
 
 fn request(attachment: &Attachment, range_sets: &[RangeSet]) -> AllocateRequest {
-    AllocateRequest {
-        attachment: attachment.clone(),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: format!("pod-{}", attachment.container_id),
-            uid: String::new(),
-        }),
-        netns: String::new(),
-        range_sets: range_sets.to_vec(),
-        requested: Vec::new(),
-        requested_kind: Kind::Exact,
-    }
+    common::request(attachment, range_sets, &[])
 }
 
 async fn add(a: &Allocator, attachment: &Attachment, range_sets: &[RangeSet]) -> IpAddr {
@@ -58,14 +41,6 @@ async fn add(a: &Allocator, attachment: &Attachment, range_sets: &[RangeSet]) ->
         .await
         .unwrap_or_else(|e| panic!("allocate for {attachment}: {e}"));
     allocation.ips[0].ip
-}
-
-fn ip(text: &str) -> IpAddr {
-    text.parse().expect("literal address")
-}
-
-fn net(text: &str) -> IpNet {
-    text.parse().expect("literal subnet")
 }
 
 async fn put(store: &Store, key: &str, value: impl Into<Vec<u8>>) {

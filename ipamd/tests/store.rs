@@ -19,37 +19,24 @@ use hostnic_ipamd::records::{now_unix, AllocationRecord, RECORD_VERSION};
 use hostnic_ipamd::service::status_of;
 use hostnic_ipamd::store::Store;
 use hostnic_ipamd::{
-    parse_range_sets, AllocateRequest, Allocation, Allocator, Attachment, IpamError, Kind, PodRef,
-    RangeSet, StoreConfig,
+    AllocateRequest, Allocator, Attachment, IpamError, Kind, RangeSet, StoreConfig,
 };
 use hostnic_testkit::{shared_single, unique_prefix, EtcdCluster};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+use common::{ips, sets};
+
 const NETWORK: &str = "store-net";
 
-fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
-    parse_range_sets(&ipam).expect("valid pool config")
-}
-
 fn request(container: &str, range_sets: &[RangeSet]) -> AllocateRequest {
-    AllocateRequest {
-        attachment: Attachment::new(NETWORK, container, "eth0"),
-        pod: Some(PodRef {
-            namespace: "default".into(),
-            name: format!("pod-{container}"),
-            uid: String::new(),
-        }),
-        range_sets: range_sets.to_vec(),
-        requested: Vec::new(),
-        requested_kind: Kind::Exact,
-        netns: String::new(),
-    }
-}
-
-fn ips(a: &Allocation) -> Vec<IpAddr> {
-    a.ips.iter().map(|x| x.ip).collect()
+    common::request(
+        &Attachment::new(NETWORK, container, "eth0"),
+        range_sets,
+        &[],
+    )
 }
 
 async fn allocator(config: &StoreConfig, node: &str) -> Allocator {
