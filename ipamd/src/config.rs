@@ -127,7 +127,8 @@ pub enum Command {
     Audit,
 }
 
-/// The config file. Keys mirror kube-ipam's `etcdConfig` where one exists.
+/// The config file (`etc/hostnic-ipamd.json`). Its `etcd` keys are the daemon's own; a CNI config's
+/// `etcdConfig` (kube-ipam) is not read: the plugin never talks to etcd.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileConfig {

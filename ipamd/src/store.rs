@@ -19,7 +19,7 @@ use tonic::Code;
 
 use crate::error::{IpamError, Result};
 
-/// How to reach etcd. Mirrors kube-ipam's `etcdConfig` and the daemon's flags.
+/// How to reach etcd, resolved from the daemon's flags, environment and config file (`config`).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub endpoints: Vec<String>,
