@@ -19,6 +19,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hostnic_cni::plugin::CONNECT_TIMEOUT;
+use hostnic_ipamd::pool::pool_id;
+use hostnic_ipamd::records::Keys;
 use hostnic_testkit::bins::workspace_binary;
 use hostnic_testkit::daemon::{IpamDaemon, STOP_GRACE};
 use hostnic_testkit::netns::{
@@ -340,7 +342,8 @@ fn base64_decode(s: &str) -> Vec<u8> {
 }
 
 fn ip_key(prefix: &str, subnet: &str, ip: Ipv4Addr) -> String {
-    format!("{prefix}/pools/{}/ips/{ip}", subnet.replace('/', "_"))
+    let subnet = subnet.parse().expect("literal subnet");
+    Keys::new(prefix).address(&pool_id(&subnet), ip.into())
 }
 
 /// The key of `pod`'s attachment record (`attachments/<network>/<containerID>/<ifname>`), if

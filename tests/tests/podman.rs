@@ -29,6 +29,8 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hostnic_ipamd::pool::pool_id;
+use hostnic_ipamd::records::Keys;
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::netns::{
     temp_dir, CniPath, LinkGuard, SysctlGuard, NETNS_DIR, REFERENCE_PLUGINS_DIR,
@@ -730,11 +732,9 @@ impl Node {
 
     /// The allocation record of `ip` in `subnet`.
     fn record(&self, subnet: &str, ip: &str) -> Value {
-        let key = format!(
-            "{}/pools/{}/ips/{ip}",
-            self.prefix,
-            subnet.replace('/', "_")
-        );
+        let subnet = subnet.parse().expect("literal subnet");
+        let ip = ip.parse().expect("literal address");
+        let key = Keys::new(&self.prefix).address(&pool_id(&subnet), ip);
         let value = self.etcdctl(&["get", &key, "--print-value-only"]);
         serde_json::from_str(value.trim())
             .unwrap_or_else(|e| panic!("{key}: not a JSON record ({e}): {value:?}"))
