@@ -21,6 +21,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 # `ip` and friends live in the sbin directories, which a minimal PATH may lack.
 export PATH="$PATH:/usr/sbin:/sbin"
 
+# The end-to-end tests exec the daemon and plugin binaries of other packages, which `cargo test`
+# does not build beside them with their dep-info; they refuse a binary older than its sources.
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
 step "cargo test --workspace --lib --bins --tests $*"
 log=$(mktemp)
 # hostnic-testkit appends one line per skip here (`test|part <TAB> exe <TAB> test <TAB> reason`):
