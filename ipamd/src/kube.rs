@@ -214,8 +214,12 @@ impl PodCache {
 
     /// Waits until the first list is in, or `timeout` passes. Returns whether it is.
     pub async fn wait_synced(&self, timeout: Duration) -> bool {
-        let _ = tokio::time::timeout(timeout, self.store.wait_until_ready()).await;
-        self.is_synced()
+        // The store is ready when the first list is applied to it, a moment before the watch
+        // task sees the same event and sets the flag.
+        matches!(
+            tokio::time::timeout(timeout, self.store.wait_until_ready()).await,
+            Ok(Ok(()))
+        )
     }
 
     /// The pod `namespace/name`: from the cache, else by one GET. When the runtime sent the
