@@ -401,6 +401,31 @@ mod tests {
         assert!(s.is_marked(n("10.0.0.17")));
     }
 
+    /// kube-ipam's layout: no fixed window, a fixed address below the range, in a block it
+    /// shares with dynamic addresses. Marking and unmarking it leaves the dynamic count alone,
+    /// and dynamic allocation never hands it out.
+    #[test]
+    fn a_fixed_address_outside_the_ranges_is_held_without_touching_the_free_count() {
+        let mut s = state(
+            json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.10", "rangeEnd": "10.0.0.20",
+                   "blockSize": 28}),
+            "a",
+        );
+        assert!(s.mark(n("10.0.0.5")));
+        assert_eq!(s.blocks[&0].free, 6, "10.0.0.10-15 still free");
+        assert_invariants(&s);
+        let mut handed = Vec::new();
+        while let Some(a) = allocate(&mut s) {
+            handed.push(a);
+        }
+        assert_eq!(handed.len(), 11);
+        assert!(!handed.contains(&n("10.0.0.5")));
+        assert!(s.unmark(n("10.0.0.5")));
+        assert_eq!(s.blocks[&0].free, 0);
+        assert_eq!(s.next_address(), Next::Exhausted);
+        assert_invariants(&s);
+    }
+
     #[test]
     fn a_slash_eight_pool_materialises_only_the_blocks_it_uses() {
         let mut s = state(json!({"subnet": "10.0.0.0/8"}), "a");

@@ -70,6 +70,11 @@ pub struct Flags {
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
+    /// Kubeconfig file of the Kubernetes API the daemon reads pods from (its current context;
+    /// one path, not a list). Without it the daemon uses its service account when it runs in a
+    /// pod (KUBERNETES_SERVICE_HOST is set), and otherwise knows no Kubernetes.
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Operator commands, run against the same etcd as the daemon.
@@ -139,6 +144,7 @@ pub struct FileConfig {
     pub socket_wait_seconds: Option<u64>,
     pub gc_grace_seconds: Option<u64>,
     pub netns_gc_interval_seconds: Option<u64>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -166,6 +172,9 @@ pub struct DaemonConfig {
     pub gc_grace: Duration,
     /// How often the network-namespace GC runs; None when it is disabled.
     pub netns_gc_interval: Option<Duration>,
+    /// The kubeconfig file, if one is given; see [`crate::kube::source_of`] for what applies
+    /// without one.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Default of `--gc-grace-seconds`.
@@ -439,6 +448,7 @@ pub fn resolve(
         socket_wait,
         gc_grace,
         netns_gc_interval,
+        kubeconfig: flags.kubeconfig.or(file.kubeconfig),
     })
 }
 
@@ -546,6 +556,24 @@ mod tests {
             Some(Command::GcNetns { dry_run: true })
         ));
         assert_eq!(f.gc_grace_seconds, Some(0));
+    }
+
+    #[test]
+    fn the_kubeconfig_flag_overrides_the_file_key() {
+        let file: FileConfig =
+            serde_json::from_str(r#"{"kubeconfig": "/etc/file.conf"}"#).expect("valid");
+        let c = resolve(with_endpoint(&[]), file.clone(), Some("h".into())).expect("resolves");
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/etc/file.conf")));
+        let c = resolve(
+            with_endpoint(&["--kubeconfig", "/etc/flag.conf"]),
+            file,
+            Some("h".into()),
+        )
+        .expect("resolves");
+        assert_eq!(c.kubeconfig, Some(PathBuf::from("/etc/flag.conf")));
+        let c =
+            resolve(with_endpoint(&[]), FileConfig::default(), Some("h".into())).expect("resolves");
+        assert_eq!(c.kubeconfig, None);
     }
 
     #[test]

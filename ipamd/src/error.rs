@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use crate::annotations::AnnotationError;
+use crate::kube::KubeError;
 use crate::pool::ConfigError;
 use crate::records::Attachment;
 
@@ -75,6 +77,14 @@ pub enum IpamError {
 
     #[error("corrupt record at {key}: {reason}")]
     Corrupt { key: String, reason: String },
+
+    /// A pod's fixed-IP annotations are refused.
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+
+    /// The pod an ADD needs cannot be read from the Kubernetes API.
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
 }
 
 impl IpamError {
@@ -87,7 +97,7 @@ impl IpamError {
                 | IpamError::Contention { .. }
                 | IpamError::ReleasedMeanwhile { .. }
                 | IpamError::StoreFull { .. }
-        )
+        ) || matches!(self, IpamError::Kubernetes(e) if e.is_retryable())
     }
 }
 

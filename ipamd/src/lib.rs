@@ -6,11 +6,13 @@
 
 pub mod addr;
 pub mod allocator;
+pub mod annotations;
 pub mod audit;
 pub mod blocks;
 pub mod cache;
 pub mod cli;
 pub mod error;
+pub mod kube;
 pub mod netns_gc;
 pub mod planner;
 pub mod pool;

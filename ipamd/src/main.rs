@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
-use hostnic_ipamd::{cli, netns_gc, server, Allocator};
+use hostnic_ipamd::service::IpamService;
+use hostnic_ipamd::{cli, kube, netns_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -119,7 +120,22 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             },
         ))
     });
-    let served = server::serve_locked(lock, allocator, config.gc_grace, shutdown).await;
+    let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+    match kube::source_of(config.kubeconfig.clone(), in_cluster) {
+        Some(source) => {
+            let client = kube::client(&source)
+                .await
+                .with_context(|| format!("Kubernetes client from {source:?}"))?;
+            tracing::info!(?source, node = %config.node_name, "watching this node's pods");
+            let pods = kube::PodCache::start(client, &config.node_name);
+            service = service.with_pods(Arc::new(pods));
+        }
+        None => tracing::info!(
+            "no kubeconfig and not in a pod: Kubernetes is not used (pod annotations are not read)"
+        ),
+    }
+    let served = server::serve_service(lock, service, shutdown).await;
     if let Some(gc) = gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "network-namespace GC task ended abnormally");

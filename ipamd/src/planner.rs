@@ -13,8 +13,9 @@ use crate::records::{AllocationRecord, Attachment, AttachmentRecord, Kind};
 
 /// Matches each requested address to its range set: `Some((pool, ip))` for an exact address,
 /// None for a range set that gets a dynamic one. Refuses an address outside every subnet of the
-/// network, one that may not be requested (reserved, outside the ranges and the fixed window),
-/// and two addresses for one range set.
+/// network, one that may not be requested (reserved; outside the ranges and the fixed window,
+/// or for a `Kind::Fixed` request see [`Pool::check_fixed`]), and two addresses for one range
+/// set.
 pub fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
     let mut plan: Vec<Option<(Pool, IpAddr)>> = vec![None; req.range_sets.len()];
     for &ip in &req.requested {
@@ -29,7 +30,13 @@ pub fn plan(req: &AllocateRequest) -> Result<Vec<Option<(Pool, IpAddr)>>> {
             .enumerate()
             .find_map(|(i, s)| s.pool_for(ip).map(|p| (i, p)))
             .ok_or_else(|| invalid("outside every subnet of the network".into()))?;
-        pool.check_exact(ip).map_err(invalid)?;
+        // An annotation's fixed address may lie outside the ranges where the pool has no
+        // fixed window (kube-ipam's rule); a runtime's exact request may not.
+        match req.requested_kind {
+            Kind::Fixed => pool.check_fixed(ip),
+            _ => pool.check_exact(ip),
+        }
+        .map_err(invalid)?;
         if let Some((_, other)) = &plan[i] {
             return Err(invalid(format!(
                 "{other} is also requested from the same range set"

@@ -482,6 +482,27 @@ impl Pool {
         Ok(())
     }
 
+    /// Checks that `ip` may be held as a fixed address (the `kube-ipam.ip` annotation): never a
+    /// reserved address (network, broadcast, gateway, excluded). With a fixed window, inside it
+    /// or a dynamic range, as [`Pool::check_exact`]. Without one, anywhere else in the subnet,
+    /// as kube-ipam documents: it tells users to put fixed addresses outside
+    /// `rangeStart`-`rangeEnd`, where dynamic allocation never goes (its README's pod asks for
+    /// 10.188.0.216 of a range starting higher). Exact requests (`IP=`, `runtimeConfig.ips`)
+    /// keep the narrower rule: a runtime's request is not a statement that the address is the
+    /// pod's to keep.
+    pub fn check_fixed(&self, ip: IpAddr) -> Result<(), String> {
+        if self.fixed.is_some() {
+            return self.check_exact(ip);
+        }
+        if !self.subnet.contains(&ip) {
+            return Err(format!("{ip} is outside subnet {}", self.subnet));
+        }
+        match self.reserved_reason(to_int(ip)) {
+            Some(reason) => Err(format!("{ip} cannot be assigned: {reason}")),
+            None => Ok(()),
+        }
+    }
+
     /// The first block at or after `index` that is not wholly excluded: lets a search for a
     /// block with free addresses jump over an excluded /9 instead of walking it. Each jump
     /// passes the end of one exclude for good, so there are at most as many jumps as excludes.
@@ -1147,6 +1168,46 @@ mod tests {
     }
 
     #[test]
+    fn fixed_addresses_lie_anywhere_unreserved_without_a_window_and_in_it_or_a_range_with_one() {
+        // kube-ipam's documented layout: no fixed window, fixed addresses below the range.
+        let sets = parse(
+            json!({"subnet": "10.188.0.0/16", "rangeStart": "10.188.1.0",
+            "rangeEnd": "10.188.255.254", "gateway": "10.188.0.1", "exclude": ["10.188.0.250"]}),
+        )
+        .expect("valid");
+        let pool = &sets[0].pools[0];
+        for ok in ["10.188.0.216", "10.188.0.2", "10.188.1.0", "10.188.200.7"] {
+            assert!(pool.check_fixed(ip(ok)).is_ok(), "{ok}");
+        }
+        assert!(!pool.is_dynamic(to_int(ip("10.188.0.216"))));
+        let e = pool
+            .check_exact(ip("10.188.0.216"))
+            .expect_err("IP= keeps its rule");
+        assert!(e.contains("outside the ranges"), "{e}");
+        for (bad, why) in [
+            ("10.188.0.0", "network address"),
+            ("10.188.255.255", "broadcast address"),
+            ("10.188.0.1", "the gateway"),
+            ("10.188.0.250", "excluded"),
+            ("10.189.0.5", "outside subnet 10.188.0.0/16"),
+        ] {
+            let e = pool.check_fixed(ip(bad)).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // With a window, fixed addresses keep to it and the ranges, as exact ones do.
+        let sets = parse(
+            json!({"subnet": "10.91.0.0/24", "rangeStart": "10.91.0.100",
+            "fixedStart": "10.91.0.50", "fixedEnd": "10.91.0.60"}),
+        )
+        .expect("valid");
+        let pool = &sets[0].pools[0];
+        assert!(pool.check_fixed(ip("10.91.0.55")).is_ok());
+        assert!(pool.check_fixed(ip("10.91.0.150")).is_ok());
+        let e = pool.check_fixed(ip("10.91.0.5")).expect_err("between");
+        assert!(e.contains("fixed 10.91.0.50-10.91.0.60"), "{e}");
+    }
+
+    #[test]
     fn wholly_excluded_blocks_are_skipped_in_one_step() {
         let sets = parse(json!({"ranges": [[{"subnet": "fd00::/64"}]], "exclude": ["fd00::/96"]}))
             .expect("valid");
@@ -1748,6 +1809,41 @@ mod shipped_configs {
         assert!(pool
             .check_exact("10.188.0.20".parse().expect("literal"))
             .is_ok());
+    }
+
+    /// kube-ipam's README config (only `type` switched; the README's JSON lacks a comma after
+    /// `kubeConfig`, added here) and its example pod's annotation, 10.188.0.216: outside the
+    /// dynamic range, and there is no fixed window.
+    #[test]
+    fn kube_ipam_readme_config_takes_its_example_pods_fixed_address() {
+        let ipam = ipam_of(include_str!("../../examples/kube-ipam-readme.conf"));
+        let sets = parse_range_sets(&ipam).expect("kube-ipam's README config parses");
+        let pool = &sets[0].pools[0];
+        assert_eq!(pool.fixed, None);
+        let deployment = include_str!("../../examples/kube-ipam-fixed-ip-deployment.yaml");
+        let annotation = |key: &str| -> String {
+            let line = deployment
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("{key} in the example"));
+            line.trim_matches('"').to_string()
+        };
+        let fixed: IpAddr = annotation("kube-ipam.ip").parse().expect("an address");
+        assert_eq!(fixed, "10.188.0.216".parse::<IpAddr>().expect("literal"));
+        assert!(pool.check_fixed(fixed).is_ok());
+        assert!(
+            !pool.is_dynamic(to_int(fixed)),
+            "dynamic picks never reach it"
+        );
+        assert!(
+            pool.check_exact(fixed).is_err(),
+            "IP= keeps the narrower rule"
+        );
+        assert_eq!(annotation("kube-ipam.gateway"), pool.gateway.to_string());
+        assert_eq!(
+            annotation("kube-ipam.netmask"),
+            pool.subnet.netmask().to_string()
+        );
     }
 
     #[test]

@@ -217,16 +217,26 @@ pub async fn serve_locked(
     gc_grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_service(lock, IpamService::new(allocator, gc_grace), shutdown).await
+}
+
+/// [`serve_locked`] with a service built by the caller (with a pod cache, see
+/// [`IpamService::with_pods`]).
+pub async fn serve_service(
+    lock: SocketLock,
+    service: IpamService,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let socket = lock.socket.clone();
     let (listener, bound) = bind(&socket)?;
-    tracing::info!(socket = %socket.display(), node = allocator.node(), "serving");
+    tracing::info!(socket = %socket.display(), node = service.node(), kubernetes = service.has_pods(), "serving");
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         let _ = stopping.send(());
     };
     let server = tonic::transport::Server::builder()
-        .add_service(IpamServer::new(IpamService::new(allocator, gc_grace)))
+        .add_service(IpamServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     // Requests in flight get a grace period; a client that keeps its connection open does not
     // hold the daemon up beyond it.

@@ -19,7 +19,9 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
 use crate::allocator::{self, Allocator};
+use crate::annotations::{self, FixedRequest};
 use crate::error::IpamError;
+use crate::kube::PodCache;
 use crate::pool::{parse_range_sets, RangeSet};
 use crate::records::{Attachment, Kind, PodRef};
 
@@ -27,6 +29,7 @@ use crate::records::{Attachment, Kind, PodRef};
 pub fn status_of(e: &IpamError) -> Status {
     let code = match e {
         IpamError::Config(_)
+        | IpamError::Annotation(_)
         | IpamError::InvalidRequest { .. }
         | IpamError::InvalidAttachment { .. }
         | IpamError::Refused { .. }
@@ -39,7 +42,10 @@ pub fn status_of(e: &IpamError) -> Status {
         | IpamError::Contention { .. }
         | IpamError::ReleasedMeanwhile { .. }
         | IpamError::StoreFull { .. } => Code::Unavailable,
-        IpamError::Etcd { .. } | IpamError::Corrupt { .. } => Code::Internal,
+        IpamError::Kubernetes(k) if k.is_retryable() => Code::Unavailable,
+        IpamError::Etcd { .. } | IpamError::Corrupt { .. } | IpamError::Kubernetes(_) => {
+            Code::Internal
+        }
     };
     Status::new(code, e.to_string())
 }
@@ -49,15 +55,91 @@ pub fn status_of(e: &IpamError) -> Status {
 pub struct IpamService {
     allocator: Arc<Allocator>,
     gc_grace: Duration,
+    /// This node's pods, when the daemon has a Kubernetes client.
+    pods: Option<Arc<PodCache>>,
 }
 
 impl IpamService {
     /// `gc_grace`: attachments younger than this survive a CNI GC that does not list them.
+    /// Without [`IpamService::with_pods`] the daemon knows no Kubernetes: pods are what the
+    /// runtime says, and annotations are not read.
     pub fn new(allocator: Arc<Allocator>, gc_grace: Duration) -> Self {
         IpamService {
             allocator,
             gc_grace,
+            pods: None,
         }
+    }
+
+    /// Reads the pod of every ADD that names one (`K8S_POD_NAMESPACE` and `K8S_POD_NAME`) from
+    /// `pods`, for its fixed-IP annotations and its UID.
+    pub fn with_pods(mut self, pods: Arc<PodCache>) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    pub fn node(&self) -> &str {
+        self.allocator.node()
+    }
+
+    pub fn has_pods(&self) -> bool {
+        self.pods.is_some()
+    }
+
+    /// The addresses an ADD asks for on its network, and their kind: the runtime's exact
+    /// addresses (`Kind::Exact`), or the pod's annotated fixed address (`Kind::Fixed`). Reads
+    /// the pod from the API when the daemon has a client and the request names a pod with its
+    /// namespace; fills in the pod's UID from the API when the runtime did not send it.
+    async fn requested(
+        &self,
+        pod: Option<&mut PodRef>,
+        network: &str,
+        range_sets: &[RangeSet],
+        requested: Vec<IpAddr>,
+    ) -> Result<(Vec<IpAddr>, Kind), IpamError> {
+        let (Some(pods), Some(pod)) = (&self.pods, pod) else {
+            return Ok((requested, Kind::Exact));
+        };
+        if pod.namespace.is_empty() {
+            return Ok((requested, Kind::Exact));
+        }
+        let meta = pods.pod(&pod.namespace, &pod.name, &pod.uid).await?;
+        if pod.uid.is_empty() {
+            pod.uid = meta.uid.clone();
+        }
+        let fixed = match FixedRequest::from_pod(&meta)? {
+            Some(request) => request.for_network(network, range_sets)?,
+            None => None,
+        };
+        combine(fixed, requested, network)
+    }
+}
+
+/// The request of an ADD given the pod's annotated fixed address for this network (`fixed`)
+/// and the runtime's exact addresses (`CNI_ARGS IP=`, `runtimeConfig.ips`). Both may be given
+/// only if they agree (the runtime asks for exactly the annotated address); otherwise the ADD is
+/// refused (code 7): which of two requests the pod meant is not ours to guess.
+fn combine(
+    fixed: Option<IpAddr>,
+    requested: Vec<IpAddr>,
+    network: &str,
+) -> Result<(Vec<IpAddr>, Kind), IpamError> {
+    match fixed {
+        None => Ok((requested, Kind::Exact)),
+        Some(ip) if requested.is_empty() || requested == [ip] => Ok((vec![ip], Kind::Fixed)),
+        Some(ip) => Err(IpamError::InvalidRequest {
+            ip,
+            network: network.to_string(),
+            reason: format!(
+                "annotation {} asks for {ip}, the runtime (CNI_ARGS IP=, runtimeConfig.ips) asks                  for {}; they must agree",
+                annotations::IP,
+                requested
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
     }
 }
 
@@ -198,7 +280,7 @@ impl Ipam for IpamService {
             require_root(&request)?;
             let req = request.into_inner();
             let attachment = attachment_of(req.network.as_ref(), req.attachment.as_ref())?;
-            let pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
+            let mut pod = req.pod.filter(|p| !p.name.is_empty()).map(|p| PodRef {
                 namespace: p.namespace,
                 name: p.name,
                 uid: p.uid,
@@ -206,13 +288,32 @@ impl Ipam for IpamService {
             record_pod(pod.as_ref());
             let range_sets = range_sets_of(req.network.as_ref())?;
             let requested = parse_ips(&req.requested_ips, "requested address")?;
+            let (requested, requested_kind) = match self
+                .requested(pod.as_mut(), &attachment.network, &range_sets, requested)
+                .await
+            {
+                Ok(request) => request,
+                // The API is away: an attachment that already holds its addresses (a repeated
+                // ADD) still gets them, as the ADD that allocated them read the pod.
+                Err(e) if e.is_retryable() => {
+                    return match self.allocator.lookup(&attachment).await {
+                        Ok(Some(held)) => {
+                            let ips = reply_ips(&held);
+                            tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), error = %e, "already held; the pod could not be read");
+                            Ok(Response::new(AllocateReply { ips }))
+                        }
+                        _ => Err(status_of(&e)),
+                    };
+                }
+                Err(e) => return Err(status_of(&e)),
+            };
             let request = allocator::AllocateRequest {
                 attachment,
                 netns: req.netns,
                 pod,
                 range_sets,
                 requested,
-                requested_kind: Kind::Exact,
+                requested_kind,
             };
             let allocation = self
                 .allocator
@@ -338,5 +439,41 @@ impl Ipam for IpamService {
             Ok(Response::new(StatusReply {}))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_annotation_and_a_runtime_request_must_agree() {
+        let fixed = Some(ips(&["10.0.0.5"])[0]);
+        assert_eq!(
+            combine(None, ips(&["10.0.0.7"]), "n").unwrap(),
+            (ips(&["10.0.0.7"]), Kind::Exact)
+        );
+        assert_eq!(combine(None, vec![], "n").unwrap(), (vec![], Kind::Exact));
+        assert_eq!(
+            combine(fixed, vec![], "n").unwrap(),
+            (ips(&["10.0.0.5"]), Kind::Fixed)
+        );
+        assert_eq!(
+            combine(fixed, ips(&["10.0.0.5"]), "n").unwrap(),
+            (ips(&["10.0.0.5"]), Kind::Fixed)
+        );
+        for other in [ips(&["10.0.0.6"]), ips(&["10.0.0.5", "fd00::5"])] {
+            let e = combine(fixed, other, "n").unwrap_err();
+            assert_eq!(status_of(&e).code(), Code::InvalidArgument);
+            assert!(
+                e.to_string().contains("kube-ipam.ip asks for 10.0.0.5"),
+                "{e}"
+            );
+        }
     }
 }

@@ -803,3 +803,77 @@ async fn add_again_asking_for_another_exact_address_is_refused() {
         vec!["10.84.0.10".parse::<IpAddr>().expect("literal")]
     );
 }
+
+/// kube-ipam's layout: no fixed window, a fixed address (an annotation's, `Kind::Fixed`)
+/// outside the dynamic range but inside the subnet. It is allocated, recorded as fixed, held
+/// by one pod only, seen by another node, and never handed out dynamically, even once the
+/// dynamic range is exhausted. A runtime's exact request (`IP=`) for it keeps the narrower
+/// rule and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_address_outside_the_dynamic_range_is_held_once_and_never_handed_out_dynamically() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("fixed-outside");
+    let pool = sets(json!({"subnet": "10.86.0.0/24", "rangeStart": "10.86.0.10",
+        "rangeEnd": "10.86.0.20", "gateway": "10.86.0.1"}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let fixed = |container: &str| AllocateRequest {
+        requested_kind: hostnic_ipamd::Kind::Fixed,
+        ..request(container, &pool, &["10.86.0.216"])
+    };
+
+    let exact = a
+        .allocate(&request("by-ip-arg", &pool, &["10.86.0.216"]))
+        .await
+        .expect_err("IP= outside the ranges");
+    assert!(matches!(exact, IpamError::InvalidRequest { .. }), "{exact}");
+
+    let got = a.allocate(&fixed("fixed-1")).await.expect("fixed ADD");
+    assert_eq!(ips(&got), vec![common::ip("10.86.0.216")]);
+    let report = audit(a.store(), a.keys()).await.expect("scan");
+    let record = &report.allocations[&("10.86.0.0_24".to_string(), common::ip("10.86.0.216"))];
+    assert_eq!(record.kind, hostnic_ipamd::Kind::Fixed);
+
+    for (node, allocator) in [
+        ("node-a", &a),
+        ("node-b", &allocator(cluster, &prefix, "node-b").await),
+    ] {
+        let err = allocator
+            .allocate(&fixed("fixed-2"))
+            .await
+            .expect_err("a second pod asking for the held address");
+        match &err {
+            IpamError::AddressInUse { ip, holder } => {
+                assert_eq!(*ip, common::ip("10.86.0.216"));
+                assert!(holder.contains("pod-fixed-1"), "{node}: {holder}");
+            }
+            other => panic!("{node}: {other}"),
+        }
+    }
+
+    let mut handed = HashSet::new();
+    for i in 0.. {
+        match a.allocate(&request(&format!("dyn-{i}"), &pool, &[])).await {
+            Ok(got) => assert!(handed.insert(ips(&got)[0])),
+            Err(IpamError::Exhausted { .. }) => break,
+            Err(e) => panic!("dynamic ADD {i}: {e}"),
+        }
+    }
+    assert_eq!(handed.len(), 11, "10.86.0.10-20, each once: {handed:?}");
+    assert!(!handed.contains(&common::ip("10.86.0.216")));
+
+    // Released, the fixed address goes to the next pod that asks for it, and still to no
+    // dynamic request.
+    a.release(&Attachment::new("test-net", "fixed-1", "eth0"))
+        .await
+        .expect("DEL");
+    let err = a
+        .allocate(&request("dyn-after", &pool, &[]))
+        .await
+        .expect_err("the dynamic range is still full");
+    assert!(matches!(err, IpamError::Exhausted { .. }), "{err}");
+    let got = a
+        .allocate(&fixed("fixed-2"))
+        .await
+        .expect("fixed ADD after DEL");
+    assert_eq!(ips(&got), vec![common::ip("10.86.0.216")]);
+}

@@ -1,0 +1,314 @@
+//! The daemon's Kubernetes client: a cache of this node's pods, so that an ADD reads a pod's
+//! annotations and owner without waiting on the API server.
+//!
+//! The cache is kube-runtime's reflector fed by a watcher of the pods whose `spec.nodeName` is
+//! this node (LIST, then WATCH from its resourceVersion; a stale resourceVersion (410 Gone)
+//! makes the watcher list again). A pod scheduled a moment ago may not have reached the cache
+//! yet: a miss costs one GET. When neither the cache nor the API server can say what the pod
+//! is, the ADD fails as retryable ([`KubeError::is_retryable`]): a pod whose annotations ask
+//! for a fixed address must never get a dynamic one because the API was briefly away.
+//!
+//! Where the client comes from ([`KubeSource`]): a kubeconfig file, else the in-cluster
+//! service account, else none at all, and then nothing here runs.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::Api;
+use ::kube::config::{KubeConfigOptions, Kubeconfig};
+use ::kube::runtime::reflector::{self, ObjectRef, Store};
+use ::kube::runtime::{watcher, WatchStreamExt};
+use ::kube::{Client, Config, ResourceExt};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::annotations::{Owner, PodMeta};
+
+/// How long an ADD waits for the GET of a pod the cache does not have. The plugin waits 10 s
+/// for the whole ADD, and the etcd transaction still has to fit after this.
+pub const GET_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the daemon's Kubernetes client comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeSource {
+    /// A kubeconfig file (`--kubeconfig`, `KUBECONFIG`, file key `kubeconfig`): its current
+    /// context.
+    Kubeconfig(PathBuf),
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST` is set).
+    InCluster,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: ::kube::config::KubeconfigError,
+    },
+    #[error("in-cluster Kubernetes config (service account): {0}")]
+    InCluster(#[source] ::kube::config::InClusterError),
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] ::kube::Error),
+    /// The API server did not answer the GET of a pod the cache does not have.
+    #[error("pod {pod}: not in this node's pod cache, and the Kubernetes API server cannot be reached ({reason}); the ADD needs the pod's annotations, so it fails rather than allocate an address the pod may not want: try again")]
+    Unreachable { pod: String, reason: String },
+    /// The API server says there is no such pod (deleted meanwhile, or a name the runtime made
+    /// up).
+    #[error("pod {pod} does not exist in the Kubernetes API")]
+    NotFound { pod: String },
+    /// The pod of that name in the API is another incarnation than the runtime's.
+    #[error("pod {pod}: the runtime sends UID {runtime}, the Kubernetes API has UID {api} (the pod was re-created, or the API is behind)")]
+    OtherUid {
+        pod: String,
+        runtime: String,
+        api: String,
+    },
+}
+
+impl KubeError {
+    /// True when the same ADD may succeed later: the API server may come back, catch up, or
+    /// show the pod.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            KubeError::Unreachable { .. } | KubeError::NotFound { .. } | KubeError::OtherUid { .. }
+        )
+    }
+}
+
+/// Which source applies: the kubeconfig if one is given, else in-cluster when the kubelet set
+/// `KUBERNETES_SERVICE_HOST` (`in_cluster`), else none.
+pub fn source_of(kubeconfig: Option<PathBuf>, in_cluster: bool) -> Option<KubeSource> {
+    match kubeconfig {
+        Some(path) => Some(KubeSource::Kubeconfig(path)),
+        None if in_cluster => Some(KubeSource::InCluster),
+        None => None,
+    }
+}
+
+/// A client for `source`. Reads the files it names; makes no request.
+pub async fn client(source: &KubeSource) -> Result<Client, KubeError> {
+    let config = match source {
+        KubeSource::Kubeconfig(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubeError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        KubeSource::InCluster => Config::incluster().map_err(KubeError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// What the allocator needs of a pod object.
+pub fn pod_meta(pod: &Pod) -> PodMeta {
+    let controller = pod
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| Owner {
+            api_version: o.api_version.clone(),
+            kind: o.kind.clone(),
+            name: o.name.clone(),
+        });
+    PodMeta {
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        annotations: pod.annotations().clone(),
+        controller,
+    }
+}
+
+/// This node's pods, as the API server has them. Dropping it stops the watch.
+pub struct PodCache {
+    client: Client,
+    store: Store<Pod>,
+    synced: Arc<AtomicBool>,
+    get_timeout: Duration,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PodCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodCache")
+            .field("pods", &self.store.len())
+            .field("synced", &self.is_synced())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PodCache {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+impl PodCache {
+    /// Starts watching the pods scheduled to `node`. Returns at once; [`PodCache::is_synced`]
+    /// tells when the first list is in. Watch failures are logged and retried with backoff.
+    pub fn start(client: Client, node: &str) -> PodCache {
+        let (store, writer) = reflector::store();
+        let synced = Arc::new(AtomicBool::new(false));
+        let api: Api<Pod> = Api::all(client.clone());
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+        let flag = Arc::clone(&synced);
+        let node = node.to_string();
+        let stream = watcher(api, config)
+            .default_backoff()
+            // Only the metadata is read: the spec and status of every pod of the node would
+            // be most of the cache's memory.
+            .modify(|pod: &mut Pod| {
+                pod.managed_fields_mut().clear();
+                pod.spec = None;
+                pod.status = None;
+            })
+            .reflect(writer);
+        let watch = tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            let mut failing = false;
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::InitDone) => {
+                        if !flag.swap(true, Ordering::SeqCst) {
+                            tracing::info!(%node, "pod cache synced");
+                        }
+                        failing = false;
+                    }
+                    Ok(_) => failing = false,
+                    Err(e) => {
+                        // Once per outage at warn; the backoff retries.
+                        if !failing {
+                            tracing::warn!(%node, error = %e, "watching this node's pods failed; retrying");
+                        } else {
+                            tracing::debug!(%node, error = %e, "watching this node's pods failed");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        });
+        PodCache {
+            client,
+            store,
+            synced,
+            get_timeout: GET_TIMEOUT,
+            watch,
+        }
+    }
+
+    /// Whether the first list of this node's pods has been loaded (a readiness signal).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the first list is in, or `timeout` passes. Returns whether it is.
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        // The store is ready when the first list is applied to it, a moment before the watch
+        // task sees the same event and sets the flag.
+        matches!(
+            tokio::time::timeout(timeout, self.store.wait_until_ready()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// The pod `namespace/name`: from the cache, else by one GET. When the runtime sent the
+    /// pod's UID (`uid`, empty if not), a cached pod of another UID is read again by GET, and
+    /// refused if the API still has another.
+    pub async fn pod(&self, namespace: &str, name: &str, uid: &str) -> Result<PodMeta, KubeError> {
+        let key = ObjectRef::<Pod>::new(name).within(namespace);
+        if let Some(pod) = self.store.get(&key) {
+            let meta = pod_meta(&pod);
+            if uid.is_empty() || meta.uid == uid {
+                return Ok(meta);
+            }
+        }
+        let meta = self.get(namespace, name).await?;
+        if !uid.is_empty() && meta.uid != uid {
+            return Err(KubeError::OtherUid {
+                pod: meta.key(),
+                runtime: uid.to_string(),
+                api: meta.uid,
+            });
+        }
+        Ok(meta)
+    }
+
+    async fn get(&self, namespace: &str, name: &str) -> Result<PodMeta, KubeError> {
+        let pod = format!("{namespace}/{name}");
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let answer = tokio::time::timeout(self.get_timeout, api.get_opt(name))
+            .await
+            .map_err(|_| KubeError::Unreachable {
+                pod: pod.clone(),
+                reason: format!("no answer to GET within {:?}", self.get_timeout),
+            })?
+            .map_err(|e| KubeError::Unreachable {
+                pod: pod.clone(),
+                reason: e.to_string(),
+            })?;
+        match answer {
+            Some(found) => Ok(pod_meta(&found)),
+            None => Err(KubeError::NotFound { pod }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    #[test]
+    fn the_kubeconfig_wins_then_in_cluster_then_none() {
+        let path = PathBuf::from("/etc/k.conf");
+        assert_eq!(
+            source_of(Some(path.clone()), true),
+            Some(KubeSource::Kubeconfig(path))
+        );
+        assert_eq!(source_of(None, true), Some(KubeSource::InCluster));
+        assert_eq!(source_of(None, false), None);
+    }
+
+    #[test]
+    fn pod_meta_takes_the_controller_owner_and_the_annotations() {
+        let owner = |kind: &str, name: &str, controller: Option<bool>| OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "o".into(),
+            controller,
+            block_owner_deletion: None,
+        };
+        let pod = Pod {
+            metadata: ObjectMeta {
+                namespace: Some("db".into()),
+                name: Some("web-2".into()),
+                uid: Some("u-2".into()),
+                annotations: Some([("kube-ipam.ip".to_string(), "10.0.0.5".to_string())].into()),
+                owner_references: Some(vec![
+                    owner("ConfigMap", "x", None),
+                    owner("StatefulSet", "web", Some(true)),
+                ]),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+        let meta = pod_meta(&pod);
+        assert_eq!(meta.key(), "db/web-2");
+        assert_eq!(meta.uid, "u-2");
+        assert_eq!(meta.annotations["kube-ipam.ip"], "10.0.0.5");
+        assert_eq!(meta.stateful_set().map(|o| o.name.as_str()), Some("web"));
+    }
+}
