@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Context as _};
 pub mod bins;
 pub mod certs;
 pub mod daemon;
+pub mod kube;
 pub mod netns;
 
 /// How long `start` and `restart_member` wait for a member to report healthy.
