@@ -131,7 +131,8 @@ fn combine(
             ip,
             network: network.to_string(),
             reason: format!(
-                "annotation {} asks for {ip}, the runtime (CNI_ARGS IP=, runtimeConfig.ips) asks                  for {}; they must agree",
+                "annotation {} asks for {ip}, the runtime (CNI_ARGS IP=, runtimeConfig.ips) \
+                 asks for {}; they must agree",
                 annotations::IP,
                 requested
                     .iter()
