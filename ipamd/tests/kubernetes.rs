@@ -181,6 +181,22 @@ impl Node {
         serde_json::from_slice(kv.value()).expect("record is JSON")
     }
 
+    /// The address record of `ip` (`pools/<pool>/ips/<ip>`), which names the holder.
+    async fn address_record(&self, ip: &str) -> Value {
+        let (_, kvs) = self
+            .observer
+            .store()
+            .load_prefix(&self.observer.keys().pools())
+            .await
+            .expect("scan");
+        let suffix = format!("/ips/{ip}");
+        let kv = kvs
+            .iter()
+            .find(|kv| kv.key_str().is_ok_and(|k| k.ends_with(&suffix)))
+            .unwrap_or_else(|| panic!("no address record of {ip}"));
+        serde_json::from_slice(kv.value()).expect("record is JSON")
+    }
+
     /// Every key under the test's prefix with its mod revision: equal snapshots mean nothing
     /// was written.
     async fn snapshot(&self) -> BTreeMap<String, i64> {
@@ -277,6 +293,9 @@ async fn the_daemon_lists_its_nodes_pods_and_an_annotated_pod_gets_its_address_a
     assert_eq!(record["pod"]["uid"], "uid-db", "{record}");
     assert_eq!(record["pod"]["name"], "db", "{record}");
     assert_eq!(record["ips"][0]["kind"], "fixed", "{record}");
+    let address = node.address_record("10.70.0.10").await;
+    assert_eq!(address["kind"], "fixed", "{address}");
+    assert_eq!(address["pod"]["uid"], "uid-db", "{address}");
     // Again: the same address, held once.
     assert_eq!(
         node.add("c-db", "db", "uid-db", &[])
@@ -451,7 +470,10 @@ async fn an_annotation_and_a_runtime_ip_must_agree() {
         .expect_err("disagreeing IP= refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(
-        e.message().contains("kube-ipam.ip asks for 10.70.0.50"),
+        e.message().contains(
+            "annotation kube-ipam.ip asks for 10.70.0.50, the runtime (CNI_ARGS IP=, \
+             runtimeConfig.ips) asks for 10.70.0.51; they must agree"
+        ),
         "{}",
         e.message()
     );
@@ -700,4 +722,51 @@ async fn without_a_kubeconfig_nothing_reads_the_api_and_a_named_pod_gets_a_dynam
         node.fake.requests()
     );
     node.del("c-ghost").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_keep_the_watch_current_so_a_compaction_alone_costs_no_relist() {
+    if !needs_root("kube watch bookmark test") {
+        return;
+    }
+    let mut node = Node::start("kube-bookmark", "node-k9", true, vec![]).await;
+    // Writes this node's watch does not see move the version past the watch's last event.
+    for i in 0..3 {
+        node.fake
+            .create_pod(fake::pod(NS, &format!("other-{i}")).node("node-other"))
+            .expect("pod");
+    }
+    node.fake.send_bookmarks();
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    node.fake.compact();
+    let mark = node.fake.requests().len();
+    node.fake.close_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.fake.requests()[mark..].iter().any(|r| r.is_watch())
+        || node.fake.open_watches() == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the watch was not resumed\n{}",
+            node.daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let after = node.fake.requests()[mark..].to_vec();
+    assert!(
+        pod_lists(&after).is_empty(),
+        "resumed from the bookmark's version, not relisted: {after:?}"
+    );
+
+    node.fake
+        .create_pod(node.pod("p").annotation("kube-ipam.ip", "10.70.0.90"))
+        .expect("pod");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    assert_eq!(
+        node.add("c-p", "p", "", &[]).await.expect("ADD"),
+        cidr("10.70.0.90")
+    );
+    assert_eq!(node.gets_of("p"), 0, "through the resumed watch");
+    node.del("c-p").await;
 }
