@@ -3,9 +3,9 @@
 //! gRPC client. What it proves: the daemon watches only its node's pods; an ADD naming a pod
 //! gets the pod's annotated fixed address (a StatefulSet pod the entry at its ordinal, again
 //! after re-creation); a refused annotation writes nothing; the cache follows the watch (new
-//! pods, changed annotations, relisting after 410 Gone); an API server that is away fails an
-//! ADD as retryable unless the cache or the attachment's record can answer; and a daemon
-//! without a kubeconfig never asks the API anything.
+//! pods, changed annotations, relisting after 410 Gone, resuming from a bookmark); an API
+//! server that is away fails an ADD as retryable unless the cache or the attachment's record
+//! can answer; and a daemon without a kubeconfig never asks the API anything.
 //!
 //! The daemon serves only from a root-owned socket directory and answers only root callers,
 //! so every test needs root and skips loudly without it.
@@ -383,6 +383,16 @@ async fn bad_annotations_are_refused_naming_the_annotation_and_write_nothing() {
         (
             "outside",
             vec![("kube-ipam.ip", "10.71.0.5")],
+            "kube-ipam.ip",
+        ),
+        (
+            "prefix",
+            vec![("kube-ipam.ip", "10.70.0.32/16")],
+            "kube-ipam.ip",
+        ),
+        (
+            "reserved",
+            vec![("kube-ipam.ip", "10.70.0.1")],
             "kube-ipam.ip",
         ),
         (
