@@ -267,7 +267,7 @@ fn causes_not_in_message(err: &CniError) -> Option<String> {
 ///
 /// The one formatter of a cause chain in this crate: it gives an error reply its `details`, and
 /// the plugin its words for an I/O, transport or broken-call failure.
-pub(crate) fn with_causes(
+pub fn with_causes(
     mut text: String,
     mut source: Option<&(dyn std::error::Error + 'static)>,
 ) -> String {
@@ -285,7 +285,7 @@ pub(crate) fn with_causes(
 }
 
 /// `err`'s message and its causes, as [`with_causes`] shows them.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     with_causes(err.to_string(), err.source())
 }
 

@@ -48,19 +48,13 @@ pub enum IpamError {
     #[error("etcd refuses writes during {op}: {reason}; an operator must compact and defragment etcd, or raise its quota, then disarm the alarm (etcdctl alarm disarm)")]
     StoreFull { op: String, reason: String },
 
-    #[error("etcd unavailable during {op}: {source}")]
-    Unavailable {
-        op: String,
-        #[source]
-        source: etcd_client::Error,
-    },
+    /// `reason` is etcd's error in words (`store::describe`): a cause is stated once, here,
+    /// not again as a `source`.
+    #[error("etcd unavailable during {op}: {reason}")]
+    Unavailable { op: String, reason: String },
 
-    #[error("etcd {op} failed: {source}")]
-    Etcd {
-        op: String,
-        #[source]
-        source: etcd_client::Error,
-    },
+    #[error("etcd {op} failed: {reason}")]
+    Etcd { op: String, reason: String },
 
     #[error("etcd state not loaded yet: {0}")]
     NotSynced(String),

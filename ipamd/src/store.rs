@@ -84,7 +84,7 @@ impl std::fmt::Debug for Store {
 fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| IpamError::Etcd {
         op: format!("reading {what} {}", path.display()),
-        source: etcd_client::Error::IoError(e),
+        reason: e.to_string(),
     })
 }
 
@@ -283,11 +283,33 @@ impl Store {
 /// transient, `StoreFull` when etcd refuses writes for want of space, `Etcd` otherwise.
 fn store_error(op: String, source: etcd_client::Error) -> IpamError {
     if is_transient(&source) {
-        IpamError::Unavailable { op, source }
+        IpamError::Unavailable {
+            op,
+            reason: describe(&source),
+        }
     } else if let Some(reason) = out_of_space(&source) {
         IpamError::StoreFull { op, reason }
     } else {
-        IpamError::Etcd { op, source }
+        IpamError::Etcd {
+            op,
+            reason: describe(&source),
+        }
+    }
+}
+
+/// What an etcd error says, in words: a status's message and its causes (the transport
+/// error, the OS error), each once. tonic's own text for a status is a debug dump of its
+/// fields, which is no message for an operator or a runtime.
+pub fn describe(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = match status.message() {
+                "" => status.code().description().to_string(),
+                message => message.to_string(),
+            };
+            hostnic_cni::error::with_causes(message, std::error::Error::source(status))
+        }
+        other => hostnic_cni::error::error_chain(other),
     }
 }
 
@@ -384,5 +406,48 @@ mod tests {
             store_error("txn".into(), big),
             IpamError::Etcd { .. }
         ));
+    }
+
+    #[test]
+    fn an_etcd_error_is_described_in_words_each_cause_once() {
+        let cases = [
+            (
+                etcd_client::Error::GRpcStatus(tonic::Status::unavailable("etcdserver: no leader")),
+                "etcdserver: no leader",
+            ),
+            (
+                etcd_client::Error::GRpcStatus(tonic::Status::unavailable("")),
+                "The service is currently unavailable",
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(describe(&error), expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_described_without_debug_dumps() {
+        // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+        let store = Store::connect(&StoreConfig {
+            retry_timeout: Duration::from_millis(100),
+            ..StoreConfig::new(vec!["http://127.0.0.1:1".into()])
+        })
+        .await
+        .expect("the client connects lazily");
+        let err = store.get("probe", "/k", None).await.expect_err("refused");
+        let text = err.to_string();
+        assert!(text.contains("Connection refused"), "{text}");
+        for dump in ["Os {", "ConnectError(", "source:", "Transport,"] {
+            assert!(!text.contains(dump), "{dump:?} in {text}");
+        }
+        assert_eq!(
+            text.matches("Connection refused").count(),
+            1,
+            "the cause is stated once: {text}"
+        );
+        assert!(
+            std::error::Error::source(&err).is_none(),
+            "and not again as a source"
+        );
     }
 }

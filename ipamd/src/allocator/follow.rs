@@ -91,7 +91,7 @@ impl Inner {
         loop {
             let msg = stream.message().await.map_err(|e| IpamError::Unavailable {
                 op: "watch pools".into(),
-                source: e,
+                reason: crate::store::describe(&e),
             })?;
             let Some(resp) = msg else {
                 return Err(IpamError::NotSynced("watch stream closed".into()));

@@ -141,9 +141,7 @@ impl Inner {
         let op = format!("release {attachment}");
         let lease = self.marker_lease(false).await?;
         match self.store.txn(&op, build(lease)).await {
-            Err(IpamError::Etcd { source, .. })
-                if source.to_string().contains("lease not found") =>
-            {
+            Err(IpamError::Etcd { reason, .. }) if reason.contains("lease not found") => {
                 let lease = self.marker_lease(true).await?;
                 self.store.txn(&op, build(lease)).await
             }
