@@ -44,7 +44,7 @@ pub enum IpamError {
         ip: IpAddr,
         holder: String,
         #[source]
-        source: KubeError,
+        source: Box<KubeError>,
     },
 
     #[error("requested address {ip} for network {network:?}: {reason}")]

@@ -141,7 +141,11 @@ impl IpamService {
             });
         };
         match pods.holder(&pod.namespace, &pod.name, &pod.uid).await {
-            Err(source) => Err(IpamError::HolderUnknown { ip, holder, source }),
+            Err(source) => Err(IpamError::HolderUnknown {
+                ip,
+                holder,
+                source: Box::new(source),
+            }),
             Ok(Holder::Terminating) => Err(IpamError::HolderTerminating { ip, holder }),
             Ok(Holder::Alive) => Err(IpamError::AddressInUse {
                 ip,
