@@ -753,8 +753,8 @@ impl Inner {
                 for &i in &taken {
                     picks.keep(i);
                 }
-                if let Some((ip, holder)) = exact {
-                    return Err(IpamError::AddressInUse { ip, holder });
+                if let Some((ip, holder, record)) = exact {
+                    return Err(IpamError::AddressInUse { ip, holder, record });
                 }
                 let lost: Vec<String> = taken
                     .iter()

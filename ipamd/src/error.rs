@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use crate::annotations::AnnotationError;
 use crate::kube::KubeError;
 use crate::pool::ConfigError;
-use crate::records::Attachment;
+use crate::records::{AllocationRecord, Attachment};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -25,8 +25,27 @@ pub enum IpamError {
     #[error("pool exhausted: no free address in {pools} for network {network:?}")]
     Exhausted { pools: String, network: String },
 
+    /// `record` is the holder's address record, where it could be read: with a Kubernetes
+    /// client the daemon asks the API whether the holder's pod still exists.
     #[error("address {ip} is held by {holder}")]
-    AddressInUse { ip: IpAddr, holder: String },
+    AddressInUse {
+        ip: IpAddr,
+        holder: String,
+        record: Option<Box<AllocationRecord>>,
+    },
+
+    /// The holder's pod is being deleted: the kubelet's retry gets the address once it is gone.
+    #[error("address {ip} is held by {holder}, which is terminating; retry: kubelet will once it is gone")]
+    HolderTerminating { ip: IpAddr, holder: String },
+
+    /// Whether the holder's pod still exists cannot be read from the API.
+    #[error("address {ip} is held by {holder}; whether that pod still exists cannot be told: {source}; try again")]
+    HolderUnknown {
+        ip: IpAddr,
+        holder: String,
+        #[source]
+        source: Box<KubeError>,
+    },
 
     #[error("requested address {ip} for network {network:?}: {reason}")]
     InvalidRequest {
@@ -91,6 +110,8 @@ impl IpamError {
                 | IpamError::Contention { .. }
                 | IpamError::ReleasedMeanwhile { .. }
                 | IpamError::StoreFull { .. }
+                | IpamError::HolderTerminating { .. }
+                | IpamError::HolderUnknown { .. }
         ) || matches!(self, IpamError::Kubernetes(e) if e.is_retryable())
     }
 }

@@ -59,6 +59,9 @@ pub enum KubeError {
     /// up).
     #[error("pod {pod} does not exist in the Kubernetes API")]
     NotFound { pod: String },
+    /// The API server did not answer the GET of the pod that holds an address asked for.
+    #[error("pod {pod} cannot be read from the Kubernetes API server ({reason})")]
+    HolderUnreachable { pod: String, reason: String },
     /// The pod of that name in the API is another incarnation than the runtime's.
     #[error("pod {pod}: the runtime sends UID {runtime}, the Kubernetes API has UID {api} (the pod was re-created, or the API is behind)")]
     OtherUid {
@@ -74,7 +77,10 @@ impl KubeError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            KubeError::Unreachable { .. } | KubeError::NotFound { .. } | KubeError::OtherUid { .. }
+            KubeError::Unreachable { .. }
+                | KubeError::HolderUnreachable { .. }
+                | KubeError::NotFound { .. }
+                | KubeError::OtherUid { .. }
         )
     }
 }
@@ -108,6 +114,40 @@ pub async fn client(source: &KubeSource) -> Result<Client, KubeError> {
         KubeSource::InCluster => Config::incluster().map_err(KubeError::InCluster)?,
     };
     Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// Whether the pod that holds an address is still the pod its address record names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// The pod exists with the record's UID and is not being deleted.
+    Alive,
+    /// The pod is being deleted (`metadata.deletionTimestamp`): its address is free once the
+    /// kubelet confirms the deletion.
+    Terminating,
+    /// No pod of that UID exists any more: `reason` says why (deleted, or re-created under
+    /// the same name, as a StatefulSet does).
+    Gone { reason: String },
+}
+
+/// Judges the holder `namespace/name` of UID `uid` (from its address record) by what the API
+/// answered for that name (`found`, None for 404).
+pub fn judge_holder(namespace: &str, name: &str, uid: &str, found: Option<&Pod>) -> Holder {
+    let pod = format!("pod {namespace}/{name} uid {uid}");
+    let Some(found) = found else {
+        return Holder::Gone {
+            reason: format!("{pod} no longer exists"),
+        };
+    };
+    let api_uid = found.uid().unwrap_or_default();
+    if api_uid != uid {
+        return Holder::Gone {
+            reason: format!("{pod} was re-created with uid {api_uid}"),
+        };
+    }
+    if found.metadata.deletion_timestamp.is_some() {
+        return Holder::Terminating;
+    }
+    Holder::Alive
 }
 
 /// What the allocator needs of a pod object.
@@ -244,23 +284,47 @@ impl PodCache {
         Ok(meta)
     }
 
+    /// Whether the pod `namespace/name` of UID `uid`, which an address record names as its
+    /// holder, still exists. Always asks the API server (one GET): the holder may be another
+    /// node's pod, which this node's cache does not have.
+    pub async fn holder(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<Holder, KubeError> {
+        let found =
+            self.get_opt(namespace, name)
+                .await
+                .map_err(|reason| KubeError::HolderUnreachable {
+                    pod: format!("{namespace}/{name}"),
+                    reason,
+                })?;
+        Ok(judge_holder(namespace, name, uid, found.as_ref()))
+    }
+
     async fn get(&self, namespace: &str, name: &str) -> Result<PodMeta, KubeError> {
         let pod = format!("{namespace}/{name}");
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let answer = tokio::time::timeout(self.get_timeout, api.get_opt(name))
-            .await
-            .map_err(|_| KubeError::Unreachable {
-                pod: pod.clone(),
-                reason: format!("no answer to GET within {:?}", self.get_timeout),
-            })?
-            .map_err(|e| KubeError::Unreachable {
-                pod: pod.clone(),
-                reason: e.to_string(),
-            })?;
+        let answer =
+            self.get_opt(namespace, name)
+                .await
+                .map_err(|reason| KubeError::Unreachable {
+                    pod: pod.clone(),
+                    reason,
+                })?;
         match answer {
             Some(found) => Ok(pod_meta(&found)),
             None => Err(KubeError::NotFound { pod }),
         }
+    }
+
+    /// One GET of the pod, within the timeout; Err says why the API server gave no answer.
+    async fn get_opt(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        tokio::time::timeout(self.get_timeout, api.get_opt(name))
+            .await
+            .map_err(|_| format!("no answer to GET within {:?}", self.get_timeout))?
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -279,6 +343,41 @@ mod tests {
         );
         assert_eq!(source_of(None, true), Some(KubeSource::InCluster));
         assert_eq!(source_of(None, false), None);
+    }
+
+    #[test]
+    fn a_holder_is_gone_when_deleted_or_re_created_terminating_while_deleted_else_alive() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let pod = |uid: &str, deleting: bool| Pod {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                name: Some("web-1".into()),
+                uid: Some(uid.into()),
+                deletion_timestamp: deleting.then(|| Time(k8s_openapi::jiff::Timestamp::now())),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+        let judge = |found: Option<&Pod>| judge_holder("default", "web-1", "u-old", found);
+        assert_eq!(
+            judge(None),
+            Holder::Gone {
+                reason: "pod default/web-1 uid u-old no longer exists".into()
+            }
+        );
+        assert_eq!(
+            judge(Some(&pod("u-new", false))),
+            Holder::Gone {
+                reason: "pod default/web-1 uid u-old was re-created with uid u-new".into()
+            }
+        );
+        // A re-created pod that is itself terminating is still not the holder.
+        assert!(matches!(
+            judge(Some(&pod("u-new", true))),
+            Holder::Gone { .. }
+        ));
+        assert_eq!(judge(Some(&pod("u-old", true))), Holder::Terminating);
+        assert_eq!(judge(Some(&pod("u-old", false))), Holder::Alive);
     }
 
     #[test]

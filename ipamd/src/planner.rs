@@ -86,6 +86,13 @@ pub fn holder_of(value: &[u8]) -> String {
     }
 }
 
+/// The holder's address record, boxed for an `AddressInUse` error; None if it cannot be read.
+pub fn holder_record(value: &[u8]) -> Option<Box<AllocationRecord>> {
+    serde_json::from_slice::<AllocationRecord>(value)
+        .ok()
+        .map(Box::new)
+}
+
 /// One key the refused transaction read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Read {
@@ -117,10 +124,10 @@ pub enum Verdict {
     /// again without guarding that key.
     OtherNetworksLegacy,
     /// These picks (indices) are held by others. If one of them was asked for exactly, the
-    /// request fails naming its holder; otherwise pick again.
+    /// request fails naming its holder (and carrying its record); otherwise pick again.
     Taken {
         picks: Vec<usize>,
-        exact: Option<(IpAddr, String)>,
+        exact: Option<(IpAddr, String, Option<Box<AllocationRecord>>)>,
     },
 }
 
@@ -162,7 +169,7 @@ pub fn read_refusal(
     let exact = taken.iter().find_map(|&i| {
         let (ip, kind) = picks[i];
         let read = refusal.addresses[i].as_ref()?;
-        (kind != Kind::Dynamic).then(|| (ip, holder_of(&read.value)))
+        (kind != Kind::Dynamic).then(|| (ip, holder_of(&read.value), holder_record(&read.value)))
     });
     Ok(Verdict::Taken {
         picks: taken,
@@ -386,6 +393,7 @@ mod tests {
                     exact: Some((
                         ip("fd00::5"),
                         "container b (other/eth0 of network net) on node n2".into(),
+                        serde_json::from_value(address_record("b", "")).ok(),
                     )),
                 },
             ),

@@ -21,9 +21,9 @@ use tracing::{Instrument, Span};
 use crate::allocator::{self, Allocator};
 use crate::annotations::{self, FixedRequest};
 use crate::error::IpamError;
-use crate::kube::PodCache;
+use crate::kube::{Holder, PodCache};
 use crate::pool::{parse_range_sets, RangeSet};
-use crate::records::{Attachment, Kind, PodRef};
+use crate::records::{AllocationRecord, Attachment, Kind, PodRef};
 
 /// Maps an allocator error to the gRPC status the plugin turns into a CNI error.
 pub fn status_of(e: &IpamError) -> Status {
@@ -41,7 +41,9 @@ pub fn status_of(e: &IpamError) -> Status {
         | IpamError::NotSynced(_)
         | IpamError::Contention { .. }
         | IpamError::ReleasedMeanwhile { .. }
-        | IpamError::StoreFull { .. } => Code::Unavailable,
+        | IpamError::StoreFull { .. }
+        | IpamError::HolderTerminating { .. }
+        | IpamError::HolderUnknown { .. } => Code::Unavailable,
         IpamError::Kubernetes(k) if k.is_retryable() => Code::Unavailable,
         IpamError::Etcd { .. } | IpamError::Corrupt { .. } | IpamError::Kubernetes(_) => {
             Code::Internal
@@ -112,6 +114,50 @@ impl IpamService {
             None => None,
         };
         combine(fixed, requested, network)
+    }
+
+    /// An ADD was refused because `ip` is held by `holder` (its address record `record`): asks
+    /// the API whether the holder's pod still exists and, if it is gone (deleted, or
+    /// re-created with another UID, as a StatefulSet pod is), releases the holder's attachment
+    /// so that the ADD can be tried again. Otherwise the error the ADD fails with: the holder
+    /// is alive (101), terminating or cannot be judged (11). Without a client, or a holder
+    /// whose record names no pod UID and namespace (Podman), its liveness is unknown and the
+    /// address stays held.
+    async fn take_over(
+        &self,
+        ip: IpAddr,
+        holder: String,
+        record: Box<AllocationRecord>,
+    ) -> Result<(), IpamError> {
+        let pod = record
+            .pod
+            .as_ref()
+            .filter(|p| !p.namespace.is_empty() && !p.uid.is_empty());
+        let (Some(pods), Some(pod)) = (&self.pods, pod) else {
+            return Err(IpamError::AddressInUse {
+                ip,
+                holder,
+                record: Some(record),
+            });
+        };
+        match pods.holder(&pod.namespace, &pod.name, &pod.uid).await {
+            Err(source) => Err(IpamError::HolderUnknown {
+                ip,
+                holder,
+                source: Box::new(source),
+            }),
+            Ok(Holder::Terminating) => Err(IpamError::HolderTerminating { ip, holder }),
+            Ok(Holder::Alive) => Err(IpamError::AddressInUse {
+                ip,
+                holder,
+                record: Some(record),
+            }),
+            Ok(Holder::Gone { reason }) => {
+                self.allocator.release(&record.attachment).await?;
+                tracing::info!(%ip, %holder, %reason, "released the attachment of a pod that is gone, to take its address over");
+                Ok(())
+            }
+        }
     }
 }
 
@@ -316,11 +362,21 @@ impl Ipam for IpamService {
                 requested,
                 requested_kind,
             };
-            let allocation = self
-                .allocator
-                .allocate(&request)
-                .await
-                .map_err(|e| status_of(&e))?;
+            let allocation = match self.allocator.allocate(&request).await {
+                // Held by a pod that may be gone: once, take it over and ADD again.
+                Err(IpamError::AddressInUse {
+                    ip,
+                    holder,
+                    record: Some(record),
+                }) => {
+                    self.take_over(ip, holder, record)
+                        .await
+                        .map_err(|e| status_of(&e))?;
+                    self.allocator.allocate(&request).await
+                }
+                other => other,
+            }
+            .map_err(|e| status_of(&e))?;
             let ips = reply_ips(&allocation);
             tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), "allocated");
             Ok(Response::new(AllocateReply { ips }))

@@ -842,7 +842,7 @@ async fn a_fixed_address_outside_the_dynamic_range_is_held_once_and_never_handed
             .await
             .expect_err("a second pod asking for the held address");
         match &err {
-            IpamError::AddressInUse { ip, holder } => {
+            IpamError::AddressInUse { ip, holder, .. } => {
                 assert_eq!(*ip, common::ip("10.86.0.216"));
                 assert!(holder.contains("pod-fixed-1"), "{node}: {holder}");
             }

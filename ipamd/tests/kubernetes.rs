@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hostnic_ipamd::{Allocator, Attachment};
+use hostnic_ipamd::audit::audit;
+use hostnic_ipamd::{Allocator, Attachment, Kind as AddressKind, PodRef};
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{self as proto, AllocateRequest, Network, Pod, ReleaseRequest};
 use hostnic_testkit::daemon::IpamDaemon;
@@ -180,6 +181,47 @@ impl Node {
             .first()
             .unwrap_or_else(|| panic!("no record at {key}"));
         serde_json::from_slice(kv.value()).expect("record is JSON")
+    }
+
+    /// Whether `id`/eth0 has an attachment record.
+    async fn has_record(&self, id: &str) -> bool {
+        let key = self
+            .observer
+            .keys()
+            .attachment(&Attachment::new(NETWORK, id, "eth0"));
+        let resp = self
+            .observer
+            .store()
+            .get("read attachment", &key, None)
+            .await
+            .expect("etcd get");
+        !resp.kvs().is_empty()
+    }
+
+    /// Asserts that the audit finds no problem and that exactly `held` (address, container id)
+    /// are held.
+    async fn assert_audit_holds(&self, held: &[(&str, &str)]) {
+        let report = audit(self.observer.store(), self.observer.keys())
+            .await
+            .expect("audit");
+        assert_eq!(report.problems, Vec::<String>::new(), "audit is clean");
+        let mut got: Vec<(String, String)> = report
+            .allocations
+            .iter()
+            .map(|((_, ip), r)| (ip.to_string(), r.attachment.container_id.clone()))
+            .collect();
+        got.sort();
+        let want: Vec<(String, String)> = held
+            .iter()
+            .map(|(ip, id)| (ip.to_string(), id.to_string()))
+            .collect();
+        assert_eq!(got, want, "the addresses held");
+        assert_eq!(
+            report.attachments.len(),
+            held.len(),
+            "{:?}",
+            report.attachments
+        );
     }
 
     /// The address record of `ip` (`pools/<pool>/ips/<ip>`), which names the holder.
@@ -780,4 +822,230 @@ async fn bookmarks_keep_the_watch_current_so_a_compaction_alone_costs_no_relist(
     );
     assert_eq!(node.gets_of("p"), 0, "through the resumed watch");
     node.del("c-p").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_deleted_from_the_api_is_released_and_the_new_pod_takes_its_address_over() {
+    if !needs_root("kube take-over of a deleted holder test") {
+        return;
+    }
+    let mut node = Node::start(
+        "kube-gone",
+        "node-k9",
+        true,
+        vec![fake::pod(NS, "old")
+            .node("node-k9")
+            .uid("uid-old")
+            .annotation("kube-ipam.ip", "10.70.0.30")],
+    )
+    .await;
+    assert_eq!(
+        node.add("c-old", "old", "uid-old", &[]).await.expect("ADD"),
+        cidr("10.70.0.30")
+    );
+    // The old pod is deleted behind the daemon's back (no DEL); a new pod asks for its address.
+    node.fake.delete(Kind::Pod, NS, "old").expect("deleted");
+    node.fake
+        .create_pod(
+            node.pod("new")
+                .uid("uid-new")
+                .annotation("kube-ipam.ip", "10.70.0.30"),
+        )
+        .expect("pod");
+    assert_eq!(
+        node.add("c-new", "new", "uid-new", &[])
+            .await
+            .unwrap_or_else(|e| panic!("take-over: {e}\n{}", node.daemon.log_tail())),
+        cidr("10.70.0.30")
+    );
+    assert!(
+        !node.has_record("c-old").await,
+        "the old attachment is released"
+    );
+    let address = node.address_record("10.70.0.30").await;
+    assert_eq!(address["handle"]["containerID"], "c-new", "{address}");
+    assert_eq!(address["pod"]["uid"], "uid-new", "{address}");
+    node.assert_audit_holds(&[("10.70.0.30", "c-new")]).await;
+    assert!(
+        node.daemon
+            .log_tail()
+            .contains(&format!("pod {NS}/old uid uid-old no longer exists")),
+        "the take-over is logged with its reason:\n{}",
+        node.daemon.log_tail()
+    );
+    assert_eq!(node.del("c-new").await, vec!["10.70.0.30".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_statefulset_pod_takes_over_an_address_another_node_left_and_the_late_del_frees_nothing(
+) {
+    if !needs_root("kube take-over of a re-created StatefulSet pod test") {
+        return;
+    }
+    let mut node = Node::start("kube-recreated", "node-k10", true, vec![]).await;
+    let web_1 = |node: &Node, uid: &str| {
+        node.pod("web-1")
+            .uid(uid)
+            .owned_by_statefulset("web", "uid-sts")
+            .annotation("kube-ipam.ip", "10.70.0.40,10.70.0.41")
+    };
+    node.fake
+        .create_pod(web_1(&node, "uid-web-1"))
+        .expect("pod");
+    // The old web-1 got its address on another node, whose daemon is gone since: the observer
+    // plays that node.
+    let old = Attachment::new(NETWORK, "c-old", "eth0");
+    let mut request = common::request(&old, &common::sets(ipam()), &["10.70.0.41"]);
+    request.pod = Some(PodRef {
+        namespace: NS.into(),
+        name: "web-1".into(),
+        uid: "uid-web-1".into(),
+    });
+    request.requested_kind = AddressKind::Fixed;
+    node.observer.allocate(&request).await.expect("the old ADD");
+
+    // web-1 is re-created with a new UID; no DEL came for the old one.
+    node.fake.delete(Kind::Pod, NS, "web-1").expect("deleted");
+    node.fake
+        .create_pod(web_1(&node, "uid-web-1-new"))
+        .expect("re-created");
+    assert_eq!(
+        node.add("c-new", "web-1", "uid-web-1-new", &[])
+            .await
+            .unwrap_or_else(|e| panic!("take-over: {e}\n{}", node.daemon.log_tail())),
+        cidr("10.70.0.41")
+    );
+    assert!(
+        !node.has_record("c-old").await,
+        "the old attachment is released"
+    );
+    node.assert_audit_holds(&[("10.70.0.41", "c-new")]).await;
+    assert!(
+        node.daemon.log_tail().contains(&format!(
+            "pod {NS}/web-1 uid uid-web-1 was re-created with uid uid-web-1-new"
+        )),
+        "the take-over is logged with its reason:\n{}",
+        node.daemon.log_tail()
+    );
+
+    // The old container's DEL arrives at last: it succeeds and frees nothing of the new one.
+    assert_eq!(node.del("c-old").await, Vec::<String>::new());
+    let address = node.address_record("10.70.0.41").await;
+    assert_eq!(address["handle"]["containerID"], "c-new", "{address}");
+    node.assert_audit_holds(&[("10.70.0.41", "c-new")]).await;
+    assert_eq!(node.del("c-new").await, vec!["10.70.0.41".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_holder_is_retryable_naming_it_and_once_it_is_gone_the_retry_takes_the_address(
+) {
+    if !needs_root("kube take-over from a terminating holder test") {
+        return;
+    }
+    let mut node = Node::start(
+        "kube-terminating",
+        "node-k11",
+        true,
+        vec![
+            fake::pod(NS, "v1")
+                .node("node-k11")
+                .uid("uid-v1")
+                .annotation("kube-ipam.ip", "10.70.0.50"),
+            fake::pod(NS, "v2")
+                .node("node-k11")
+                .uid("uid-v2")
+                .annotation("kube-ipam.ip", "10.70.0.50"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        node.add("c-v1", "v1", "uid-v1", &[]).await.expect("ADD"),
+        cidr("10.70.0.50")
+    );
+    // A rolling update: v1 is being deleted while v2 starts.
+    node.fake
+        .set_terminating(NS, "v1", Duration::from_secs(30))
+        .expect("terminating");
+    let before = node.snapshot().await;
+    let e = node
+        .add("c-v2", "v2", "uid-v2", &[])
+        .await
+        .expect_err("the holder is still there");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&format!("pod {NS}/v1")) && e.message().contains("terminating; retry"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(node.snapshot().await, before, "nothing changed");
+
+    // The kubelet confirms the deletion without a DEL reaching this daemon; its retry wins.
+    node.fake.finish_deletion(NS, "v1").expect("deleted");
+    assert_eq!(
+        node.add("c-v2", "v2", "uid-v2", &[])
+            .await
+            .unwrap_or_else(|e| panic!("retried ADD: {e}")),
+        cidr("10.70.0.50")
+    );
+    node.assert_audit_holds(&[("10.70.0.50", "c-v2")]).await;
+    node.del("c-v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_holder_is_named_and_one_the_api_cannot_judge_is_retryable_and_neither_changes_anything(
+) {
+    if !needs_root("kube live holder test") {
+        return;
+    }
+    let mut node = Node::start(
+        "kube-live-holder",
+        "node-k12",
+        true,
+        vec![
+            fake::pod(NS, "holder")
+                .node("node-k12")
+                .uid("uid-holder")
+                .annotation("kube-ipam.ip", "10.70.0.60"),
+            fake::pod(NS, "asker")
+                .node("node-k12")
+                .uid("uid-asker")
+                .annotation("kube-ipam.ip", "10.70.0.60"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        node.add("c-holder", "holder", "uid-holder", &[])
+            .await
+            .expect("ADD"),
+        cidr("10.70.0.60")
+    );
+    let before = node.snapshot().await;
+    let e = node
+        .add("c-asker", "asker", "uid-asker", &[])
+        .await
+        .expect_err("the holder is alive");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message().contains(&format!("pod {NS}/holder")),
+        "{}",
+        e.message()
+    );
+    assert_eq!(node.snapshot().await, before, "nothing changed");
+
+    // The API server fails while the holder is judged (the asker is read from the cache).
+    node.fake.set_fault(Fault::Status(503));
+    let e = node
+        .add("c-asker", "asker", "uid-asker", &[])
+        .await
+        .expect_err("the holder cannot be judged");
+    node.fake.clear_fault();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains(&format!("pod {NS}/holder")),
+        "{}",
+        e.message()
+    );
+    assert_eq!(node.snapshot().await, before, "nothing changed");
+    node.assert_audit_holds(&[("10.70.0.60", "c-holder")]).await;
+    node.del("c-holder").await;
 }

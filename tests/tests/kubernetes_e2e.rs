@@ -727,9 +727,6 @@ fn a_refused_annotation_fails_add_with_code_7_naming_it_and_leaves_nothing() {
 /// pod was force-deleted) takes its address over, since the holder's UID is gone from the API;
 /// the old sandbox's DEL, arriving late, does not free what the new one holds.
 #[test]
-#[ignore = "hostnic-ipamd does not take an address over from a pod that no longer exists: the \
-            re-created web-1 (new UID) gets CNI 101 'address 10.211.0.22 is held by pod \
-            default/web-1 (<old container>/eth0 ...)' although the holder's UID is gone from the API"]
 fn a_recreated_statefulset_pod_takes_over_its_address_when_the_old_del_never_came() {
     let Some(setup) = setup("kubernetes e2e StatefulSet take-over") else {
         return;

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use super::{decode, encode, got, AllocateRequest, Inner};
 use crate::cache::decode_pool;
 use crate::error::{IpamError, Result};
-use crate::planner::holder_of;
+use crate::planner::{holder_of, holder_record};
 use crate::pool::Pool;
 use crate::records::{AllocationRecord, KeyRef, PoolIndex, PoolRecord, RECORD_VERSION};
 
@@ -74,6 +74,7 @@ impl Inner {
                 return Err(IpamError::AddressInUse {
                     ip: *ip,
                     holder: holder_of(kv.value()),
+                    record: holder_record(kv.value()),
                 });
             }
         }
