@@ -67,6 +67,11 @@ pub struct Flags {
     /// exists (after the GC grace); 0 disables it.
     #[arg(long, global = true, env = "HOSTNIC_NETNS_GC_INTERVAL_SECONDS")]
     pub netns_gc_interval_seconds: Option<u64>,
+    /// How often the daemon releases this node's attachments whose pod no longer exists in the
+    /// Kubernetes API or has another UID (after the GC grace); 0 disables it. Only with a
+    /// Kubernetes client.
+    #[arg(long, global = true, env = "HOSTNIC_POD_GC_INTERVAL_SECONDS")]
+    pub pod_gc_interval_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -126,6 +131,14 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Release this node's attachments whose pod no longer exists in the Kubernetes API or has
+    /// another UID and that are older than --gc-grace-seconds, as the daemon does every
+    /// --pod-gc-interval-seconds. Needs --kubeconfig, or to run in a pod.
+    GcPods {
+        /// Show what would be released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Scan etcd and report every record that cannot be read or does not validate, any address
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.
@@ -144,6 +157,7 @@ pub struct FileConfig {
     pub socket_wait_seconds: Option<u64>,
     pub gc_grace_seconds: Option<u64>,
     pub netns_gc_interval_seconds: Option<u64>,
+    pub pod_gc_interval_seconds: Option<u64>,
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -172,6 +186,9 @@ pub struct DaemonConfig {
     pub gc_grace: Duration,
     /// How often the network-namespace GC runs; None when it is disabled.
     pub netns_gc_interval: Option<Duration>,
+    /// How often the pod GC runs (when there is a Kubernetes client); None when it is
+    /// disabled.
+    pub pod_gc_interval: Option<Duration>,
     /// The kubeconfig file, if one is given; see [`crate::kube::source_of`] for what applies
     /// without one.
     pub kubeconfig: Option<PathBuf>,
@@ -208,6 +225,12 @@ pub const DEFAULT_NETNS_GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Longest `--netns-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
 pub const MAX_NETNS_GC_INTERVAL_SECONDS: u64 = 86_400;
+
+/// Default of `--pod-gc-interval-seconds`.
+pub const DEFAULT_POD_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest `--pod-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
+pub const MAX_POD_GC_INTERVAL_SECONDS: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -441,6 +464,26 @@ pub fn resolve(
         }
         Some((s, _)) => Some(Duration::from_secs(s)),
     };
+    let pod_gc_interval = match pick(
+        flags.pod_gc_interval_seconds,
+        file.pod_gc_interval_seconds,
+        "--pod-gc-interval-seconds / HOSTNIC_POD_GC_INTERVAL_SECONDS",
+        "podGcIntervalSeconds in the config file",
+    ) {
+        None => Some(DEFAULT_POD_GC_INTERVAL),
+        Some((0, _)) => None,
+        Some((s, source_name)) if s > MAX_POD_GC_INTERVAL_SECONDS => {
+            return Err(ConfigFileError::OutOfRange {
+                value: s,
+                source_name,
+                reason: format!(
+                    "use 1 to {MAX_POD_GC_INTERVAL_SECONDS} s, or 0 to disable the pod GC; a \
+                     leak-repair pass less often than daily is a typo"
+                ),
+            })
+        }
+        Some((s, _)) => Some(Duration::from_secs(s)),
+    };
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
@@ -448,6 +491,7 @@ pub fn resolve(
         socket_wait,
         gc_grace,
         netns_gc_interval,
+        pod_gc_interval,
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
     })
 }
@@ -546,6 +590,50 @@ mod tests {
             e.to_string().contains("86401") && e.to_string().contains("0 to disable"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_pod_gc_interval_defaults_to_a_minute_is_disabled_by_0_and_bounded_naming_the_flag() {
+        let base = ["--etcd-endpoints", "http://a:1", "--node-name", "n"];
+        let with = |extra: &[&str], file: &str| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let file: FileConfig = serde_json::from_str(file).expect("file parses");
+            resolve(flags(&args), file, None)
+        };
+        let c = with(&[], "{}").expect("resolves");
+        assert_eq!(c.pod_gc_interval, Some(DEFAULT_POD_GC_INTERVAL));
+        let c = with(&[], r#"{"podGcIntervalSeconds": 5}"#).expect("resolves");
+        assert_eq!(c.pod_gc_interval, Some(Duration::from_secs(5)));
+        let c = with(
+            &["--pod-gc-interval-seconds", "0"],
+            r#"{"podGcIntervalSeconds": 5}"#,
+        )
+        .expect("resolves");
+        assert_eq!(c.pod_gc_interval, None, "0 disables it");
+        let e = with(&["--pod-gc-interval-seconds", "86401"], "{}")
+            .expect_err("absurd")
+            .to_string();
+        assert!(
+            e.contains("86401")
+                && e.contains("--pod-gc-interval-seconds / HOSTNIC_POD_GC_INTERVAL_SECONDS")
+                && e.contains("0 to disable the pod GC"),
+            "{e}"
+        );
+        let e = with(&[], r#"{"podGcIntervalSeconds": 90000}"#)
+            .expect_err("absurd")
+            .to_string();
+        assert!(e.contains("podGcIntervalSeconds in the config file"), "{e}");
+    }
+
+    #[test]
+    fn gc_pods_takes_a_dry_run_flag() {
+        let f = flags(&["gc-pods", "--dry-run"]);
+        assert!(matches!(f.command, Some(Command::GcPods { dry_run: true })));
+        let f = flags(&["gc-pods"]);
+        assert!(matches!(
+            f.command,
+            Some(Command::GcPods { dry_run: false })
+        ));
     }
 
     #[test]

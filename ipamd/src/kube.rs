@@ -176,7 +176,8 @@ pub struct PodCache {
     store: Store<Pod>,
     synced: Arc<AtomicBool>,
     get_timeout: Duration,
-    watch: tokio::task::JoinHandle<()>,
+    /// The watch feeding `store`; None for a cache that only GETs ([`PodCache::get_only`]).
+    watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for PodCache {
@@ -190,7 +191,9 @@ impl std::fmt::Debug for PodCache {
 
 impl Drop for PodCache {
     fn drop(&mut self) {
-        self.watch.abort();
+        if let Some(watch) = &self.watch {
+            watch.abort();
+        }
     }
 }
 
@@ -243,7 +246,21 @@ impl PodCache {
             store,
             synced,
             get_timeout: GET_TIMEOUT,
-            watch,
+            watch: Some(watch),
+        }
+    }
+
+    /// A cache that never holds a pod, so that every question is one GET: for a one-shot
+    /// operator command, where listing and watching the node's pods would cost more than it
+    /// saves.
+    pub fn get_only(client: Client) -> PodCache {
+        let (store, _writer) = reflector::store();
+        PodCache {
+            client,
+            store,
+            synced: Arc::new(AtomicBool::new(false)),
+            get_timeout: GET_TIMEOUT,
+            watch: None,
         }
     }
 
@@ -301,6 +318,27 @@ impl PodCache {
                     reason,
                 })?;
         Ok(judge_holder(namespace, name, uid, found.as_ref()))
+    }
+
+    /// Whether this node's pod `namespace/name` of UID `uid`, which one of the node's
+    /// attachment records names, still exists (the pod GC's question). A cached pod of that UID
+    /// answers without a request: it is alive or terminating. Anything else (no such pod in the
+    /// cache, one of another UID, a cache whose first list is not in yet) is asked of the API
+    /// server by one GET, so only the API's own answer ever says [`Holder::Gone`]: a cache that
+    /// is behind or not synced can keep an attachment one pass longer, never release it.
+    pub async fn node_holder(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<Holder, KubeError> {
+        let key = ObjectRef::<Pod>::new(name).within(namespace);
+        if let Some(pod) = self.store.get(&key) {
+            if pod.uid().as_deref() == Some(uid) {
+                return Ok(judge_holder(namespace, name, uid, Some(&pod)));
+            }
+        }
+        self.holder(namespace, name, uid).await
     }
 
     async fn get(&self, namespace: &str, name: &str) -> Result<PodMeta, KubeError> {

@@ -15,6 +15,7 @@ pub mod error;
 pub mod kube;
 pub mod netns_gc;
 pub mod planner;
+pub mod pod_gc;
 pub mod pool;
 pub mod records;
 pub mod store;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, kube, netns_gc, server, Allocator};
+use hostnic_ipamd::{cli, kube, netns_gc, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -64,6 +64,23 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .context("starting the allocator")?;
             print(netns_gc::pass(&allocator, config.gc_grace, dry_run).await?)?
         }
+        Command::GcPods { dry_run } => {
+            let Some(source) = kube::source_of(config.kubeconfig.clone(), in_cluster()) else {
+                anyhow::bail!(
+                    "gc-pods asks the Kubernetes API which pods exist: give --kubeconfig (or \
+                     KUBECONFIG, or the file key kubeconfig), or run it in a pod with a service \
+                     account"
+                );
+            };
+            let client = kube::client(&source)
+                .await
+                .with_context(|| format!("Kubernetes client from {source:?}"))?;
+            let pods = kube::PodCache::get_only(client);
+            let allocator = Allocator::start(store, &config.node_name)
+                .await
+                .context("starting the allocator")?;
+            print(pod_gc::pass(&allocator, &pods, config.gc_grace, dry_run).await?)?
+        }
         Command::Audit => print(cli::audit(store).await?)?,
     };
     Ok(exit)
@@ -80,6 +97,11 @@ fn print(outcome: impl cli::Outcome) -> Result<ExitCode, hostnic_ipamd::IpamErro
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Whether this process runs in a pod: the kubelet sets `KUBERNETES_SERVICE_HOST`.
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
 async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
@@ -121,15 +143,30 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         ))
     });
     let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
-    match kube::source_of(config.kubeconfig.clone(), in_cluster) {
+    let mut pod_gc = None;
+    match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
             let client = kube::client(&source)
                 .await
                 .with_context(|| format!("Kubernetes client from {source:?}"))?;
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
-            let pods = kube::PodCache::start(client, &config.node_name);
-            service = service.with_pods(Arc::new(pods));
+            let pods = Arc::new(kube::PodCache::start(client, &config.node_name));
+            pod_gc = config.pod_gc_interval.map(|interval| {
+                let schedule = pod_gc::Schedule {
+                    interval,
+                    grace: config.gc_grace,
+                };
+                let mut gc_stopped = gc_stopped.clone();
+                tokio::spawn(pod_gc::run(
+                    Arc::clone(&allocator),
+                    Arc::clone(&pods),
+                    schedule,
+                    async move {
+                        let _ = gc_stopped.changed().await;
+                    },
+                ))
+            });
+            service = service.with_pods(pods);
         }
         None => tracing::info!(
             "no kubeconfig and not in a pod: Kubernetes is not used (pod annotations are not read)"
@@ -139,6 +176,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(gc) = gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "network-namespace GC task ended abnormally");
+        }
+    }
+    if let Some(gc) = pod_gc {
+        if let Err(e) = gc.await {
+            tracing::warn!(error = %e, "pod GC task ended abnormally");
         }
     }
     served
