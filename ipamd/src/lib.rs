@@ -12,6 +12,7 @@ pub mod blocks;
 pub mod cache;
 pub mod cli;
 pub mod error;
+pub mod gc;
 pub mod kube;
 pub mod netns_gc;
 pub mod planner;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, kube, netns_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -129,7 +129,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             .context("starting the allocator")?,
     );
     let gc = config.netns_gc_interval.map(|interval| {
-        let schedule = netns_gc::Schedule {
+        let schedule = gc::Schedule {
             interval,
             grace: config.gc_grace,
         };
@@ -152,7 +152,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
             let pods = Arc::new(kube::PodCache::start(client, &config.node_name));
             pod_gc = config.pod_gc_interval.map(|interval| {
-                let schedule = pod_gc::Schedule {
+                let schedule = gc::Schedule {
                     interval,
                     grace: config.gc_grace,
                 };

@@ -27,6 +27,7 @@ use std::time::Duration;
 use crate::allocator::{Allocator, HeldAttachment};
 use crate::cli::{escaped, Outcome};
 use crate::error::Result;
+use crate::gc::{join_ips, run_every, Schedule};
 use crate::records::{now_unix, Attachment, AttachmentRecord};
 
 /// How long probing the namespace paths of one pass may take. A `stat` on a hung mount never
@@ -243,13 +244,6 @@ impl Outcome for PassReport {
     }
 }
 
-fn join_ips(ips: &[IpAddr]) -> String {
-    ips.iter()
-        .map(IpAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Probes `paths` on a blocking thread, bounded by [`PROBE_TIMEOUT`]; every path is
 /// [`PathState::Unknown`] if the probe does not finish in time.
 async fn probe_all(paths: Vec<String>) -> Vec<PathState> {
@@ -346,41 +340,22 @@ async fn release_if_still_gone(
         .map(|record| record.ips.iter().map(|h| h.ip).collect()))
 }
 
-/// When to run passes inside the daemon.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    pub interval: Duration,
-    pub grace: Duration,
-}
-
-/// Runs a pass every `schedule.interval` (the first right after start) until `shutdown`
-/// completes; a pass in progress is abandoned at shutdown (each release is one transaction,
-/// so none is left half done). Logs one line per release, one per failure, and each kept
-/// attachment that cannot be checked once.
+/// Runs a pass every `schedule.interval` until `shutdown` completes ([`run_every`]). Logs one
+/// line per release, one per failure, and each kept attachment that cannot be checked once.
 pub async fn run(
     allocator: Arc<Allocator>,
     schedule: Schedule,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut ticker = tokio::time::interval(schedule.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut noted = HashSet::new();
-    tracing::info!(interval = ?schedule.interval, grace = ?schedule.grace, "network-namespace GC running");
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            _ = ticker.tick() => {}
-        }
-        tokio::select! {
-            () = &mut shutdown => break,
-            result = pass(&allocator, schedule.grace, false) => match result {
-                Ok(report) => log_pass(&report, &mut noted),
-                Err(e) => tracing::warn!(error = %e, "network-namespace GC pass failed; trying again at the next interval"),
-            },
-        }
-    }
-    tracing::info!("network-namespace GC stopped");
+    run_every(
+        "network-namespace GC",
+        schedule,
+        shutdown,
+        || pass(&allocator, schedule.grace, false),
+        |report| log_pass(&report, &mut noted),
+    )
+    .await;
 }
 
 /// Logs a pass of the daemon's GC. Attachments kept for want of a checkable path are logged

@@ -29,6 +29,7 @@ use futures::StreamExt;
 use crate::allocator::Allocator;
 use crate::cli::{escaped, Outcome};
 use crate::error::Result;
+use crate::gc::{join_ips, run_every, Schedule};
 use crate::kube::{Holder, PodCache};
 use crate::records::{now_unix, Attachment, AttachmentRecord, PodRef};
 
@@ -201,13 +202,6 @@ impl Outcome for PassReport {
     }
 }
 
-fn join_ips(ips: &[IpAddr]) -> String {
-    ips.iter()
-        .map(IpAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 type PodKey = (String, String, String);
 
 fn key_of(pod: &PodRef) -> PodKey {
@@ -286,42 +280,23 @@ pub async fn pass(
     Ok(report)
 }
 
-/// When to run passes inside the daemon.
-#[derive(Debug, Clone, Copy)]
-pub struct Schedule {
-    pub interval: Duration,
-    pub grace: Duration,
-}
-
-/// Runs a pass every `schedule.interval` (the first right after start) until `shutdown`
-/// completes; a pass in progress is abandoned at shutdown (each release is one transaction,
-/// so none is left half done). Logs one line per release, one per failure, and once per
-/// outage that pods cannot be read.
+/// Runs a pass every `schedule.interval` until `shutdown` completes ([`run_every`]). Logs one
+/// line per release, one per failure, and once per outage that pods cannot be read.
 pub async fn run(
     allocator: Arc<Allocator>,
     pods: Arc<PodCache>,
     schedule: Schedule,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut ticker = tokio::time::interval(schedule.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut unreadable = false;
-    tracing::info!(interval = ?schedule.interval, grace = ?schedule.grace, "pod GC running");
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            _ = ticker.tick() => {}
-        }
-        tokio::select! {
-            () = &mut shutdown => break,
-            result = pass(&allocator, &pods, schedule.grace, false) => match result {
-                Ok(report) => unreadable = log_pass(&report, unreadable),
-                Err(e) => tracing::warn!(error = %e, "pod GC pass failed; trying again at the next interval"),
-            },
-        }
-    }
-    tracing::info!("pod GC stopped");
+    run_every(
+        "pod GC",
+        schedule,
+        shutdown,
+        || pass(&allocator, &pods, schedule.grace, false),
+        |report| unreadable = log_pass(&report, unreadable),
+    )
+    .await;
 }
 
 /// Logs a pass of the daemon's GC; `unreadable` says whether the previous pass could not read
