@@ -1,6 +1,8 @@
 //! The real plugin exec path, as a runtime calls it: `hostnic-ipam` exec'd with the CNI
 //! environment and config, one gRPC call to a running `hostnic-ipamd`, one etcd transaction.
-//! Compared in the same run with the reference `host-local` plugin on an equal subnet.
+//! Compared in the same run with the reference `host-local` plugin on an equal subnet: the
+//! sequential ADDs and DELs of both alternate call by call; the concurrent bursts run one
+//! plugin at a time.
 //!
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench plugin_exec`
@@ -77,15 +79,39 @@ struct Figures {
     concurrent_wall: f64,
 }
 
-fn measure(plugin: &Path, config: &str, tag: &str) -> Figures {
-    let mut adds = Vec::new();
-    let mut dels = Vec::new();
+/// One plugin under measurement: its binary, its config, a prefix for its container ids.
+struct Peer<'a> {
+    plugin: &'a Path,
+    config: &'a str,
+    tag: &'a str,
+}
+
+/// `SEQUENTIAL` ADDs, then as many DELs, of both peers in turn (ours, theirs, ours, ...), so
+/// that both series see the same machine at the same moments.
+fn interleaved(peers: &[Peer; 2]) -> [(Vec<Duration>, Vec<Duration>); 2] {
+    let mut out: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
     for i in 0..SEQUENTIAL {
-        adds.push(exec(plugin, "ADD", &format!("{tag}{i}"), config));
+        for (p, o) in peers.iter().zip(out.iter_mut()) {
+            o.0.push(exec(p.plugin, "ADD", &format!("{}{i}", p.tag), p.config));
+        }
     }
     for i in 0..SEQUENTIAL {
-        dels.push(exec(plugin, "DEL", &format!("{tag}{i}"), config));
+        for (p, o) in peers.iter().zip(out.iter_mut()) {
+            o.1.push(exec(p.plugin, "DEL", &format!("{}{i}", p.tag), p.config));
+        }
     }
+    out
+}
+
+/// The figures of `peer`: its interleaved sequential series, then a burst of `CONCURRENT`
+/// ADDs started at once (a burst of each peer alone: two bursts at once would measure each
+/// other).
+fn measure(peer: &Peer, (mut adds, mut dels): (Vec<Duration>, Vec<Duration>)) -> Figures {
+    let Peer {
+        plugin,
+        config,
+        tag,
+    } = *peer;
     let barrier = Arc::new(Barrier::new(CONCURRENT));
     let t = Instant::now();
     let threads: Vec<_> = (0..CONCURRENT)
@@ -167,8 +193,21 @@ fn main() {
     exec(hl, "ADD", "warm", &host_local);
     exec(hl, "DEL", "warm", &host_local);
 
-    let theirs = measure(hl, &host_local, "hl");
-    let mine = measure(&plugin, &ours, "hn");
+    let peers = [
+        Peer {
+            plugin: hl,
+            config: &host_local,
+            tag: "hl",
+        },
+        Peer {
+            plugin: &plugin,
+            config: &ours,
+            tag: "hn",
+        },
+    ];
+    let [hl_series, hn_series] = interleaved(&peers);
+    let theirs = measure(&peers[0], hl_series);
+    let mine = measure(&peers[1], hn_series);
     println!("| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | {CONCURRENT} concurrent ADD p50 ms | {CONCURRENT} concurrent wall ms |");
     println!("|---|---|---|---|---|---|---|");
     for (name, f) in [("host-local", &theirs), ("hostnic-ipam", &mine)] {

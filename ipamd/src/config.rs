@@ -331,6 +331,44 @@ fn node_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
+/// A number of seconds as [`pick`] chose it: `default` when unset, refused above `max` with
+/// `reason`, naming where the value came from.
+fn bounded_seconds(
+    picked: Option<(u64, &'static str)>,
+    default: Duration,
+    max: u64,
+    reason: impl FnOnce() -> String,
+) -> Result<Duration, ConfigFileError> {
+    match picked {
+        None => Ok(default),
+        Some((value, source_name)) if value > max => Err(ConfigFileError::OutOfRange {
+            value,
+            source_name,
+            reason: reason(),
+        }),
+        Some((value, _)) => Ok(Duration::from_secs(value)),
+    }
+}
+
+/// The interval of the GC named `gc`: as [`bounded_seconds`], and 0 disables it (None).
+fn gc_interval(
+    picked: Option<(u64, &'static str)>,
+    default: Duration,
+    max: u64,
+    gc: &str,
+) -> Result<Option<Duration>, ConfigFileError> {
+    if matches!(picked, Some((0, _))) {
+        return Ok(None);
+    }
+    bounded_seconds(picked, default, max, || {
+        format!(
+            "use 1 to {max} s, or 0 to disable the {gc}; a leak-repair pass less often than \
+             daily is a typo"
+        )
+    })
+    .map(Some)
+}
+
 /// Flags (and their environment variables) win over the file, the file over defaults. Every
 /// value is checked here, so that a daemon never starts on one that cannot work.
 pub fn resolve(
@@ -405,85 +443,61 @@ pub fn resolve(
         .socket
         .or(file.socket)
         .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
-    let socket_wait = match pick(
-        flags.socket_wait_seconds,
-        file.socket_wait_seconds,
-        "--socket-wait-seconds / HOSTNIC_IPAMD_SOCKET_WAIT_SECONDS",
-        "socketWaitSeconds in the config file",
-    ) {
-        None => DEFAULT_SOCKET_WAIT,
-        Some((s, source_name)) if s > MAX_SOCKET_WAIT_SECONDS => {
-            return Err(ConfigFileError::OutOfRange {
-                value: s,
-                source_name,
-                reason: format!(
-                    "waiting more than {MAX_SOCKET_WAIT_SECONDS} s for another daemon to stop \
-                     hides a stuck rollout; stop the other daemon instead"
-                ),
-            })
-        }
-        Some((s, _)) => Duration::from_secs(s),
-    };
-    let gc_grace = match pick(
-        flags.gc_grace_seconds,
-        file.gc_grace_seconds,
-        "--gc-grace-seconds / HOSTNIC_GC_GRACE_SECONDS",
-        "gcGraceSeconds in the config file",
-    ) {
-        None => DEFAULT_GC_GRACE,
-        Some((s, source_name)) if s > MAX_GC_GRACE_SECONDS => {
-            return Err(ConfigFileError::OutOfRange {
-                value: s,
-                source_name,
-                reason: format!(
-                    "the GC grace must be at most {MAX_GC_GRACE_SECONDS} s (a day): it only has \
-                     to cover an ADD racing the runtime's GC, and a longer one keeps leaked \
-                     addresses held"
-                ),
-            })
-        }
-        Some((s, _)) => Duration::from_secs(s),
-    };
-    let netns_gc_interval = match pick(
-        flags.netns_gc_interval_seconds,
-        file.netns_gc_interval_seconds,
-        "--netns-gc-interval-seconds / HOSTNIC_NETNS_GC_INTERVAL_SECONDS",
-        "netnsGcIntervalSeconds in the config file",
-    ) {
-        None => Some(DEFAULT_NETNS_GC_INTERVAL),
-        Some((0, _)) => None,
-        Some((s, source_name)) if s > MAX_NETNS_GC_INTERVAL_SECONDS => {
-            return Err(ConfigFileError::OutOfRange {
-                value: s,
-                source_name,
-                reason: format!(
-                    "use 1 to {MAX_NETNS_GC_INTERVAL_SECONDS} s, or 0 to disable the \
-                     network-namespace GC; a leak-repair pass less often than daily is a typo"
-                ),
-            })
-        }
-        Some((s, _)) => Some(Duration::from_secs(s)),
-    };
-    let pod_gc_interval = match pick(
-        flags.pod_gc_interval_seconds,
-        file.pod_gc_interval_seconds,
-        "--pod-gc-interval-seconds / HOSTNIC_POD_GC_INTERVAL_SECONDS",
-        "podGcIntervalSeconds in the config file",
-    ) {
-        None => Some(DEFAULT_POD_GC_INTERVAL),
-        Some((0, _)) => None,
-        Some((s, source_name)) if s > MAX_POD_GC_INTERVAL_SECONDS => {
-            return Err(ConfigFileError::OutOfRange {
-                value: s,
-                source_name,
-                reason: format!(
-                    "use 1 to {MAX_POD_GC_INTERVAL_SECONDS} s, or 0 to disable the pod GC; a \
-                     leak-repair pass less often than daily is a typo"
-                ),
-            })
-        }
-        Some((s, _)) => Some(Duration::from_secs(s)),
-    };
+    let socket_wait = bounded_seconds(
+        pick(
+            flags.socket_wait_seconds,
+            file.socket_wait_seconds,
+            "--socket-wait-seconds / HOSTNIC_IPAMD_SOCKET_WAIT_SECONDS",
+            "socketWaitSeconds in the config file",
+        ),
+        DEFAULT_SOCKET_WAIT,
+        MAX_SOCKET_WAIT_SECONDS,
+        || {
+            format!(
+                "waiting more than {MAX_SOCKET_WAIT_SECONDS} s for another daemon to stop \
+                 hides a stuck rollout; stop the other daemon instead"
+            )
+        },
+    )?;
+    let gc_grace = bounded_seconds(
+        pick(
+            flags.gc_grace_seconds,
+            file.gc_grace_seconds,
+            "--gc-grace-seconds / HOSTNIC_GC_GRACE_SECONDS",
+            "gcGraceSeconds in the config file",
+        ),
+        DEFAULT_GC_GRACE,
+        MAX_GC_GRACE_SECONDS,
+        || {
+            format!(
+                "the GC grace must be at most {MAX_GC_GRACE_SECONDS} s (a day): it only has \
+                 to cover an ADD racing the runtime's GC, and a longer one keeps leaked \
+                 addresses held"
+            )
+        },
+    )?;
+    let netns_gc_interval = gc_interval(
+        pick(
+            flags.netns_gc_interval_seconds,
+            file.netns_gc_interval_seconds,
+            "--netns-gc-interval-seconds / HOSTNIC_NETNS_GC_INTERVAL_SECONDS",
+            "netnsGcIntervalSeconds in the config file",
+        ),
+        DEFAULT_NETNS_GC_INTERVAL,
+        MAX_NETNS_GC_INTERVAL_SECONDS,
+        "network-namespace GC",
+    )?;
+    let pod_gc_interval = gc_interval(
+        pick(
+            flags.pod_gc_interval_seconds,
+            file.pod_gc_interval_seconds,
+            "--pod-gc-interval-seconds / HOSTNIC_POD_GC_INTERVAL_SECONDS",
+            "podGcIntervalSeconds in the config file",
+        ),
+        DEFAULT_POD_GC_INTERVAL,
+        MAX_POD_GC_INTERVAL_SECONDS,
+        "pod GC",
+    )?;
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
