@@ -243,20 +243,7 @@ impl Node {
     /// Every key under the test's prefix with its mod revision: equal snapshots mean nothing
     /// was written.
     async fn snapshot(&self) -> BTreeMap<String, i64> {
-        let (_, kvs) = self
-            .observer
-            .store()
-            .load_prefix(self.observer.keys().prefix())
-            .await
-            .expect("scan");
-        kvs.iter()
-            .map(|kv| {
-                (
-                    kv.key_str().expect("utf-8 key").to_string(),
-                    kv.mod_revision(),
-                )
-            })
-            .collect()
+        common::snapshot(&self.observer).await
     }
 
     /// GETs of the single pod `NS/name` the fake received.

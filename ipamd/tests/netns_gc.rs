@@ -6,7 +6,6 @@
 //! Needs root and iproute2 (`ip netns`); skips with a SKIPPED message otherwise. Every
 //! namespace a test creates is deleted when its guard drops, also when the test fails.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use hostnic_testkit::netns::{require_netns, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
 
 mod common;
+use common::snapshot;
 
 const NETWORK: &str = "gc-net";
 
@@ -57,23 +57,6 @@ async fn held(a: &Allocator, id: &str) -> bool {
         .await
         .unwrap_or_else(|e| panic!("lookup {id}: {e}"))
         .is_some()
-}
-
-/// Every key under the prefix with its mod revision: equal snapshots mean nothing was written.
-async fn snapshot(a: &Allocator) -> BTreeMap<String, i64> {
-    let (_, kvs) = a
-        .store()
-        .load_prefix(a.keys().prefix())
-        .await
-        .expect("scan");
-    kvs.iter()
-        .map(|kv| {
-            (
-                kv.key_str().expect("utf-8 key").to_string(),
-                kv.mod_revision(),
-            )
-        })
-        .collect()
 }
 
 /// Runs `hostnic-ipamd gc-netns` for `node` against the shared etcd; returns success and stdout.

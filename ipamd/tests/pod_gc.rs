@@ -8,7 +8,6 @@
 //! The daemon serves only from a root-owned socket directory and answers only root callers, so
 //! the daemon's test needs root and skips loudly without it; the command's test does not.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use hostnic_testkit::{shared_single, unique_prefix};
 use serde_json::{json, Value};
 
 mod common;
+use common::snapshot;
 
 const NETWORK: &str = "pod-gc-net";
 const NS: &str = "apps";
@@ -43,23 +43,6 @@ async fn held(a: &Allocator, id: &str) -> bool {
         .await
         .unwrap_or_else(|e| panic!("lookup {id}: {e}"))
         .is_some()
-}
-
-/// Every key under the prefix with its mod revision: equal snapshots mean nothing was written.
-async fn snapshot(a: &Allocator) -> BTreeMap<String, i64> {
-    let (_, kvs) = a
-        .store()
-        .load_prefix(a.keys().prefix())
-        .await
-        .expect("scan");
-    kvs.iter()
-        .map(|kv| {
-            (
-                kv.key_str().expect("utf-8 key").to_string(),
-                kv.mod_revision(),
-            )
-        })
-        .collect()
 }
 
 /// Runs `hostnic-ipamd gc-pods` for `node` against the shared etcd, with `kubeconfig` if given

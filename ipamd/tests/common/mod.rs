@@ -4,6 +4,7 @@
 // Each test binary includes this module and uses a part of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use hostnic_ipamd::{
@@ -61,4 +62,22 @@ pub fn net(text: &str) -> IpNet {
 
 pub fn ips(a: &Allocation) -> Vec<IpAddr> {
     a.ips.iter().map(|x| x.ip).collect()
+}
+
+/// Every key under the allocator's prefix with its mod revision: equal snapshots mean nothing
+/// was written.
+pub async fn snapshot(a: &Allocator) -> BTreeMap<String, i64> {
+    let (_, kvs) = a
+        .store()
+        .load_prefix(a.keys().prefix())
+        .await
+        .expect("scan");
+    kvs.iter()
+        .map(|kv| {
+            (
+                kv.key_str().expect("utf-8 key").to_string(),
+                kv.mod_revision(),
+            )
+        })
+        .collect()
 }
