@@ -6,7 +6,9 @@
 //! The Kubernetes objects come from the shipped examples, so that what a user copies is what is
 //! proven: `examples/statefulset-fixed-ips.yaml` (a StatefulSet with an address per ordinal),
 //! `examples/kube-ipam-readme.conf` and `examples/kube-ipam-fixed-ip-deployment.yaml` (kube-ipam's
-//! own README config, with only `type` changed, and its example Deployment).
+//! own README config, with only `type` changed, and its example Deployment),
+//! `examples/multus-two-networks.yaml` (a pod on two networks with a fixed address on `net1` only)
+//! and `examples/multus-macvlan-static-ip.yaml` (Multus' `ips` as `runtimeConfig.ips`).
 //!
 //! Needs root and `ip netns` (the tests skip with `SKIPPED ...` otherwise), `etcd`, `etcdctl`,
 //! `ping`, the reference `macvlan` in `/usr/lib/cni`, and the workspace binaries built from the
@@ -215,11 +217,16 @@ impl PodCall {
     }
 
     fn run(&self, setup: &Setup, command: &str, config: &str) -> CniOutput {
+        self.run_on(setup, command, IFNAME, config)
+    }
+
+    /// As [`PodCall::run`], for the pod's interface `ifname` (a secondary network's `net1`).
+    fn run_on(&self, setup: &Setup, command: &str, ifname: &str, config: &str) -> CniOutput {
         let call = CniCall {
             command,
             container_id: &self.container,
             netns: &self.netns,
-            ifname: IFNAME,
+            ifname,
             cni_path: setup.cni_path.path(),
             args: &self.args,
         };
@@ -774,4 +781,251 @@ fn a_recreated_statefulset_pod_takes_over_its_address_when_the_old_del_never_cam
     del(&setup, &new, &config);
     let left = node.allocations();
     assert!(left.is_empty(), "records left after every DEL: {left:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multus: a pod on two networks
+// ---------------------------------------------------------------------------------------------
+
+/// The interface Multus gives a pod's first secondary network.
+const SECONDARY_IFNAME: &str = "net1";
+
+/// The plugin config libcni runs for the NetworkAttachmentDefinition `nad`: the first plugin of
+/// its conflist with the list's `name` and `cniVersion`, on this node's parent and socket.
+fn attachment_definition_config(node: &Node, nad: &Value) -> String {
+    let list: Value = serde_json::from_str(
+        nad["spec"]["config"]
+            .as_str()
+            .expect("NetworkAttachmentDefinition with spec.config"),
+    )
+    .expect("spec.config is JSON");
+    let mut plugin = list["plugins"][0].clone();
+    plugin["name"] = list["name"].clone();
+    plugin["cniVersion"] = list["cniVersion"].clone();
+    node.config(plugin)
+}
+
+/// The one NetworkAttachmentDefinition named `name` in the manifest file `file`.
+fn attachment_definition(file: &str, name: &str) -> Value {
+    let mut found: Vec<Value> = manifests(file)
+        .into_iter()
+        .filter(|d| d["kind"] == "NetworkAttachmentDefinition" && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "examples/{file} defines network {name} once"
+    );
+    found.remove(0)
+}
+
+/// The example's pod as the API server has it once scheduled to [`NODE`]: its name, namespace
+/// and annotations.
+fn scheduled_pod(example: &Value) -> Value {
+    let meta = &example["metadata"];
+    let mut pod = kube::pod(
+        meta["namespace"].as_str().unwrap_or("default"),
+        meta["name"].as_str().expect("pod with a name"),
+    )
+    .node(NODE);
+    for (k, v) in meta["annotations"].as_object().into_iter().flatten() {
+        pod = pod.annotation(k, v.as_str().expect("annotation value"));
+    }
+    pod.build()
+}
+
+/// The pod's Multus network selection (`k8s.v1.cni.cncf.io/networks`, JSON form).
+fn selected_networks(pod: &Value) -> Vec<Value> {
+    let text = pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"]
+        .as_str()
+        .expect("the pod selects secondary networks");
+    serde_json::from_str(text).expect("the network selection is JSON")
+}
+
+/// ADDs `pod`'s interface `ifname` and returns the address of the result.
+fn add_on(setup: &Setup, pod: &Pod, ifname: &str, config: &str) -> Ipv4Addr {
+    let out = PodCall::of(pod).run_on(setup, "ADD", ifname, config);
+    assert!(
+        out.success(),
+        "ADD of {} {ifname} failed: {}",
+        pod.key(),
+        describe(&out)
+    );
+    let result: Value = serde_json::from_str(&out.stdout).expect("ADD printed a CNI result");
+    let cidr = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("result without ips[0].address: {result}"));
+    cidr.split_once('/')
+        .and_then(|(ip, _)| ip.parse().ok())
+        .unwrap_or_else(|| panic!("result address {cidr:?}"))
+}
+
+fn del_on(setup: &Setup, pod: &Pod, ifname: &str, config: &str) {
+    let out = PodCall::of(pod).run_on(setup, "DEL", ifname, config);
+    assert!(
+        out.success(),
+        "DEL of {} {ifname} failed: {}",
+        pod.key(),
+        describe(&out)
+    );
+}
+
+/// The addresses of this node's attachment records: network → the addresses it holds.
+fn held_per_network(node: &Node, container: &str) -> BTreeMap<String, Vec<String>> {
+    let mut held = BTreeMap::new();
+    for (key, record) in node.allocations() {
+        if key.contains("/ips/") || !key.contains(&format!("/{container}/")) {
+            continue;
+        }
+        let ips = record["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|ip| ip["ip"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        held.insert(
+            record["network"].as_str().unwrap_or_default().to_owned(),
+            ips,
+        );
+    }
+    held
+}
+
+#[test]
+fn a_pod_on_two_multus_networks_holds_one_address_per_network_with_its_fixed_address_on_net1() {
+    let Some(setup) = setup("kubernetes e2e Multus two networks") else {
+        return;
+    };
+    let file = "multus-two-networks.yaml";
+    let example_pod = manifest(file, "Pod");
+    let selection = selected_networks(&example_pod);
+    assert_eq!(
+        selection.len(),
+        1,
+        "the example pod has one secondary network"
+    );
+    assert_eq!(selection[0]["interface"], SECONDARY_IFNAME);
+    let default_network = example_pod["metadata"]["annotations"]
+        ["v1.multus-cni.io/default-network"]
+        .as_str()
+        .expect("the example names its default network");
+    let (_, blue_name) = default_network
+        .split_once('/')
+        .expect("namespace/name of the default network");
+    let green_name = selection[0]["name"].as_str().expect("network name");
+    let fixed: Ipv4Addr = example_pod["metadata"]["annotations"]["kube-ipam.ip"]
+        .as_str()
+        .expect("the example pod has kube-ipam.ip")
+        .parse()
+        .expect("kube-ipam.ip is an address");
+
+    let node = Node::start(&setup, "multus", |_| {});
+    let blue = attachment_definition_config(&node, &attachment_definition(file, blue_name));
+    let green = attachment_definition_config(&node, &attachment_definition(file, green_name));
+    let pod = Pod::create(&node.kube, scheduled_pod(&example_pod));
+
+    // Multus attaches the default network first, then the secondary one, in one sandbox.
+    let on_eth0 = add_on(&setup, &pod, IFNAME, &blue);
+    let on_net1 = add_on(&setup, &pod, SECONDARY_IFNAME, &green);
+    eprintln!(
+        "{}: {IFNAME} {on_eth0}, {SECONDARY_IFNAME} {on_net1}",
+        pod.key()
+    );
+    assert_eq!(
+        on_net1, fixed,
+        "net1 did not get the annotated address of its network"
+    );
+    let blue_range = Ipv4Addr::new(10, 217, 0, 100)..=Ipv4Addr::new(10, 217, 0, 200);
+    assert!(
+        blue_range.contains(&on_eth0),
+        "eth0 got {on_eth0}, not a dynamic address of {blue_name}"
+    );
+    assert_eq!(addresses_in(&pod), vec![format!("{on_eth0}/24")]);
+    assert_eq!(
+        addresses(&pod.netns, SECONDARY_IFNAME).expect("reading net1"),
+        vec![format!("{on_net1}/24")]
+    );
+    let held = held_per_network(&node, &pod.container);
+    assert_eq!(
+        held,
+        BTreeMap::from([
+            (blue_name.to_owned(), vec![on_eth0.to_string()]),
+            (green_name.to_owned(), vec![on_net1.to_string()]),
+        ]),
+        "one attachment per network, one address each"
+    );
+
+    // A DEL of net1 frees green's address only.
+    del_on(&setup, &pod, SECONDARY_IFNAME, &green);
+    let held = held_per_network(&node, &pod.container);
+    assert_eq!(
+        held,
+        BTreeMap::from([(blue_name.to_owned(), vec![on_eth0.to_string()])]),
+        "after net1's DEL"
+    );
+    assert!(
+        !node
+            .allocations()
+            .keys()
+            .any(|k| k.ends_with(&format!("/ips/{on_net1}"))),
+        "{on_net1} is still allocated after net1's DEL"
+    );
+    del_on(&setup, &pod, IFNAME, &blue);
+    let left = node.allocations();
+    assert!(left.is_empty(), "records left after both DELs: {left:#?}");
+}
+
+#[test]
+fn a_multus_ips_request_reaches_hostnic_ipam_as_runtime_config_ips() {
+    let Some(setup) = setup("kubernetes e2e Multus ips") else {
+        return;
+    };
+    let file = "multus-macvlan-static-ip.yaml";
+    let example_pod = manifest(file, "Pod");
+    let selection = selected_networks(&example_pod);
+    assert_eq!(
+        selection.len(),
+        1,
+        "the example pod has one secondary network"
+    );
+    let name = selection[0]["name"].as_str().expect("network name");
+    let asked = selection[0]["ips"][0]
+        .as_str()
+        .expect("the selection asks for an address");
+    let (want, _) = asked.split_once('/').expect("Multus ips are CIDRs");
+    let want: Ipv4Addr = want.parse().expect("an IPv4 address");
+
+    let node = Node::start(&setup, "multus-ips", |_| {});
+    let nad = attachment_definition(file, name);
+    let list: Value =
+        serde_json::from_str(nad["spec"]["config"].as_str().expect("spec.config")).expect("JSON");
+    assert_eq!(
+        list["plugins"][0]["capabilities"]["ips"],
+        json!(true),
+        "the network declares the ips capability"
+    );
+    // libcni passes a capability's runtime value only to a plugin that declares it.
+    let mut config: Value =
+        serde_json::from_str(&attachment_definition_config(&node, &nad)).expect("config");
+    config["runtimeConfig"] = json!({ "ips": [asked] });
+    let config = config.to_string();
+    let pod = Pod::create(&node.kube, scheduled_pod(&example_pod));
+
+    let ip = add_on(&setup, &pod, SECONDARY_IFNAME, &config);
+    assert_eq!(
+        ip, want,
+        "net1 did not get the address the selection asks for"
+    );
+    assert_eq!(
+        addresses(&pod.netns, SECONDARY_IFNAME).expect("reading net1"),
+        vec![asked.to_owned()]
+    );
+    let held = held_per_network(&node, &pod.container);
+    assert_eq!(
+        held,
+        BTreeMap::from([(name.to_owned(), vec![want.to_string()])])
+    );
+    del_on(&setup, &pod, SECONDARY_IFNAME, &config);
+    let left = node.allocations();
+    assert!(left.is_empty(), "records left after the DEL: {left:#?}");
 }
