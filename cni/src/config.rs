@@ -15,6 +15,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde_json::{Map, Value};
@@ -36,6 +37,14 @@ pub struct NetworkConfig {
     raw: Map<String, Value>,
 }
 
+/// How long a call waits for a restarting daemon unless `ipam.daemonWaitSeconds` says otherwise:
+/// long enough for a DaemonSet's rolling update to replace the daemon (the old one ends within a
+/// second of SIGTERM, the new one serves within a second or two of starting), short against the
+/// minutes a runtime gives a CNI call.
+pub const DEFAULT_DAEMON_WAIT: Duration = Duration::from_secs(5);
+/// The most `ipam.daemonWaitSeconds` may ask for.
+pub const MAX_DAEMON_WAIT: Duration = Duration::from_secs(60);
+
 /// The `ipam` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IpamConfig {
@@ -47,6 +56,10 @@ pub struct IpamConfig {
     pub resolv_conf: Option<PathBuf>,
     /// `ipam.routes`: routes to return with every allocation.
     pub routes: Vec<Route>,
+    /// `ipam.daemonWaitSeconds`: how long a call waits for a daemon that is restarting (no
+    /// socket, a refused connection, a connection that broke before the answer) before it
+    /// answers "try again later"; [`DEFAULT_DAEMON_WAIT`] when absent.
+    pub daemon_wait: Duration,
     /// The whole `ipam` object, unknown keys included, for the daemon.
     pub raw: Value,
 }
@@ -199,12 +212,20 @@ impl IpamConfig {
             .enumerate()
             .map(|(i, route)| parse_route(route, &format!("ipam.routes[{i}]")))
             .collect::<Result<_, _>>()?;
+        let daemon_wait = optional_seconds(
+            ipam,
+            "daemonWaitSeconds",
+            "ipam.daemonWaitSeconds",
+            MAX_DAEMON_WAIT,
+        )?
+        .unwrap_or(DEFAULT_DAEMON_WAIT);
         check_pool_keys(ipam)?;
         Ok(IpamConfig {
             ipam_type,
             socket,
             resolv_conf,
             routes,
+            daemon_wait,
             raw: value.clone(),
         })
     }
@@ -416,6 +437,29 @@ fn optional_path(
     Ok(optional_str(object, key, path)?
         .filter(|s| !s.is_empty())
         .map(PathBuf::from))
+}
+
+/// A whole number of seconds from 0 to `max`.
+fn optional_seconds(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    max: Duration,
+) -> Result<Option<Duration>, CniError> {
+    let Some(value) = optional(object, key) else {
+        return Ok(None);
+    };
+    match value.as_u64() {
+        Some(n) if n <= max.as_secs() => Ok(Some(Duration::from_secs(n))),
+        _ => Err(invalid(
+            path,
+            value,
+            format!(
+                "expected a whole number of seconds from 0 to {}",
+                max.as_secs()
+            ),
+        )),
+    }
 }
 
 fn optional_ip(
@@ -807,6 +851,23 @@ mod tests {
             parse(without(minimal(), "/ipam/type")).unwrap_err(),
             "ipam.type",
         );
+    }
+
+    #[test]
+    fn daemon_wait_is_whole_seconds_up_to_the_maximum_and_defaults() {
+        assert_eq!(
+            parse(minimal()).unwrap().ipam.daemon_wait,
+            DEFAULT_DAEMON_WAIT
+        );
+        let wait = |v: Value| parse(with(minimal(), "/ipam/daemonWaitSeconds", v));
+        assert_eq!(wait(json!(0)).unwrap().ipam.daemon_wait, Duration::ZERO);
+        assert_eq!(
+            wait(json!(60)).unwrap().ipam.daemon_wait,
+            Duration::from_secs(60)
+        );
+        for bad in [json!(61), json!(-1), json!(1.5), json!("5")] {
+            assert_invalid(wait(bad).unwrap_err(), "ipam.daemonWaitSeconds");
+        }
     }
 
     #[test]

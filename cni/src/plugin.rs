@@ -10,9 +10,16 @@
 //! # Which socket
 //!
 //! `ipam.socket` from the network config, else the environment variable [`SOCKET_ENV`], else
-//! [`hostnic_proto::DEFAULT_SOCKET`]. Connecting gives up after [`CONNECT_TIMEOUT`] (a missing
-//! socket or a refused connection fails at once); a call gives up after [`CALL_DEADLINE`],
-//! which is also sent to the daemon as the gRPC deadline.
+//! [`hostnic_proto::DEFAULT_SOCKET`]. Connecting gives up after [`CONNECT_TIMEOUT`]; a call
+//! gives up after [`CALL_DEADLINE`], which is also sent to the daemon as the gRPC deadline.
+//!
+//! # A restarting daemon
+//!
+//! While the daemon may be restarting (no socket, a refused connection, a connection that broke
+//! before the answer: [`CallFailure::daemon_may_be_restarting`]), every command but STATUS tries
+//! again every 100 ms for up to `ipam.daemonWaitSeconds`
+//! ([`crate::config::DEFAULT_DAEMON_WAIT`] unless set, 0 to fail at once), and only then
+//! answers code 11. A DaemonSet rolling update or a crash-looping daemon so fails no pod.
 //!
 //! # Daemon failures as CNI errors
 //!
@@ -158,7 +165,13 @@ where
     let call = prepare(&invocation, &config)?;
     let socket = socket_path(&config.ipam, env_value(vars, SOCKET_ENV));
 
-    let answer = block_on(send(call, &socket))?.map_err(|failure| {
+    // STATUS answers at once: a runtime asks it to learn whether the plugin is ready now.
+    let wait = if invocation.command == Command::Status {
+        Duration::ZERO
+    } else {
+        config.ipam.daemon_wait
+    };
+    let answer = block_on(send_waiting(call, &socket, wait))?.map_err(|failure| {
         daemon_error(
             invocation.command,
             &socket,
@@ -781,6 +794,45 @@ fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
             source,
         })?;
     Ok(runtime.block_on(future))
+}
+
+/// How often a call looks again for a daemon that is restarting.
+const RESTART_POLL: Duration = Duration::from_millis(100);
+
+impl CallFailure {
+    /// Whether the daemon may be restarting: no socket, a socket nobody listens on, or a
+    /// connection that broke before the answer (a daemon stopping drops connections it has not
+    /// accepted yet). Trying again is safe for every command: ADD, DEL, CHECK and GC are
+    /// idempotent for their attachment, so a call the old daemon did carry out is answered the
+    /// same by the new one.
+    pub fn daemon_may_be_restarting(&self) -> bool {
+        matches!(
+            self,
+            CallFailure::Connect(ConnectFailure::NoSocket | ConnectFailure::Refused)
+                | CallFailure::Broken(_)
+        )
+    }
+}
+
+/// [`send`], tried again every [`RESTART_POLL`] for up to `wait` while the daemon may be
+/// restarting (a rolling update, a crash loop), so that a restart fails no call.
+async fn send_waiting(
+    call: DaemonCall,
+    socket: &Path,
+    wait: Duration,
+) -> Result<Answer, CallFailure> {
+    let give_up = tokio::time::Instant::now() + wait;
+    loop {
+        let failure = match send(call.clone(), socket).await {
+            Ok(answer) => return Ok(answer),
+            Err(failure) => failure,
+        };
+        let now = tokio::time::Instant::now();
+        if !failure.daemon_may_be_restarting() || now >= give_up {
+            return Err(failure);
+        }
+        tokio::time::sleep(RESTART_POLL.min(give_up - now)).await;
+    }
 }
 
 async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {

@@ -48,6 +48,7 @@ fn valid_config() -> Value {
         "ipam": {
             "type": "hostnic-ipam",
             "socket": MISSING_SOCKET,
+            "daemonWaitSeconds": 0,
             "subnet": "10.0.0.0/24",
             "gateway": "10.0.0.1",
             "ranges": [[{"subnet": "10.1.0.0/24", "rangeStart": "10.1.0.10"}]],
@@ -177,6 +178,8 @@ fn stdin() -> impl Strategy<Value = Vec<u8>> {
         }
         if let Some(Value::Object(ipam)) = conf.get_mut("ipam") {
             ipam.insert("socket".to_owned(), Value::from(MISSING_SOCKET));
+            // No waiting for the missing daemon: every run must end quickly.
+            ipam.insert("daemonWaitSeconds".to_owned(), Value::from(0));
         }
         serde_json::to_vec(&conf).unwrap()
     });

@@ -78,6 +78,9 @@ fn conf(version: &str, socket: &Path, extra: Value) -> String {
             "socket": socket,
             "subnet": "10.0.0.0/24",
             "routes": [{"dst": "0.0.0.0/0"}, {"dst": "192.168.0.0/16", "gw": "10.0.0.254"}],
+            // Fail at once without a daemon; the tests of the wait for a restarting daemon
+            // set their own.
+            "daemonWaitSeconds": 0,
         },
     });
     merge(&mut conf, extra);
@@ -308,12 +311,60 @@ fn refused_socket_is_try_again_later() {
     assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
 }
 
+/// A daemon that is restarting (DaemonSet rolling update, crash loop) is waited for, up to
+/// `ipam.daemonWaitSeconds`, and only then is the call answered "try again later".
+#[test]
+fn a_missing_daemon_is_waited_for_up_to_daemon_wait_seconds_then_try_again_later() {
+    let socket = missing_socket();
+    for command in ["ADD", "DEL"] {
+        let run = run(
+            &attachment_env(command, &[]),
+            &conf("1.0.0", &socket, json!({"ipam": {"daemonWaitSeconds": 1}})),
+        );
+        assert_error(&run, 11, &[socket.to_str().unwrap(), "try again later"]);
+        assert!(
+            run.took >= Duration::from_secs(1),
+            "{command} gave up after {:?}, before the 1 s wait",
+            run.took
+        );
+        // Slack for exec and scheduling on a loaded 2-core machine.
+        assert!(
+            run.took < Duration::from_secs(3),
+            "{command} took {:?} for a 1 s wait",
+            run.took
+        );
+    }
+}
+
+#[test]
+fn a_daemon_that_starts_during_the_wait_answers_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ipamd.sock");
+    let conf = conf("1.0.0", &socket, json!({"ipam": {"daemonWaitSeconds": 10}}));
+    let env = attachment_env("ADD", &[("CNI_ARGS", POD_ARGS)]);
+    let plugin = std::thread::spawn(move || run(&env, &conf));
+    std::thread::sleep(Duration::from_millis(400));
+    let Some(daemon) = FakeDaemon::start_in(dir, Answers::default()) else {
+        let _ = plugin.join();
+        return;
+    };
+    let run = plugin.join().unwrap();
+    assert!(run.success, "{run:?}");
+    assert!(
+        run.took >= Duration::from_millis(400),
+        "answered in {:?}, before the daemon existed",
+        run.took
+    );
+    assert_eq!(daemon.received().len(), 1, "{:?}", daemon.received());
+}
+
 #[test]
 fn status_without_daemon_is_code_50() {
     let socket = missing_socket();
+    // STATUS asks whether the plugin is ready now: it does not wait for a daemon.
     let run = run(
         &[("CNI_COMMAND", "STATUS")],
-        &conf("1.1.0", &socket, json!({})),
+        &conf("1.1.0", &socket, json!({"ipam": {"daemonWaitSeconds": 5}})),
     );
     assert_error(&run, 50, &[socket.to_str().unwrap()]);
     assert!(run.took < Duration::from_secs(1), "took {:?}", run.took);
@@ -457,7 +508,11 @@ fn creates_as_root(dir: &Path) -> bool {
 impl FakeDaemon {
     /// `None`, after a SKIPPED line, when not root: the plugin would refuse the fake's socket.
     fn start(answers: Answers) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), answers)
+    }
+
+    /// Serves on `ipamd.sock` in `dir`, which it removes when dropped.
+    fn start_in(dir: tempfile::TempDir, answers: Answers) -> Option<Self> {
         if !creates_as_root(dir.path()) {
             eprintln!("SKIPPED: a fake hostnic-ipamd needs root (the plugin trusts root-owned sockets only)");
             return None;

@@ -741,7 +741,7 @@ fn retry_after_failed_add(setup: &Setup, config: &str, pod: &Pod) -> Ipv4Addr {
 }
 
 #[test]
-fn add_without_daemon_fails_fast_with_try_again_later() {
+fn add_without_daemon_waits_for_it_then_says_try_again_later() {
     let Some(setup) = setup("e2e no daemon") else {
         return;
     };
@@ -749,45 +749,39 @@ fn add_without_daemon_fails_fast_with_try_again_later() {
     let dir = scratch_dir();
     let socket = dir.path().join("absent.sock");
     let parent = VethPair::new("nd").expect("creating a veth pair");
-    let config = macvlan_conf("e2e-no-daemon", &parent, &socket, "10.205.0.0/24");
+    let mut config: Value = serde_json::from_str(&macvlan_conf(
+        "e2e-no-daemon",
+        &parent,
+        &socket,
+        "10.205.0.0/24",
+    ))
+    .expect("config is JSON");
+    // A restarting daemon is waited for (ipam.daemonWaitSeconds), then the runtime is told to
+    // try again later.
+    const WAIT: Duration = Duration::from_secs(1);
+    config["ipam"]["daemonWaitSeconds"] = json!(WAIT.as_secs());
+    let config = config.to_string();
     let pod = Pod::new("nd");
+    let bound = WAIT + CONNECT_TIMEOUT + SLACK;
 
-    let out = cni(&setup, "hostnic-ipam", "ADD", &pod, &config);
-    assert_eq!(
-        error_code(&out, "hostnic-ipam ADD without a daemon"),
-        CODE_TRY_AGAIN_LATER,
-        "{}",
-        describe(&out)
-    );
-    // The plugin promises "try again later" once CONNECT_TIMEOUT has passed without a
-    // connection (at once when there is no socket at all); SLACK covers exec and scheduling.
-    let bound = CONNECT_TIMEOUT + SLACK;
-    assert!(
-        out.elapsed < bound,
-        "hostnic-ipam took {:?} to notice there is no daemon (bound: connect timeout {CONNECT_TIMEOUT:?} + slack {SLACK:?})",
-        out.elapsed
-    );
-    eprintln!(
-        "hostnic-ipam ADD without daemon: code 11 in {:?}",
-        out.elapsed
-    );
-
-    // Through macvlan: the code reaches the runtime and no half-made interface stays behind.
-    let out = cni(&setup, "macvlan", "ADD", &pod, &config);
-    assert_eq!(
-        error_code(&out, "macvlan ADD without a daemon"),
-        CODE_TRY_AGAIN_LATER,
-        "{}",
-        describe(&out)
-    );
-    assert!(
-        out.elapsed < bound,
-        "macvlan + hostnic-ipam took {:?} to fail without a daemon (bound: connect timeout {CONNECT_TIMEOUT:?} + slack {SLACK:?})",
-        out.elapsed
-    );
+    for main in ["hostnic-ipam", "macvlan"] {
+        // Through macvlan too: the code reaches the runtime.
+        let out = cni(&setup, main, "ADD", &pod, &config);
+        assert_eq!(
+            error_code(&out, &format!("{main} ADD without a daemon")),
+            CODE_TRY_AGAIN_LATER,
+            "{}",
+            describe(&out)
+        );
+        assert!(
+            out.elapsed >= WAIT && out.elapsed < bound,
+            "{main} took {:?} to give up on the daemon (wait {WAIT:?}, bound {bound:?})",
+            out.elapsed
+        );
+        eprintln!("{main} ADD without daemon: code 11 in {:?}", out.elapsed);
+    }
     // macvlan 1.1.1 leaves its (down) link in the pod when IPAM fails, with host-local too:
     // the runtime's DEL after a failed ADD removes it. Not ours to check here.
-    eprintln!("macvlan ADD without daemon: code 11 in {:?}", out.elapsed);
 }
 
 #[test]
@@ -881,7 +875,12 @@ fn add_works_again_after_daemon_restart() {
     let socket = dir.path().join("ipamd.sock");
     let parent = VethPair::new("rs").expect("creating a veth pair");
     let subnet = "10.207.0.0/24";
-    let config = macvlan_conf("e2e-restart", &parent, &socket, subnet);
+    let mut config: Value =
+        serde_json::from_str(&macvlan_conf("e2e-restart", &parent, &socket, subnet))
+            .expect("config is JSON");
+    // The ADD while the daemon is down gives up after a second instead of the default wait.
+    config["ipam"]["daemonWaitSeconds"] = json!(1);
+    let config = config.to_string();
     let first = Pod::new("rs");
     let second = Pod::new("rs");
 
@@ -1152,4 +1151,141 @@ fn exact_addresses_from_runtime_config_and_cni_args_reach_the_pod_or_fail_cleanl
         allocation_keys(&etcd_records(&endpoints, &prefix), &prefix),
         Vec::<String>::new()
     );
+}
+
+/// A daemon upgrade as a DaemonSet makes it, twice, while 16 workers churn ADD/DEL through the
+/// plugin: first with a surge (the new daemon starts, waits for the old one's socket lock, and
+/// takes over when the old one gets SIGTERM), then without (SIGTERM, and only then the new
+/// daemon is started). The plugin waits for the restarting daemon (`ipam.daemonWaitSeconds`),
+/// so no call fails, and no address is ever handed to two pods.
+#[test]
+fn restarting_the_daemon_under_churn_fails_no_call_and_duplicates_no_address() {
+    const WORKERS: usize = 16;
+    let Some(setup) = setup("e2e daemon upgrade under churn") else {
+        return;
+    };
+    let _alone = run_alone();
+    let endpoints = shared_single().endpoints();
+    let dir = scratch_dir();
+    let prefix = unique_prefix("e2e-upgrade");
+    let socket = dir.path().join("ipamd.sock");
+    let subnet = "10.219.0.0/24";
+    let config = net_conf(
+        "1.0.0",
+        "e2e-upgrade",
+        json!({"type": "macvlan", "master": "unused"}),
+        ipam_conf(&socket, subnet),
+    );
+    let node = "node-upgrade";
+    let start = |extra: &[&str]| {
+        IpamDaemon::start(&setup.daemon, &endpoints, node, &prefix, &socket, extra)
+            .expect("starting hostnic-ipamd")
+    };
+    let ns = Arc::new(NetNs::new("up").expect("creating a netns"));
+
+    // Who holds each address, as the workers saw their ADDs answered. A worker forgets its
+    // address before its DEL, so the address is only free for others once it is unlisted.
+    let held: std::sync::Mutex<BTreeMap<Ipv4Addr, String>> = Default::default();
+    let failures: std::sync::Mutex<Vec<String>> = Default::default();
+    let calls = AtomicU64::new(0);
+    let churning = std::sync::atomic::AtomicBool::new(true);
+
+    let mut old = start(&[]);
+    let restarts = thread::scope(|s| {
+        for _ in 0..WORKERS {
+            s.spawn(|| {
+                while churning.load(Ordering::Relaxed) {
+                    let pod = Pod::in_ns("up", &ns);
+                    let out = cni(&setup, "hostnic-ipam", "ADD", &pod, &config);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if !out.success() {
+                        failures.lock().unwrap().push(format!(
+                            "ADD {}: {}",
+                            pod.id,
+                            describe(&out)
+                        ));
+                        continue;
+                    }
+                    let (ip, _, _) = result_ipv4(&ok_json(&out, "ADD"));
+                    if let Some(other) = held.lock().unwrap().insert(ip, pod.id.clone()) {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{ip} handed to {} while {other} holds it", pod.id));
+                    }
+                    held.lock().unwrap().remove(&ip);
+                    let out = cni(&setup, "hostnic-ipam", "DEL", &pod, &config);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if !out.success() {
+                        failures.lock().unwrap().push(format!(
+                            "DEL {}: {}",
+                            pod.id,
+                            describe(&out)
+                        ));
+                    }
+                }
+            });
+        }
+        let mut restarts = Vec::new();
+        thread::sleep(Duration::from_secs(1));
+
+        // With a surge: the new daemon waits for the old one's lock.
+        let began = Instant::now();
+        let new = start(&["--socket-wait-seconds", "30"]);
+        thread::sleep(Duration::from_millis(500));
+        old.stop().expect("the old daemon was running");
+        // The log is shared by every daemon of the node: the second "serving" is the new one's.
+        wait_for_log(&new, "server: serving", 2);
+        restarts.push(("surge", began.elapsed(), calls.load(Ordering::Relaxed)));
+        old = new;
+        thread::sleep(Duration::from_secs(1));
+
+        // Without: stopped first, then the new one starts.
+        let began = Instant::now();
+        old.stop().expect("the daemon was running");
+        old = start(&[]);
+        restarts.push((
+            "stop, then start",
+            began.elapsed(),
+            calls.load(Ordering::Relaxed),
+        ));
+        thread::sleep(Duration::from_secs(1));
+        churning.store(false, Ordering::Relaxed);
+        restarts
+    });
+
+    let failures = failures.into_inner().unwrap();
+    let calls = calls.into_inner();
+    eprintln!("{calls} calls by {WORKERS} workers across two restarts: {restarts:?}");
+    assert!(
+        failures.is_empty(),
+        "{} of {calls} calls failed or duplicated an address:\n{}\nold daemon log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        old.log_tail()
+    );
+    assert!(
+        calls > 100,
+        "only {calls} calls were made: the churn did not run"
+    );
+    let records = etcd_records(&endpoints, &prefix);
+    assert_eq!(allocation_keys(&records, &prefix), Vec::<String>::new());
+}
+
+/// Waits until `daemon`'s log says `what` `times` times.
+fn wait_for_log(daemon: &IpamDaemon, what: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_to_string(daemon.log_path())
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+        < times
+    {
+        assert!(
+            Instant::now() < deadline,
+            "hostnic-ipamd never logged {what:?}:\n{}",
+            daemon.log_tail()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
