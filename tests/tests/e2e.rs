@@ -1183,46 +1183,48 @@ fn restarting_the_daemon_under_churn_fails_no_call_and_duplicates_no_address() {
     };
     let ns = Arc::new(NetNs::new("up").expect("creating a netns"));
 
-    // Who holds each address, as the workers saw their ADDs answered. A worker forgets its
-    // address before its DEL, so the address is only free for others once it is unlisted.
+    // Who holds each address, as the workers saw their ADDs answered. A worker unlists an
+    // address before its DEL, so it is listed only while etcd holds it for that worker.
     let held: std::sync::Mutex<BTreeMap<Ipv4Addr, String>> = Default::default();
     let failures: std::sync::Mutex<Vec<String>> = Default::default();
     let calls = AtomicU64::new(0);
     let churning = std::sync::atomic::AtomicBool::new(true);
 
+    let fail = |what: String| failures.lock().expect("failure list").push(what);
     let mut old = start(&[]);
     let restarts = thread::scope(|s| {
         for _ in 0..WORKERS {
             s.spawn(|| {
+                // Each worker keeps its last pod while it adds the next, so an address stays
+                // listed for as long as another worker's ADD takes.
+                let mut previous: Option<(Pod, Ipv4Addr)> = None;
+                let del = |pod: Pod, ip: Ipv4Addr| {
+                    held.lock().expect("holder list").remove(&ip);
+                    let out = cni(&setup, "hostnic-ipam", "DEL", &pod, &config);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    if !out.success() {
+                        fail(format!("DEL {}: {}", pod.id, describe(&out)));
+                    }
+                };
                 while churning.load(Ordering::Relaxed) {
                     let pod = Pod::in_ns("up", &ns);
                     let out = cni(&setup, "hostnic-ipam", "ADD", &pod, &config);
                     calls.fetch_add(1, Ordering::Relaxed);
                     if !out.success() {
-                        failures.lock().unwrap().push(format!(
-                            "ADD {}: {}",
-                            pod.id,
-                            describe(&out)
-                        ));
+                        fail(format!("ADD {}: {}", pod.id, describe(&out)));
                         continue;
                     }
                     let (ip, _, _) = result_ipv4(&ok_json(&out, "ADD"));
-                    if let Some(other) = held.lock().unwrap().insert(ip, pod.id.clone()) {
-                        failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("{ip} handed to {} while {other} holds it", pod.id));
+                    let other = held.lock().expect("holder list").insert(ip, pod.id.clone());
+                    if let Some(other) = other {
+                        fail(format!("{ip} handed to {} while {other} holds it", pod.id));
                     }
-                    held.lock().unwrap().remove(&ip);
-                    let out = cni(&setup, "hostnic-ipam", "DEL", &pod, &config);
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    if !out.success() {
-                        failures.lock().unwrap().push(format!(
-                            "DEL {}: {}",
-                            pod.id,
-                            describe(&out)
-                        ));
+                    if let Some((pod, ip)) = previous.replace((pod, ip)) {
+                        del(pod, ip);
                     }
+                }
+                if let Some((pod, ip)) = previous {
+                    del(pod, ip);
                 }
             });
         }
@@ -1254,7 +1256,7 @@ fn restarting_the_daemon_under_churn_fails_no_call_and_duplicates_no_address() {
         restarts
     });
 
-    let failures = failures.into_inner().unwrap();
+    let failures = failures.into_inner().expect("failure list");
     let calls = calls.into_inner();
     eprintln!("{calls} calls by {WORKERS} workers across two restarts: {restarts:?}");
     assert!(
