@@ -139,6 +139,22 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Install the CNI plugin binaries and a network config where the container runtime finds
+    /// them, each file atomically (the DaemonSet's init container runs this). Needs no etcd.
+    InstallCni {
+        /// The runtime's plugin directory.
+        #[arg(long, default_value = crate::install::DEFAULT_BIN_DIR)]
+        bin_dir: PathBuf,
+        /// The runtime's network config directory.
+        #[arg(long, default_value = crate::install::DEFAULT_CONF_DIR)]
+        conf_dir: PathBuf,
+        /// A network config (.conf or .conflist) to install into --conf-dir under its own name.
+        #[arg(long)]
+        conflist: Option<PathBuf>,
+        /// Where the plugin binaries are; defaults to this program's own directory.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Scan etcd and report every record that cannot be read or does not validate, any address
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod gc;
+pub mod install;
 pub mod kube;
 pub mod netns_gc;
 pub mod planner;

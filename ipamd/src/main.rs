@@ -1,6 +1,7 @@
 //! hostnic-ipamd: serve the plugins until SIGTERM, or run one operator command.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{cli, gc, install, kube, netns_gc, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -30,6 +31,15 @@ async fn main() -> anyhow::Result<ExitCode> {
         .ok()
         .map(|h| h.trim().to_string());
     let command = flags.command.clone().unwrap_or(Command::Serve);
+    if let Command::InstallCni {
+        bin_dir,
+        conf_dir,
+        conflist,
+        from,
+    } = command
+    {
+        return install_cni(bin_dir, conf_dir, conflist, from);
+    }
     let config = resolve(flags, file, hostname)?;
     let store = &config.store;
     let exit = match command {
@@ -82,8 +92,36 @@ async fn main() -> anyhow::Result<ExitCode> {
             print(pod_gc::pass(&allocator, &pods, config.gc_grace, dry_run).await?)?
         }
         Command::Audit => print(cli::audit(store).await?)?,
+        Command::InstallCni { .. } => unreachable!("handled before the config is resolved"),
     };
     Ok(exit)
+}
+
+/// `install-cni`: the plugins from `from` (default: this program's directory), and `conflist`.
+fn install_cni(
+    bin_dir: PathBuf,
+    conf_dir: PathBuf,
+    conflist: Option<PathBuf>,
+    from: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let from = match from {
+        Some(dir) => dir,
+        None => std::env::current_exe()
+            .context("finding this program's directory (give --from)")?
+            .parent()
+            .map(Path::to_path_buf)
+            .context("this program has no directory (give --from)")?,
+    };
+    let plan = install::InstallPlan {
+        from,
+        bin_dir,
+        conf_dir,
+        conflist,
+    };
+    for installed in install::install(&plan)? {
+        println!("{installed}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints what an operator command found or did; then its exit status, or the error that
