@@ -336,7 +336,11 @@ impl Client {
         }
     }
 
-    fn decode_field<T: DeserializeOwned>(action: &str, value: &Value, field: &str) -> Result<T, Error> {
+    fn decode_field<T: DeserializeOwned>(
+        action: &str,
+        value: &Value,
+        field: &str,
+    ) -> Result<T, Error> {
         let item = value.get(field).cloned().unwrap_or(Value::Null);
         serde_json::from_value(item).map_err(|e| Error::Decode {
             action: action.to_string(),
@@ -413,7 +417,11 @@ impl Client {
         if let Some(name) = &request.nic_name {
             params.insert("nic_name".into(), name.clone());
         }
-        let ips: Vec<String> = request.private_ips.iter().map(|ip| ip.to_string()).collect();
+        let ips: Vec<String> = request
+            .private_ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
         put_list(&mut params, "private_ips", &ips);
         if request.disable_ip {
             params.insert("disable_ip".into(), "1".into());

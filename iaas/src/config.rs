@@ -194,7 +194,9 @@ impl Config {
         let mut config = Self::new(&access_key_id, secret, &zone);
         if let Some(host) = scalar_string("host", raw.host)? {
             if host.is_empty() || host.contains(['/', ' ', '?', '#', '@']) {
-                return Err(ConfigError::new(format!("host {host:?} is not a host name")));
+                return Err(ConfigError::new(format!(
+                    "host {host:?} is not a host name"
+                )));
             }
             config.host = host;
         }
@@ -234,7 +236,9 @@ impl Config {
         }
         if let Some(secs) = unsigned("connection_timeout", raw.connection_timeout, 3600)? {
             if secs == 0 {
-                return Err(ConfigError::new("connection_timeout must be at least 1 second"));
+                return Err(ConfigError::new(
+                    "connection_timeout must be at least 1 second",
+                ));
             }
             config.connection_timeout = Duration::from_secs(secs);
         }
@@ -271,7 +275,10 @@ mod tests {
         )
         .expect("public example");
         assert_eq!(public.access_key_id, "ACCESS_KEY_ID");
-        assert_eq!(public.secret_access_key, SecretKey::new("SECRET_ACCESS_KEY"));
+        assert_eq!(
+            public.secret_access_key,
+            SecretKey::new("SECRET_ACCESS_KEY")
+        );
         assert_eq!(public.zone, "pek3a");
         assert_eq!(public.origin(), "https://api.qingcloud.com:443");
         assert_eq!(public.uri, "/iaas");
@@ -291,19 +298,37 @@ mod tests {
     fn bad_files_are_refused_naming_the_key_and_never_the_secret() {
         let base = "qy_access_key_id: AK\nqy_secret_access_key: TOPSECRET\nzone: pek3a\n";
         let cases = [
-            ("qy_access_key_id: AK\nzone: pek3a\n", "qy_secret_access_key"),
-            ("qy_secret_access_key: TOPSECRET\nzone: pek3a\n", "qy_access_key_id"),
+            (
+                "qy_access_key_id: AK\nzone: pek3a\n",
+                "qy_secret_access_key",
+            ),
+            (
+                "qy_secret_access_key: TOPSECRET\nzone: pek3a\n",
+                "qy_access_key_id",
+            ),
             ("zone: pek3a\n", "credential-proxy"),
-            ("qy_access_key_id: AK\nqy_secret_access_key: TOPSECRET\n", "zone is missing"),
+            (
+                "qy_access_key_id: AK\nqy_secret_access_key: TOPSECRET\n",
+                "zone is missing",
+            ),
             (&format!("{base}protocol: ftp\n"), "protocol"),
             (&format!("{base}port: 70000\n"), "port"),
             (&format!("{base}port: 0\n"), "port"),
             (&format!("{base}port: abc\n"), "port must be a number"),
             (&format!("{base}uri: iaas\n"), "uri"),
-            (&format!("{base}connection_timeout: 0\n"), "connection_timeout"),
+            (
+                &format!("{base}connection_timeout: 0\n"),
+                "connection_timeout",
+            ),
             (&format!("{base}host: 'a/b'\n"), "host"),
-            ("qy_access_key_id: AK\nqy_secret_access_key: [TOPSECRET]\nzone: pek3a\n", "qy_secret_access_key must be a string"),
-            ("qy_access_key_id: AK\nqy_secret_access_key: TOPSECRET\n  zone: - pek3a\n", "line"),
+            (
+                "qy_access_key_id: AK\nqy_secret_access_key: [TOPSECRET]\nzone: pek3a\n",
+                "qy_secret_access_key must be a string",
+            ),
+            (
+                "qy_access_key_id: AK\nqy_secret_access_key: TOPSECRET\n  zone: - pek3a\n",
+                "line",
+            ),
             ("- TOPSECRET\n", "not a YAML mapping"),
         ];
         for (text, needle) in cases {
@@ -329,9 +354,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("config.yaml");
         let err = Config::load(&path).expect_err("missing file").to_string();
-        assert!(err.contains("config.yaml") && err.contains("cannot be read"), "{err}");
+        assert!(
+            err.contains("config.yaml") && err.contains("cannot be read"),
+            "{err}"
+        );
         std::fs::write(&path, "qy_access_key_id: AK\n").expect("write");
         let err = Config::load(&path).expect_err("no secret").to_string();
-        assert!(err.contains("config.yaml") && err.contains("qy_secret_access_key"), "{err}");
+        assert!(
+            err.contains("config.yaml") && err.contains("qy_secret_access_key"),
+            "{err}"
+        );
     }
 }

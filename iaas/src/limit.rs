@@ -109,7 +109,10 @@ mod tests {
             assert_eq!(bucket.take(t0), Ok(()));
         }
         let wait = bucket.take(t0).expect_err("empty");
-        assert!(wait > Duration::from_millis(990) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(990) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         assert!(bucket.take(t0 + Duration::from_millis(500)).is_err());
         assert_eq!(bucket.take(t0 + Duration::from_millis(1001)), Ok(()));
         // An idle hour refills only up to the burst.

@@ -170,7 +170,11 @@ pub fn signed_query(
     params: &Params,
 ) -> String {
     let sig = signature(secret, method, http_method, path, params);
-    format!("{}&signature={}", canonical_query(params), percent_encode(&sig))
+    format!(
+        "{}&signature={}",
+        canonical_query(params),
+        percent_encode(&sig)
+    )
 }
 
 #[cfg(test)]
@@ -383,19 +387,64 @@ mod tests {
         let sig = signature(SECRET, SignatureMethod::HmacSha256, "GET", "/iaas", &p);
         let mut changed = p.clone();
         changed.insert("zone".into(), "pek3b".into());
-        assert!(!verify(SECRET, SignatureMethod::HmacSha256, "GET", "/iaas", &changed, &sig));
-        assert!(!verify(SECRET, SignatureMethod::HmacSha256, "GET", "/iaas/", &p, &sig));
-        assert!(!verify(SECRET, SignatureMethod::HmacSha256, "POST", "/iaas", &p, &sig));
-        assert!(!verify(SECRET, SignatureMethod::HmacSha1, "GET", "/iaas", &p, &sig));
-        assert!(!verify(SECRET, SignatureMethod::HmacSha256, "GET", "/iaas", &p, "not base64!"));
+        assert!(!verify(
+            SECRET,
+            SignatureMethod::HmacSha256,
+            "GET",
+            "/iaas",
+            &changed,
+            &sig
+        ));
+        assert!(!verify(
+            SECRET,
+            SignatureMethod::HmacSha256,
+            "GET",
+            "/iaas/",
+            &p,
+            &sig
+        ));
+        assert!(!verify(
+            SECRET,
+            SignatureMethod::HmacSha256,
+            "POST",
+            "/iaas",
+            &p,
+            &sig
+        ));
+        assert!(!verify(
+            SECRET,
+            SignatureMethod::HmacSha1,
+            "GET",
+            "/iaas",
+            &p,
+            &sig
+        ));
+        assert!(!verify(
+            SECRET,
+            SignatureMethod::HmacSha256,
+            "GET",
+            "/iaas",
+            &p,
+            "not base64!"
+        ));
         let mut with_sig = p.clone();
         with_sig.insert("signature".into(), sig.clone());
-        assert!(verify(SECRET, SignatureMethod::HmacSha256, "GET", "/iaas", &with_sig, &sig));
+        assert!(verify(
+            SECRET,
+            SignatureMethod::HmacSha256,
+            "GET",
+            "/iaas",
+            &with_sig,
+            &sig
+        ));
     }
 
     #[test]
     fn percent_encoding_and_form_decoding_round_trip() {
-        assert_eq!(percent_encode("a b+c/d:e*f~g-h_i.j"), "a%20b%2Bc%2Fd%3Ae%2Af~g-h_i.j");
+        assert_eq!(
+            percent_encode("a b+c/d:e*f~g-h_i.j"),
+            "a%20b%2Bc%2Fd%3Ae%2Af~g-h_i.j"
+        );
         assert_eq!(percent_encode("é"), "%C3%A9");
         let decoded = form_decode("a=x+y&b=%3A%2b&c&d=").expect("decodes");
         assert_eq!(

@@ -61,7 +61,10 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     if !args.listen.ip().is_loopback() {
-        eprintln!("qingcloud-sim: --listen {} is not a loopback address", args.listen);
+        eprintln!(
+            "qingcloud-sim: --listen {} is not a loopback address",
+            args.listen
+        );
         return ExitCode::from(2);
     }
     let mut config = SimConfig::new(
@@ -75,7 +78,10 @@ fn main() -> ExitCode {
     config.time_window = Duration::from_secs(args.time_window_secs);
     config.calls_per_hour = args.calls_per_hour;
     config.job_duration = Duration::from_millis(args.job_duration_ms);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qingcloud-sim: cannot start the runtime: {e}");
@@ -91,13 +97,14 @@ fn main() -> ExitCode {
             }
         };
         println!("qingcloud-sim listening on http://{}/iaas", sim.addr());
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("qingcloud-sim: cannot watch SIGTERM: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("qingcloud-sim: cannot watch SIGTERM: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

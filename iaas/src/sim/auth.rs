@@ -49,7 +49,10 @@ pub fn verify_signature(
 /// `now_unix`) and `expires` when given (1300 once past).
 pub fn verify_time(params: &Params, now_unix: i64, window: Duration) -> Result<(), ApiError> {
     let stamp = params.get("time_stamp").ok_or_else(|| {
-        ApiError::new(code::MALFORMED, "InvalidParameter, parameter [time_stamp] is required")
+        ApiError::new(
+            code::MALFORMED,
+            "InvalidParameter, parameter [time_stamp] is required",
+        )
     })?;
     let at = timefmt::parse_utc(stamp).ok_or_else(|| {
         ApiError::new(
@@ -105,7 +108,10 @@ mod tests {
         e.insert("expires".into(), "2013-08-27T14:30:20Z".into());
         assert_eq!(verify_time(&e, at + 10, w), Ok(()));
         assert_eq!(verify_time(&e, at + 11, w).map_err(|e| e.code), Err(1300));
-        assert_eq!(verify_time(&params(&[]), at, w).map_err(|e| e.code), Err(1100));
+        assert_eq!(
+            verify_time(&params(&[]), at, w).map_err(|e| e.code),
+            Err(1100)
+        );
         let bad = params(&[("time_stamp", "2013-08-27 14:30:10")]);
         assert_eq!(verify_time(&bad, at, w).map_err(|e| e.code), Err(1100));
     }
@@ -133,12 +139,51 @@ mod tests {
         let ok = verify_signature("GET", "/iaas/", &p, "QYACCESSKEYIDEXAMPLE", &secret);
         assert_eq!(ok, Ok(()));
         let code = |r: Result<(), ApiError>| r.map_err(|e| e.code);
-        assert_eq!(code(verify_signature("GET", "/iaas", &p, "QYACCESSKEYIDEXAMPLE", &secret)), Err(1200));
-        assert_eq!(code(verify_signature("POST", "/iaas/", &p, "QYACCESSKEYIDEXAMPLE", &secret)), Err(1200));
-        assert_eq!(code(verify_signature("GET", "/iaas/", &p, "OTHERKEY", &secret)), Err(1200));
+        assert_eq!(
+            code(verify_signature(
+                "GET",
+                "/iaas",
+                &p,
+                "QYACCESSKEYIDEXAMPLE",
+                &secret
+            )),
+            Err(1200)
+        );
+        assert_eq!(
+            code(verify_signature(
+                "POST",
+                "/iaas/",
+                &p,
+                "QYACCESSKEYIDEXAMPLE",
+                &secret
+            )),
+            Err(1200)
+        );
+        assert_eq!(
+            code(verify_signature("GET", "/iaas/", &p, "OTHERKEY", &secret)),
+            Err(1200)
+        );
         let wrong = SecretKey::new("WRONG");
-        assert_eq!(code(verify_signature("GET", "/iaas/", &p, "QYACCESSKEYIDEXAMPLE", &wrong)), Err(1200));
+        assert_eq!(
+            code(verify_signature(
+                "GET",
+                "/iaas/",
+                &p,
+                "QYACCESSKEYIDEXAMPLE",
+                &wrong
+            )),
+            Err(1200)
+        );
         p.insert("count".into(), "2".into());
-        assert_eq!(code(verify_signature("GET", "/iaas/", &p, "QYACCESSKEYIDEXAMPLE", &secret)), Err(1200));
+        assert_eq!(
+            code(verify_signature(
+                "GET",
+                "/iaas/",
+                &p,
+                "QYACCESSKEYIDEXAMPLE",
+                &secret
+            )),
+            Err(1200)
+        );
     }
 }

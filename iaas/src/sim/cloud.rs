@@ -131,9 +131,9 @@ struct VxnetState {
 
 impl VxnetState {
     fn gateway(&self) -> Option<Ipv4Addr> {
-        self.spec.router.then(|| {
-            Ipv4Addr::from(u32::from(self.spec.cidr.network()).saturating_add(1))
-        })
+        self.spec
+            .router
+            .then(|| Ipv4Addr::from(u32::from(self.spec.cidr.network()).saturating_add(1)))
     }
 
     /// Whether `ip` is an address a NIC of this vxnet may have.
@@ -276,11 +276,9 @@ fn list(params: &Params, name: &str) -> Result<Vec<String>, ApiError> {
     let mut items = Vec::new();
     for (key, value) in params {
         if let Some(index) = key.strip_prefix(&prefix) {
-            let n: usize = index
-                .parse()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| ApiError::malformed(format!("[{key}] is not {name}.N with N ≥ 1")))?;
+            let n: usize = index.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                ApiError::malformed(format!("[{key}] is not {name}.N with N ≥ 1"))
+            })?;
             items.push((n, value.clone()));
         }
     }
@@ -319,14 +317,18 @@ fn page(action: &str, set: &str, rows: Vec<Value>, params: &Params) -> Result<Va
     let (offset, limit) = paging(params)?;
     let total = rows.len();
     let rows: Vec<Value> = rows.into_iter().skip(offset).take(limit).collect();
-    Ok(json!({ "action": format!("{action}Response"), "ret_code": 0, "total_count": total, set: rows }))
+    Ok(
+        json!({ "action": format!("{action}Response"), "ret_code": 0, "total_count": total, set: rows }),
+    )
 }
 
 fn no_duplicates(items: &[String], what: &str) -> Result<(), ApiError> {
     let mut seen = BTreeSet::new();
     for item in items {
         if !seen.insert(item) {
-            return Err(ApiError::malformed(format!("{what} [{item}] is given twice")));
+            return Err(ApiError::malformed(format!(
+                "{what} [{item}] is given twice"
+            )));
         }
     }
     Ok(())
@@ -392,7 +394,8 @@ impl Cloud {
 
     fn next_id(&mut self) -> u64 {
         self.counter += 1;
-        self.seed.wrapping_add(self.counter.wrapping_mul(0x9E37_79B9))
+        self.seed
+            .wrapping_add(self.counter.wrapping_mul(0x9E37_79B9))
     }
 
     fn new_mac(&mut self) -> String {
@@ -455,7 +458,14 @@ impl Cloud {
         }
     }
 
-    fn finish_nic(&mut self, nic_id: &str, attach: bool, instance: Option<&str>, fail: bool, stamp: &str) {
+    fn finish_nic(
+        &mut self,
+        nic_id: &str,
+        attach: bool,
+        instance: Option<&str>,
+        fail: bool,
+        stamp: &str,
+    ) {
         let sequence = instance.map(|i| self.free_sequence(i)).unwrap_or(0);
         let Some(record) = self.nics.get_mut(nic_id) else {
             return;
@@ -495,7 +505,13 @@ impl Cloud {
     }
 
     /// Carries out one action. `now`/`unix` time the jobs and stamp the rows.
-    pub fn handle(&mut self, act: &str, params: &Params, now: Instant, unix: i64) -> Result<Value, ApiError> {
+    pub fn handle(
+        &mut self,
+        act: &str,
+        params: &Params,
+        now: Instant,
+        unix: i64,
+    ) -> Result<Value, ApiError> {
         self.advance(now, unix);
         match act {
             action::CREATE_NICS => self.create_nics(params, unix),
@@ -518,7 +534,9 @@ impl Cloud {
         let ips = list(params, "private_ips")?;
         let count = number(params, "count", 1)?;
         if !(1..=252).contains(&count) {
-            return Err(ApiError::malformed(format!("count [{count}] should be from 1 to 252")));
+            return Err(ApiError::malformed(format!(
+                "count [{count}] should be from 1 to 252"
+            )));
         }
         let count = usize::try_from(count).unwrap_or(252);
         let disable_ip = number(params, "disable_ip", 0)? == 1;
@@ -529,10 +547,16 @@ impl Cloud {
             )));
         }
         if disable_ip && !ips.is_empty() {
-            return Err(ApiError::malformed("disable_ip and private_ips exclude each other"));
+            return Err(ApiError::malformed(
+                "disable_ip and private_ips exclude each other",
+            ));
         }
         let nic_name = params.get("nic_name").cloned().unwrap_or_default();
-        let in_vxnet = self.nics.values().filter(|r| r.nic.vxnet_id == vxnet_id).count();
+        let in_vxnet = self
+            .nics
+            .values()
+            .filter(|r| r.nic.vxnet_id == vxnet_id)
+            .count();
         let vxnet = self
             .vxnets
             .get(&vxnet_id)
@@ -546,9 +570,9 @@ impl Cloud {
         let mut chosen: BTreeSet<Ipv4Addr> = BTreeSet::new();
         let mut addresses = Vec::with_capacity(count);
         for text in &ips {
-            let ip: Ipv4Addr = text
-                .parse()
-                .map_err(|_| ApiError::malformed(format!("private_ip [{text}] is not an IPv4 address")))?;
+            let ip: Ipv4Addr = text.parse().map_err(|_| {
+                ApiError::malformed(format!("private_ip [{text}] is not an IPv4 address"))
+            })?;
             if !vxnet.usable(ip) {
                 return Err(ApiError::malformed(format!(
                     "private_ip [{ip}] is not a usable address of vxnet [{vxnet_id}] ({})",
@@ -626,7 +650,14 @@ impl Cloud {
         Ok(nics)
     }
 
-    fn start_job(&mut self, act: &str, nics: Vec<String>, instance: Option<String>, now: Instant, unix: i64) -> Value {
+    fn start_job(
+        &mut self,
+        act: &str,
+        nics: Vec<String>,
+        instance: Option<String>,
+        now: Instant,
+        unix: i64,
+    ) -> Value {
         let job_id = self.new_job_id();
         let fail = self.fail_next_jobs > 0;
         self.fail_next_jobs = self.fail_next_jobs.saturating_sub(1);
@@ -676,8 +707,14 @@ impl Cloud {
             Some(true) => {}
         }
         for id in &nics {
-            if self.nics.get(id).is_some_and(|r| r.nic.status != NicStatus::Available) {
-                return Err(ApiError::denied(format!("nic [{id}] is in-use, can not be attached")));
+            if self
+                .nics
+                .get(id)
+                .is_some_and(|r| r.nic.status != NicStatus::Available)
+            {
+                return Err(ApiError::denied(format!(
+                    "nic [{id}] is in-use, can not be attached"
+                )));
             }
         }
         let held = self
@@ -707,8 +744,14 @@ impl Cloud {
     fn detach_nics(&mut self, params: &Params, now: Instant, unix: i64) -> Result<Value, ApiError> {
         let nics = self.existing_nics(params)?;
         for id in &nics {
-            if self.nics.get(id).is_some_and(|r| r.nic.status != NicStatus::InUse) {
-                return Err(ApiError::denied(format!("nic [{id}] is available, can not be detached")));
+            if self
+                .nics
+                .get(id)
+                .is_some_and(|r| r.nic.status != NicStatus::InUse)
+            {
+                return Err(ApiError::denied(format!(
+                    "nic [{id}] is available, can not be detached"
+                )));
             }
         }
         Ok(self.start_job(action::DETACH_NICS, nics, None, now, unix))
@@ -717,7 +760,11 @@ impl Cloud {
     fn delete_nics(&mut self, params: &Params) -> Result<Value, ApiError> {
         let nics = self.existing_nics(params)?;
         for id in &nics {
-            if self.nics.get(id).is_some_and(|r| r.nic.status != NicStatus::Available) {
+            if self
+                .nics
+                .get(id)
+                .is_some_and(|r| r.nic.status != NicStatus::Available)
+            {
                 return Err(ApiError::denied(format!(
                     "nic [{id}] is in-use, detach it before deleting it"
                 )));
@@ -778,7 +825,11 @@ impl Cloud {
             .values()
             .filter(|v| ids.is_empty() || ids.contains(&v.spec.id))
             .map(|v| {
-                let nics = self.nics.values().filter(|r| r.nic.vxnet_id == v.spec.id).count();
+                let nics = self
+                    .nics
+                    .values()
+                    .filter(|r| r.nic.vxnet_id == v.spec.id)
+                    .count();
                 v.describe(&self.spec.owner, &self.spec.zone, nics)
             })
             .collect();

@@ -233,7 +233,9 @@ fn default_message(ret_code: u32) -> &'static str {
         code::MESSAGE_EXPIRED => "MessageExpired, injected fault",
         code::PERMISSION_DENIED => "PermissionDenied, injected fault, please try later",
         code::RESOURCE_NOT_FOUND => "ResourceNotFound, injected fault",
-        code::QUOTA_EXCEEDED => "QuotaExceeded, too many API requests in a short time, please try later",
+        code::QUOTA_EXCEEDED => {
+            "QuotaExceeded, too many API requests in a short time, please try later"
+        }
         code::INTERNAL_ERROR => "InternalError, injected fault",
         code::SERVER_BUSY => "ServerBusy, server is busy, please try later",
         _ => "injected fault",
@@ -402,7 +404,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Answer, D
     let method = req.method().clone();
     let text = match method {
         Method::GET => req.uri().query().unwrap_or("").to_string(),
-        Method::POST => match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Method::POST => match Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
             Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
             Err(e) => {
                 return Ok(api_error(&ApiError::new(
@@ -484,23 +489,36 @@ fn serve_api(shared: &Shared, method: &str, path: &str, text: &str) -> Result<Va
     let now_unix = timefmt::now_unix();
     auth::verify_time(&params, now_unix, config.time_window)?;
     if action.is_empty() {
-        return Err(ApiError::new(code::MALFORMED, "InvalidParameter, parameter [action] is required").into());
+        return Err(ApiError::new(
+            code::MALFORMED,
+            "InvalidParameter, parameter [action] is required",
+        )
+        .into());
     }
     match params.get("zone") {
         Some(zone) if *zone == config.zone => {}
         Some(zone) => {
             return Err(ApiError::new(
                 code::MALFORMED,
-                format!("InvalidParameter, zone [{zone}] is not served here (only [{}])", config.zone),
+                format!(
+                    "InvalidParameter, zone [{zone}] is not served here (only [{}])",
+                    config.zone
+                ),
             )
             .into())
         }
         None => {
-            return Err(ApiError::new(code::MALFORMED, "InvalidParameter, parameter [zone] is required").into())
+            return Err(ApiError::new(
+                code::MALFORMED,
+                "InvalidParameter, parameter [zone] is required",
+            )
+            .into())
         }
     }
     if lock(&shared.bucket).take(Instant::now()).is_err() {
-        return Err(ApiError::new(code::QUOTA_EXCEEDED, default_message(code::QUOTA_EXCEEDED)).into());
+        return Err(
+            ApiError::new(code::QUOTA_EXCEEDED, default_message(code::QUOTA_EXCEEDED)).into(),
+        );
     }
     let mut cloud = lock(&shared.cloud);
     let answer = cloud.handle(&action, &params, Instant::now(), now_unix)?;
@@ -522,7 +540,10 @@ async fn admin(shared: &Shared, req: Request<Incoming>) -> Answer {
             json_answer(StatusCode::OK, &json!({}))
         }
         (Method::POST, "/_sim/faults") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+            let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+                .collect()
+                .await
+            {
                 Ok(body) => body.to_bytes(),
                 Err(e) => {
                     return json_answer(
