@@ -117,7 +117,7 @@ async fn every_action_round_trips_through_the_simulator() {
         .expect("AttachNics");
     assert!(job.starts_with("j-") && job.len() == 10, "{job}");
     let pending = client
-        .describe_jobs(&[job.clone()])
+        .describe_jobs(std::slice::from_ref(&job))
         .await
         .expect("DescribeJobs");
     assert!(matches!(
