@@ -871,3 +871,162 @@ impl Cloud {
         page(action::DESCRIBE_ACCESS_KEYS, "access_key_set", rows, params)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cloud() -> Cloud {
+        Cloud::new(
+            CloudSpec {
+                zone: "pek3a".into(),
+                owner: "usr-test0001".into(),
+                access_key_id: "AK".into(),
+                instances: vec!["i-one".into()],
+                vxnets: vec!["vxnet-a=10.0.0.0/29".parse().expect("spec")],
+                nic_limit_per_instance: 64,
+            },
+            7,
+            0,
+        )
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> Params {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn vxnet_specs_parse_and_refuse_clearly() {
+        let spec: VxnetSpec = "vxnet-a=172.16.3.7/24,no-dhcp".parse().expect("parses");
+        assert_eq!(spec.cidr.to_string(), "172.16.3.0/24");
+        assert!(spec.router && !spec.dhcp);
+        let spec: VxnetSpec = "vxnet-b=172.16.3.0/24,no-router".parse().expect("parses");
+        assert!(!spec.router);
+        for (text, needle) in [
+            ("vxnet-a", "ID=CIDR"),
+            ("=10.0.0.0/24", "not an id"),
+            ("vxnet-a=10.0.0.0", "not an IPv4 CIDR"),
+            ("vxnet-a=10.0.0.0/30", "/16 to /29"),
+            ("vxnet-a=10.0.0.0/8", "/16 to /29"),
+            ("vxnet-a=10.0.0.0/24,dhcp", "unknown flag"),
+        ] {
+            let err = text.parse::<VxnetSpec>().expect_err(text);
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_job_goes_pending_working_successful_with_time_and_moves_the_nic() {
+        let mut c = cloud();
+        let t0 = Instant::now();
+        let created = c
+            .handle(
+                "CreateNics",
+                &params(&[("vxnet", "vxnet-a"), ("count", "2")]),
+                t0,
+                0,
+            )
+            .expect("created");
+        let ids: Vec<String> = created["nics"]
+            .as_array()
+            .expect("nics")
+            .iter()
+            .map(|n| n["nic_id"].as_str().expect("id").to_string())
+            .collect();
+        // 10.0.0.1 is the gateway; the DHCP range starts at .2.
+        assert_eq!(created["nics"][0]["private_ip"], "10.0.0.2");
+        assert_eq!(created["nics"][1]["private_ip"], "10.0.0.3");
+        let attach = params(&[
+            ("instance", "i-one"),
+            ("nics.1", &ids[0]),
+            ("nics.2", &ids[1]),
+        ]);
+        let job = c.handle("AttachNics", &attach, t0, 0).expect("job")["job_id"]
+            .as_str()
+            .expect("job id")
+            .to_string();
+        assert_eq!(c.jobs()[0].status, JobStatus::Pending);
+        c.advance(t0 + Duration::from_millis(100), 1);
+        assert_eq!(c.jobs()[0].status, JobStatus::Working);
+        assert!(c.nics().iter().all(|n| n.status == NicStatus::Available));
+        assert!(c.take_events().is_empty());
+        c.advance(t0 + Duration::from_millis(300), 2);
+        let jobs = c.jobs();
+        assert_eq!(
+            (jobs[0].job_id.as_str(), jobs[0].status),
+            (job.as_str(), JobStatus::Successful)
+        );
+        assert_eq!(jobs[0].status_time, "1970-01-01T00:00:02Z");
+        let nics = c.nics();
+        assert!(nics
+            .iter()
+            .all(|n| n.status == NicStatus::InUse && n.instance_id == "i-one"));
+        let mut sequences: Vec<u32> = nics.iter().map(|n| n.sequence).collect();
+        sequences.sort_unstable();
+        assert_eq!(sequences, [1, 2]);
+        assert_eq!(c.take_events().len(), 2);
+
+        let detach = params(&[("nics.1", &ids[0])]);
+        c.handle("DetachNics", &detach, t0 + Duration::from_secs(1), 3)
+            .expect("detach job");
+        c.advance(t0 + Duration::from_secs(2), 4);
+        assert_eq!(
+            c.take_events(),
+            vec![NicEvent::Detached {
+                nic_id: ids[0].clone()
+            }]
+        );
+        c.handle("DeleteNics", &detach, t0 + Duration::from_secs(2), 4)
+            .expect("deleted");
+        // The freed address is the lowest free one again.
+        let again = c
+            .handle(
+                "CreateNics",
+                &params(&[("vxnet", "vxnet-a")]),
+                t0 + Duration::from_secs(2),
+                4,
+            )
+            .expect("created");
+        assert_eq!(again["nics"][0]["private_ip"], "10.0.0.2");
+    }
+
+    #[test]
+    fn list_parameters_are_ordered_by_their_index_and_refused_when_malformed() {
+        let p = params(&[("nics.10", "j"), ("nics.2", "b"), ("nics.1", "a")]);
+        assert_eq!(list(&p, "nics").expect("list"), ["a", "b", "j"]);
+        let bad = params(&[("nics.0", "a")]);
+        assert_eq!(list(&bad, "nics").map_err(|e| e.code), Err(1100));
+        let bad = params(&[("nics.x", "a")]);
+        assert_eq!(list(&bad, "nics").map_err(|e| e.code), Err(1100));
+        let mut c = cloud();
+        let dup = params(&[
+            ("nics.1", "52:54:00:00:00:01"),
+            ("nics.2", "52:54:00:00:00:01"),
+        ]);
+        let err = c
+            .handle("DeleteNics", &dup, Instant::now(), 0)
+            .expect_err("twice");
+        assert_eq!(err.code, 1100);
+        let err = c
+            .handle(
+                "DescribeNics",
+                &params(&[("limit", "x")]),
+                Instant::now(),
+                0,
+            )
+            .expect_err("limit");
+        assert_eq!(err.code, 1100);
+        let err = c
+            .handle(
+                "DescribeNics",
+                &params(&[("status", "attaching")]),
+                Instant::now(),
+                0,
+            )
+            .expect_err("status");
+        assert_eq!(err.code, 1100);
+    }
+}
