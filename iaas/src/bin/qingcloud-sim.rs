@@ -4,7 +4,7 @@
 //! `qingcloud-sim --listen 127.0.0.1:PORT --access-key-id ID --secret-access-key SECRET
 //! --zone ZONE --instance INSTANCE_ID --vxnet VXNET_ID=CIDR` (the last two repeatable). It
 //! prints `qingcloud-sim listening on http://ADDR/iaas` once ready and serves until SIGINT or
-//! SIGTERM.
+//! SIGTERM. With `--real-links` (root), an attached NIC appears as a link carrying its MAC.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -49,6 +49,10 @@ struct Args {
     /// How long an attach or detach job takes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     job_duration_ms: u64,
+    /// Plug each attached NIC in as a veth end with the NIC's MAC in the host namespace, and
+    /// remove it on detach (root only).
+    #[arg(long)]
+    real_links: bool,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
     config.time_window = Duration::from_secs(args.time_window_secs);
     config.calls_per_hour = args.calls_per_hour;
     config.job_duration = Duration::from_millis(args.job_duration_ms);
+    config.real_links = args.real_links;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -92,7 +97,7 @@ fn main() -> ExitCode {
         let sim = match Simulator::start(args.listen, config).await {
             Ok(sim) => sim,
             Err(e) => {
-                eprintln!("qingcloud-sim: cannot listen on {}: {e}", args.listen);
+                eprintln!("qingcloud-sim: cannot start on {}: {e}", args.listen);
                 return ExitCode::FAILURE;
             }
         };

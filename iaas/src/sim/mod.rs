@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cloud;
+pub mod links;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,7 +40,8 @@ use crate::limit::{TokenBucket, DEFAULT_CALLS_PER_HOUR};
 use crate::sign::{self, Params};
 use crate::timefmt;
 use crate::types::{Job, Nic};
-use cloud::{ApiError, Cloud, CloudSpec, VxnetSpec};
+use cloud::{ApiError, Cloud, CloudSpec, NicEvent, VxnetSpec};
+use links::Links;
 
 /// The largest POST body read.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -67,6 +69,8 @@ pub struct SimConfig {
     pub job_duration: Duration,
     /// NICs per instance, its primary NIC included (default 64).
     pub nic_limit_per_instance: u32,
+    /// Plug each attached NIC in as a real link with its MAC (root only; see [`links`]).
+    pub real_links: bool,
 }
 
 impl SimConfig {
@@ -83,6 +87,7 @@ impl SimConfig {
             calls_per_hour: DEFAULT_CALLS_PER_HOUR,
             job_duration: Duration::from_millis(300),
             nic_limit_per_instance: 64,
+            real_links: false,
         }
     }
 }
@@ -173,6 +178,19 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     calls: Mutex<BTreeMap<String, u64>>,
     bucket: Mutex<TokenBucket>,
+    links: Option<tokio::sync::mpsc::UnboundedSender<NicEvent>>,
+}
+
+impl Shared {
+    /// Passes the attachment changes a step of the cloud made on to the link task.
+    fn dispatch(&self, events: Vec<NicEvent>) {
+        for event in events {
+            tracing::debug!(?event, "NIC attachment changed");
+            if let Some(links) = &self.links {
+                let _ = links.send(event);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +202,7 @@ pub struct Simulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
+    links: Option<Links>,
 }
 
 impl std::fmt::Debug for Simulator {
@@ -245,6 +264,11 @@ fn default_message(ret_code: u32) -> &'static str {
 impl Simulator {
     /// Binds `listen` and serves until dropped.
     pub async fn start(listen: SocketAddr, config: SimConfig) -> std::io::Result<Self> {
+        let links = if config.real_links {
+            Some(Links::start().map_err(std::io::Error::other)?)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let seed = {
@@ -273,6 +297,7 @@ impl Simulator {
             faults: Mutex::new(Vec::new()),
             calls: Mutex::new(BTreeMap::new()),
             bucket: Mutex::new(bucket),
+            links: links.as_ref().map(Links::sender),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         let ticker = {
@@ -281,11 +306,12 @@ impl Simulator {
                 let mut tick = tokio::time::interval(Duration::from_millis(20));
                 loop {
                     tick.tick().await;
-                    let mut cloud = lock(&shared.cloud);
-                    cloud.advance(Instant::now(), timefmt::now_unix());
-                    for event in cloud.take_events() {
-                        tracing::debug!(?event, "NIC attachment changed");
-                    }
+                    let events = {
+                        let mut cloud = lock(&shared.cloud);
+                        cloud.advance(Instant::now(), timefmt::now_unix());
+                        cloud.take_events()
+                    };
+                    shared.dispatch(events);
                 }
             })
         };
@@ -293,6 +319,7 @@ impl Simulator {
             addr,
             shared,
             tasks: vec![accept, ticker],
+            links,
         })
     }
 
@@ -347,6 +374,8 @@ impl Drop for Simulator {
         for task in &self.tasks {
             task.abort();
         }
+        // Deletes the links still plugged in.
+        drop(self.links.take());
     }
 }
 
@@ -520,12 +549,13 @@ fn serve_api(shared: &Shared, method: &str, path: &str, text: &str) -> Result<Va
             ApiError::new(code::QUOTA_EXCEEDED, default_message(code::QUOTA_EXCEEDED)).into(),
         );
     }
-    let mut cloud = lock(&shared.cloud);
-    let answer = cloud.handle(&action, &params, Instant::now(), now_unix)?;
-    for event in cloud.take_events() {
-        tracing::debug!(?event, "NIC attachment changed");
-    }
-    Ok(answer)
+    let (answer, events) = {
+        let mut cloud = lock(&shared.cloud);
+        let answer = cloud.handle(&action, &params, Instant::now(), now_unix);
+        (answer, cloud.take_events())
+    };
+    shared.dispatch(events);
+    Ok(answer?)
 }
 
 async fn admin(shared: &Shared, req: Request<Incoming>) -> Answer {
