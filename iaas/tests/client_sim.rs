@@ -476,6 +476,32 @@ async fn a_lost_answer_is_retried_for_reads_but_not_for_a_mutation() {
 }
 
 #[tokio::test]
+async fn a_stopped_simulator_closes_the_connections_it_kept_alive() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = start(sim_config()).await;
+    let mut stream = tokio::net::TcpStream::connect(sim.addr())
+        .await
+        .expect("connect");
+    let request = "GET /_sim/calls HTTP/1.1\r\nHost: sim\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.expect("an answer");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    drop(sim);
+    // Either the write or the read sees the connection closed; nothing answers.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+    match read {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!(
+            "answered after stopping: {}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!("the connection was left open"),
+    }
+}
+
+#[tokio::test]
 async fn the_token_bucket_holds_the_clients_rate_and_the_simulator_enforces_the_accounts() {
     // The client at 10 calls a second with a burst of 2: 7 calls need at least 0.5 s.
     let sim = start(sim_config()).await;

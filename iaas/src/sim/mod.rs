@@ -203,6 +203,7 @@ pub struct Simulator {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
     links: Option<Links>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Simulator {
@@ -299,7 +300,8 @@ impl Simulator {
             bucket: Mutex::new(bucket),
             links: links.as_ref().map(Links::sender),
         });
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
         let ticker = {
             let shared = shared.clone();
             tokio::spawn(async move {
@@ -320,6 +322,7 @@ impl Simulator {
             shared,
             tasks: vec![accept, ticker],
             links,
+            stop,
         })
     }
 
@@ -374,6 +377,8 @@ impl Drop for Simulator {
         for task in &self.tasks {
             task.abort();
         }
+        // Closes the connections still open.
+        let _ = self.stop.send(true);
         // Deletes the links still plugged in.
         drop(self.links.take());
     }
@@ -399,7 +404,11 @@ fn apply_control(shared: &Shared, control: Control) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -410,11 +419,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let shared = shared.clone();
+        let mut stopped = stopped.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
         });
     }
 }
