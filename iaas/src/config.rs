@@ -12,6 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
+/// Where the SDK reads its config (`~/.qingcloud/config.yaml`); hostnic's DaemonSet mounts the
+/// `config.yaml` key of its ConfigMap or Secret there for root.
+pub const SDK_CONFIG_PATH: &str = "/root/.qingcloud/config.yaml";
+
 /// The secret access key. Its `Debug` says only that it is redacted, it has no `Display`, and
 /// nothing in this crate formats it: it is read only to compute signatures.
 #[derive(Clone, PartialEq, Eq)]

@@ -40,7 +40,8 @@ use crate::limit::{TokenBucket, DEFAULT_CALLS_PER_HOUR};
 use crate::sign::{self, Params};
 use crate::timefmt;
 use crate::types::{Job, Nic};
-use cloud::{ApiError, Cloud, CloudSpec, NicEvent, VxnetSpec};
+pub use cloud::{ApiError, NicEvent, VxnetSpec};
+use cloud::{Cloud, CloudSpec};
 use links::Links;
 
 /// The largest POST body read.
