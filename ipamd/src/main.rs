@@ -171,6 +171,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
     let mut pod_gc = None;
     let mut node_gc = None;
+    let mut leadership = None;
     match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
             let client = kube::client(&source)
@@ -194,22 +195,25 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                 ))
             });
             service = service.with_pods(pods);
-            node_gc = config.node_gc_interval.map(|interval| {
-                let schedule = gc::Schedule {
-                    interval,
-                    grace: config.gc_grace,
-                };
-                let leadership = leader::Leadership::start(
+            // One daemon of the cluster, elected, runs the cluster-wide GCs while it leads.
+            leadership = config.node_gc_interval.is_some().then(|| {
+                leader::Leadership::start(
                     allocator.store().clone(),
                     leader::Election {
                         key: allocator.keys().leader(leader::CLEANER),
                         node: config.node_name.clone(),
                         ttl: config.leader_lease,
                     },
-                );
+                )
+            });
+            if let (Some(interval), Some(leadership)) = (config.node_gc_interval, &leadership) {
+                let schedule = gc::Schedule {
+                    interval,
+                    grace: config.gc_grace,
+                };
                 let mut gc_stopped = gc_stopped.clone();
                 let allocator = Arc::clone(&allocator);
-                let task = tokio::spawn(leader::while_leader(
+                node_gc = Some(tokio::spawn(leader::while_leader(
                     "deleted-node GC",
                     leadership.subscribe(),
                     async move {
@@ -218,9 +222,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     move |stop| {
                         node_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
                     },
-                ));
-                (leadership, task)
-            });
+                )));
+            }
         }
         None => tracing::info!(
             "no kubeconfig and not in a pod: Kubernetes is not used (pod annotations are not read)"
@@ -237,10 +240,12 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "pod GC task ended abnormally");
         }
     }
-    if let Some((leadership, gc)) = node_gc {
+    if let Some(gc) = node_gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "deleted-node GC task ended abnormally");
         }
+    }
+    if let Some(leadership) = leadership {
         leadership.resign().await;
     }
     served
