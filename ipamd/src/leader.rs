@@ -13,8 +13,9 @@
 //! of a task is still a guarded transaction, so two daemons that briefly both believe they
 //! lead only race for the same compare-and-swap.
 //!
-//! [`Leadership`] is the handle (is this daemon the leader now, and a channel that says when
-//! it changes); [`while_leader`] runs a task only while leading.
+//! [`Leadership`] is the handle (is this daemon the leader now, and a channel of its term: the
+//! lease it leads under, None while it does not lead); [`while_leader`] runs a task only while
+//! leading, and stops it when the term ends even if a new one began at once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +44,10 @@ pub struct Election {
     pub ttl: Duration,
 }
 
+/// The lease this daemon leads under; None while it does not lead. A new term is a new
+/// lease, so a task that sees the term change knows that leadership was lost in between.
+pub type Term = Option<i64>;
+
 /// A future that completes when a task must stop.
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -50,7 +55,7 @@ pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// lease (the role then passes on after the TTL); [`Leadership::resign`] passes it on at once.
 #[derive(Debug)]
 pub struct Leadership {
-    leading: watch::Receiver<bool>,
+    leading: watch::Receiver<Term>,
     resign: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -64,7 +69,7 @@ impl Drop for Leadership {
 impl Leadership {
     /// Starts campaigning in the background.
     pub fn start(store: Store, election: Election) -> Leadership {
-        let (tx, leading) = watch::channel(false);
+        let (tx, leading) = watch::channel(None);
         let (resign, resigned) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(campaign(store, election, tx, resigned));
         Leadership {
@@ -76,11 +81,11 @@ impl Leadership {
 
     /// Whether this daemon leads now.
     pub fn is_leader(&self) -> bool {
-        *self.leading.borrow()
+        self.leading.borrow().is_some()
     }
 
-    /// A receiver that sees every change of [`Leadership::is_leader`].
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
+    /// A receiver of this daemon's [`Term`]: it changes when leadership is won or lost.
+    pub fn subscribe(&self) -> watch::Receiver<Term> {
         self.leading.clone()
     }
 
@@ -94,13 +99,13 @@ impl Leadership {
     }
 }
 
-/// Runs `task` each time this daemon becomes leader, with a [`Stop`] that completes when it
-/// stops leading (or the election ends); the task is dropped at once when `shutdown`
-/// completes. A task that returns while still leading is started again only after the next
-/// election won. `what` names the task in the log.
+/// Runs `task` each time this daemon becomes leader, with a [`Stop`] that completes when that
+/// term ends (or the election does), even if another term began at once; the task is dropped
+/// at once when `shutdown` completes. A task that returns while still leading is started
+/// again only in a later term. `what` names the task in the log.
 pub async fn while_leader<F, Fut>(
     what: &str,
-    mut leading: watch::Receiver<bool>,
+    mut leading: watch::Receiver<Term>,
     shutdown: impl Future<Output = ()>,
     mut task: F,
 ) where
@@ -108,15 +113,20 @@ pub async fn while_leader<F, Fut>(
     Fut: Future<Output = ()>,
 {
     tokio::pin!(shutdown);
+    let mut last: Term = None;
     loop {
-        tokio::select! {
+        let term = tokio::select! {
             () = &mut shutdown => return,
-            won = leading.wait_for(|l| *l) => if won.is_err() { return },
-        }
-        tracing::info!("{what}: this daemon leads; starting");
+            won = leading.wait_for(|t| t.is_some() && *t != last) => match won {
+                Ok(term) => *term,
+                Err(_) => return,
+            },
+        };
+        last = term;
+        tracing::info!(lease = ?term, "{what}: this daemon leads; starting");
         let mut lost = leading.clone();
         let stop: Stop = Box::pin(async move {
-            let _ = lost.wait_for(|l| !*l).await;
+            let _ = lost.wait_for(|t| *t != term).await;
         });
         tokio::select! {
             () = &mut shutdown => return,
@@ -124,9 +134,9 @@ pub async fn while_leader<F, Fut>(
         }
         tokio::select! {
             () = &mut shutdown => return,
-            lost = leading.wait_for(|l| !*l) => if lost.is_err() { return },
+            lost = leading.wait_for(|t| *t != term) => if lost.is_err() { return },
         }
-        tracing::info!("{what}: this daemon no longer leads; stopped");
+        tracing::info!(lease = ?term, "{what}: this daemon's term ended; stopped");
     }
 }
 
@@ -139,7 +149,7 @@ fn period(ttl: Duration) -> Duration {
 async fn campaign(
     store: Store,
     election: Election,
-    leading: watch::Sender<bool>,
+    leading: watch::Sender<Term>,
     mut resigned: tokio::sync::oneshot::Receiver<()>,
 ) {
     let period = period(election.ttl);
@@ -151,9 +161,9 @@ async fn campaign(
         match attempt {
             Ok(Some((lease, until))) => {
                 tracing::info!(key = %election.key, node = %election.node, lease, "elected");
-                leading.send_replace(true);
+                leading.send_replace(Some(lease));
                 let resign = lead(&store, &election, lease, until, &mut resigned).await;
-                leading.send_replace(false);
+                leading.send_replace(None);
                 if resign {
                     match store
                         .retry("revoke the leader lease", |mut c| async move {

@@ -130,16 +130,25 @@ async fn exactly_one_of_three_candidates_leads_and_another_takes_over_within_the
     let record: serde_json::Value =
         serde_json::from_slice(named.kvs()[0].value()).expect("leader record decodes");
     assert_eq!(record["node"], format!("e-{first}"), "{record}");
+    // audit knows the key and its record.
+    let audit = hostnic_ipamd::cli::audit(&common::config(shared_single(), &prefix))
+        .await
+        .expect("audit");
+    let lines = hostnic_ipamd::cli::Outcome::lines(&audit);
+    assert!(
+        lines.iter().all(|l| !l.contains("/leader/")),
+        "audit flags the leader key: {lines:?}"
+    );
 
     // The leader stops without resigning (a killed daemon): another leads once the lease
-    // expires, within the TTL and one campaign period.
+    // expires: within the TTL, etcd's expiry tick (0.5 s) and one campaign period.
     let stopped = Instant::now();
     drop(candidates[first].take());
     let second = one_leader(&candidates, TTL * 3).await;
     assert_ne!(second, first);
     let took = stopped.elapsed();
     assert!(
-        took <= TTL + TTL / 3 + Duration::from_millis(800),
+        took <= TTL + TTL / 3 + Duration::from_millis(1200),
         "takeover took {took:?} with a {TTL:?} lease"
     );
 
@@ -542,4 +551,26 @@ async fn the_elected_daemon_releases_a_deleted_nodes_attachment_and_logs_why() {
         .await
         .expect("read");
     assert!(left.kvs().is_empty(), "the daemon resigned at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_etcd_knows_are_each_listed_once_even_when_their_names_prefix_each_other() {
+    let prefix = unique_prefix("node-gc-known");
+    let mut allocators = Vec::new();
+    for (i, node) in ["k", "k-1", "k.1", "k-10"].into_iter().enumerate() {
+        let a = common::allocator(shared_single(), &prefix, node).await;
+        add(&a, &format!("c-{i}-a"), &[]).await;
+        add(&a, &format!("c-{i}-b"), &[]).await;
+        allocators.push(a);
+    }
+    let known = allocators[0].indexed_nodes().await.expect("nodes");
+    assert_eq!(
+        known,
+        BTreeSet::from(["k", "k-1", "k.1", "k-10"].map(String::from))
+    );
+    for node in ["k", "k-1", "k.1", "k-10"] {
+        let held = allocators[0].attachments_of(node).await.expect("listed");
+        assert_eq!(held.len(), 2, "{node}: {held:?}");
+        assert!(held.iter().all(|h| h.record.node == node), "{held:?}");
+    }
 }

@@ -8,9 +8,10 @@ use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use ipnet::IpNet;
 
 use super::{decode, got, Allocator, HeldAttachment};
+use crate::addr::{from_int, to_int, Family};
 use crate::cache::block_owner;
 use crate::error::Result;
-use crate::pool::{cidr_of_id, pool_id};
+use crate::pool::pool_id;
 use crate::records::{KeyRef, PoolIndex};
 use crate::store::prefix_end;
 
@@ -38,30 +39,42 @@ pub enum GiveBack {
 }
 
 impl Allocator {
-    /// Every node named by an entry of the attachment index (`nodes/<node>/attachments/`), read
-    /// as keys only.
+    /// Every node that has a key under `nodes/` (its attachment index): one read of one key
+    /// per node, each starting after the previous node's keys, so the cost grows with the
+    /// number of nodes, not of attachments.
     pub async fn indexed_nodes(&self) -> Result<BTreeSet<String>> {
         let inner = &self.inner;
         let prefix = format!("{}/nodes/", inner.keys.prefix());
-        let options = GetOptions::new()
-            .with_range(prefix_end(prefix.as_bytes()))
-            .with_keys_only();
-        let listed = inner
-            .store
-            .get(
-                "list the nodes of the attachment index",
-                &prefix,
-                Some(options),
-            )
-            .await?;
-        Ok(listed
-            .kvs()
-            .iter()
-            .filter_map(|kv| match inner.keys.parse(kv.key_str().ok()?) {
-                Some(KeyRef::NodeAttachment { node, .. }) => Some(node),
-                _ => None,
-            })
-            .collect())
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.clone().into_bytes();
+        let mut nodes = BTreeSet::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(1)
+                .with_keys_only();
+            let resp = inner
+                .store
+                .get(
+                    "list the nodes of the attachment index",
+                    &String::from_utf8_lossy(&start),
+                    Some(options),
+                )
+                .await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Ok(nodes);
+            };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let node = key[prefix.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            start = prefix_end(format!("{prefix}{node}/").as_bytes());
+            if !node.is_empty() {
+                nodes.insert(node);
+            }
+        }
     }
 
     /// Every readable block claim of every pool in the pool index. A claim that does not
@@ -81,16 +94,8 @@ impl Allocator {
         for subnet in subnets {
             let pool = pool_id(&subnet);
             let prefix = format!("{}/pools/{pool}/blocks/", inner.keys.prefix());
-            let options = GetOptions::new().with_range(prefix_end(prefix.as_bytes()));
-            let resp = inner
-                .store
-                .get(
-                    &format!("list the block claims of pool {subnet}"),
-                    &prefix,
-                    Some(options),
-                )
-                .await?;
-            for kv in resp.kvs() {
+            let (_, kvs) = inner.store.load_prefix(&prefix).await?;
+            for kv in &kvs {
                 let Some(KeyRef::Block { pool, block }) =
                     kv.key_str().ok().and_then(|k| inner.keys.parse(k))
                 else {
@@ -162,42 +167,52 @@ impl Allocator {
 
     /// Deletes `claim` if its block holds no address: guarded by the claim being at the
     /// revision listed and by no address record of its pool having been written since the
-    /// block was found empty (so an address taken in the block meanwhile keeps the claim).
+    /// block was first read (so an address taken in the block meanwhile keeps the claim).
     pub async fn give_back_block(&self, claim: &BlockClaim) -> Result<GiveBack> {
         let inner = &self.inner;
-        let ips = format!("{}/pools/{}/ips/", inner.keys.prefix(), claim.pool);
-        let ips_end = prefix_end(ips.as_bytes());
-        let options = GetOptions::new()
-            .with_range(ips_end.clone())
-            .with_keys_only();
-        let listed = inner
-            .store
-            .get(
-                &format!("list the addresses of pool {}", cidr_of_id(&claim.pool)),
-                &ips,
-                Some(options),
-            )
-            .await?;
-        let read_at = listed.header().map(|h| h.revision()).unwrap_or_default();
-        let held = listed
-            .kvs()
-            .iter()
-            .filter(
-                |kv| match kv.key_str().ok().and_then(|k| inner.keys.parse(k)) {
-                    Some(KeyRef::Address { ip, .. }) => claim.block.contains(&ip),
-                    _ => false,
-                },
-            )
-            .count();
+        let family = Family::of(claim.block.network());
+        let (first, last) = (
+            to_int(claim.block.network()),
+            to_int(claim.block.broadcast()),
+        );
+        // The block's own address keys, read by key: no scan of the pool.
+        let keys: Vec<String> = (first..=last)
+            .map(|n| inner.keys.address(&claim.pool, from_int(family, n)))
+            .collect();
+        let mut read_at = None;
+        let mut held = 0;
+        for chunk in keys.chunks(100) {
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::get(k.as_str(), Some(GetOptions::new().with_keys_only())))
+                .collect();
+            let resp = inner
+                .store
+                .txn(
+                    &format!("read the addresses of block {}", claim.block),
+                    Txn::new().and_then(reads),
+                )
+                .await?;
+            read_at.get_or_insert(resp.header().map(|h| h.revision()).unwrap_or_default());
+            held += (0..chunk.len())
+                .filter(|&i| got(&resp, i).is_some())
+                .count();
+        }
         if held > 0 {
             return Ok(GiveBack::Holds { held });
         }
+        let ips = format!("{}/pools/{}/ips/", inner.keys.prefix(), claim.pool);
+        let ips_end = prefix_end(ips.as_bytes());
         let key = inner.keys.block(&claim.pool, &claim.block);
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, claim.revision),
-                Compare::mod_revision(ips.as_str(), CompareOp::Less, read_at + 1)
-                    .with_range(ips_end),
+                Compare::mod_revision(
+                    ips.as_str(),
+                    CompareOp::Less,
+                    read_at.unwrap_or_default() + 1,
+                )
+                .with_range(ips_end),
             ])
             .and_then([TxnOp::delete(key.as_str(), None)]);
         let resp = inner
