@@ -34,8 +34,11 @@ use crate::error::{IpamError, Result};
 use crate::planner::{already_held, plan, read_refusal, Read, Refusal, Verdict};
 
 mod follow;
+mod nodes;
 mod pools;
 mod release;
+
+pub use nodes::{BlockClaim, GiveBack};
 
 use crate::pool::{Pool, RangeSet};
 use crate::records::{

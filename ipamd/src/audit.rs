@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use crate::error::Result;
 use crate::pool::{cidr_of_id, Pool};
 use crate::records::{
-    AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, PoolIndex,
-    PoolRecord, ReleaseMarker,
+    AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, LeaderRecord,
+    PoolIndex, PoolRecord, ReleaseMarker,
 };
 use crate::store::Store;
 
@@ -126,6 +126,9 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
             }
             KeyRef::Released(_) => {
                 report.decode::<ReleaseMarker>(&key, value, "release marker");
+            }
+            KeyRef::Leader { .. } => {
+                report.decode::<LeaderRecord>(&key, value, "leader");
             }
         }
     }

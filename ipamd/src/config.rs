@@ -72,6 +72,15 @@ pub struct Flags {
     /// Kubernetes client.
     #[arg(long, global = true, env = "HOSTNIC_POD_GC_INTERVAL_SECONDS")]
     pub pod_gc_interval_seconds: Option<u64>,
+    /// How often the elected daemon releases what nodes deleted from the Kubernetes API left
+    /// behind (after they were absent for the GC grace); 0 disables it. Only with a Kubernetes
+    /// client.
+    #[arg(long, global = true, env = "HOSTNIC_NODE_GC_INTERVAL_SECONDS")]
+    pub node_gc_interval_seconds: Option<u64>,
+    /// TTL of the etcd lease of the elected daemon: how long a daemon that stopped renewing
+    /// (killed, cut off) keeps the role.
+    #[arg(long, global = true, env = "HOSTNIC_LEADER_LEASE_SECONDS")]
+    pub leader_lease_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -139,6 +148,15 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Release the attachments of nodes the Kubernetes API does not list, and give back their
+    /// empty blocks, as the elected daemon does every --node-gc-interval-seconds; judged by one
+    /// LIST, without waiting for the grace and without an election. Needs --kubeconfig, or to
+    /// run in a pod, and a --node-name the API lists.
+    GcNodes {
+        /// Show what would be released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Install the CNI plugin binaries and a network config where the container runtime finds
     /// them, each file atomically (the DaemonSet's init container runs this). Needs no etcd.
     InstallCni {
@@ -174,6 +192,8 @@ pub struct FileConfig {
     pub gc_grace_seconds: Option<u64>,
     pub netns_gc_interval_seconds: Option<u64>,
     pub pod_gc_interval_seconds: Option<u64>,
+    pub node_gc_interval_seconds: Option<u64>,
+    pub leader_lease_seconds: Option<u64>,
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -205,6 +225,11 @@ pub struct DaemonConfig {
     /// How often the pod GC runs (when there is a Kubernetes client); None when it is
     /// disabled.
     pub pod_gc_interval: Option<Duration>,
+    /// How often the deleted-node GC runs on the elected daemon (when there is a Kubernetes
+    /// client); None when it is disabled.
+    pub node_gc_interval: Option<Duration>,
+    /// TTL of the elected daemon's lease.
+    pub leader_lease: Duration,
     /// The kubeconfig file, if one is given; see [`crate::kube::source_of`] for what applies
     /// without one.
     pub kubeconfig: Option<PathBuf>,
@@ -241,6 +266,21 @@ pub const DEFAULT_NETNS_GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Longest `--netns-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
 pub const MAX_NETNS_GC_INTERVAL_SECONDS: u64 = 86_400;
+
+/// Default of `--node-gc-interval-seconds`.
+pub const DEFAULT_NODE_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest `--node-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
+pub const MAX_NODE_GC_INTERVAL_SECONDS: u64 = 86_400;
+
+/// Default of `--leader-lease-seconds`.
+pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(15);
+
+/// Shortest `--leader-lease-seconds`: etcd's own minimum TTL (about 2 s).
+pub const MIN_LEADER_LEASE_SECONDS: u64 = 2;
+
+/// Longest `--leader-lease-seconds`.
+pub const MAX_LEADER_LEASE_SECONDS: u64 = 600;
 
 /// Default of `--pod-gc-interval-seconds`.
 pub const DEFAULT_POD_GC_INTERVAL: Duration = Duration::from_secs(60);
@@ -514,6 +554,45 @@ pub fn resolve(
         MAX_POD_GC_INTERVAL_SECONDS,
         "pod GC",
     )?;
+    let node_gc_interval = gc_interval(
+        pick(
+            flags.node_gc_interval_seconds,
+            file.node_gc_interval_seconds,
+            "--node-gc-interval-seconds / HOSTNIC_NODE_GC_INTERVAL_SECONDS",
+            "nodeGcIntervalSeconds in the config file",
+        ),
+        DEFAULT_NODE_GC_INTERVAL,
+        MAX_NODE_GC_INTERVAL_SECONDS,
+        "deleted-node GC",
+    )?;
+    let lease = pick(
+        flags.leader_lease_seconds,
+        file.leader_lease_seconds,
+        "--leader-lease-seconds / HOSTNIC_LEADER_LEASE_SECONDS",
+        "leaderLeaseSeconds in the config file",
+    );
+    if let Some((value, source_name)) = lease.filter(|(v, _)| *v < MIN_LEADER_LEASE_SECONDS) {
+        return Err(ConfigFileError::OutOfRange {
+            value,
+            source_name,
+            reason: format!(
+                "the leader lease must be {MIN_LEADER_LEASE_SECONDS}..={MAX_LEADER_LEASE_SECONDS} s: \
+                 etcd refuses a shorter TTL"
+            ),
+        });
+    }
+    let leader_lease = bounded_seconds(
+        lease,
+        DEFAULT_LEADER_LEASE,
+        MAX_LEADER_LEASE_SECONDS,
+        || {
+            format!(
+                "the leader lease must be {MIN_LEADER_LEASE_SECONDS}..={MAX_LEADER_LEASE_SECONDS} s: \
+                 a longer one leaves the deleted-node GC without a leader that long after the \
+                 leader's node fails"
+            )
+        },
+    )?;
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
@@ -522,6 +601,8 @@ pub fn resolve(
         gc_grace,
         netns_gc_interval,
         pod_gc_interval,
+        node_gc_interval,
+        leader_lease,
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
     })
 }
@@ -653,6 +734,60 @@ mod tests {
             .expect_err("absurd")
             .to_string();
         assert!(e.contains("podGcIntervalSeconds in the config file"), "{e}");
+    }
+
+    #[test]
+    fn the_node_gc_interval_and_the_leader_lease_have_defaults_and_bounds_naming_the_flag() {
+        let base = ["--etcd-endpoints", "http://a:1", "--node-name", "n"];
+        let with = |extra: &[&str], file: &str| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let file: FileConfig = serde_json::from_str(file).expect("file parses");
+            resolve(flags(&args), file, None)
+        };
+        let c = with(&[], "{}").expect("resolves");
+        assert_eq!(c.node_gc_interval, Some(DEFAULT_NODE_GC_INTERVAL));
+        assert_eq!(c.leader_lease, DEFAULT_LEADER_LEASE);
+        let c = with(
+            &["--leader-lease-seconds", "3"],
+            r#"{"nodeGcIntervalSeconds": 5, "leaderLeaseSeconds": 9}"#,
+        )
+        .expect("resolves");
+        assert_eq!(c.node_gc_interval, Some(Duration::from_secs(5)));
+        assert_eq!(c.leader_lease, Duration::from_secs(3));
+        let c = with(&["--node-gc-interval-seconds", "0"], "{}").expect("resolves");
+        assert_eq!(c.node_gc_interval, None, "0 disables it");
+        let e = with(&["--node-gc-interval-seconds", "86401"], "{}")
+            .expect_err("absurd")
+            .to_string();
+        assert!(
+            e.contains("--node-gc-interval-seconds / HOSTNIC_NODE_GC_INTERVAL_SECONDS")
+                && e.contains("0 to disable the deleted-node GC"),
+            "{e}"
+        );
+        for (args, file, named) in [
+            (
+                &["--leader-lease-seconds", "1"][..],
+                "{}",
+                "--leader-lease-seconds",
+            ),
+            (
+                &[][..],
+                r#"{"leaderLeaseSeconds": 601}"#,
+                "leaderLeaseSeconds in the config file",
+            ),
+        ] {
+            let e = with(args, file).expect_err("out of range").to_string();
+            assert!(e.contains(named) && e.contains("leader lease"), "{e}");
+        }
+    }
+
+    #[test]
+    fn gc_nodes_takes_a_dry_run_flag() {
+        let f = flags(&["gc-nodes", "--dry-run"]);
+        assert!(matches!(
+            f.command,
+            Some(Command::GcNodes { dry_run: true })
+        ));
     }
 
     #[test]

@@ -366,6 +366,28 @@ impl PodCache {
     }
 }
 
+/// How long one LIST of the cluster's nodes may take.
+pub const NODE_LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The names of every Node object of the cluster, from one LIST served by the API server (not
+/// a cache). Err with the reason when the API server cannot be asked or does not answer within
+/// [`NODE_LIST_TIMEOUT`]: the caller then judges no node.
+pub async fn node_names(client: &Client) -> Result<std::collections::BTreeSet<String>, String> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    match tokio::time::timeout(
+        NODE_LIST_TIMEOUT,
+        nodes.list(&::kube::api::ListParams::default()),
+    )
+    .await
+    {
+        Ok(Ok(list)) => Ok(list.items.iter().map(ResourceExt::name_any).collect()),
+        Ok(Err(e)) => Err(format!("listing the nodes of the Kubernetes API: {e}")),
+        Err(_) => Err(format!(
+            "listing the nodes of the Kubernetes API: no answer within {NODE_LIST_TIMEOUT:?}"
+        )),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {

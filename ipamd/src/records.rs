@@ -14,6 +14,8 @@
 //! <prefix>/pool-index                         PoolIndex    (every subnet with a pool)
 //! <prefix>/handles/<containerID>/<ifname>     AttachmentRecord of the earlier layout: read by
 //!                                             DEL, CHECK, GC and audit, never written
+//! <prefix>/leader/<role>                      LeaderRecord (under the holder's lease: the
+//!                                             daemon elected for a cluster-wide task)
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -292,6 +294,17 @@ pub struct ReleaseMarker {
     pub allocated_at: u64,
 }
 
+/// The daemon elected for a role (`leader/<role>`), written under that daemon's lease: it
+/// disappears when the daemon resigns or stops renewing the lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderRecord {
+    pub version: u32,
+    pub node: String,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+}
+
 /// What a key under the prefix refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
@@ -319,6 +332,10 @@ pub enum KeyRef {
     },
     Released(Attachment),
     PoolIndex,
+    /// The holder of an elected role.
+    Leader {
+        role: String,
+    },
 }
 
 /// The key layout under one prefix.
@@ -369,6 +386,11 @@ impl Keys {
         format!("{}/handles/", self.prefix)
     }
 
+    /// The key of the daemon elected for `role` (see `leader`).
+    pub fn leader(&self, role: &str) -> String {
+        format!("{}/leader/{role}", self.prefix)
+    }
+
     pub fn pool_index(&self) -> String {
         format!("{}/pool-index", self.prefix)
     }
@@ -410,6 +432,9 @@ impl Keys {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             ["pool-index"] => Some(KeyRef::PoolIndex),
+            ["leader", role] => Some(KeyRef::Leader {
+                role: role.to_string(),
+            }),
             ["pools", pool] => Some(KeyRef::Pool {
                 pool: pool.to_string(),
             }),
@@ -513,6 +538,18 @@ mod tests {
         }
         assert_eq!(keys.parse("/other/pools/p"), None);
         assert_eq!(keys.parse("/hostnic/ipam/v1/pools/p/ips/not-an-ip"), None);
+    }
+
+    #[test]
+    fn the_leader_key_parses_back_to_its_role() {
+        let keys = Keys::new("/p");
+        assert_eq!(keys.leader("cleaner"), "/p/leader/cleaner");
+        assert_eq!(
+            keys.parse(&keys.leader("cleaner")),
+            Some(KeyRef::Leader {
+                role: "cleaner".into()
+            })
+        );
     }
 
     #[test]

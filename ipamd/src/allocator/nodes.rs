@@ -1,0 +1,228 @@
+//! What other nodes hold, for the GC of deleted nodes (`node_gc`): the nodes etcd knows (by
+//! their attachment index and their block claims), one node's attachments, and giving back a
+//! block claim whose block holds no address.
+
+use std::collections::BTreeSet;
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use ipnet::IpNet;
+
+use super::{decode, got, Allocator, HeldAttachment};
+use crate::addr::{from_int, to_int, Family};
+use crate::cache::block_owner;
+use crate::error::Result;
+use crate::pool::pool_id;
+use crate::records::{KeyRef, PoolIndex};
+use crate::store::prefix_end;
+
+/// A block claim as a listing found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockClaim {
+    pub pool: String,
+    pub block: IpNet,
+    /// The node the claim names.
+    pub node: String,
+    /// The claim's mod revision: [`Allocator::give_back_block`] deletes only this one.
+    pub revision: i64,
+}
+
+/// What became of a block claim given back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GiveBack {
+    /// Deleted: the block is free for any node to claim.
+    Deleted,
+    /// Kept: `held` addresses of the block are held.
+    Holds { held: usize },
+    /// The claim, or an address of its pool, changed since it was read: left for the next
+    /// pass.
+    Changed,
+}
+
+impl Allocator {
+    /// Every node that has a key under `nodes/` (its attachment index): one read of one key
+    /// per node, each starting after the previous node's keys, so the cost grows with the
+    /// number of nodes, not of attachments.
+    pub async fn indexed_nodes(&self) -> Result<BTreeSet<String>> {
+        let inner = &self.inner;
+        let prefix = format!("{}/nodes/", inner.keys.prefix());
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = prefix.clone().into_bytes();
+        let mut nodes = BTreeSet::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(1)
+                .with_keys_only();
+            let resp = inner
+                .store
+                .get(
+                    "list the nodes of the attachment index",
+                    &String::from_utf8_lossy(&start),
+                    Some(options),
+                )
+                .await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Ok(nodes);
+            };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let node = key[prefix.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            start = prefix_end(format!("{prefix}{node}/").as_bytes());
+            if !node.is_empty() {
+                nodes.insert(node);
+            }
+        }
+    }
+
+    /// Every readable block claim of every pool in the pool index. A claim that does not
+    /// decode names no node and is left out (`audit` names it).
+    pub async fn block_claims(&self) -> Result<Vec<BlockClaim>> {
+        let inner = &self.inner;
+        let index_key = inner.keys.pool_index();
+        let resp = inner
+            .store
+            .get("read the pool index", &index_key, None)
+            .await?;
+        let subnets = match resp.kvs().first() {
+            Some(kv) => decode::<PoolIndex>(kv)?.subnets,
+            None => Vec::new(),
+        };
+        let mut claims = Vec::new();
+        for subnet in subnets {
+            let pool = pool_id(&subnet);
+            let prefix = format!("{}/pools/{pool}/blocks/", inner.keys.prefix());
+            let (_, kvs) = inner.store.load_prefix(&prefix).await?;
+            for kv in &kvs {
+                let Some(KeyRef::Block { pool, block }) =
+                    kv.key_str().ok().and_then(|k| inner.keys.parse(k))
+                else {
+                    continue;
+                };
+                if let Ok(node) = block_owner(kv.value()) {
+                    claims.push(BlockClaim {
+                        pool,
+                        block,
+                        node,
+                        revision: kv.mod_revision(),
+                    });
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The attachments whose record names `node`, found through its index (and among the
+    /// records of the earlier layout, which have none). Unreadable records are skipped:
+    /// `audit` names them.
+    pub async fn attachments_of(&self, node: &str) -> Result<Vec<HeldAttachment>> {
+        let inner = &self.inner;
+        let index = inner.keys.node_attachments(node, None);
+        let options = GetOptions::new()
+            .with_range(prefix_end(index.as_bytes()))
+            .with_keys_only();
+        let listed = inner
+            .store
+            .get(
+                &format!("list the attachments of node {node}"),
+                &index,
+                Some(options),
+            )
+            .await?;
+        let keys: Vec<String> = listed
+            .kvs()
+            .iter()
+            .filter_map(|kv| match inner.keys.parse(kv.key_str().ok()?) {
+                Some(KeyRef::NodeAttachment { attachment, .. }) => {
+                    Some(inner.keys.attachment(&attachment))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut kvs = Vec::new();
+        for chunk in keys.chunks(100) {
+            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+            let resp = inner
+                .store
+                .txn(
+                    &format!("read the attachments of node {node}"),
+                    Txn::new().and_then(reads),
+                )
+                .await?;
+            kvs.extend((0..chunk.len()).filter_map(|i| got(&resp, i)));
+        }
+        let (_, legacy) = inner
+            .store
+            .load_prefix(&inner.keys.legacy_handles())
+            .await?;
+        kvs.extend(legacy);
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| inner.attachment_of_kv(kv))
+            .filter(|h| h.record.node == node)
+            .collect())
+    }
+
+    /// Deletes `claim` if its block holds no address: guarded by the claim being at the
+    /// revision listed and by no address record of its pool having been written since the
+    /// block was first read (so an address taken in the block meanwhile keeps the claim).
+    pub async fn give_back_block(&self, claim: &BlockClaim) -> Result<GiveBack> {
+        let inner = &self.inner;
+        let family = Family::of(claim.block.network());
+        let (first, last) = (
+            to_int(claim.block.network()),
+            to_int(claim.block.broadcast()),
+        );
+        // The block's own address keys, read by key: no scan of the pool.
+        let keys: Vec<String> = (first..=last)
+            .map(|n| inner.keys.address(&claim.pool, from_int(family, n)))
+            .collect();
+        let mut read_at = None;
+        let mut held = 0;
+        for chunk in keys.chunks(100) {
+            let reads: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::get(k.as_str(), Some(GetOptions::new().with_keys_only())))
+                .collect();
+            let resp = inner
+                .store
+                .txn(
+                    &format!("read the addresses of block {}", claim.block),
+                    Txn::new().and_then(reads),
+                )
+                .await?;
+            read_at.get_or_insert(resp.header().map(|h| h.revision()).unwrap_or_default());
+            held += (0..chunk.len())
+                .filter(|&i| got(&resp, i).is_some())
+                .count();
+        }
+        if held > 0 {
+            return Ok(GiveBack::Holds { held });
+        }
+        let ips = format!("{}/pools/{}/ips/", inner.keys.prefix(), claim.pool);
+        let ips_end = prefix_end(ips.as_bytes());
+        let key = inner.keys.block(&claim.pool, &claim.block);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, claim.revision),
+                Compare::mod_revision(
+                    ips.as_str(),
+                    CompareOp::Less,
+                    read_at.unwrap_or_default() + 1,
+                )
+                .with_range(ips_end),
+            ])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let resp = inner
+            .store
+            .txn(&format!("give back block {}", claim.block), txn)
+            .await?;
+        Ok(if resp.succeeded() {
+            GiveBack::Deleted
+        } else {
+            GiveBack::Changed
+        })
+    }
+}
