@@ -1,0 +1,22 @@
+# The hostnic-ipam image: hostnic-ipamd and the CNI plugins its init container installs on every
+# node (etc/kubernetes/hostnic-ipam.yaml). Build from the repository root:
+#
+#   docker build -t hostnic-ipam:0.1.0 .
+#
+# The binaries sit together in /opt/hostnic/bin, where `hostnic-ipamd install-cni` looks for the
+# plugins by default (its own directory).
+
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin hostnic-ipamd --bin hostnic-ipam
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/hostnic-ipamd /src/target/release/hostnic-ipam /opt/hostnic/bin/
+ENTRYPOINT ["/opt/hostnic/bin/hostnic-ipamd"]
