@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::pool::{cidr_of_id, Pool};
 use crate::records::{
     AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, PoolIndex,
-    PoolRecord, ReleaseMarker,
+    PoolRecord, ReleaseMarker, StickyRecord,
 };
 use crate::store::Store;
 
@@ -126,6 +126,14 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
             }
             KeyRef::Released(_) => {
                 report.decode::<ReleaseMarker>(&key, value, "release marker");
+            }
+            KeyRef::Sticky { .. } => {
+                let Some(record) = report.decode::<StickyRecord>(&key, value, "sticky") else {
+                    continue;
+                };
+                if let Err(e) = record.validate(&what) {
+                    report.bad_record(&key, format!("invalid sticky record: {e}"));
+                }
             }
         }
     }

@@ -14,6 +14,9 @@
 //! <prefix>/pool-index                         PoolIndex    (every subnet with a pool)
 //! <prefix>/handles/<containerID>/<ifname>     AttachmentRecord of the earlier layout: read by
 //!                                             DEL, CHECK, GC and audit, never written
+//! <prefix>/sticky/<network>/<namespace>/<statefulset>/<ordinal>
+//!                                             StickyRecord (the address a StatefulSet pod
+//!                                             identity keeps across re-creation)
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -292,6 +295,71 @@ pub struct ReleaseMarker {
     pub allocated_at: u64,
 }
 
+/// The addresses a StatefulSet pod identity (namespace, StatefulSet, ordinal, network) keeps
+/// across re-creation. Stored at `sticky/<network>/<namespace>/<statefulset>/<ordinal>`,
+/// created in the transaction of the identity's first ADD; deleted by the sticky GC once the
+/// ordinal or the StatefulSet is gone for the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StickyRecord {
+    pub version: u32,
+    pub network: String,
+    pub namespace: String,
+    pub stateful_set: String,
+    pub ordinal: u32,
+    /// The UID of the StatefulSet the identity belongs to: one of the same name but another
+    /// UID is another StatefulSet. Empty when the pod's owner reference had none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stateful_set_uid: String,
+    pub ips: Vec<HeldIp>,
+    /// Seconds since the Unix epoch: when the identity got its addresses.
+    pub since: u64,
+    /// Seconds since the Unix epoch: since when the sticky GC has seen the ordinal or the
+    /// StatefulSet gone; None while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphaned_since: Option<u64>,
+}
+
+impl StickyRecord {
+    /// Checks the record against its key (`network`, `namespace`, `stateful_set`, `ordinal`)
+    /// and itself: a record is input like any other.
+    pub fn validate(&self, key: &KeyRef) -> Result<(), String> {
+        let KeyRef::Sticky {
+            network,
+            namespace,
+            stateful_set,
+            ordinal,
+        } = key
+        else {
+            return Err("not a sticky key".into());
+        };
+        if (
+            &self.network,
+            &self.namespace,
+            &self.stateful_set,
+            self.ordinal,
+        ) != (network, namespace, stateful_set, *ordinal)
+        {
+            return Err(format!(
+                "names {}/{}/{}/{} under another identity's key",
+                self.network, self.namespace, self.stateful_set, self.ordinal
+            ));
+        }
+        if self.ips.is_empty() {
+            return Err("lists no address".into());
+        }
+        for h in &self.ips {
+            let subnet: IpNet = cidr_of_id(&h.pool)
+                .parse()
+                .map_err(|_| format!("names pool {:?}, which is not a pool id", h.pool))?;
+            if !subnet.contains(&h.ip) {
+                return Err(format!("lists {} outside its pool {subnet}", h.ip));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a key under the prefix refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
@@ -319,6 +387,13 @@ pub enum KeyRef {
     },
     Released(Attachment),
     PoolIndex,
+    /// The record of a StatefulSet pod identity's sticky addresses.
+    Sticky {
+        network: String,
+        namespace: String,
+        stateful_set: String,
+        ordinal: u32,
+    },
 }
 
 /// The key layout under one prefix.
@@ -404,6 +479,26 @@ impl Keys {
         )
     }
 
+    /// Prefix of every StatefulSet identity's sticky record.
+    pub fn sticky_all(&self) -> String {
+        format!("{}/sticky/", self.prefix)
+    }
+
+    /// The sticky record of ordinal `ordinal` of StatefulSet `namespace/stateful_set` on
+    /// `network`.
+    pub fn sticky(
+        &self,
+        network: &str,
+        namespace: &str,
+        stateful_set: &str,
+        ordinal: u32,
+    ) -> String {
+        format!(
+            "{}/sticky/{network}/{namespace}/{stateful_set}/{ordinal}",
+            self.prefix
+        )
+    }
+
     /// Parses a key written by this layout; None for anything else.
     pub fn parse(&self, key: &str) -> Option<KeyRef> {
         let rest = key.strip_prefix(&*self.prefix)?.strip_prefix('/')?;
@@ -439,6 +534,12 @@ impl Keys {
                 *container_id,
                 *ifname,
             ))),
+            ["sticky", network, namespace, stateful_set, ordinal] => Some(KeyRef::Sticky {
+                network: network.to_string(),
+                namespace: namespace.to_string(),
+                stateful_set: stateful_set.to_string(),
+                ordinal: ordinal.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -507,6 +608,15 @@ mod tests {
                 },
             ),
             (keys.pool_index(), KeyRef::PoolIndex),
+            (
+                keys.sticky("net1", "db", "web", 2),
+                KeyRef::Sticky {
+                    network: "net1".into(),
+                    namespace: "db".into(),
+                    stateful_set: "web".into(),
+                    ordinal: 2,
+                },
+            ),
         ];
         for (key, expected) in cases {
             assert_eq!(keys.parse(&key), Some(expected), "{key}");
@@ -643,6 +753,7 @@ mod tests {
                     let _ = serde_json::from_slice::<BlockRecord>(&text);
                     let _ = serde_json::from_slice::<PoolIndex>(&text);
                     let _ = serde_json::from_slice::<ReleaseMarker>(&text);
+                    let _ = serde_json::from_slice::<StickyRecord>(&text);
                     if let Ok(record) = serde_json::from_slice::<PoolRecord>(&text) {
                         if let Ok(pool) = record.to_pool() {
                             prop_assert!(pool.block_len() <= 4096);
