@@ -72,6 +72,11 @@ pub struct Flags {
     /// Kubernetes client.
     #[arg(long, global = true, env = "HOSTNIC_POD_GC_INTERVAL_SECONDS")]
     pub pod_gc_interval_seconds: Option<u64>,
+    /// How often the daemon releases the sticky addresses of StatefulSet pod identities whose
+    /// ordinal or StatefulSet has been gone for --gc-grace-seconds; 0 disables it. Only with a
+    /// Kubernetes client.
+    #[arg(long, global = true, env = "HOSTNIC_STICKY_GC_INTERVAL_SECONDS")]
+    pub sticky_gc_interval_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -139,6 +144,14 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// One pass of the sticky GC, as the daemon runs every --sticky-gc-interval-seconds: mark
+    /// StatefulSet pod identities whose ordinal or StatefulSet is gone, and release the sticky
+    /// addresses of those gone for --gc-grace-seconds. Needs --kubeconfig, or to run in a pod.
+    GcSticky {
+        /// Show what would be marked and released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Scan etcd and report every record that cannot be read or does not validate, any address
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.
@@ -158,6 +171,7 @@ pub struct FileConfig {
     pub gc_grace_seconds: Option<u64>,
     pub netns_gc_interval_seconds: Option<u64>,
     pub pod_gc_interval_seconds: Option<u64>,
+    pub sticky_gc_interval_seconds: Option<u64>,
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -189,6 +203,9 @@ pub struct DaemonConfig {
     /// How often the pod GC runs (when there is a Kubernetes client); None when it is
     /// disabled.
     pub pod_gc_interval: Option<Duration>,
+    /// How often the sticky GC runs (when there is a Kubernetes client); None when it is
+    /// disabled.
+    pub sticky_gc_interval: Option<Duration>,
     /// The kubeconfig file, if one is given; see [`crate::kube::source_of`] for what applies
     /// without one.
     pub kubeconfig: Option<PathBuf>,
@@ -231,6 +248,12 @@ pub const DEFAULT_POD_GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Longest `--pod-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
 pub const MAX_POD_GC_INTERVAL_SECONDS: u64 = 86_400;
+
+/// Default of `--sticky-gc-interval-seconds`.
+pub const DEFAULT_STICKY_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest `--sticky-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
+pub const MAX_STICKY_GC_INTERVAL_SECONDS: u64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -498,6 +521,17 @@ pub fn resolve(
         MAX_POD_GC_INTERVAL_SECONDS,
         "pod GC",
     )?;
+    let sticky_gc_interval = gc_interval(
+        pick(
+            flags.sticky_gc_interval_seconds,
+            file.sticky_gc_interval_seconds,
+            "--sticky-gc-interval-seconds / HOSTNIC_STICKY_GC_INTERVAL_SECONDS",
+            "stickyGcIntervalSeconds in the config file",
+        ),
+        DEFAULT_STICKY_GC_INTERVAL,
+        MAX_STICKY_GC_INTERVAL_SECONDS,
+        "sticky GC",
+    )?;
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
@@ -506,6 +540,7 @@ pub fn resolve(
         gc_grace,
         netns_gc_interval,
         pod_gc_interval,
+        sticky_gc_interval,
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
     })
 }
@@ -637,6 +672,34 @@ mod tests {
             .expect_err("absurd")
             .to_string();
         assert!(e.contains("podGcIntervalSeconds in the config file"), "{e}");
+    }
+
+    #[test]
+    fn the_sticky_gc_interval_defaults_to_a_minute_is_disabled_by_0_and_bounded_naming_the_flag() {
+        let base = ["--etcd-endpoints", "http://a:1", "--node-name", "n"];
+        let with = |extra: &[&str], file: &str| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let file: FileConfig = serde_json::from_str(file).expect("file parses");
+            resolve(flags(&args), file, None)
+        };
+        let c = with(&[], "{}").expect("resolves");
+        assert_eq!(c.sticky_gc_interval, Some(DEFAULT_STICKY_GC_INTERVAL));
+        let c = with(&[], r#"{"stickyGcIntervalSeconds": 5}"#).expect("resolves");
+        assert_eq!(c.sticky_gc_interval, Some(Duration::from_secs(5)));
+        let c = with(&["--sticky-gc-interval-seconds", "0"], "{}").expect("resolves");
+        assert_eq!(c.sticky_gc_interval, None, "0 disables it");
+        let e = with(&["--sticky-gc-interval-seconds", "86401"], "{}")
+            .expect_err("absurd")
+            .to_string();
+        assert!(
+            e.contains("--sticky-gc-interval-seconds") && e.contains("0 to disable the sticky GC"),
+            "{e}"
+        );
+        let f = flags(&["gc-sticky", "--dry-run"]);
+        assert!(matches!(
+            f.command,
+            Some(Command::GcSticky { dry_run: true })
+        ));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, sticky_gc, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -81,6 +81,22 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .context("starting the allocator")?;
             print(pod_gc::pass(&allocator, &pods, config.gc_grace, dry_run).await?)?
         }
+        Command::GcSticky { dry_run } => {
+            let Some(source) = kube::source_of(config.kubeconfig.clone(), in_cluster()) else {
+                anyhow::bail!(
+                    "gc-sticky asks the Kubernetes API which StatefulSets and ordinals exist: \
+                     give --kubeconfig (or KUBECONFIG, or the file key kubeconfig), or run it in \
+                     a pod with a service account"
+                );
+            };
+            let client = kube::client(&source)
+                .await
+                .with_context(|| format!("Kubernetes client from {source:?}"))?;
+            let allocator = Allocator::start(store, &config.node_name)
+                .await
+                .context("starting the allocator")?;
+            print(sticky_gc::pass(&allocator, &client, config.gc_grace, dry_run).await?)?
+        }
         Command::Audit => print(cli::audit(store).await?)?,
     };
     Ok(exit)
@@ -144,12 +160,28 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     });
     let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
     let mut pod_gc = None;
+    let mut sticky_gc = None;
     match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
             let client = kube::client(&source)
                 .await
                 .with_context(|| format!("Kubernetes client from {source:?}"))?;
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
+            sticky_gc = config.sticky_gc_interval.map(|interval| {
+                let schedule = gc::Schedule {
+                    interval,
+                    grace: config.gc_grace,
+                };
+                let mut gc_stopped = gc_stopped.clone();
+                tokio::spawn(sticky_gc::run(
+                    Arc::clone(&allocator),
+                    client.clone(),
+                    schedule,
+                    async move {
+                        let _ = gc_stopped.changed().await;
+                    },
+                ))
+            });
             let pods = Arc::new(kube::PodCache::start(client, &config.node_name));
             pod_gc = config.pod_gc_interval.map(|interval| {
                 let schedule = gc::Schedule {
@@ -181,6 +213,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     if let Some(gc) = pod_gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "pod GC task ended abnormally");
+        }
+    }
+    if let Some(gc) = sticky_gc {
+        if let Err(e) = gc.await {
+            tracing::warn!(error = %e, "sticky GC task ended abnormally");
         }
     }
     served
