@@ -133,6 +133,12 @@ impl Cluster {
     /// Starts the fake with StatefulSet `web` of `replicas`, then both daemons (their own GCs
     /// off: the tests run `gc-sticky` themselves).
     async fn start(test: &str, replicas: u32) -> Cluster {
+        Cluster::start_with(test, replicas, &[]).await
+    }
+
+    /// [`Cluster::start`], with `a_gc` (the sticky GC's interval and grace, seconds) for the
+    /// daemon of node-a.
+    async fn start_with(test: &str, replicas: u32, a_gc: &[&str]) -> Cluster {
         let fake = FakeKube::start().expect("fake API server starts");
         fake.create(fake::stateful_set(NS, "web", STS_UID, replicas, &[]))
             .expect("StatefulSet");
@@ -142,7 +148,7 @@ impl Cluster {
             .to_str()
             .expect("utf-8 path")
             .to_owned();
-        let start = |node: &str| {
+        let start = |node: &str, gc: &[&str]| {
             let dir = tempfile::tempdir().expect("temp dir");
             let socket = dir.path().join("run/ipamd.sock");
             let daemon = IpamDaemon::start(
@@ -152,22 +158,28 @@ impl Cluster {
                 &prefix,
                 &socket,
                 &[
-                    "--kubeconfig",
-                    &kubeconfig,
-                    "--sticky-gc-interval-seconds",
-                    "0",
-                    "--pod-gc-interval-seconds",
-                    "0",
-                    "--netns-gc-interval-seconds",
-                    "0",
-                ],
+                    &[
+                        "--kubeconfig",
+                        &kubeconfig,
+                        "--pod-gc-interval-seconds",
+                        "0",
+                        "--netns-gc-interval-seconds",
+                        "0",
+                    ],
+                    gc,
+                ]
+                .concat(),
             )
             .expect("daemon starts");
             (daemon, socket, dir)
         };
         let mut daemons = Vec::new();
-        for node in ["node-a", "node-b"] {
-            let (daemon, socket, dir) = start(node);
+        let off = ["--sticky-gc-interval-seconds", "0"];
+        for (node, gc) in [
+            ("node-a", if a_gc.is_empty() { &off[..] } else { a_gc }),
+            ("node-b", &off[..]),
+        ] {
+            let (daemon, socket, dir) = start(node, gc);
             let client = IpamClient::new(
                 hostnic_proto::connect(&socket, Duration::from_secs(10))
                     .await
@@ -600,4 +612,61 @@ async fn with_the_switch_off_a_statefulset_pod_gets_an_ordinary_dynamic_address(
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(e.message().contains("ipam.stickyStatefulSets"), "{e}");
     assert_eq!(c.snapshot().await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_sticky_gc_releases_a_scaled_down_ordinal_past_the_grace_and_logs_why() {
+    if !needs_root("sticky GC in the daemon test") {
+        return;
+    }
+    let mut c = Cluster::start_with(
+        "sticky-daemon-gc",
+        2,
+        &[
+            "--sticky-gc-interval-seconds",
+            "1",
+            "--gc-grace-seconds",
+            "2",
+        ],
+    )
+    .await;
+    c.create_replica(0, "uid-web-0", "node-a");
+    c.create_replica(1, "uid-web-1", "node-a");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let ip0 = c.a.add("c-web-0", "web-0", "uid-web-0").await;
+    let ip1 = c.a.add("c-web-1", "web-1", "uid-web-1").await;
+    c.scale(1);
+    assert_eq!(c.a.del("c-web-1").await, vec![ip1.clone()]);
+    c.fake.delete(Kind::Pod, NS, "web-1").expect("deleted");
+
+    // Marked at the next pass, released one grace (2 s) later.
+    let marked = std::time::Instant::now();
+    let deadline = marked + Duration::from_secs(20);
+    while c.sticky_record(1).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not released:\n{}",
+            c.a.daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Times are whole seconds: a grace of 2 s lasts more than 1 s.
+    assert!(
+        marked.elapsed() > Duration::from_secs(1),
+        "released before the grace: {:?}",
+        marked.elapsed()
+    );
+    assert_eq!(c.holder(&ip1).await, None, "the address is free");
+    c.assert_audit_holds(&[(&ip0, "c-web-0")]).await;
+    let log = c.a.daemon.log_tail();
+    assert!(
+        log.contains("released sticky addresses")
+            && log.contains("ordinal 1 is gone: StatefulSet apps/web has 1 replicas"),
+        "the release is logged with its reason:\n{log}"
+    );
+    assert!(
+        c.sticky_record(0).await.is_some(),
+        "web-0 keeps its identity"
+    );
+    c.a.del("c-web-0").await;
 }
