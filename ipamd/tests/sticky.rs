@@ -670,3 +670,44 @@ async fn the_daemons_sticky_gc_releases_a_scaled_down_ordinal_past_the_grace_and
     );
     c.a.del("c-web-0").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_whose_address_left_the_networks_pools_gets_a_new_one_and_frees_the_old() {
+    if !needs_root("sticky pools changed test") {
+        return;
+    }
+    let mut c = Cluster::start("sticky-repooled", 1).await;
+    c.create_replica(0, "uid-web-0", "node-a");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let old = c.a.add("c-web-0", "web-0", "uid-web-0").await;
+    assert_eq!(c.a.del("c-web-0").await, vec![old.clone()]);
+    assert!(c.holder(&old).await.is_some(), "kept for the identity");
+
+    // The network now has another subnet: the re-created pod gets an address of it.
+    let moved = json!({"type": "hostnic-ipam", "subnet": "10.74.0.0/24"});
+    c.fake.delete(Kind::Pod, NS, "web-0").expect("deleted");
+    c.create_replica(0, "uid-web-0-b", "node-a");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let new =
+        c.a.add_on(&moved, "c-web-0-b", "web-0", "uid-web-0-b")
+            .await
+            .unwrap_or_else(|e| panic!("ADD: {e}\n{}", c.a.daemon.log_tail()));
+    assert!(new[0].starts_with("10.74.0."), "{new:?}");
+    assert_eq!(c.holder(&old).await, None, "the old address is freed");
+    let record = c.sticky_record(0).await.expect("a new identity record");
+    assert_eq!(record["ips"][0]["ip"], new[0].as_str(), "{record}");
+    c.assert_audit_holds(&[(&new[0], "c-web-0-b")]).await;
+    c.a.client
+        .release(ReleaseRequest {
+            attachment: Some(proto::Attachment {
+                container_id: "c-web-0-b".into(),
+                ifname: "eth0".into(),
+            }),
+            network: Some(Network {
+                name: NETWORK.into(),
+                ipam_json: moved.to_string(),
+            }),
+        })
+        .await
+        .expect("DEL");
+}

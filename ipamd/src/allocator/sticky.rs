@@ -101,6 +101,41 @@ impl Allocator {
                 }
             };
             let record = inner.decode_sticky(&sticky_kv)?;
+            let in_pools = |h: &HeldIp| {
+                req.range_sets
+                    .iter()
+                    .flat_map(|set| &set.pools)
+                    .any(|p| p.id() == h.pool)
+            };
+            if !record.ips.iter().all(in_pools) {
+                // The network's pools changed since: the identity's addresses can never be
+                // its again, so they go (if no container holds them) and new ones are taken.
+                let held = HeldIdentity {
+                    key: sticky_key.clone(),
+                    record: record.clone(),
+                    revision: sticky_kv.mod_revision(),
+                };
+                match self.release_identity(&held).await? {
+                    IdentityRelease::Released { ips } => {
+                        tracing::warn!(identity = %identity.describe(), released = ?ips, "the network's pools no longer contain the identity's sticky addresses: released them, taking new ones");
+                        continue;
+                    }
+                    IdentityRelease::HeldByContainer(holder) => {
+                        return Err(IpamError::Contention {
+                            op: format!("sticky allocate for {}", req.attachment),
+                            attempts: 1,
+                            last: format!(
+                                "{sticky_key} keeps addresses outside the network's pools, still \
+                                 held by {holder}; they are released once its DEL comes"
+                            ),
+                        })
+                    }
+                    IdentityRelease::Changed => {
+                        last = format!("{sticky_key} changed meanwhile");
+                        continue;
+                    }
+                }
+            }
             match got(&resp, 1) {
                 Some(parked_kv) => {
                     let parked_record: AttachmentRecord = decode(&parked_kv)?;
