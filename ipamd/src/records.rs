@@ -682,6 +682,37 @@ mod tests {
     }
 
     #[test]
+    fn a_sticky_record_must_match_its_key_and_list_addresses_of_its_pools() {
+        let keys = Keys::new("/p");
+        let key = keys
+            .parse(&keys.sticky("net", "db", "web", 1))
+            .expect("a sticky key");
+        let record = |ordinal: u32, ips: serde_json::Value| -> StickyRecord {
+            serde_json::from_value(json!({"version": 1, "network": "net", "namespace": "db",
+                "statefulSet": "web", "ordinal": ordinal, "ips": ips, "since": 5}))
+            .expect("decodes")
+        };
+        let good = json!([{"pool": "10.0.0.0_24", "ip": "10.0.0.5", "kind": "sticky"}]);
+        assert_eq!(record(1, good.clone()).validate(&key), Ok(()));
+        let cases = [
+            (record(2, good), "another identity's key"),
+            (record(1, json!([])), "no address"),
+            (
+                record(1, json!([{"pool": "10.0.0.0_24", "ip": "10.0.1.5"}])),
+                "outside its pool",
+            ),
+            (
+                record(1, json!([{"pool": "nonsense", "ip": "10.0.0.5"}])),
+                "not a pool id",
+            ),
+        ];
+        for (r, want) in cases {
+            let e = r.validate(&key).expect_err("refused");
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
     fn allocation_records_keep_the_wire_shape_of_the_earlier_layout() {
         let earlier = json!({"version": 1, "handle": {"containerID": "c1", "ifname": "eth0"},
             "node": "n1", "network": "net1", "kind": "dynamic", "allocatedAt": 7});
