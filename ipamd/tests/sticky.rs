@@ -711,3 +711,40 @@ async fn an_identity_whose_address_left_the_networks_pools_gets_a_new_one_and_fr
         .await
         .expect("DEL");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_whose_address_was_freed_by_hand_and_taken_by_another_pod_gets_a_new_one() {
+    if !needs_root("sticky address taken by another pod test") {
+        return;
+    }
+    let mut c = Cluster::start("sticky-taken", 1).await;
+    c.create_replica(0, "uid-web-0", "node-a");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let old = c.a.add("c-web-0", "web-0", "uid-web-0").await;
+    c.a.del("c-web-0").await;
+    // An operator frees the reserved address (`release` of the reservation), and another
+    // container asks for it exactly.
+    let reservation = Attachment::new(NETWORK, "sticky_apps_web_0", "sticky");
+    c.observer
+        .release(&reservation)
+        .await
+        .expect("released by hand")
+        .expect("the reservation held it");
+    let squatter = Attachment::new(NETWORK, "c-squatter", "eth0");
+    c.observer
+        .allocate(&common::request(&squatter, &common::sets(ipam()), &[&old]))
+        .await
+        .expect("the address is free to ask for");
+
+    c.fake.delete(Kind::Pod, NS, "web-0").expect("deleted");
+    c.create_replica(0, "uid-web-0-b", "node-a");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+    let new = c.a.add("c-web-0-b", "web-0", "uid-web-0-b").await;
+    assert_ne!(new, old);
+    let record = c.sticky_record(0).await.expect("a new identity record");
+    assert_eq!(record["ips"][0]["ip"], new.as_str(), "{record}");
+    c.assert_audit_holds(&[(&old, "c-squatter"), (&new, "c-web-0-b")])
+        .await;
+    c.a.del("c-web-0-b").await;
+    c.observer.release(&squatter).await.expect("released");
+}

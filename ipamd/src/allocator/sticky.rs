@@ -156,6 +156,23 @@ impl Allocator {
                     last = format!("{parked_key} changed while taking its addresses");
                 }
                 None => {
+                    if let Some(other) = inner.taken_by_another_pod(identity, &record).await? {
+                        // Freed by hand and taken by another pod since: the identity starts
+                        // afresh rather than fail on an address that is no longer its own.
+                        let forget = Txn::new()
+                            .when([Compare::mod_revision(
+                                sticky_key.as_str(),
+                                CompareOp::Equal,
+                                sticky_kv.mod_revision(),
+                            )])
+                            .and_then([TxnOp::delete(sticky_key.as_str(), None)]);
+                        inner
+                            .store
+                            .txn(&format!("forget {sticky_key}"), forget)
+                            .await?;
+                        tracing::warn!(identity = %identity.describe(), holder = %other, "the identity's sticky address is held by another pod: taking a new one");
+                        continue;
+                    }
                     let exact = AllocateRequest {
                         requested: record.ips.iter().map(|h| h.ip).collect(),
                         requested_kind: Kind::Sticky,
@@ -328,6 +345,44 @@ impl Inner {
             .validate(&key_ref)
             .map_err(|reason| IpamError::Corrupt { key, reason })?;
         Ok(record)
+    }
+
+    /// The holder of an address of `record` that is neither the identity's reservation nor an
+    /// attachment of the identity's pod (`namespace/<statefulset>-<ordinal>`), if any: such an
+    /// address was freed (by `release-address`) and taken by someone else.
+    async fn taken_by_another_pod(
+        &self,
+        identity: &Identity,
+        record: &StickyRecord,
+    ) -> Result<Option<Attachment>> {
+        let reads: Vec<TxnOp> = record
+            .ips
+            .iter()
+            .map(|h| TxnOp::get(self.keys.address(&h.pool, h.ip), None))
+            .collect();
+        let resp = self
+            .store
+            .txn(
+                &format!("read the sticky addresses of {}", identity.describe()),
+                Txn::new().and_then(reads),
+            )
+            .await?;
+        let name = format!("{}-{}", identity.stateful_set, identity.ordinal);
+        for i in 0..record.ips.len() {
+            let Some(kv) = got(&resp, i) else { continue };
+            let Ok(holder) = decode::<AllocationRecord>(&kv) else {
+                continue;
+            };
+            let own = holder.attachment == reservation(identity)
+                || holder
+                    .pod
+                    .as_ref()
+                    .is_some_and(|p| p.namespace == identity.namespace && p.name == name);
+            if !own {
+                return Ok(Some(holder.attachment));
+            }
+        }
+        Ok(None)
     }
 
     /// The key and put of the sticky record a first ADD creates for `identity` with `ips`.
