@@ -309,6 +309,16 @@ fn check_pool_keys(ipam: &Map<String, Value>) -> Result<(), CniError> {
             }
         }
     }
+    // The daemon's per-network switch for sticky StatefulSet addresses (default true).
+    if let Some(sticky) = optional(ipam, "stickyStatefulSets") {
+        if !sticky.is_boolean() {
+            return Err(invalid(
+                "ipam.stickyStatefulSets",
+                sticky,
+                format!("expected true or false, found {}", json_type(sticky)),
+            ));
+        }
+    }
     if let Some(size) = optional(ipam, "blockSize") {
         if size.as_u64().is_none_or(|n| n > u64::from(u8::MAX)) {
             return Err(invalid(
@@ -800,6 +810,10 @@ mod tests {
             (
                 json!({"blockSize": 256}),
                 "invalid network config: ipam.blockSize = 256: expected a prefix length, an integer from 0 to 255",
+            ),
+            (
+                json!({"stickyStatefulSets": "yes"}),
+                "invalid network config: ipam.stickyStatefulSets = \"yes\": expected true or false, found a string",
             ),
         ];
         for (extra, want) in cases {

@@ -37,6 +37,9 @@ mod follow;
 mod nodes;
 mod pools;
 mod release;
+mod sticky;
+
+pub use sticky::{HeldIdentity, IdentityRelease};
 
 pub use nodes::{BlockClaim, GiveBack};
 
@@ -188,6 +191,16 @@ impl Allocator {
     /// attachment already holds. The whole request is validated before anything is written,
     /// so a refused request leaves nothing behind.
     pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation> {
+        self.allocate_creating(req, None).await
+    }
+
+    /// [`Allocator::allocate`]; with `sticky`, the commit also creates the identity's sticky
+    /// record (guarded: absent), recording the addresses as `Kind::Sticky`.
+    async fn allocate_creating(
+        &self,
+        req: &AllocateRequest,
+        sticky: Option<&crate::sticky::Identity>,
+    ) -> Result<Allocation> {
         let inner = &self.inner;
         // Noted on arrival: a DEL of this attachment after this point has a higher revision.
         let began = inner.store.seen_revision();
@@ -233,7 +246,10 @@ impl Allocator {
                     },
                 }
             }
-            match inner.commit(req, &mut picks, began, guard_legacy).await {
+            match inner
+                .commit(req, &mut picks, began, guard_legacy, sticky)
+                .await
+            {
                 Ok(Outcome::Done(allocation)) => return Ok(allocation),
                 Ok(Outcome::Lost(why)) => last = why,
                 Ok(Outcome::OtherNetworksLegacy) => guard_legacy = false,
@@ -621,6 +637,7 @@ impl Inner {
         picks: &mut Picks<'_>,
         began: i64,
         guard_legacy: bool,
+        sticky: Option<&crate::sticky::Identity>,
     ) -> Result<Outcome> {
         let attachment = &req.attachment;
         let attachment_key = self.keys.attachment(attachment);
@@ -644,7 +661,11 @@ impl Inner {
                 attachment: attachment.clone(),
                 pod: req.pod.clone(),
                 node: self.node.clone(),
-                kind: pick.kind,
+                kind: if sticky.is_some() {
+                    Kind::Sticky
+                } else {
+                    pick.kind
+                },
                 allocated_at: pick.since.unwrap_or(now),
             };
             compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
@@ -653,7 +674,7 @@ impl Inner {
             held.push(HeldIp {
                 pool: pick.pool.id(),
                 ip: pick.ip,
-                kind: Some(pick.kind),
+                kind: Some(record.kind),
             });
             keys.push(key);
         }
@@ -685,6 +706,14 @@ impl Inner {
         }
         let legacy_index = gets.len();
         gets.push(TxnOp::get(legacy_key.as_str(), None));
+        let sticky_key = sticky.map(|identity| {
+            let (key, put) = self.sticky_create(identity, &record.ips, now);
+            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+            puts.push(put);
+            gets.push(TxnOp::get(key.as_str(), None));
+            key
+        });
+        let gets_len = gets.len();
         let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
         let gate = self
             .commit_gate
@@ -714,6 +743,15 @@ impl Inner {
             return Ok(Outcome::Done(self.allocation_of(attachment, &record)?));
         }
 
+        if let Some(key) = sticky_key {
+            if got(&resp, gets_len - 1).is_some() {
+                return Err(IpamError::Contention {
+                    op: format!("allocate for {attachment}"),
+                    attempts: 1,
+                    last: format!("{key} was created meanwhile by another ADD"),
+                });
+            }
+        }
         let read = |i: usize| {
             got(&resp, i).map(|kv| Read {
                 key: String::from_utf8_lossy(kv.key()).into_owned(),

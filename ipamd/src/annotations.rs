@@ -58,6 +58,8 @@ pub struct Owner {
     pub api_version: String,
     pub kind: String,
     pub name: String,
+    /// The owner's UID (empty if the reference had none).
+    pub uid: String,
 }
 
 impl Owner {
@@ -377,6 +379,7 @@ mod tests {
                 api_version: "apps/v1".into(),
                 kind: kind.into(),
                 name: name.into(),
+                uid: String::new(),
             }),
         }
     }

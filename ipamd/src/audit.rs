@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::pool::{cidr_of_id, Pool};
 use crate::records::{
     AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, LeaderRecord,
-    PoolIndex, PoolRecord, ReleaseMarker,
+    PoolIndex, PoolRecord, ReleaseMarker, StickyRecord,
 };
 use crate::store::Store;
 
@@ -129,6 +129,14 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
             }
             KeyRef::Leader { .. } => {
                 report.decode::<LeaderRecord>(&key, value, "leader");
+            }
+            KeyRef::Sticky { .. } => {
+                let Some(record) = report.decode::<StickyRecord>(&key, value, "sticky") else {
+                    continue;
+                };
+                if let Err(e) = record.validate(&what) {
+                    report.bad_record(&key, format!("invalid sticky record: {e}"));
+                }
             }
         }
     }

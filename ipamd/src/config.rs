@@ -81,6 +81,11 @@ pub struct Flags {
     /// (killed, cut off) keeps the role.
     #[arg(long, global = true, env = "HOSTNIC_LEADER_LEASE_SECONDS")]
     pub leader_lease_seconds: Option<u64>,
+    /// How often the daemon releases the sticky addresses of StatefulSet pod identities whose
+    /// ordinal or StatefulSet has been gone for --gc-grace-seconds; 0 disables it. Only with a
+    /// Kubernetes client.
+    #[arg(long, global = true, env = "HOSTNIC_STICKY_GC_INTERVAL_SECONDS")]
+    pub sticky_gc_interval_seconds: Option<u64>,
     /// How long an etcd operation keeps retrying before the plugin is told to try again later.
     #[arg(long, global = true, env = "HOSTNIC_ETCD_RETRY_MS")]
     pub etcd_retry_ms: Option<u64>,
@@ -157,6 +162,14 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// One pass of the sticky GC, as the daemon runs every --sticky-gc-interval-seconds: mark
+    /// StatefulSet pod identities whose ordinal or StatefulSet is gone, and release the sticky
+    /// addresses of those gone for --gc-grace-seconds. Needs --kubeconfig, or to run in a pod.
+    GcSticky {
+        /// Show what would be marked and released, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Install the CNI plugin binaries and a network config where the container runtime finds
     /// them, each file atomically (the DaemonSet's init container runs this). Needs no etcd.
     InstallCni {
@@ -194,6 +207,7 @@ pub struct FileConfig {
     pub pod_gc_interval_seconds: Option<u64>,
     pub node_gc_interval_seconds: Option<u64>,
     pub leader_lease_seconds: Option<u64>,
+    pub sticky_gc_interval_seconds: Option<u64>,
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -230,6 +244,9 @@ pub struct DaemonConfig {
     pub node_gc_interval: Option<Duration>,
     /// TTL of the elected daemon's lease.
     pub leader_lease: Duration,
+    /// How often the sticky GC runs on the elected daemon (when there is a Kubernetes client);
+    /// None when it is disabled.
+    pub sticky_gc_interval: Option<Duration>,
     /// The kubeconfig file, if one is given; see [`crate::kube::source_of`] for what applies
     /// without one.
     pub kubeconfig: Option<PathBuf>,
@@ -425,6 +442,12 @@ fn gc_interval(
     .map(Some)
 }
 
+/// Default of `--sticky-gc-interval-seconds`.
+pub const DEFAULT_STICKY_GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Longest `--sticky-gc-interval-seconds`: a leak-repair pass less often than daily is a typo.
+pub const MAX_STICKY_GC_INTERVAL_SECONDS: u64 = 86_400;
+
 /// Flags (and their environment variables) win over the file, the file over defaults. Every
 /// value is checked here, so that a daemon never starts on one that cannot work.
 pub fn resolve(
@@ -593,6 +616,17 @@ pub fn resolve(
             )
         },
     )?;
+    let sticky_gc_interval = gc_interval(
+        pick(
+            flags.sticky_gc_interval_seconds,
+            file.sticky_gc_interval_seconds,
+            "--sticky-gc-interval-seconds / HOSTNIC_STICKY_GC_INTERVAL_SECONDS",
+            "stickyGcIntervalSeconds in the config file",
+        ),
+        DEFAULT_STICKY_GC_INTERVAL,
+        MAX_STICKY_GC_INTERVAL_SECONDS,
+        "sticky GC",
+    )?;
     Ok(DaemonConfig {
         store,
         node_name: node_name.0,
@@ -603,6 +637,7 @@ pub fn resolve(
         pod_gc_interval,
         node_gc_interval,
         leader_lease,
+        sticky_gc_interval,
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
     })
 }
@@ -787,6 +822,34 @@ mod tests {
         assert!(matches!(
             f.command,
             Some(Command::GcNodes { dry_run: true })
+        ));
+    }
+
+    #[test]
+    fn the_sticky_gc_interval_defaults_to_a_minute_is_disabled_by_0_and_bounded_naming_the_flag() {
+        let base = ["--etcd-endpoints", "http://a:1", "--node-name", "n"];
+        let with = |extra: &[&str], file: &str| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let file: FileConfig = serde_json::from_str(file).expect("file parses");
+            resolve(flags(&args), file, None)
+        };
+        let c = with(&[], "{}").expect("resolves");
+        assert_eq!(c.sticky_gc_interval, Some(DEFAULT_STICKY_GC_INTERVAL));
+        let c = with(&[], r#"{"stickyGcIntervalSeconds": 5}"#).expect("resolves");
+        assert_eq!(c.sticky_gc_interval, Some(Duration::from_secs(5)));
+        let c = with(&["--sticky-gc-interval-seconds", "0"], "{}").expect("resolves");
+        assert_eq!(c.sticky_gc_interval, None, "0 disables it");
+        let e = with(&["--sticky-gc-interval-seconds", "86401"], "{}")
+            .expect_err("absurd")
+            .to_string();
+        assert!(
+            e.contains("--sticky-gc-interval-seconds") && e.contains("0 to disable the sticky GC"),
+            "{e}"
+        );
+        let f = flags(&["gc-sticky", "--dry-run"]);
+        assert!(matches!(
+            f.command,
+            Some(Command::GcSticky { dry_run: true })
         ));
     }
 

@@ -160,6 +160,7 @@ pub fn pod_meta(pod: &Pod) -> PodMeta {
             api_version: o.api_version.clone(),
             kind: o.kind.clone(),
             name: o.name.clone(),
+            uid: o.uid.clone(),
         });
     PodMeta {
         namespace: pod.namespace().unwrap_or_default(),

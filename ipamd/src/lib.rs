@@ -22,6 +22,8 @@ pub mod planner;
 pub mod pod_gc;
 pub mod pool;
 pub mod records;
+pub mod sticky;
+pub mod sticky_gc;
 pub mod store;
 
 pub use allocator::{AllocateRequest, AllocatedIp, Allocation, Allocator};

@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, gc, install, kube, leader, netns_gc, node_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{
+    cli, gc, install, kube, leader, netns_gc, node_gc, pod_gc, server, sticky_gc, Allocator,
+};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -117,6 +119,22 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .await?,
             )?
         }
+        Command::GcSticky { dry_run } => {
+            let Some(source) = kube::source_of(config.kubeconfig.clone(), in_cluster()) else {
+                anyhow::bail!(
+                    "gc-sticky asks the Kubernetes API which StatefulSets and ordinals exist: \
+                     give --kubeconfig (or KUBECONFIG, or the file key kubeconfig), or run it in \
+                     a pod with a service account"
+                );
+            };
+            let client = kube::client(&source)
+                .await
+                .with_context(|| format!("Kubernetes client from {source:?}"))?;
+            let allocator = Allocator::start(store, &config.node_name)
+                .await
+                .context("starting the allocator")?;
+            print(sticky_gc::pass(&allocator, &client, config.gc_grace, dry_run).await?)?
+        }
         Command::Audit => print(cli::audit(store).await?)?,
         Command::InstallCni { .. } => unreachable!("handled before the config is resolved"),
     };
@@ -209,6 +227,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
     let mut pod_gc = None;
     let mut node_gc = None;
+    let mut sticky_gc = None;
     let mut leadership = None;
     match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
@@ -234,7 +253,9 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             });
             service = service.with_pods(pods);
             // One daemon of the cluster, elected, runs the cluster-wide GCs while it leads.
-            leadership = config.node_gc_interval.is_some().then(|| {
+            let cluster_wide =
+                config.node_gc_interval.is_some() || config.sticky_gc_interval.is_some();
+            leadership = cluster_wide.then(|| {
                 leader::Leadership::start(
                     allocator.store().clone(),
                     leader::Election {
@@ -251,6 +272,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                 };
                 let mut gc_stopped = gc_stopped.clone();
                 let allocator = Arc::clone(&allocator);
+                let client = client.clone();
                 node_gc = Some(tokio::spawn(leader::while_leader(
                     "deleted-node GC",
                     leadership.subscribe(),
@@ -259,6 +281,25 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     },
                     move |stop| {
                         node_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
+                    },
+                )));
+            }
+            if let (Some(interval), Some(leadership)) = (config.sticky_gc_interval, &leadership) {
+                let schedule = gc::Schedule {
+                    interval,
+                    grace: config.gc_grace,
+                };
+                let mut gc_stopped = gc_stopped.clone();
+                let allocator = Arc::clone(&allocator);
+                let client = client.clone();
+                sticky_gc = Some(tokio::spawn(leader::while_leader(
+                    "sticky GC",
+                    leadership.subscribe(),
+                    async move {
+                        let _ = gc_stopped.changed().await;
+                    },
+                    move |stop| {
+                        sticky_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
                     },
                 )));
             }
@@ -285,6 +326,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     }
     if let Some(leadership) = leadership {
         leadership.resign().await;
+    }
+    if let Some(gc) = sticky_gc {
+        if let Err(e) = gc.await {
+            tracing::warn!(error = %e, "sticky GC task ended abnormally");
+        }
     }
     served
 }

@@ -16,6 +16,9 @@
 //!                                             DEL, CHECK, GC and audit, never written
 //! <prefix>/leader/<role>                      LeaderRecord (under the holder's lease: the
 //!                                             daemon elected for a cluster-wide task)
+//! <prefix>/sticky/<network>/<namespace>/<statefulset>/<ordinal>
+//!                                             StickyRecord (the address a StatefulSet pod
+//!                                             identity keeps across re-creation)
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -305,6 +308,71 @@ pub struct LeaderRecord {
     pub since: u64,
 }
 
+/// The addresses a StatefulSet pod identity (namespace, StatefulSet, ordinal, network) keeps
+/// across re-creation. Stored at `sticky/<network>/<namespace>/<statefulset>/<ordinal>`,
+/// created in the transaction of the identity's first ADD; deleted by the sticky GC once the
+/// ordinal or the StatefulSet is gone for the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StickyRecord {
+    pub version: u32,
+    pub network: String,
+    pub namespace: String,
+    pub stateful_set: String,
+    pub ordinal: u32,
+    /// The UID of the StatefulSet the identity belongs to: one of the same name but another
+    /// UID is another StatefulSet. Empty when the pod's owner reference had none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stateful_set_uid: String,
+    pub ips: Vec<HeldIp>,
+    /// Seconds since the Unix epoch: when the identity got its addresses.
+    pub since: u64,
+    /// Seconds since the Unix epoch: since when the sticky GC has seen the ordinal or the
+    /// StatefulSet gone; None while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orphaned_since: Option<u64>,
+}
+
+impl StickyRecord {
+    /// Checks the record against its key (`network`, `namespace`, `stateful_set`, `ordinal`)
+    /// and itself: a record is input like any other.
+    pub fn validate(&self, key: &KeyRef) -> Result<(), String> {
+        let KeyRef::Sticky {
+            network,
+            namespace,
+            stateful_set,
+            ordinal,
+        } = key
+        else {
+            return Err("not a sticky key".into());
+        };
+        if (
+            &self.network,
+            &self.namespace,
+            &self.stateful_set,
+            self.ordinal,
+        ) != (network, namespace, stateful_set, *ordinal)
+        {
+            return Err(format!(
+                "names {}/{}/{}/{} under another identity's key",
+                self.network, self.namespace, self.stateful_set, self.ordinal
+            ));
+        }
+        if self.ips.is_empty() {
+            return Err("lists no address".into());
+        }
+        for h in &self.ips {
+            let subnet: IpNet = cidr_of_id(&h.pool)
+                .parse()
+                .map_err(|_| format!("names pool {:?}, which is not a pool id", h.pool))?;
+            if !subnet.contains(&h.ip) {
+                return Err(format!("lists {} outside its pool {subnet}", h.ip));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a key under the prefix refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
@@ -335,6 +403,13 @@ pub enum KeyRef {
     /// The holder of an elected role.
     Leader {
         role: String,
+    },
+    /// The record of a StatefulSet pod identity's sticky addresses.
+    Sticky {
+        network: String,
+        namespace: String,
+        stateful_set: String,
+        ordinal: u32,
     },
 }
 
@@ -426,6 +501,26 @@ impl Keys {
         )
     }
 
+    /// Prefix of every StatefulSet identity's sticky record.
+    pub fn sticky_all(&self) -> String {
+        format!("{}/sticky/", self.prefix)
+    }
+
+    /// The sticky record of ordinal `ordinal` of StatefulSet `namespace/stateful_set` on
+    /// `network`.
+    pub fn sticky(
+        &self,
+        network: &str,
+        namespace: &str,
+        stateful_set: &str,
+        ordinal: u32,
+    ) -> String {
+        format!(
+            "{}/sticky/{network}/{namespace}/{stateful_set}/{ordinal}",
+            self.prefix
+        )
+    }
+
     /// Parses a key written by this layout; None for anything else.
     pub fn parse(&self, key: &str) -> Option<KeyRef> {
         let rest = key.strip_prefix(&*self.prefix)?.strip_prefix('/')?;
@@ -464,6 +559,12 @@ impl Keys {
                 *container_id,
                 *ifname,
             ))),
+            ["sticky", network, namespace, stateful_set, ordinal] => Some(KeyRef::Sticky {
+                network: network.to_string(),
+                namespace: namespace.to_string(),
+                stateful_set: stateful_set.to_string(),
+                ordinal: ordinal.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -532,6 +633,15 @@ mod tests {
                 },
             ),
             (keys.pool_index(), KeyRef::PoolIndex),
+            (
+                keys.sticky("net1", "db", "web", 2),
+                KeyRef::Sticky {
+                    network: "net1".into(),
+                    namespace: "db".into(),
+                    stateful_set: "web".into(),
+                    ordinal: 2,
+                },
+            ),
         ];
         for (key, expected) in cases {
             assert_eq!(keys.parse(&key), Some(expected), "{key}");
@@ -609,6 +719,37 @@ mod tests {
     }
 
     #[test]
+    fn a_sticky_record_must_match_its_key_and_list_addresses_of_its_pools() {
+        let keys = Keys::new("/p");
+        let key = keys
+            .parse(&keys.sticky("net", "db", "web", 1))
+            .expect("a sticky key");
+        let record = |ordinal: u32, ips: serde_json::Value| -> StickyRecord {
+            serde_json::from_value(json!({"version": 1, "network": "net", "namespace": "db",
+                "statefulSet": "web", "ordinal": ordinal, "ips": ips, "since": 5}))
+            .expect("decodes")
+        };
+        let good = json!([{"pool": "10.0.0.0_24", "ip": "10.0.0.5", "kind": "sticky"}]);
+        assert_eq!(record(1, good.clone()).validate(&key), Ok(()));
+        let cases = [
+            (record(2, good), "another identity's key"),
+            (record(1, json!([])), "no address"),
+            (
+                record(1, json!([{"pool": "10.0.0.0_24", "ip": "10.0.1.5"}])),
+                "outside its pool",
+            ),
+            (
+                record(1, json!([{"pool": "nonsense", "ip": "10.0.0.5"}])),
+                "not a pool id",
+            ),
+        ];
+        for (r, want) in cases {
+            let e = r.validate(&key).expect_err("refused");
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
     fn allocation_records_keep_the_wire_shape_of_the_earlier_layout() {
         let earlier = json!({"version": 1, "handle": {"containerID": "c1", "ifname": "eth0"},
             "node": "n1", "network": "net1", "kind": "dynamic", "allocatedAt": 7});
@@ -680,6 +821,7 @@ mod tests {
                     let _ = serde_json::from_slice::<BlockRecord>(&text);
                     let _ = serde_json::from_slice::<PoolIndex>(&text);
                     let _ = serde_json::from_slice::<ReleaseMarker>(&text);
+                    let _ = serde_json::from_slice::<StickyRecord>(&text);
                     if let Ok(record) = serde_json::from_slice::<PoolRecord>(&text) {
                         if let Ok(pool) = record.to_pool() {
                             prop_assert!(pool.block_len() <= 4096);

@@ -24,6 +24,7 @@ use crate::error::IpamError;
 use crate::kube::{Holder, PodCache};
 use crate::pool::{parse_range_sets, RangeSet};
 use crate::records::{AllocationRecord, Attachment, Kind, PodRef};
+use crate::sticky::{self, Identity};
 
 /// Maps an allocator error to the gRPC status the plugin turns into a CNI error.
 pub fn status_of(e: &IpamError) -> Status {
@@ -92,18 +93,23 @@ impl IpamService {
     /// addresses (`Kind::Exact`), or the pod's annotated fixed address (`Kind::Fixed`). Reads
     /// the pod from the API when the daemon has a client and the request names a pod with its
     /// namespace; fills in the pod's UID from the API when the runtime did not send it.
+    ///
+    /// With `sticky` (the network's `stickyStatefulSets`), a StatefulSet pod that asks for no
+    /// address (no `kube-ipam.ip`, nothing from the runtime) also gets its identity, whose
+    /// sticky addresses it is to get.
     async fn requested(
         &self,
         pod: Option<&mut PodRef>,
         network: &str,
         range_sets: &[RangeSet],
         requested: Vec<IpAddr>,
-    ) -> Result<(Vec<IpAddr>, Kind), IpamError> {
+        sticky: bool,
+    ) -> Result<(Vec<IpAddr>, Kind, Option<Identity>), IpamError> {
         let (Some(pods), Some(pod)) = (&self.pods, pod) else {
-            return Ok((requested, Kind::Exact));
+            return Ok((requested, Kind::Exact, None));
         };
         if pod.namespace.is_empty() {
-            return Ok((requested, Kind::Exact));
+            return Ok((requested, Kind::Exact, None));
         }
         let meta = pods.pod(&pod.namespace, &pod.name, &pod.uid).await?;
         if pod.uid.is_empty() {
@@ -113,7 +119,12 @@ impl IpamService {
             Some(request) => request.for_network(network, range_sets)?,
             None => None,
         };
-        combine(fixed, requested, network)
+        let identity =
+            (sticky && requested.is_empty() && !meta.annotations.contains_key(annotations::IP))
+                .then(|| Identity::of_pod(&meta, network))
+                .flatten();
+        let (ips, kind) = combine(fixed, requested, network)?;
+        Ok((ips, kind, identity))
     }
 
     /// An ADD was refused because `ip` is held by `holder` (its address record `record`): asks
@@ -216,6 +227,14 @@ fn attachment_of(
     let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
     let a = attachment.ok_or_else(|| Status::invalid_argument("attachment is required"))?;
     Ok(Attachment::new(&n.name, &a.container_id, &a.ifname))
+}
+
+/// The network's `stickyStatefulSets` switch (see [`sticky::enabled`]); its type is checked
+/// with the pool keys.
+fn sticky_switch(network: Option<&Network>) -> bool {
+    network
+        .and_then(|n| serde_json::from_str::<serde_json::Value>(&n.ipam_json).ok())
+        .is_none_or(|ipam| sticky::enabled(&ipam))
 }
 
 fn range_sets_of(network: Option<&Network>) -> Result<Vec<RangeSet>, Status> {
@@ -335,8 +354,9 @@ impl Ipam for IpamService {
             record_pod(pod.as_ref());
             let range_sets = range_sets_of(req.network.as_ref())?;
             let requested = parse_ips(&req.requested_ips, "requested address")?;
-            let (requested, requested_kind) = match self
-                .requested(pod.as_mut(), &attachment.network, &range_sets, requested)
+            let sticky = sticky_switch(req.network.as_ref());
+            let (requested, requested_kind, identity) = match self
+                .requested(pod.as_mut(), &attachment.network, &range_sets, requested, sticky)
                 .await
             {
                 Ok(request) => request,
@@ -362,7 +382,13 @@ impl Ipam for IpamService {
                 requested,
                 requested_kind,
             };
-            let allocation = match self.allocator.allocate(&request).await {
+            let allocate = || async {
+                match &identity {
+                    Some(identity) => self.allocator.allocate_sticky(&request, identity).await,
+                    None => self.allocator.allocate(&request).await,
+                }
+            };
+            let allocation = match allocate().await {
                 // Held by a pod that may be gone: once, take it over and ADD again.
                 Err(IpamError::AddressInUse {
                     ip,
@@ -372,7 +398,7 @@ impl Ipam for IpamService {
                     self.take_over(ip, holder, record)
                         .await
                         .map_err(|e| status_of(&e))?;
-                    self.allocator.allocate(&request).await
+                    allocate().await
                 }
                 other => other,
             }

@@ -1029,3 +1029,99 @@ fn a_multus_ips_request_reaches_hostnic_ipam_as_runtime_config_ips() {
     let left = node.allocations();
     assert!(left.is_empty(), "records left after the DEL: {left:#?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// StatefulSets without annotations: sticky addresses
+// ---------------------------------------------------------------------------------------------
+
+/// A StatefulSet pod without an annotation keeps a sticky dynamic address: deleted and
+/// re-created as the kubelet and the controller do it (DEL, netns gone, pod object deleted, a
+/// new pod with a new UID and a new sandbox), it gets the same address back; in between, the
+/// address stays held by the pod's identity, not free.
+#[test]
+fn an_unannotated_statefulset_pod_gets_its_sticky_dynamic_address_back_when_re_created() {
+    let Some(setup) = setup("kubernetes e2e sticky StatefulSet address") else {
+        return;
+    };
+    let sts = kube::stateful_set("default", "db", "uid-db", 2, &[]);
+    let mut stored = Value::Null;
+    let node = Node::start(&setup, "sticky", |kube| {
+        stored = kube.create(sts.clone()).expect("creating the StatefulSet");
+    });
+    let config = node.config(json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-e2e-db",
+        "type": "macvlan",
+        "mode": "bridge",
+        "ipam": {
+            "type": "hostnic-ipam",
+            "subnet": "10.213.0.0/24",
+            "rangeStart": "10.213.0.100",
+            "rangeEnd": "10.213.0.200",
+        },
+    }));
+    let mut pods: Vec<Pod> = (0..2)
+        .map(|i| {
+            let object = pod_from_template(&stored, "StatefulSet", &format!("db-{i}"));
+            Pod::create(&node.kube, object)
+        })
+        .collect();
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|pod| add(&setup, pod, &config).0).collect();
+    eprintln!("db-0, db-1: {ips:?}");
+    assert_ne!(ips[0], ips[1]);
+    assert_reach_each_other(&pods.iter().collect::<Vec<_>>(), &ips);
+
+    let old = pods.remove(1);
+    del(&setup, &old, &config);
+    let old_uid = old.uid.clone();
+    drop(old);
+    node.kube
+        .delete(Kind::Pod, "default", "db-1")
+        .expect("deleting db-1");
+    let records = node.allocations();
+    let (key, rec) = records
+        .iter()
+        .find(|(k, _)| k.contains("/ips/") && k.ends_with(&format!("/{}", ips[1])))
+        .unwrap_or_else(|| panic!("{} was freed by db-1's DEL: {records:#?}", ips[1]));
+    assert_eq!(
+        rec["handle"]["containerID"], "sticky_default_db_1",
+        "{key}: {rec}"
+    );
+
+    let new = Pod::create(
+        &node.kube,
+        pod_from_template(&stored, "StatefulSet", "db-1"),
+    );
+    assert_ne!(new.uid, old_uid);
+    let (ip, _, _) = add(&setup, &new, &config);
+    assert_eq!(
+        ip, ips[1],
+        "the re-created db-1 did not get its address back"
+    );
+    assert_eq!(addresses_in(&new), vec![format!("{ip}/24")]);
+    let records = node.allocations();
+    let rec = records
+        .iter()
+        .find(|(k, _)| k.contains("/ips/") && k.ends_with(&format!("/{ip}")))
+        .map(|(_, v)| v)
+        .expect("allocation record");
+    assert_eq!(rec["handle"]["containerID"], json!(new.container), "{rec}");
+    assert_eq!(rec["pod"]["uid"], json!(new.uid), "{rec}");
+    assert_eq!(rec["kind"], "sticky", "{rec}");
+    pods.insert(1, new);
+    assert_reach_each_other(&pods.iter().collect::<Vec<_>>(), &ips);
+
+    // DEL keeps each identity's address for it; only the sticky GC frees them.
+    for pod in &pods {
+        del(&setup, pod, &config);
+    }
+    let left: Vec<String> = node
+        .allocations()
+        .values()
+        .filter_map(|v| v["handle"]["containerID"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        left.iter().all(|id| id.starts_with("sticky_default_db_")),
+        "{left:?}"
+    );
+}

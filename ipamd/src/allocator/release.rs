@@ -158,7 +158,9 @@ impl Inner {
         let cached = self
             .lock_committed()
             .remove(attachment)
-            .filter(|c| expected.is_none_or(|e| e == c.revision));
+            .filter(|c| expected.is_none_or(|e| e == c.revision))
+            // Sticky addresses go to their identity's reservation, not back to the pool.
+            .filter(|c| !super::sticky::holds_sticky(&c.record));
         if let Some(committed) = cached {
             // Fast path: nothing changed since this node's ADD wrote these keys.
             let attachment_key = self.keys.attachment(attachment);
@@ -201,6 +203,17 @@ impl Inner {
             };
             if !unchanged {
                 return Ok(None);
+            }
+            if let Found::Record { kv, record, .. } = &found {
+                match self.park(attachment, kv.mod_revision(), record).await? {
+                    super::sticky::Parked::Done => return Ok(Some(record.clone())),
+                    super::sticky::Parked::Changed => {
+                        last = "attachment or address changed while moving it to its reservation"
+                            .into();
+                        continue;
+                    }
+                    super::sticky::Parked::NotSticky => {}
+                }
             }
             let (guard, record, ip_keys) = match found {
                 Found::Nothing => {
