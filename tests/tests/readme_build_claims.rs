@@ -169,6 +169,9 @@ fn every_config_under_etc_parses_as_the_daemon_and_the_plugin_read_it() {
                 Some("node-a".to_owned()),
             )
             .unwrap_or_else(|e| panic!("{what}: the daemon refuses its values: {e}"));
+        } else if path.starts_with(root.join("etc/kubernetes")) {
+            // tests/manifests.rs holds the manifests to the daemon and the plugin.
+            continue;
         } else {
             panic!("{what}: a file of a kind this test does not check; teach it");
         }
