@@ -34,9 +34,11 @@ use crate::error::{IpamError, Result};
 use crate::planner::{already_held, plan, read_refusal, Read, Refusal, Verdict};
 
 mod follow;
+mod namespaces;
 mod pools;
 mod release;
 
+use crate::namespaces::Restriction;
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
     now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, KeyRef, Keys,
@@ -185,6 +187,17 @@ impl Allocator {
     /// attachment already holds. The whole request is validated before anything is written,
     /// so a refused request leaves nothing behind.
     pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation> {
+        self.allocate_within(req, &[]).await
+    }
+
+    /// [`Allocator::allocate`], with the dynamic address of range set `i` picked as
+    /// `restrictions[i]` allows (a pod namespace's subnets, see `namespaces`); a range set
+    /// without an entry is unrestricted. Exact addresses are not checked here.
+    pub async fn allocate_within(
+        &self,
+        req: &AllocateRequest,
+        restrictions: &[Restriction],
+    ) -> Result<Allocation> {
         let inner = &self.inner;
         // Noted on arrival: a DEL of this attachment after this point has a higher revision.
         let began = inner.store.seen_revision();
@@ -211,13 +224,13 @@ impl Allocator {
         let mut guard_legacy = true;
         for _ in 0..MAX_ROUNDS {
             let mut picks = Picks::new(inner);
-            for (set, exact) in req.range_sets.iter().zip(&plan) {
+            for (i, (set, exact)) in req.range_sets.iter().zip(&plan).enumerate() {
                 match exact {
                     Some((pool, ip)) => {
                         picks.exact(pool, *ip, req.requested_kind, released.as_ref())
                     }
                     None => match inner
-                        .pick_dynamic(set, &mut picks, &req.attachment.network)
+                        .pick_for(set, &mut picks, &req.attachment.network, restrictions.get(i))
                         .await
                     {
                         Ok(()) => {}
