@@ -299,6 +299,12 @@ impl PoolState {
         Next::Exhausted
     }
 
+    /// Whether a dynamic address among `allowed` is free.
+    pub fn has_free_in(&self, allowed: &[AddrRange]) -> bool {
+        self.blocks_meeting(allowed)
+            .any(|b| self.free_allowed(b, allowed).is_some())
+    }
+
     /// Blocks wholly inside `space` (sorted, merged, inside the pool) in which no address is
     /// held and some is dynamic, in order: what a namespace may be given. At most `limit`.
     pub fn empty_blocks_in(&self, space: &[AddrRange], limit: usize) -> Vec<u128> {

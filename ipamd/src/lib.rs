@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod gc;
 pub mod kube;
+pub mod namespace_watch;
 pub mod namespaces;
 pub mod netns_gc;
 pub mod planner;

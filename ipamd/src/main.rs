@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
+use hostnic_ipamd::namespace_watch::Namespaces;
 use hostnic_ipamd::service::IpamService;
 use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
@@ -150,6 +151,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("Kubernetes client from {source:?}"))?;
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
+            let namespaces = Arc::new(Namespaces::start(client.clone(), &allocator));
+            service = service.with_namespaces(namespaces);
             let pods = Arc::new(kube::PodCache::start(client, &config.node_name));
             pod_gc = config.pod_gc_interval.map(|interval| {
                 let schedule = gc::Schedule {

@@ -155,6 +155,16 @@ fn decode_namespace(kv: &KeyValue) -> Result<NamespaceRecord> {
 }
 
 impl Allocator {
+    /// Whether `restriction` leaves a free dynamic address in a pool of `set`, as this node
+    /// sees it: when not, a namespace with auto-assigned blocks needs another.
+    pub fn has_free_within(&self, set: &RangeSet, restriction: &Restriction) -> bool {
+        let mut pools = self.inner.lock_pools();
+        set.pools.iter().any(|pool| {
+            let allowed = allowed_in(pool, restriction);
+            !allowed.is_empty() && pools.state_of(pool).has_free_in(&allowed)
+        })
+    }
+
     /// The blocks auto-assigned to `namespace`, as etcd has them now (none: empty).
     pub async fn namespace_blocks(&self, namespace: &str) -> Result<Vec<IpNet>> {
         let key = self.inner.keys.namespace(namespace);
