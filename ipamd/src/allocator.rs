@@ -230,7 +230,12 @@ impl Allocator {
                         picks.exact(pool, *ip, req.requested_kind, released.as_ref())
                     }
                     None => match inner
-                        .pick_for(set, &mut picks, &req.attachment.network, restrictions.get(i))
+                        .pick_for(
+                            set,
+                            &mut picks,
+                            &req.attachment.network,
+                            restrictions.get(i),
+                        )
                         .await
                     {
                         Ok(()) => {}

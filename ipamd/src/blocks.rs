@@ -281,7 +281,12 @@ impl PoolState {
     /// free one of this node's blocks, else a block to claim, else one to borrow.
     pub fn next_address_in(&mut self, allowed: &[AddrRange]) -> Next {
         let meets = |s: &Self, b: &u128| s.block_meets(*b, allowed);
-        let own: Vec<u128> = self.own_free.iter().filter(|b| meets(self, b)).copied().collect();
+        let own: Vec<u128> = self
+            .own_free
+            .iter()
+            .filter(|b| meets(self, b))
+            .copied()
+            .collect();
         if let Some(n) = own.iter().find_map(|&b| self.free_allowed(b, allowed)) {
             return Next::Address(self.take(n));
         }
@@ -292,7 +297,12 @@ impl PoolState {
         if let Some(b) = unclaimed {
             return Next::Claim(b);
         }
-        let any: Vec<u128> = self.any_free.iter().filter(|b| meets(self, b)).copied().collect();
+        let any: Vec<u128> = self
+            .any_free
+            .iter()
+            .filter(|b| meets(self, b))
+            .copied()
+            .collect();
         if let Some(n) = any.iter().find_map(|&b| self.free_allowed(b, allowed)) {
             return Next::Borrow(self.take(n));
         }
@@ -349,9 +359,7 @@ impl PoolState {
             .iter()
             .filter(|r| r.overlaps(&span))
             .flat_map(|r| r.first.max(span.first)..=r.last.min(span.last))
-            .find(|&n| {
-                self.pool.is_dynamic(n) && !held.is_some_and(|h| is_held(h, n - span.first))
-            })
+            .find(|&n| self.pool.is_dynamic(n) && !held.is_some_and(|h| is_held(h, n - span.first)))
     }
 }
 
@@ -520,7 +528,9 @@ mod tests {
     }
 
     fn ranges(list: &[(&str, &str)]) -> Vec<AddrRange> {
-        list.iter().map(|(a, b)| AddrRange::new(n(a), n(b))).collect()
+        list.iter()
+            .map(|(a, b)| AddrRange::new(n(a), n(b)))
+            .collect()
     }
 
     /// Drives `next_address_in` the way the allocator does, with every claim succeeding.

@@ -21,6 +21,9 @@ use crate::records::{Attachment, KeyRef, Keys, PoolIndex, RECORD_VERSION};
 use crate::store::{Store, StoreConfig};
 use crate::{Allocator, IpamError, Kind, PodRef};
 
+mod namespaces;
+pub use namespaces::{namespace_rows, namespaces, NamespaceRow, NamespaceSource};
+
 /// `text` with control characters escaped, for one field of one output line.
 pub fn escaped(text: &str) -> String {
     text.chars().flat_map(char::escape_debug).collect()

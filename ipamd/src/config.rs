@@ -143,6 +143,9 @@ pub enum Command {
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.
     Audit,
+    /// Show which subnets each namespace may use: the kube-system/hostnic-ipam-config
+    /// ConfigMap's entries (with --kubeconfig, or in a pod) and the blocks auto-assigned in etcd.
+    Namespaces,
 }
 
 /// The config file (`etc/hostnic-ipamd.json`). Its `etcd` keys are the daemon's own; a CNI config's

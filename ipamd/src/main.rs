@@ -9,7 +9,7 @@ use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::namespace_watch::Namespaces;
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, gc, kube, netns_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{cli, gc, kube, namespace_watch, netns_gc, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -83,6 +83,24 @@ async fn main() -> anyhow::Result<ExitCode> {
             print(pod_gc::pass(&allocator, &pods, config.gc_grace, dry_run).await?)?
         }
         Command::Audit => print(cli::audit(store).await?)?,
+        Command::Namespaces => {
+            let mapping = match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
+                Some(source) => {
+                    let client = kube::client(&source)
+                        .await
+                        .with_context(|| format!("Kubernetes client from {source:?}"))?;
+                    namespace_watch::read_mapping(client).await?
+                }
+                None => {
+                    eprintln!(
+                        "no kubeconfig and not in a pod: the ConfigMap's entries are not shown, \
+                         only the blocks auto-assigned in etcd"
+                    );
+                    None
+                }
+            };
+            print(cli::namespaces(store, mapping.as_ref()).await?)?
+        }
     };
     Ok(exit)
 }

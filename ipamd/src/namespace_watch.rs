@@ -126,6 +126,27 @@ impl ConfigMapWatch {
     }
 }
 
+/// The mapping of the ConfigMap as the API server has it now (one GET; None: no ConfigMap),
+/// for an operator command.
+pub async fn read_mapping(client: Client) -> anyhow::Result<Option<NamespaceMapping>> {
+    let api: Api<ConfigMap> = Api::namespaced(client, CONFIG_MAP_NAMESPACE);
+    let found = tokio::time::timeout(GET_TIMEOUT, api.get_opt(CONFIG_MAP_NAME))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "reading {}: no answer within {GET_TIMEOUT:?}",
+                config_map_name()
+            )
+        })?
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", config_map_name()))?;
+    let Some(cm) = found else {
+        return Ok(None);
+    };
+    NamespaceMapping::from_config_map(&cm.data.unwrap_or_default())
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{} is invalid: {e}", config_map_name()))
+}
+
 /// Reads the ConfigMap into `current`, or logs why not and keeps what was there.
 fn read_config_map(cm: &ConfigMap, current: &mut Option<Arc<NamespaceMapping>>) {
     let data = cm.data.clone().unwrap_or_default();
@@ -200,12 +221,12 @@ impl AssignedBlocks {
             tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await,
             Ok(Ok(_))
         );
-        match synced {
-            true => Ok(self.lock().clone()),
-            false => Err(IpamError::NotSynced(format!(
+        if !synced {
+            return Err(IpamError::NotSynced(format!(
                 "the namespaces' blocks not loaded from etcd within {timeout:?}"
-            ))),
+            )));
         }
+        Ok(self.lock().clone())
     }
 
     /// Records what an assignment on this node wrote, without waiting for the watch.
@@ -317,7 +338,11 @@ impl Namespaces {
     /// subnets (giving it a block first when it has auto-assigned blocks and they are full),
     /// exact ones refused (code 7) when outside them. A request without a pod namespace, or a
     /// cluster without the ConfigMap, is not restricted.
-    pub async fn allocate(&self, allocator: &Allocator, req: &AllocateRequest) -> Result<Allocation> {
+    pub async fn allocate(
+        &self,
+        allocator: &Allocator,
+        req: &AllocateRequest,
+    ) -> Result<Allocation> {
         let namespace = req
             .pod
             .as_ref()
@@ -355,7 +380,8 @@ impl Namespaces {
             }
             match allocator.allocate_within(req, &restrictions).await {
                 Err(IpamError::Exhausted { .. })
-                    if round < AUTO_ROUNDS && restrictions.iter().any(|r| r.auto_space.is_some()) =>
+                    if round < AUTO_ROUNDS
+                        && restrictions.iter().any(|r| r.auto_space.is_some()) =>
                 {
                     continue
                 }

@@ -141,9 +141,7 @@ impl NamespaceMapping {
             }
             let mut entries = Entries::default();
             for text in &list {
-                match parse_entry(text)
-                    .map_err(|e| format!("data.{IPAM_KEY}.{namespace}: {e}"))?
-                {
+                match parse_entry(text).map_err(|e| format!("data.{IPAM_KEY}.{namespace}: {e}"))? {
                     Entry::Cidr(net) => entries.cidrs.push(net),
                     Entry::Vxnet(id) => entries.unmapped.push(id),
                 }
@@ -343,10 +341,7 @@ impl Restriction {
         if self.outside.is_empty() {
             own
         } else {
-            format!(
-                "{own}, never {} (other namespaces')",
-                list(&self.outside)
-            )
+            format!("{own}, never {} (other namespaces')", list(&self.outside))
         }
     }
 }
@@ -412,10 +407,16 @@ mod tests {
         assert!(m.auto_assign);
         assert_eq!(m.default.as_ref().unwrap().cidrs, nets(&["10.1.0.0/16"]));
         assert_eq!(m.namespaces["apps"].cidrs, nets(&["10.1.1.0/26"]));
-        assert!(!m.namespaces.contains_key("web"), "an empty list maps nothing");
+        assert!(
+            !m.namespaces.contains_key("web"),
+            "an empty list maps nothing"
+        );
         assert_eq!(
             m.unmapped(),
-            vec![("apps".into(), "vxnet-x".into()), ("db".into(), "vxnet-y".into())]
+            vec![
+                ("apps".into(), "vxnet-x".into()),
+                ("db".into(), "vxnet-y".into())
+            ]
         );
         let empty = NamespaceMapping::from_config_map(&BTreeMap::new()).unwrap();
         assert_eq!(empty, NamespaceMapping::default());
@@ -511,7 +512,11 @@ mod tests {
         assert!(!web.admits("10.1.0.130".parse().unwrap()), "batch's block");
         let new = m.restriction("new", &pool, &assigned).unwrap();
         assert_eq!(new.within, Some(vec![]));
-        assert!(new.describe().contains("no block yet"), "{}", new.describe());
+        assert!(
+            new.describe().contains("no block yet"),
+            "{}",
+            new.describe()
+        );
         let apps = m.restriction("apps", &pool, &assigned).unwrap();
         assert_eq!(
             apps.outside,

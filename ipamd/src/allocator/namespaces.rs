@@ -250,7 +250,10 @@ impl Allocator {
             ]);
             let resp = inner
                 .store
-                .txn(&format!("assign block {block} to namespace {namespace}"), txn)
+                .txn(
+                    &format!("assign block {block} to namespace {namespace}"),
+                    txn,
+                )
                 .await?;
             if resp.succeeded() {
                 tracing::info!(namespace, %block, "block assigned to the namespace");
