@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use super::{encode, Allocator, Inner, Pick, Picks};
 use crate::addr::{merge_ranges, subtract_ranges, to_int, AddrRange, Family};
-use crate::blocks::Next;
+use crate::blocks::{Next, PoolState};
 use crate::error::{IpamError, Result};
 use crate::namespaces::{overlap, Restriction};
 use crate::pool::{Pool, RangeSet};
@@ -122,7 +122,7 @@ impl Inner {
         restriction: &Restriction,
         skip: &[IpNet],
     ) -> Option<(Arc<Pool>, IpNet)> {
-        let mut pools = self.lock_pools();
+        let pools = self.lock_pools();
         for pool in &set.pools {
             let space = match &restriction.auto_space {
                 Some(Some(cidrs)) => ranges_in(pool, cidrs),
@@ -130,7 +130,16 @@ impl Inner {
             };
             let taken: Vec<IpNet> = restriction.outside.iter().chain(skip).copied().collect();
             let space = subtract_ranges(&space, &ranges_in(pool, &taken));
-            let state = pools.state_of(pool);
+            // A pool not registered yet holds nothing; it is not added to the cache here, so
+            // that the ADD still registers it.
+            let fresh;
+            let state = match pools.get(&pool.id()) {
+                Some(state) => state,
+                None => {
+                    fresh = PoolState::new(Arc::new(pool.clone()), &self.node);
+                    &fresh
+                }
+            };
             if let Some(&index) = state.empty_blocks_in(&space, 1).first() {
                 let pool = Arc::clone(state.pool());
                 let block = pool.block_cidr(index);
@@ -158,10 +167,14 @@ impl Allocator {
     /// Whether `restriction` leaves a free dynamic address in a pool of `set`, as this node
     /// sees it: when not, a namespace with auto-assigned blocks needs another.
     pub fn has_free_within(&self, set: &RangeSet, restriction: &Restriction) -> bool {
-        let mut pools = self.inner.lock_pools();
+        let pools = self.inner.lock_pools();
         set.pools.iter().any(|pool| {
             let allowed = allowed_in(pool, restriction);
-            !allowed.is_empty() && pools.state_of(pool).has_free_in(&allowed)
+            // A pool not registered yet holds nothing.
+            !allowed.is_empty()
+                && pools
+                    .get(&pool.id())
+                    .is_none_or(|state| state.has_free_in(&allowed))
         })
     }
 
