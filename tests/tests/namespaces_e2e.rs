@@ -119,7 +119,7 @@ impl Pod {
                 .to_owned()
         };
         Pod {
-            netns: NetNs::new("nse").expect("creating a pod netns"),
+            netns: NetNs::new("nm").expect("creating a pod netns"),
             namespace: field("/metadata/namespace"),
             name: field("/metadata/name"),
             uid: field("/metadata/uid"),
@@ -226,7 +226,7 @@ fn the_example_mapping_keeps_each_namespace_in_its_blocks_and_gives_a_new_namesp
         &["--kubeconfig", kubeconfig],
     )
     .expect("starting hostnic-ipamd");
-    let parent = VethPair::new("nse").expect("creating the macvlan parent veth pair");
+    let parent = VethPair::new("nm").expect("creating the macvlan parent veth pair");
     let config = json!({
         "cniVersion": "1.0.0",
         "name": "ns-e2e",
@@ -307,10 +307,12 @@ fn the_example_mapping_keeps_each_namespace_in_its_blocks_and_gives_a_new_namesp
     for part in ["kube-ipam.ip", "namespace team-a", &taken.to_string()] {
         assert!(text.contains(part), "{part}: {text}");
     }
-    assert!(
-        !link_exists(Some(&thief.netns), IFNAME),
-        "no interface left"
-    );
+    // The reference macvlan (1.1.1) leaves the link it made before calling IPAM when IPAM
+    // fails; nothing of the refused allocation is on it, and the DEL below removes it.
+    if link_exists(Some(&thief.netns), IFNAME) {
+        let left = addresses(&thief.netns, IFNAME).expect("ip addr in the pod");
+        assert!(left.is_empty(), "the refused ADD left {left:?}");
+    }
     assert_eq!(scan(&endpoints, &prefix).allocations.len(), before);
 
     for p in pods.iter().chain([&thief]) {
