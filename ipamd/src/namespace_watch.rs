@@ -361,6 +361,15 @@ impl Namespaces {
             if round == 0 {
                 check_exact(req, &restrictions, namespace)?;
             }
+            let full = req
+                .range_sets
+                .iter()
+                .zip(&restrictions)
+                .any(|(set, r)| r.auto_space.is_some() && !allocator.has_free_within(set, r));
+            // A repeated ADD gets what it holds: its namespace needs no new block for it.
+            if full && round == 0 && allocator.lookup(&req.attachment).await?.is_some() {
+                return allocator.allocate_within(req, &restrictions).await;
+            }
             let mut extended = false;
             for (set, r) in req.range_sets.iter().zip(&restrictions) {
                 if r.auto_space.is_some()

@@ -306,6 +306,46 @@ async fn auto_assign_gives_each_new_namespace_a_free_block_by_cas_and_another_wh
             ),
         ]
     );
+    // The same through the binary, with the ConfigMap's entries read from the API.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hostnic-ipamd"))
+        .args(["--etcd-endpoints", &shared_single().endpoints().join(",")])
+        .args(["--etcd-prefix", &node.prefix, "--node-name", "node-ns2"])
+        .args([
+            "--kubeconfig",
+            node.fake.kubeconfig_path().to_str().expect("utf-8"),
+        ])
+        .arg("namespaces")
+        .output()
+        .expect("running hostnic-ipamd namespaces");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec![
+            cli::NamespaceRow::HEADER,
+            "alpha\tauto\t10.74.0.16/28,10.74.0.48/28\t-",
+            "beta\tauto\t10.74.0.32/28\t-",
+            "team\tconfigmap\t10.74.0.0/28\t-",
+        ]
+    );
+    // alpha fills its second block too: a repeated ADD of one of its attachments gets its
+    // address, and the namespace no new block.
+    for i in 17..32 {
+        alpha.push(node.add_ok("alpha", &format!("a{i}")).await);
+    }
+    assert_eq!(node.assigned("alpha").await.len(), 2, "{alpha:?}");
+    let again = node.add("alpha", "a31", &[], &[]).await.expect("ADD again");
+    assert_eq!(again, vec![alpha[31]]);
+    node.made.pop();
+    assert_eq!(
+        node.assigned("alpha").await.len(),
+        2,
+        "no block for a repeated ADD"
+    );
     node.release_all().await;
 }
 
