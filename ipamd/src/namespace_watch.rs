@@ -43,6 +43,8 @@ type Published = Option<Option<Arc<NamespaceMapping>>>;
 #[derive(Debug)]
 pub struct ConfigMapWatch {
     mapping: watch::Receiver<Published>,
+    /// Why the watch failed last, for the error of an ADD that cannot wait any longer.
+    failure: Arc<Mutex<Option<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,6 +62,8 @@ impl ConfigMapWatch {
         let api: Api<ConfigMap> = Api::namespaced(client, CONFIG_MAP_NAMESPACE);
         let config = watcher::Config::default().fields(&format!("metadata.name={CONFIG_MAP_NAME}"));
         let stream = watcher(api, config).default_backoff();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = Arc::clone(&failure);
         let task = tokio::spawn(async move {
             futures::pin_mut!(stream);
             let mut current: Option<Arc<NamespaceMapping>> = None;
@@ -97,6 +101,7 @@ impl ConfigMapWatch {
                         if !failing {
                             tracing::warn!(config_map = %config_map_name(), error = %e, "watching the namespace mapping failed; retrying");
                         }
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                         failing = true;
                         continue;
                     }
@@ -104,7 +109,11 @@ impl ConfigMapWatch {
                 failing = false;
             }
         });
-        ConfigMapWatch { mapping, task }
+        ConfigMapWatch {
+            mapping,
+            failure,
+            task,
+        }
     }
 
     /// The mapping in force (None: no ConfigMap). Waits up to `timeout` for the first list;
@@ -117,11 +126,20 @@ impl ConfigMapWatch {
         };
         match published {
             Some(mapping) => Ok(mapping),
-            None => Err(IpamError::NotSynced(format!(
-                "{} not read from the Kubernetes API within {timeout:?}; the namespace's \
-                 subnets are not known yet",
-                config_map_name()
-            ))),
+            None => {
+                let cause = self
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "no answer yet".into());
+                Err(IpamError::NotSynced(format!(
+                    "{} not read from the Kubernetes API within {timeout:?} ({cause}); the \
+                     namespace's subnets are not known yet (the daemon's service account needs \
+                     get, list and watch on it)",
+                    config_map_name()
+                )))
+            }
         }
     }
 }
