@@ -178,6 +178,11 @@ impl Node {
 
     /// DELs every attachment made, then checks etcd is consistent and holds no address.
     async fn release_all(&mut self) {
+        self.release_all_leaving(0).await;
+    }
+
+    /// [`Node::release_all`], where the test left `problems` problems for audit to find.
+    async fn release_all_leaving(&mut self, problems: usize) {
         for id in std::mem::take(&mut self.made) {
             self.client
                 .release(ReleaseRequest {
@@ -196,7 +201,7 @@ impl Node {
         let report = audit(self.observer.store(), self.observer.keys())
             .await
             .expect("audit");
-        assert!(report.problems.is_empty(), "{:#?}", report.problems);
+        assert_eq!(report.problems.len(), problems, "{:#?}", report.problems);
         assert!(report.allocations.is_empty(), "{:?}", report.allocations);
     }
 }
@@ -450,4 +455,60 @@ async fn an_invalid_config_map_keeps_the_previous_mapping_and_deleting_it_lifts_
         .expect("no mapping: any address of the pool");
     assert_eq!(got, vec![common::ip("10.76.0.150")]);
     node.release_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_namespace_record_fails_only_its_namespace_and_audit_names_it() {
+    if !needs_root("corrupt namespace record test") {
+        return;
+    }
+    let cm = mapping("on", json!({}));
+    let mut node = Node::start("ns-corrupt", "node-ns5", "10.77.0.0/24", 26, cm).await;
+    let keys = node.observer.keys().clone();
+    let bad = keys.namespace("bad");
+    let lonely = keys.namespace("lonely");
+    let writes = etcd_client::Txn::new().and_then([
+        etcd_client::TxnOp::put(bad.as_str(), "{not json", None),
+        etcd_client::TxnOp::put(
+            lonely.as_str(),
+            json!({"version": 1, "blocks": ["10.77.0.64/26"]}).to_string(),
+            None,
+        ),
+    ]);
+    node.observer
+        .store()
+        .txn("write namespace records", writes)
+        .await
+        .expect("etcd put");
+    tokio::time::sleep(WATCH_DELIVERY).await;
+
+    let e = node
+        .add("bad", "b0", &[], &[])
+        .await
+        .expect_err("a namespace whose record does not decode");
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains(&bad), "names the key: {}", e.message());
+    // Every other namespace is served, and none gets lonely's block.
+    let ip = node.add_ok("fresh", "f0").await;
+    assert_eq!(node.assigned("fresh").await, vec![net("10.77.0.0/26")]);
+    assert!(net("10.77.0.0/26").contains(&ip), "{ip}");
+    let ip = node.add_ok("other", "o0").await;
+    assert_eq!(node.assigned("other").await, vec![net("10.77.0.128/26")]);
+    assert!(net("10.77.0.128/26").contains(&ip), "{ip}");
+
+    let report = audit(node.observer.store(), node.observer.keys())
+        .await
+        .expect("audit");
+    assert!(report.bad_keys.contains(&bad), "{:#?}", report.problems);
+    let lonely_problem = format!(
+        "{lonely}: lists block 10.77.0.64/26, which has no record at {}",
+        keys.namespace_block(&net("10.77.0.64/26"))
+    );
+    assert!(
+        report.problems.contains(&lonely_problem),
+        "{:#?}",
+        report.problems
+    );
+    assert_eq!(report.problems.len(), 2, "{:#?}", report.problems);
+    node.release_all_leaving(2).await;
 }
