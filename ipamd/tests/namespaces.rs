@@ -512,3 +512,48 @@ async fn a_corrupt_namespace_record_fails_only_its_namespace_and_audit_names_it(
     assert_eq!(report.problems.len(), 2, "{:#?}", report.problems);
     node.release_all_leaving(2).await;
 }
+
+/// Two nodes give eight new namespaces blocks at once, each namespace asked of both, neither
+/// node knowing what the other assigns: every namespace gets one block, and no block goes to
+/// two namespaces (the block's index record is created in the assigning transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_racing_to_give_namespaces_blocks_never_give_one_block_twice() {
+    use hostnic_ipamd::namespaces::{Restriction, Source};
+    let prefix = unique_prefix("ns-race");
+    let a = common::allocator(shared_single(), &prefix, "node-a").await;
+    let b = common::allocator(shared_single(), &prefix, "node-b").await;
+    let set = common::sets(json!({"subnet": "10.78.0.0/24", "blockSize": 28})).remove(0);
+    let unknown = Restriction {
+        within: Some(vec![]),
+        outside: vec![],
+        source: Source::Auto,
+        auto_space: Some(None),
+    };
+    let names: Vec<String> = (0..8).map(|i| format!("ns-{i}")).collect();
+    let calls = names.iter().flat_map(|n| {
+        [&a, &b]
+            .into_iter()
+            .map(|node| node.assign_namespace_block(n, &set, &unknown, NETWORK))
+    });
+    let answers = futures::future::join_all(calls).await;
+    let answers: Vec<Vec<IpNet>> = answers
+        .into_iter()
+        .map(|r| r.expect("a block assigned"))
+        .collect();
+    let report = audit(a.store(), a.keys()).await.expect("audit");
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert_eq!(report.namespaces.len(), 8, "{:?}", report.namespaces);
+    let mut all: Vec<IpNet> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let blocks = &report.namespaces[name];
+        assert_eq!(blocks.len(), 1, "{name}: {blocks:?}");
+        // Both nodes answered with the namespace's one block.
+        assert_eq!(&answers[2 * i], blocks, "{name} on node-a");
+        assert_eq!(&answers[2 * i + 1], blocks, "{name} on node-b");
+        all.push(blocks[0]);
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 8, "a block given twice: {:?}", report.namespaces);
+    assert_eq!(report.namespace_blocks.len(), 8);
+}
