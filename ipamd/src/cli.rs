@@ -22,7 +22,10 @@ use crate::store::{Store, StoreConfig};
 use crate::{Allocator, IpamError, Kind, PodRef};
 
 mod namespaces;
-pub use namespaces::{namespace_rows, namespaces, NamespaceRow, NamespaceSource};
+pub use namespaces::{
+    namespace_rows, namespaces, unassign_namespace, NamespaceRow, NamespaceSource,
+    NamespaceUnassignment,
+};
 
 /// `text` with control characters escaped, for one field of one output line.
 pub fn escaped(text: &str) -> String {

@@ -101,6 +101,9 @@ async fn main() -> anyhow::Result<ExitCode> {
             };
             print(cli::namespaces(store, mapping.as_ref()).await?)?
         }
+        Command::UnassignNamespace { namespace, dry_run } => {
+            print(cli::unassign_namespace(store, &namespace, dry_run).await?)?
+        }
     };
     Ok(exit)
 }

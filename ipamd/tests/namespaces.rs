@@ -351,6 +351,36 @@ async fn auto_assign_gives_each_new_namespace_a_free_block_by_cas_and_another_wh
         2,
         "no block for a repeated ADD"
     );
+
+    // beta is deleted: its block is taken back (its pod keeps its address).
+    let dry = cli::unassign_namespace(&config, "beta", true)
+        .await
+        .expect("dry run");
+    assert_eq!(dry.blocks, vec![net("10.74.0.32/28")]);
+    assert_eq!(
+        node.assigned("beta").await.len(),
+        1,
+        "a dry run changes nothing"
+    );
+    cli::unassign_namespace(&config, "beta", false)
+        .await
+        .expect("unassign beta");
+    assert!(node.assigned("beta").await.is_empty());
+    let e = cli::unassign_namespace(&config, "beta", false)
+        .await
+        .expect_err("nothing left to take");
+    assert!(e.to_string().contains("no auto-assigned block"), "{e}");
+    let report = audit(node.observer.store(), node.observer.keys())
+        .await
+        .expect("audit");
+    assert!(report.problems.is_empty(), "{:#?}", report.problems);
+    assert!(report
+        .namespace_blocks
+        .keys()
+        .all(|b| *b != net("10.74.0.32/28")));
+    assert!(report
+        .allocations
+        .contains_key(&("10.74.0.0_24".to_string(), beta)));
     node.release_all().await;
 }
 

@@ -3,11 +3,14 @@
 
 use std::fmt;
 
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use ipnet::IpNet;
 
 use super::{escaped, scan, Outcome};
 use crate::audit::AuditReport;
 use crate::namespaces::{NamespaceMapping, DEFAULT_ENTRY};
+use crate::records::{Keys, NamespaceRecord};
+use crate::store::Store;
 use crate::{IpamError, StoreConfig};
 
 /// Where a namespace's subnets come from.
@@ -105,6 +108,80 @@ pub async fn namespaces(
 ) -> Result<Vec<NamespaceRow>, IpamError> {
     let (_, _, report) = scan(config).await?;
     Ok(namespace_rows(&report, mapping))
+}
+
+/// What `unassign-namespace` removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceUnassignment {
+    pub namespace: String,
+    pub blocks: Vec<IpNet>,
+    pub dry_run: bool,
+}
+
+impl Outcome for NamespaceUnassignment {
+    fn lines(&self) -> Vec<String> {
+        let verb = if self.dry_run { "would take" } else { "took" };
+        let blocks: Vec<String> = self.blocks.iter().map(ToString::to_string).collect();
+        vec![format!(
+            "{verb} block(s) {} from namespace {}; addresses held in them stay held",
+            blocks.join(", "),
+            escaped(&self.namespace)
+        )]
+    }
+}
+
+/// Takes every auto-assigned block from `namespace` (a namespace that was deleted): its record
+/// and the blocks' index records, in one transaction guarded on the record being unchanged.
+/// Addresses held in the blocks are left alone; the blocks can then be given to another
+/// namespace once they hold none.
+pub async fn unassign_namespace(
+    config: &StoreConfig,
+    namespace: &str,
+    dry_run: bool,
+) -> Result<NamespaceUnassignment, IpamError> {
+    let store = Store::connect(config).await?;
+    let keys = Keys::new(&config.prefix);
+    let key = keys.namespace(namespace);
+    let resp = store.get("read the namespace's blocks", &key, None).await?;
+    let Some(kv) = resp.kvs().first() else {
+        return Err(IpamError::Refused {
+            reason: format!("namespace {namespace:?} has no auto-assigned block ({key} is absent)"),
+        });
+    };
+    let record: NamespaceRecord =
+        serde_json::from_slice(kv.value()).map_err(|e| IpamError::Corrupt {
+            key: key.clone(),
+            reason: format!("{e} (remove it with `drop-key`)"),
+        })?;
+    let outcome = NamespaceUnassignment {
+        namespace: namespace.to_string(),
+        blocks: record.blocks.clone(),
+        dry_run,
+    };
+    if dry_run {
+        return Ok(outcome);
+    }
+    let mut deletes = vec![TxnOp::delete(key.as_str(), None)];
+    deletes.extend(
+        record
+            .blocks
+            .iter()
+            .map(|b| TxnOp::delete(keys.namespace_block(b), None)),
+    );
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            kv.mod_revision(),
+        )])
+        .and_then(deletes);
+    let op = format!("take the blocks of namespace {namespace}");
+    if !store.txn(&op, txn).await?.succeeded() {
+        return Err(IpamError::Refused {
+            reason: format!("{key} changed meanwhile; run again"),
+        });
+    }
+    Ok(outcome)
 }
 
 #[cfg(test)]
