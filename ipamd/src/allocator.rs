@@ -34,6 +34,7 @@ use crate::error::{IpamError, Result};
 use crate::planner::{already_held, plan, read_refusal, Read, Refusal, Verdict};
 
 mod follow;
+mod namespaces;
 mod nodes;
 mod pools;
 mod release;
@@ -43,6 +44,7 @@ pub use sticky::{HeldIdentity, IdentityRelease};
 
 pub use nodes::{BlockClaim, GiveBack};
 
+use crate::namespaces::Restriction;
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
     now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, KeyRef, Keys,
@@ -191,14 +193,26 @@ impl Allocator {
     /// attachment already holds. The whole request is validated before anything is written,
     /// so a refused request leaves nothing behind.
     pub async fn allocate(&self, req: &AllocateRequest) -> Result<Allocation> {
-        self.allocate_creating(req, None).await
+        self.allocate_with(req, &[], None).await
     }
 
-    /// [`Allocator::allocate`]; with `sticky`, the commit also creates the identity's sticky
-    /// record (guarded: absent), recording the addresses as `Kind::Sticky`.
-    async fn allocate_creating(
+    /// [`Allocator::allocate`], with the dynamic address of range set `i` picked as
+    /// `restrictions[i]` allows (a pod namespace's subnets, see `namespaces`); a range set
+    /// without an entry is unrestricted. Exact addresses are not checked here.
+    pub async fn allocate_within(
         &self,
         req: &AllocateRequest,
+        restrictions: &[Restriction],
+    ) -> Result<Allocation> {
+        self.allocate_with(req, restrictions, None).await
+    }
+
+    /// [`Allocator::allocate_within`]; with `sticky`, the commit also creates the identity's
+    /// sticky record (guarded: absent), recording the addresses as `Kind::Sticky`.
+    async fn allocate_with(
+        &self,
+        req: &AllocateRequest,
+        restrictions: &[Restriction],
         sticky: Option<&crate::sticky::Identity>,
     ) -> Result<Allocation> {
         let inner = &self.inner;
@@ -227,13 +241,18 @@ impl Allocator {
         let mut guard_legacy = true;
         for _ in 0..MAX_ROUNDS {
             let mut picks = Picks::new(inner);
-            for (set, exact) in req.range_sets.iter().zip(&plan) {
+            for (i, (set, exact)) in req.range_sets.iter().zip(&plan).enumerate() {
                 match exact {
                     Some((pool, ip)) => {
                         picks.exact(pool, *ip, req.requested_kind, released.as_ref())
                     }
                     None => match inner
-                        .pick_dynamic(set, &mut picks, &req.attachment.network)
+                        .pick_for(
+                            set,
+                            &mut picks,
+                            &req.attachment.network,
+                            restrictions.get(i),
+                        )
                         .await
                     {
                         Ok(()) => {}

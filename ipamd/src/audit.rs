@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::pool::{cidr_of_id, Pool};
 use crate::records::{
     AllocationRecord, Attachment, AttachmentRecord, BlockRecord, KeyRef, Keys, LeaderRecord,
-    PoolIndex, PoolRecord, ReleaseMarker, StickyRecord,
+    NamespaceBlockRecord, NamespaceRecord, PoolIndex, PoolRecord, ReleaseMarker, StickyRecord,
 };
 use crate::store::Store;
 
@@ -37,6 +37,10 @@ pub struct AuditReport {
     pub problems: Vec<String>,
     /// The keys whose records cannot be read or do not validate: what `drop-key` may remove.
     pub bad_keys: Vec<String>,
+    /// Blocks auto-assigned to each namespace, from valid namespace records.
+    pub namespaces: BTreeMap<String, Vec<IpNet>>,
+    /// The namespace each auto-assigned block's index record names.
+    pub namespace_blocks: BTreeMap<IpNet, String>,
 }
 
 impl AuditReport {
@@ -138,8 +142,28 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
                     report.bad_record(&key, format!("invalid sticky record: {e}"));
                 }
             }
+            KeyRef::Namespace { namespace } => {
+                let Some(record) = report.decode::<NamespaceRecord>(&key, value, "namespace")
+                else {
+                    continue;
+                };
+                match record.validate() {
+                    Ok(()) => {
+                        report.namespaces.insert(namespace, record.blocks);
+                    }
+                    Err(e) => report.bad_record(&key, format!("invalid namespace record: {e}")),
+                }
+            }
+            KeyRef::NamespaceBlock { block } => {
+                if let Some(record) =
+                    report.decode::<NamespaceBlockRecord>(&key, value, "namespace block")
+                {
+                    report.namespace_blocks.insert(block, record.namespace);
+                }
+            }
         }
     }
+    check_namespace_blocks(&mut report, keys);
 
     check_pool_index(&mut report, keys, index);
     check_node_index(&mut report, keys);
@@ -222,6 +246,41 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
     report.problems.sort();
     report.bad_keys.sort();
     Ok(report)
+}
+
+/// Every auto-assigned block of a namespace record has its index record naming that namespace,
+/// and every index record is a block of the namespace it names.
+fn check_namespace_blocks(report: &mut AuditReport, keys: &Keys) {
+    let mut problems = Vec::new();
+    for (namespace, blocks) in &report.namespaces {
+        for block in blocks {
+            match report.namespace_blocks.get(block) {
+                Some(n) if n == namespace => {}
+                Some(n) => problems.push(format!(
+                    "{}: block {block} is assigned to namespace {n:?}, and namespace {namespace:?} lists it too",
+                    keys.namespace(namespace)
+                )),
+                None => problems.push(format!(
+                    "{}: lists block {block}, which has no record at {}",
+                    keys.namespace(namespace),
+                    keys.namespace_block(block)
+                )),
+            }
+        }
+    }
+    for (block, namespace) in &report.namespace_blocks {
+        let listed = report
+            .namespaces
+            .get(namespace)
+            .is_some_and(|blocks| blocks.contains(block));
+        if !listed {
+            problems.push(format!(
+                "{}: names namespace {namespace:?}, whose record does not list {block}",
+                keys.namespace_block(block)
+            ));
+        }
+    }
+    report.problems.extend(problems);
 }
 
 /// Every attachment record of this layout is in the index of its node, and every index entry

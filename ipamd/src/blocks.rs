@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
+use crate::addr::AddrRange;
 use crate::pool::Pool;
 
 #[derive(Debug)]
@@ -272,6 +273,96 @@ impl PoolState {
     }
 }
 
+/// Picking restricted to some addresses of the pool: a namespace's CIDRs without other
+/// namespaces' (see `namespaces`). It walks the blocks that meet the allowed addresses, so only
+/// a restricted request pays for it; [`PoolState::next_address`] is unchanged.
+impl PoolState {
+    /// Chooses the next dynamic address among `allowed` (sorted, merged, inside the pool): a
+    /// free one of this node's blocks, else a block to claim, else one to borrow.
+    pub fn next_address_in(&mut self, allowed: &[AddrRange]) -> Next {
+        let meets = |s: &Self, b: &u128| s.block_meets(*b, allowed);
+        let own: Vec<u128> = self
+            .own_free
+            .iter()
+            .filter(|b| meets(self, b))
+            .copied()
+            .collect();
+        if let Some(n) = own.iter().find_map(|&b| self.free_allowed(b, allowed)) {
+            return Next::Address(self.take(n));
+        }
+        let unclaimed = self.blocks_meeting(allowed).find(|&b| {
+            self.blocks.get(&b).is_none_or(|x| x.owner.is_none())
+                && self.free_allowed(b, allowed).is_some()
+        });
+        if let Some(b) = unclaimed {
+            return Next::Claim(b);
+        }
+        let any: Vec<u128> = self
+            .any_free
+            .iter()
+            .filter(|b| meets(self, b))
+            .copied()
+            .collect();
+        if let Some(n) = any.iter().find_map(|&b| self.free_allowed(b, allowed)) {
+            return Next::Borrow(self.take(n));
+        }
+        Next::Exhausted
+    }
+
+    /// Whether a dynamic address among `allowed` is free.
+    pub fn has_free_in(&self, allowed: &[AddrRange]) -> bool {
+        self.blocks_meeting(allowed)
+            .any(|b| self.free_allowed(b, allowed).is_some())
+    }
+
+    /// Blocks wholly inside `space` (sorted, merged, inside the pool) in which no address is
+    /// held and some is dynamic, in order: what a namespace may be given. At most `limit`.
+    pub fn empty_blocks_in(&self, space: &[AddrRange], limit: usize) -> Vec<u128> {
+        self.blocks_meeting(space)
+            .filter(|&b| {
+                let span = self.block_span(b);
+                space
+                    .iter()
+                    .any(|r| r.first <= span.first && span.last <= r.last)
+                    && self
+                        .blocks
+                        .get(&b)
+                        .is_none_or(|x| x.held.iter().all(|w| *w == 0))
+                    && self.count_dynamic(b) > 0
+            })
+            .take(limit)
+            .collect()
+    }
+
+    fn block_span(&self, index: u128) -> AddrRange {
+        let first = self.pool.block_first(index);
+        AddrRange::new(first, first.saturating_add(self.pool.block_len() - 1))
+    }
+
+    fn block_meets(&self, index: u128, allowed: &[AddrRange]) -> bool {
+        let span = self.block_span(index);
+        allowed.iter().any(|r| r.overlaps(&span))
+    }
+
+    /// The blocks that meet `allowed`, in order (a block two ranges share comes twice).
+    fn blocks_meeting<'a>(&'a self, allowed: &'a [AddrRange]) -> impl Iterator<Item = u128> + 'a {
+        allowed
+            .iter()
+            .flat_map(|r| self.pool.block_of(r.first)..=self.pool.block_of(r.last))
+    }
+
+    /// The first dynamic address of block `index` in `allowed` that is not held.
+    fn free_allowed(&self, index: u128, allowed: &[AddrRange]) -> Option<u128> {
+        let span = self.block_span(index);
+        let held = self.blocks.get(&index).map(|b| &b.held);
+        allowed
+            .iter()
+            .filter(|r| r.overlaps(&span))
+            .flat_map(|r| r.first.max(span.first)..=r.last.min(span.last))
+            .find(|&n| self.pool.is_dynamic(n) && !held.is_some_and(|h| is_held(h, n - span.first)))
+    }
+}
+
 /// The word of a block's bitmap that holds `offset`, and the bit within it.
 fn word_bit(offset: u128) -> (usize, u64) {
     ((offset / 64) as usize, 1u64 << (offset % 64))
@@ -434,6 +525,60 @@ mod tests {
         }
         assert_eq!(s.own_blocks(), 4);
         assert!(s.blocks.len() <= 5);
+    }
+
+    fn ranges(list: &[(&str, &str)]) -> Vec<AddrRange> {
+        list.iter()
+            .map(|(a, b)| AddrRange::new(n(a), n(b)))
+            .collect()
+    }
+
+    /// Drives `next_address_in` the way the allocator does, with every claim succeeding.
+    fn allocate_in(s: &mut PoolState, allowed: &[AddrRange]) -> Option<u128> {
+        loop {
+            match s.next_address_in(allowed) {
+                Next::Address(a) | Next::Borrow(a) => return Some(a),
+                Next::Claim(b) => {
+                    let node = s.node.clone();
+                    s.set_owner(b, Some(&node));
+                }
+                Next::Exhausted => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn restricted_picking_hands_out_only_allowed_addresses_own_blocks_first_then_borrows() {
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        // Block 1 (10.0.0.64/26) without 10.0.0.96/28, which another namespace has.
+        let allowed = ranges(&[("10.0.0.64", "10.0.0.95"), ("10.0.0.112", "10.0.0.127")]);
+        let mut seen = Vec::new();
+        while let Some(a) = allocate_in(&mut s, &allowed) {
+            assert!(allowed.iter().any(|r| r.contains(a)), "{a} not allowed");
+            assert!(!seen.contains(&a), "{a} twice");
+            seen.push(a);
+        }
+        assert_eq!(seen.len(), 48);
+        assert_eq!(s.own_blocks(), 1, "claimed only the block it was allowed");
+        assert_invariants(&s);
+        // Another node's block: borrowed only when nothing else is allowed and free.
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        s.set_owner(2, Some("b"));
+        let allowed = ranges(&[("10.0.0.128", "10.0.0.191")]);
+        assert_eq!(s.next_address_in(&allowed), Next::Borrow(n("10.0.0.128")));
+        assert_eq!(s.next_address_in(&[]), Next::Exhausted);
+        assert_invariants(&s);
+    }
+
+    #[test]
+    fn empty_blocks_are_wholly_inside_the_space_and_hold_nothing() {
+        let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        s.mark(n("10.0.0.70"));
+        let space = ranges(&[("10.0.0.0", "10.0.0.191"), ("10.0.0.200", "10.0.0.255")]);
+        assert_eq!(s.empty_blocks_in(&space, 10), vec![0, 2]);
+        assert_eq!(s.empty_blocks_in(&space, 1), vec![0]);
+        s.unmark(n("10.0.0.70"));
+        assert_eq!(s.empty_blocks_in(&space, 10), vec![0, 1, 2]);
     }
 
     /// The invariants written on [`PoolState`], checked from scratch.

@@ -21,6 +21,12 @@ use crate::records::{Attachment, KeyRef, Keys, PoolIndex, RECORD_VERSION};
 use crate::store::{Store, StoreConfig};
 use crate::{Allocator, IpamError, Kind, PodRef};
 
+mod namespaces;
+pub use namespaces::{
+    namespace_rows, namespaces, unassign_namespace, NamespaceRow, NamespaceSource,
+    NamespaceUnassignment,
+};
+
 /// `text` with control characters escaped, for one field of one output line.
 pub fn escaped(text: &str) -> String {
     text.chars().flat_map(char::escape_debug).collect()

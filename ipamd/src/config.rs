@@ -190,6 +190,17 @@ pub enum Command {
     /// held twice, and any attachment record that disagrees with its address records. Exits 1
     /// if it finds a problem.
     Audit,
+    /// Show which subnets each namespace may use: the kube-system/hostnic-ipam-config
+    /// ConfigMap's entries (with --kubeconfig, or in a pod) and the blocks auto-assigned in etcd.
+    Namespaces,
+    /// Take every auto-assigned block from a namespace (one that was deleted), so that the
+    /// blocks can be given to others once they hold no address.
+    UnassignNamespace {
+        namespace: String,
+        /// Show what would be taken, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// The config file (`etc/hostnic-ipamd.json`). Its `etcd` keys are the daemon's own; a CNI config's

@@ -16,6 +16,8 @@ pub mod gc;
 pub mod install;
 pub mod kube;
 pub mod leader;
+pub mod namespace_watch;
+pub mod namespaces;
 pub mod netns_gc;
 pub mod node_gc;
 pub mod planner;

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
+use hostnic_ipamd::namespace_watch::Namespaces;
 use hostnic_ipamd::service::IpamService;
 use hostnic_ipamd::{
-    cli, gc, install, kube, leader, netns_gc, node_gc, pod_gc, server, sticky_gc, Allocator,
+    cli, gc, install, kube, leader, namespace_watch, netns_gc, node_gc, pod_gc, server, sticky_gc,
+    Allocator,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -137,6 +139,27 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Audit => print(cli::audit(store).await?)?,
         Command::InstallCni { .. } => unreachable!("handled before the config is resolved"),
+        Command::Namespaces => {
+            let mapping = match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
+                Some(source) => {
+                    let client = kube::client(&source)
+                        .await
+                        .with_context(|| format!("Kubernetes client from {source:?}"))?;
+                    namespace_watch::read_mapping(client).await?
+                }
+                None => {
+                    eprintln!(
+                        "no kubeconfig and not in a pod: the ConfigMap's entries are not shown, \
+                         only the blocks auto-assigned in etcd"
+                    );
+                    None
+                }
+            };
+            print(cli::namespaces(store, mapping.as_ref()).await?)?
+        }
+        Command::UnassignNamespace { namespace, dry_run } => {
+            print(cli::unassign_namespace(store, &namespace, dry_run).await?)?
+        }
     };
     Ok(exit)
 }
@@ -235,6 +258,8 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("Kubernetes client from {source:?}"))?;
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
+            let namespaces = Arc::new(Namespaces::start(client.clone(), &allocator));
+            service = service.with_namespaces(namespaces);
             let pods = Arc::new(kube::PodCache::start(client.clone(), &config.node_name));
             pod_gc = config.pod_gc_interval.map(|interval| {
                 let schedule = gc::Schedule {

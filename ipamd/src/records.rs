@@ -19,6 +19,8 @@
 //! <prefix>/sticky/<network>/<namespace>/<statefulset>/<ordinal>
 //!                                             StickyRecord (the address a StatefulSet pod
 //!                                             identity keeps across re-creation)
+//! <prefix>/namespaces/<namespace>             NamespaceRecord (blocks auto-assigned to it)
+//! <prefix>/namespace-blocks/<block>           NamespaceBlockRecord (which namespace has it)
 //! ```
 //! Every value carries `version` so the layout can evolve.
 
@@ -373,6 +375,38 @@ impl StickyRecord {
     }
 }
 
+/// The blocks assigned to a namespace automatically (`subnet-auto-assign: "on"` in the
+/// `hostnic-ipam-config` ConfigMap), in the order they were assigned. Stored at
+/// `namespaces/<namespace>`; each block also has its [`NamespaceBlockRecord`], written in the
+/// same transaction, so that no block is ever assigned to two namespaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceRecord {
+    pub version: u32,
+    pub blocks: Vec<IpNet>,
+}
+
+impl NamespaceRecord {
+    /// Checks the record like a config: blocks without host bits, none twice.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, block) in self.blocks.iter().enumerate() {
+            if block.trunc() != *block {
+                return Err(format!("block {block} has host bits set"));
+            }
+            if self.blocks[..i].iter().any(|b| b == block) {
+                return Err(format!("block {block} is listed twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The namespace a block is assigned to. Stored at `namespace-blocks/<block>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceBlockRecord {
+    pub version: u32,
+    pub namespace: String,
+}
+
 /// What a key under the prefix refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
@@ -410,6 +444,14 @@ pub enum KeyRef {
         namespace: String,
         stateful_set: String,
         ordinal: u32,
+    },
+    /// The blocks auto-assigned to a namespace.
+    Namespace {
+        namespace: String,
+    },
+    /// The namespace an auto-assigned block belongs to.
+    NamespaceBlock {
+        block: IpNet,
     },
 }
 
@@ -468,6 +510,19 @@ impl Keys {
 
     pub fn pool_index(&self) -> String {
         format!("{}/pool-index", self.prefix)
+    }
+
+    /// Prefix of the records of auto-assigned namespace blocks.
+    pub fn namespaces(&self) -> String {
+        format!("{}/namespaces/", self.prefix)
+    }
+
+    pub fn namespace(&self, namespace: &str) -> String {
+        format!("{}/namespaces/{namespace}", self.prefix)
+    }
+
+    pub fn namespace_block(&self, block: &IpNet) -> String {
+        format!("{}/namespace-blocks/{}", self.prefix, pool_id(block))
     }
 
     pub fn pool(&self, pool: &str) -> String {
@@ -529,6 +584,12 @@ impl Keys {
             ["pool-index"] => Some(KeyRef::PoolIndex),
             ["leader", role] => Some(KeyRef::Leader {
                 role: role.to_string(),
+            }),
+            ["namespaces", namespace] => Some(KeyRef::Namespace {
+                namespace: namespace.to_string(),
+            }),
+            ["namespace-blocks", block] => Some(KeyRef::NamespaceBlock {
+                block: cidr_of_id(block).parse().ok()?,
             }),
             ["pools", pool] => Some(KeyRef::Pool {
                 pool: pool.to_string(),
@@ -641,6 +702,16 @@ mod tests {
                     stateful_set: "web".into(),
                     ordinal: 2,
                 },
+            ),
+            (
+                keys.namespace("apps"),
+                KeyRef::Namespace {
+                    namespace: "apps".into(),
+                },
+            ),
+            (
+                keys.namespace_block(&block),
+                KeyRef::NamespaceBlock { block },
             ),
         ];
         for (key, expected) in cases {
@@ -822,6 +893,9 @@ mod tests {
                     let _ = serde_json::from_slice::<PoolIndex>(&text);
                     let _ = serde_json::from_slice::<ReleaseMarker>(&text);
                     let _ = serde_json::from_slice::<StickyRecord>(&text);
+                    if let Ok(record) = serde_json::from_slice::<NamespaceRecord>(&text) {
+                        let _ = record.validate();
+                    }
                     if let Ok(record) = serde_json::from_slice::<PoolRecord>(&text) {
                         if let Ok(pool) = record.to_pool() {
                             prop_assert!(pool.block_len() <= 4096);

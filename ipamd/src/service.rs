@@ -22,6 +22,7 @@ use crate::allocator::{self, Allocator};
 use crate::annotations::{self, FixedRequest};
 use crate::error::IpamError;
 use crate::kube::{Holder, PodCache};
+use crate::namespace_watch::Namespaces;
 use crate::pool::{parse_range_sets, RangeSet};
 use crate::records::{AllocationRecord, Attachment, Kind, PodRef};
 use crate::sticky::{self, Identity};
@@ -60,6 +61,8 @@ pub struct IpamService {
     gc_grace: Duration,
     /// This node's pods, when the daemon has a Kubernetes client.
     pods: Option<Arc<PodCache>>,
+    /// The namespace → subnet mapping, when the daemon has a Kubernetes client.
+    namespaces: Option<Arc<Namespaces>>,
 }
 
 impl IpamService {
@@ -71,6 +74,29 @@ impl IpamService {
             allocator,
             gc_grace,
             pods: None,
+            namespaces: None,
+        }
+    }
+
+    /// Allocates for every ADD as its pod's namespace may (`namespaces`).
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = Some(namespaces);
+        self
+    }
+
+    /// Allocates `request`, within its pod namespace's subnets when there is a mapping.
+    async fn allocate_for_pod(
+        &self,
+        request: &allocator::AllocateRequest,
+        identity: Option<&Identity>,
+    ) -> Result<allocator::Allocation, IpamError> {
+        match &self.namespaces {
+            Some(namespaces) => {
+                namespaces
+                    .allocate(&self.allocator, request, identity)
+                    .await
+            }
+            None => self.allocator.allocate_as(request, &[], identity).await,
         }
     }
 
@@ -382,13 +408,7 @@ impl Ipam for IpamService {
                 requested,
                 requested_kind,
             };
-            let allocate = || async {
-                match &identity {
-                    Some(identity) => self.allocator.allocate_sticky(&request, identity).await,
-                    None => self.allocator.allocate(&request).await,
-                }
-            };
-            let allocation = match allocate().await {
+            let allocation = match self.allocate_for_pod(&request, identity.as_ref()).await {
                 // Held by a pod that may be gone: once, take it over and ADD again.
                 Err(IpamError::AddressInUse {
                     ip,
@@ -398,7 +418,7 @@ impl Ipam for IpamService {
                     self.take_over(ip, holder, record)
                         .await
                         .map_err(|e| status_of(&e))?;
-                    allocate().await
+                    self.allocate_for_pod(&request, identity.as_ref()).await
                 }
                 other => other,
             }

@@ -306,10 +306,13 @@ async fn the_daemon_lists_its_nodes_pods_and_an_annotated_pod_gets_its_address_a
         );
     }
     assert!(
-        requests.iter().filter(|r| r.is_watch()).all(|r| r
-            .query
-            .replace("%3D", "=")
-            .contains("spec.nodeName=node-k1")),
+        requests
+            .iter()
+            .filter(|r| r.is_watch() && r.path == "/api/v1/pods")
+            .all(|r| r
+                .query
+                .replace("%3D", "=")
+                .contains("spec.nodeName=node-k1")),
         "every watch selects this node's pods: {requests:?}"
     );
 

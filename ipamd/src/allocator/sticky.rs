@@ -10,6 +10,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 
 use super::{check_attachment, decode, encode, got, AllocateRequest, Allocation, Allocator, Inner};
 use crate::error::{IpamError, Result};
+use crate::namespaces::Restriction;
 use crate::records::{
     now_unix, AllocationRecord, Attachment, AttachmentRecord, HeldIp, Kind, StickyRecord,
     RECORD_VERSION,
@@ -56,6 +57,21 @@ pub(super) fn holds_sticky(record: &AttachmentRecord) -> bool {
 }
 
 impl Allocator {
+    /// [`Allocator::allocate_within`], or for the StatefulSet pod `identity` when there is one
+    /// ([`Allocator::allocate_sticky`]): its first dynamic addresses are picked within
+    /// `restrictions` too.
+    pub async fn allocate_as(
+        &self,
+        req: &AllocateRequest,
+        restrictions: &[Restriction],
+        identity: Option<&Identity>,
+    ) -> Result<Allocation> {
+        match identity {
+            Some(identity) => self.allocate_sticky(req, identity, restrictions).await,
+            None => self.allocate_within(req, restrictions).await,
+        }
+    }
+
     /// Allocates for `req` (which asks for no exact address) the addresses of the StatefulSet
     /// pod `identity`: on its first ADD dynamic ones, recorded with the identity in the same
     /// transaction; afterwards the identity's addresses, taken from its reservation in one
@@ -67,6 +83,7 @@ impl Allocator {
         &self,
         req: &AllocateRequest,
         identity: &Identity,
+        restrictions: &[Restriction],
     ) -> Result<Allocation> {
         check_attachment(&req.attachment)?;
         let inner = &self.inner;
@@ -92,7 +109,7 @@ impl Allocator {
                 )
                 .await?;
             let Some(sticky_kv) = got(&resp, 0) else {
-                match self.allocate_creating(req, Some(identity)).await {
+                match self.allocate_with(req, restrictions, Some(identity)).await {
                     Err(IpamError::Contention { last: why, .. }) => {
                         last = why;
                         continue;
