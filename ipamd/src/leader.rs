@@ -297,7 +297,17 @@ async fn renew(
     keeper: &mut Option<Keeper>,
 ) -> std::result::Result<i64, etcd_client::Error> {
     if keeper.is_none() {
-        *keeper = Some(store.client().lease_keep_alive(lease).await?);
+        match store.client().lease_keep_alive(lease).await {
+            Ok(opened) => *keeper = Some(opened),
+            // Opening the stream renews once, and fails so when etcd has no such lease: it is
+            // gone (revoked, or expired while the daemon could not reach etcd).
+            Err(etcd_client::Error::LeaseKeepAliveError(reason))
+                if reason.contains("not found") =>
+            {
+                return Ok(0)
+            }
+            Err(e) => return Err(e),
+        }
     }
     let (sender, stream) = keeper.as_mut().expect("opened above");
     sender.keep_alive().await?;
