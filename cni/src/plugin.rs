@@ -15,8 +15,8 @@
 //!
 //! # A restarting daemon
 //!
-//! While the daemon may be restarting (no socket, a refused connection, a connection that broke
-//! before the answer: [`CallFailure::daemon_may_be_restarting`]), every command but STATUS tries
+//! While the daemon may be restarting (no socket, a refused or reset connection, a connection that
+//! broke before the answer: [`CallFailure::daemon_may_be_restarting`]), every command but STATUS tries
 //! again every 100 ms for up to `ipam.daemonWaitSeconds`
 //! ([`crate::config::DEFAULT_DAEMON_WAIT`] unless set, 0 to fail at once), and only then
 //! answers code 11. A DaemonSet rolling update or a crash-looping daemon so fails no pod.
@@ -36,6 +36,7 @@
 //! | no socket file (`ENOENT`)                          | 11       | hostnic-ipamd is not running (no socket at PATH)    |
 //! | socket refuses connections (`ECONNREFUSED`)        | 11       | hostnic-ipamd is not running (socket PATH refuses connections) |
 //! | no connection within [`CONNECT_TIMEOUT`]           | 11       | the daemon accepted no connection in time           |
+//! | connection reset before it was served (stopping)   | 11       | the daemon dropped the connection                   |
 //! | connection broke during the call (daemon died)     | 11       | the daemon went away during the command, and why    |
 //! | `Unavailable`, `DeadlineExceeded`, `Cancelled`     | 11       | the daemon's message (etcd down, daemon busy)       |
 //! | socket denies access (`EACCES`), `PermissionDenied`| 5        | the plugin must run as root                         |
@@ -511,6 +512,9 @@ pub enum ConnectFailure {
     Untrusted(String),
     /// No connection within [`CONNECT_TIMEOUT`].
     TimedOut,
+    /// The connection was reset or aborted before the daemon served it (`ECONNRESET`,
+    /// `ECONNABORTED`, `EPIPE`): a daemon that stops drops the connections it has not accepted.
+    Dropped,
     /// Anything else: the cause chain, each cause once.
     Other(String),
 }
@@ -524,6 +528,9 @@ impl ConnectFailure {
             ErrorKind::ConnectionRefused => ConnectFailure::Refused,
             ErrorKind::PermissionDenied => ConnectFailure::PermissionDenied,
             ErrorKind::TimedOut => ConnectFailure::TimedOut,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                ConnectFailure::Dropped
+            }
             _ => ConnectFailure::Other(error_chain(err)),
         }
     }
@@ -685,6 +692,12 @@ fn connect_error(socket: &Path, failure: &ConnectFailure) -> CniError {
                 CONNECT_TIMEOUT.as_millis()
             ),
         },
+        ConnectFailure::Dropped => CniError::TryAgainLater {
+            message: format!(
+                "{} dropped the connection before serving it (stopping or restarting)",
+                daemon(socket)
+            ),
+        },
         ConnectFailure::Other(cause) => CniError::TryAgainLater {
             message: format!("cannot connect to {}: {cause}", daemon(socket)),
         },
@@ -808,8 +821,9 @@ impl CallFailure {
     pub fn daemon_may_be_restarting(&self) -> bool {
         matches!(
             self,
-            CallFailure::Connect(ConnectFailure::NoSocket | ConnectFailure::Refused)
-                | CallFailure::Broken(_)
+            CallFailure::Connect(
+                ConnectFailure::NoSocket | ConnectFailure::Refused | ConnectFailure::Dropped
+            ) | CallFailure::Broken(_)
         )
     }
 }
@@ -1318,6 +1332,12 @@ mod tests {
                  try again later",
             ),
             (
+                ConnectFailure::Dropped,
+                11,
+                "hostnic-ipamd at /run/test/ipamd.sock dropped the connection before serving it \
+                 (stopping or restarting); try again later",
+            ),
+            (
                 ConnectFailure::PermissionDenied,
                 5,
                 "hostnic-ipamd at /run/test/ipamd.sock: permission denied on the socket; \
@@ -1351,6 +1371,9 @@ mod tests {
                 ConnectFailure::PermissionDenied,
             ),
             (ErrorKind::TimedOut, ConnectFailure::TimedOut),
+            (ErrorKind::ConnectionReset, ConnectFailure::Dropped),
+            (ErrorKind::ConnectionAborted, ConnectFailure::Dropped),
+            (ErrorKind::BrokenPipe, ConnectFailure::Dropped),
         ];
         for (kind, want) in cases {
             assert_eq!(ConnectFailure::from_io(&Error::from(kind)), want, "{kind}");
