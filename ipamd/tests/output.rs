@@ -598,10 +598,10 @@ async fn show_lists_what_a_pod_holds_on_every_network_and_says_when_it_holds_not
         vec![
             "NETWORK\tCONTAINER\tIFNAME\tADDRESS\tPOOL\tKIND\tNODE\tPOD UID\tRECORD".to_string(),
             format!(
-                "show-a\tw1\teth0\t{first_ip}\t10.96.0.0/24\tdynamic\tnode-a\tu-web\tattachment"
+                "show-a\tw1\teth0\t{first_ip}\t10.96.0.0/24\tDynamic\tnode-a\tu-web\tattachment"
             ),
             format!(
-                "show-b\tw1\tnet1\t{second_ip}\t10.96.1.0/24\tdynamic\tnode-a\tu-web\tattachment"
+                "show-b\tw1\tnet1\t{second_ip}\t10.96.1.0/24\tDynamic\tnode-a\tu-web\tattachment"
             ),
             "STICKY NETWORK\tSTATEFULSET\tORDINAL\tADDRESSES\tORPHANED SINCE".to_string(),
             format!("show-a\tweb\t0\t{first_ip}\t-"),

@@ -641,3 +641,102 @@ impl Json for sticky_gc::PassReport {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use crate::IpamError;
+    use serde_json::{json, Value};
+
+    fn parsed(outcome: &impl Json) -> Value {
+        serde_json::from_str(&outcome.json().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_outcome_stopped_partway_carries_its_error_next_to_what_was_done() {
+        let release = Release {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            released: vec![super::super::ReleasedAddress {
+                ip: "10.0.0.5".parse().unwrap(),
+                pool: "10.0.0.0/24".into(),
+                attachment: Attachment::new("net", "c1", "eth0"),
+                node: "node-a".into(),
+            }],
+            stopped: Some(IpamError::Refused {
+                reason: "etcd went away".into(),
+            }),
+        };
+        let doc = parsed(&release);
+        assert_eq!(doc["released"][0]["ip"], "10.0.0.5");
+        assert!(
+            doc["error"].as_str().unwrap().contains("etcd went away"),
+            "{doc}"
+        );
+        let drop = KeyDrop::Stopped {
+            key: "/p/k".into(),
+            value: b"\xff{".to_vec(),
+            error: IpamError::Refused {
+                reason: "changed meanwhile".into(),
+            },
+        };
+        let doc = parsed(&drop);
+        assert_eq!(doc["result"], "stopped");
+        assert_eq!(doc["value"], "\u{fffd}{", "lossy UTF-8");
+        assert!(doc["error"].as_str().unwrap().contains("changed meanwhile"));
+    }
+
+    #[test]
+    fn an_ipv6_pool_larger_than_a_u64_is_counted_exactly() {
+        let usage = vec![PoolUsage {
+            subnet: "fd00::/56".parse().unwrap(),
+            dynamic: u128::from(u64::MAX) * 256,
+            held: 1,
+            blocks: BTreeMap::from([("node-a".to_string(), 2)]),
+        }];
+        let text = usage.json().unwrap();
+        assert!(
+            text.contains(&format!("\"dynamic\": {}", u128::from(u64::MAX) * 256)),
+            "{text}"
+        );
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(doc["pools"][0]["blocks"], json!({"node-a": 2}));
+    }
+
+    #[test]
+    fn a_gc_pass_lists_each_kept_attachment_with_a_fixed_reason() {
+        let a = |c: &str| Attachment::new("net", c, "eth0");
+        let report = pod_gc::PassReport {
+            dry_run: false,
+            released: vec![pod_gc::Released {
+                attachment: a("c1"),
+                ips: vec!["10.0.0.5".parse().unwrap()],
+                reason: "pod prod/web-0 uid u1 no longer exists".into(),
+            }],
+            kept: vec![
+                (a("c2"), pod_gc::Keep::Young { age: 3 }),
+                (a("c3"), pod_gc::Keep::Unknown("503".into())),
+            ],
+            changed: vec![a("c4")],
+            failed: vec![(a("c5"), "timed out".into())],
+        };
+        assert_eq!(
+            parsed(&report),
+            json!({
+                "dryRun": false,
+                "released": [{"network": "net", "containerId": "c1", "ifname": "eth0",
+                    "ips": ["10.0.0.5"], "reason": "pod prod/web-0 uid u1 no longer exists"}],
+                "kept": [
+                    {"network": "net", "containerId": "c2", "ifname": "eth0",
+                        "reason": "young", "ageSeconds": 3},
+                    {"network": "net", "containerId": "c3", "ifname": "eth0",
+                        "reason": "podNotReadable", "detail": "503"},
+                ],
+                "changed": [{"network": "net", "containerId": "c4", "ifname": "eth0"}],
+                "failed": [{"network": "net", "containerId": "c5", "ifname": "eth0",
+                    "error": "timed out"}],
+            })
+        );
+    }
+}

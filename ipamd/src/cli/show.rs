@@ -176,9 +176,7 @@ impl Outcome for PodHoldings {
             lines.push(Self::HEADER.to_string());
         }
         lines.extend(self.addresses.iter().map(|a| {
-            let kind = a
-                .kind
-                .map_or("-".into(), |k| format!("{k:?}").to_lowercase());
+            let kind = a.kind.map_or("-".into(), |k| format!("{k:?}"));
             let record = match a.attachment_record {
                 true => "attachment",
                 false => "address only",
@@ -330,4 +328,210 @@ async fn sticky_records(
             Some(record)
         })
         .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod tests {
+    use super::*;
+    use crate::pool::pool_id;
+    use crate::records::{AllocationRecord, AttachmentRecord, RECORD_VERSION};
+    use crate::PodRef;
+
+    fn pod_ref(namespace: &str, name: &str, uid: &str) -> Option<PodRef> {
+        Some(PodRef {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+        })
+    }
+
+    /// `report` with `attachment` of `pod` on `node` holding `ip` of 10.0.0.0/24: its
+    /// attachment record (when `listed`) and its address record.
+    fn hold(
+        report: &mut AuditReport,
+        attachment: &Attachment,
+        pod: Option<PodRef>,
+        ip: &str,
+        listed: bool,
+    ) {
+        let pool = pool_id(&"10.0.0.0/24".parse().unwrap());
+        let ip: IpAddr = ip.parse().unwrap();
+        if listed {
+            let record = AttachmentRecord {
+                version: RECORD_VERSION,
+                network: attachment.network.clone(),
+                node: "node-a".into(),
+                pod: pod.clone(),
+                ips: vec![HeldIp {
+                    pool: pool.clone(),
+                    ip,
+                    kind: None,
+                }],
+                allocated_at: 0,
+                netns: String::new(),
+            };
+            report
+                .attachments
+                .insert(attachment.clone(), ("key".into(), record));
+        }
+        let record = AllocationRecord {
+            version: RECORD_VERSION,
+            attachment: attachment.clone(),
+            pod,
+            node: "node-a".into(),
+            kind: Kind::Fixed,
+            allocated_at: 0,
+        };
+        report.allocations.insert((pool, ip), record);
+    }
+
+    fn sticky(stateful_set: &str, ordinal: u32) -> StickyRecord {
+        StickyRecord {
+            version: RECORD_VERSION,
+            network: "net".into(),
+            namespace: "prod".into(),
+            stateful_set: stateful_set.into(),
+            ordinal,
+            stateful_set_uid: String::new(),
+            ips: vec![HeldIp {
+                pool: "10.0.0.0_24".into(),
+                ip: "10.0.0.9".parse().unwrap(),
+                kind: None,
+            }],
+            since: 1,
+            orphaned_since: Some(5),
+        }
+    }
+
+    #[test]
+    fn a_pod_name_must_be_namespace_slash_pod_each_valid_for_kubernetes() {
+        let web = parse_pod_name("prod/web-0.a").unwrap();
+        assert_eq!(
+            (web.namespace.as_str(), web.name.as_str()),
+            ("prod", "web-0.a")
+        );
+        assert_eq!(web.to_string(), "prod/web-0.a");
+        for (text, why) in [
+            ("web-0", "it has no '/'"),
+            ("a/b/c", "more than one '/'"),
+            ("/web", "namespace \"\" is not valid: it is empty"),
+            ("a.b/web", "namespace \"a.b\" is not valid: it contains a character other than a-z, 0-9 and '-'"),
+            ("prod/-web", "pod name \"-web\" is not valid: it starts or ends with '-'"),
+            ("prod/web..0", "pod name \"web..0\" is not valid: it has an empty label"),
+            ("prod/Web", "pod name \"Web\" is not valid"),
+            ("prod/web\n", "pod name \"web\\n\" is not valid"),
+        ] {
+            let error = parse_pod_name(text).unwrap_err();
+            assert!(error.contains(why), "{text:?}: {error}");
+        }
+        assert!(parse_pod_name(&format!("{}/web", "n".repeat(64))).is_err());
+        assert!(parse_pod_name(&format!("prod/{}", "w".repeat(254))).is_err());
+        assert!(parse_pod_name(&format!("{}/{}", "n".repeat(63), "w".repeat(63))).is_ok());
+    }
+
+    #[test]
+    fn holdings_are_every_record_naming_the_pod_whatever_its_uid_and_no_other() {
+        let mut report = AuditReport::default();
+        let old = Attachment::new("net", "old", "eth0");
+        let new = Attachment::new("net", "new", "eth0");
+        let orphan = Attachment::new("other", "gone", "net1");
+        hold(
+            &mut report,
+            &old,
+            pod_ref("prod", "web-1", "u-old"),
+            "10.0.0.3",
+            true,
+        );
+        hold(
+            &mut report,
+            &new,
+            pod_ref("prod", "web-1", "u-new"),
+            "10.0.0.4",
+            true,
+        );
+        hold(
+            &mut report,
+            &orphan,
+            pod_ref("prod", "web-1", "u-old"),
+            "10.0.0.5",
+            false,
+        );
+        let same_name = Attachment::new("net", "dev", "eth0");
+        hold(
+            &mut report,
+            &same_name,
+            pod_ref("dev", "web-1", "u"),
+            "10.0.0.6",
+            true,
+        );
+        let no_pod = Attachment::new("net", "anon", "eth0");
+        hold(&mut report, &no_pod, None, "10.0.0.7", true);
+        report
+            .namespaces
+            .insert("prod".into(), vec!["10.1.0.0/26".parse().unwrap()]);
+        let records = [sticky("web", 1), sticky("web", 10), sticky("we", 11)];
+        let pod = parse_pod_name("prod/web-1").unwrap();
+
+        let held = pod_holdings(&report, &records, &pod);
+        let rows: Vec<(&str, String, &str, bool, Option<Kind>)> = (held.addresses.iter())
+            .map(|a| {
+                let (c, ip) = (a.attachment.container_id.as_str(), a.ip.to_string());
+                (c, ip, a.uid.as_str(), a.attachment_record, a.kind)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("new", "10.0.0.4".into(), "u-new", true, Some(Kind::Fixed)),
+                ("old", "10.0.0.3".into(), "u-old", true, Some(Kind::Fixed)),
+                ("gone", "10.0.0.5".into(), "u-old", false, Some(Kind::Fixed)),
+            ]
+        );
+        assert_eq!(held.addresses[0].pool, "10.0.0.0/24");
+        let sticky: Vec<(&str, u32)> = (held.sticky.iter())
+            .map(|s| (s.stateful_set.as_str(), s.ordinal))
+            .collect();
+        assert_eq!(sticky, vec![("web", 1)], "web-10 and we-11 are other pods");
+        assert_eq!(held.sticky[0].orphaned_since, Some(5));
+        assert_eq!(held.namespace_blocks.len(), 1);
+        let lines = held.lines();
+        assert_eq!(lines[0], PodHoldings::HEADER);
+        assert_eq!(
+            lines[3],
+            "other\tgone\tnet1\t10.0.0.5\t10.0.0.0/24\tFixed\tnode-a\tu-old\taddress only"
+        );
+        assert_eq!(lines[4], PodHoldings::STICKY_HEADER);
+        assert_eq!(lines[5], "net\tweb\t1\t10.0.0.9\t5");
+        assert_eq!(lines[6], "namespace prod has block(s) 10.1.0.0/26");
+        assert_eq!(lines.len(), 7);
+
+        let nothing = pod_holdings(&report, &records, &parse_pod_name("apps/db-0").unwrap());
+        assert!(nothing.is_empty());
+        assert_eq!(
+            nothing.lines(),
+            vec!["apps/db-0 holds no address, no sticky address and its namespace no block"]
+        );
+    }
+
+    #[test]
+    fn a_container_id_with_a_newline_is_escaped_in_the_table_and_raw_in_the_json() {
+        let mut report = AuditReport::default();
+        let odd = Attachment::new("net", "c\n1", "eth0");
+        hold(
+            &mut report,
+            &odd,
+            pod_ref("prod", "web-1", ""),
+            "10.0.0.3",
+            true,
+        );
+        let held = pod_holdings(&report, &[], &parse_pod_name("prod/web-1").unwrap());
+        let lines = held.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].starts_with(r"net	c\n1	eth0	"), "{lines:?}");
+        assert!(lines[1].contains("\t-\tattachment"), "no uid: {lines:?}");
+        let doc: serde_json::Value = serde_json::from_str(&held.json().unwrap()).unwrap();
+        assert_eq!(doc["addresses"][0]["containerId"], "c\n1");
+        assert_eq!(doc["addresses"][0]["uid"], "");
+    }
 }
