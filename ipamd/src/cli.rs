@@ -26,6 +26,10 @@ pub use namespaces::{
     namespace_rows, namespaces, unassign_namespace, NamespaceRow, NamespaceSource,
     NamespaceUnassignment,
 };
+mod output;
+pub use output::{Json, OutputFormat};
+mod show;
+pub use show::{parse_pod_name, pod_holdings, show, PodAddress, PodHoldings, PodName, PodSticky};
 
 /// `text` with control characters escaped, for one field of one output line.
 pub fn escaped(text: &str) -> String {

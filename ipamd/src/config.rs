@@ -94,6 +94,9 @@ pub struct Flags {
     /// pod (KUBERNETES_SERVICE_HOST is set), and otherwise knows no Kubernetes.
     #[arg(long, global = true, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// How operator commands print what they found or did: a table, or one JSON document.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub output: crate::cli::OutputFormat,
 }
 
 /// Operator commands, run against the same etcd as the daemon.
@@ -200,6 +203,13 @@ pub enum Command {
         /// Show what would be taken, change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Show everything one pod holds: the addresses of its attachments on every network and
+    /// node, its StatefulSet identity's sticky addresses, and its namespace's blocks.
+    Show {
+        /// The pod, as NAMESPACE/POD.
+        #[arg(value_parser = crate::cli::parse_pod_name)]
+        pod: crate::cli::PodName,
     },
 }
 

@@ -27,6 +27,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         )
         .init();
     let flags = Flags::parse();
+    let _ = OUTPUT.set(flags.output);
     let file = match &flags.config {
         Some(path) => read_file(path)?,
         None => FileConfig::default(),
@@ -160,6 +161,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::UnassignNamespace { namespace, dry_run } => {
             print(cli::unassign_namespace(store, &namespace, dry_run).await?)?
         }
+        Command::Show { pod } => print(cli::show(store, &pod).await?)?,
     };
     Ok(exit)
 }
@@ -191,11 +193,24 @@ fn install_cni(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints what an operator command found or did; then its exit status, or the error that
-/// stopped it partway.
-fn print(outcome: impl cli::Outcome) -> Result<ExitCode, hostnic_ipamd::IpamError> {
-    for line in outcome.lines() {
-        println!("{line}");
+/// How operator commands print (`--output`), set once from the flags.
+static OUTPUT: std::sync::OnceLock<cli::OutputFormat> = std::sync::OnceLock::new();
+
+/// Prints what an operator command found or did (its lines, or one JSON document with
+/// `--output json`); then its exit status, or the error that stopped it partway.
+fn print(outcome: impl cli::Outcome + cli::Json) -> anyhow::Result<ExitCode> {
+    match OUTPUT.get().copied().unwrap_or_default() {
+        cli::OutputFormat::Table => {
+            for line in outcome.lines() {
+                println!("{line}");
+            }
+        }
+        cli::OutputFormat::Json => {
+            println!(
+                "{}",
+                outcome.json().context("rendering the outcome as JSON")?
+            )
+        }
     }
     Ok(if outcome.finish()? {
         ExitCode::SUCCESS
