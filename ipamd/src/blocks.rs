@@ -273,6 +273,44 @@ impl PoolState {
     }
 }
 
+/// A pool's usage as one node's state shows it: what its metrics report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Addresses dynamic allocation may hand out ([`Pool::dynamic_size`]).
+    pub size: u128,
+    /// Addresses held: dynamic ones and exact ones (fixed window, requested addresses).
+    pub held: u128,
+    /// Dynamic addresses not held.
+    pub free: u128,
+    /// Claimed blocks by the node that claimed them.
+    pub blocks: BTreeMap<String, u64>,
+}
+
+impl PoolState {
+    /// The pool's usage. Costs a walk over the blocks that are materialised (claimed, or
+    /// holding an address), never over the subnet: for a scrape, not for the hot path.
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage {
+            size: self.pool.dynamic_size(),
+            ..Usage::default()
+        };
+        let mut held_dynamic: u128 = 0;
+        for (&index, block) in &self.blocks {
+            usage.held += block
+                .held
+                .iter()
+                .map(|w| u128::from(w.count_ones()))
+                .sum::<u128>();
+            held_dynamic += u128::from(self.count_dynamic(index).saturating_sub(block.free));
+            if let Some(owner) = &block.owner {
+                *usage.blocks.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        usage.free = usage.size.saturating_sub(held_dynamic);
+        usage
+    }
+}
+
 /// Picking restricted to some addresses of the pool: a namespace's CIDRs without other
 /// namespaces' (see `namespaces`). It walks the blocks that meet the allowed addresses, so only
 /// a restricted request pays for it; [`PoolState::next_address`] is unchanged.

@@ -94,6 +94,23 @@ pub struct Flags {
     /// pod (KUBERNETES_SERVICE_HOST is set), and otherwise knows no Kubernetes.
     #[arg(long, global = true, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on this address (e.g.
+    /// 127.0.0.1:9153); off when absent. Only a loopback address, unless
+    /// --metrics-allow-remote.
+    #[arg(long, global = true, env = "HOSTNIC_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow a --metrics-addr that is not loopback (the endpoint has no authentication).
+    #[arg(long, global = true, env = "HOSTNIC_METRICS_ALLOW_REMOTE")]
+    pub metrics_allow_remote: bool,
+    /// How log lines on stderr are written: text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "HOSTNIC_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Operator commands, run against the same etcd as the daemon.
