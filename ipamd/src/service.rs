@@ -366,7 +366,7 @@ async fn traced<T>(
         let elapsed = started.elapsed();
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         crate::metrics::request(verb, code, elapsed);
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        let duration_ms = elapsed.as_micros() as f64 / 1000.0;
         let result_name = crate::metrics::code_name(code);
         match &result {
             Ok(_) => tracing::info!(duration_ms, result = %result_name, "request done"),
