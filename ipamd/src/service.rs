@@ -354,8 +354,8 @@ fn record_pod(pod: Option<&PodRef>) {
 }
 
 /// Runs one request of `verb` in `span`, counts it in the metrics and logs its outcome in one
-/// line with its duration and result (the gRPC code): `body` records what it did in the span's
-/// fields, a refusal or failure is logged here with its message.
+/// line with its duration and result (`code`, the gRPC code): `body` records what it did in the
+/// span's fields, a refusal or failure is logged here with its message.
 async fn traced<T>(
     (verb, span): (&'static str, Span),
     body: impl Future<Output = Result<Response<T>, Status>>,
@@ -367,12 +367,13 @@ async fn traced<T>(
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         crate::metrics::request(verb, code, elapsed);
         let duration_ms = elapsed.as_micros() as f64 / 1000.0;
-        let result_name = crate::metrics::code_name(code);
+        // The result is the gRPC code, named as the metrics name it.
+        let code = crate::metrics::code_name(code);
         match &result {
-            Ok(_) => tracing::info!(duration_ms, result = %result_name, "request done"),
+            Ok(_) => tracing::info!(duration_ms, %code, "{}", done_message(verb)),
             Err(status) => tracing::warn!(
                 duration_ms,
-                result = %result_name,
+                %code,
                 error = %status.message(),
                 "request failed"
             ),
@@ -381,6 +382,18 @@ async fn traced<T>(
     }
     .instrument(span)
     .await
+}
+
+/// The message of a request of `verb` that succeeded.
+fn done_message(verb: &str) -> &'static str {
+    match verb {
+        "allocate" => "allocated",
+        "release" => "released",
+        "check" => "checked",
+        "gc" => "garbage collected",
+        "status" => "ready for ADD",
+        _ => "done",
+    }
 }
 
 #[tonic::async_trait]
@@ -420,7 +433,7 @@ impl Ipam for IpamService {
                             record_ips(ips.iter().map(|i| &i.address).collect::<Vec<_>>());
                             Span::current().record(
                                 "note",
-                                tracing::field::display(format_args!(
+                                tracing::field::debug(format!(
                                     "already held; the pod could not be read: {e}"
                                 )),
                             );
@@ -540,7 +553,7 @@ impl Ipam for IpamService {
             crate::metrics::gc_released("cni", "not_in_valid_attachments", released.len());
             Span::current().record(
                 "note",
-                tracing::field::display(format_args!(
+                tracing::field::debug(format!(
                     "{} valid attachments, released {:?}",
                     valid.len(),
                     released.iter().map(ToString::to_string).collect::<Vec<_>>()

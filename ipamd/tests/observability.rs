@@ -314,18 +314,18 @@ async fn metrics_after_real_requests_pass_promtool_and_count_what_the_requests_d
         "ifname=eth0".into(),
         "pod=ns/pod-m1".into(),
         format!("ips=[\"{}\"]", held[0]),
-        "request done".into(),
+        ": allocated".into(),
         "duration_ms=".into(),
-        "result=Ok".into(),
+        "code=Ok".into(),
     ] {
         assert!(added[0].contains(&part), "{part} not in {}", added[0]);
     }
     let released = lines("release", "m1");
     assert_eq!(released.len(), 1, "one line for the DEL of m1:\n{log}");
-    assert!(released[0].contains("result=Ok"), "{}", released[0]);
+    assert!(released[0].contains("code=Ok"), "{}", released[0]);
     let failed = lines("allocate", "m4");
     assert_eq!(failed.len(), 1, "one line for the refused ADD:\n{log}");
-    for part in ["request failed", "result=InvalidArgument", "10.91.0.0/33"] {
+    for part in ["request failed", "code=InvalidArgument", "10.91.0.0/33"] {
         assert!(failed[0].contains(part), "{part} not in {}", failed[0]);
     }
 
@@ -432,8 +432,8 @@ async fn json_logs_are_one_object_per_line_and_one_line_per_request() {
     let added = of("allocate");
     assert_eq!(added.len(), 1, "one line for the ADD:\n{log}");
     let line = added[0];
-    assert_eq!(line["message"], "request done", "{line}");
-    assert_eq!(line["result"], "Ok", "{line}");
+    assert_eq!(line["message"], "allocated", "{line}");
+    assert_eq!(line["code"], "Ok", "{line}");
     assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
     assert_eq!(line["span"]["network"], net, "{line}");
     assert_eq!(line["span"]["ifname"], "eth0", "{line}");
