@@ -34,10 +34,7 @@ pub enum CallResult {
 /// in the raw bytes first, so that a config without it is not parsed a second time.
 pub fn configured(stdin: &[u8]) -> Option<PathBuf> {
     let needle = format!("\"{KEY}\"");
-    if !stdin
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-    {
+    if !stdin.windows(needle.len()).any(|w| w == needle.as_bytes()) {
         return None;
     }
     let config: Value = serde_json::from_slice(stdin).ok()?;
@@ -145,8 +142,7 @@ pub fn append(path: &Path, line: &str) -> Result<(), String> {
 /// characters too, so that no value can forge a line) otherwise.
 fn value(v: &str) -> String {
     let plain = !v.is_empty()
-        && v
-            .chars()
+        && v.chars()
             .all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
     if plain {
         v.to_owned()
@@ -193,7 +189,9 @@ mod tests {
     fn only_an_absolute_log_file_in_ipam_is_configured() {
         let config = |ipam: &str| format!(r#"{{"cniVersion":"1.0.0","name":"n","ipam":{ipam}}}"#);
         assert_eq!(
-            configured(config(r#"{"type":"hostnic-ipam","logFile":"/var/log/kube-ipam.log"}"#).as_bytes()),
+            configured(
+                config(r#"{"type":"hostnic-ipam","logFile":"/var/log/kube-ipam.log"}"#).as_bytes()
+            ),
             Some(PathBuf::from("/var/log/kube-ipam.log"))
         );
         for ipam in [
@@ -217,10 +215,14 @@ mod tests {
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c1"),
             ("CNI_IFNAME", "eth0"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=apps;K8S_POD_NAME=web-0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=apps;K8S_POD_NAME=web-0",
+            ),
         ];
         let stdin = br#"{"cniVersion":"1.0.0","name":"macnet","ipam":{"type":"hostnic-ipam"}}"#;
-        let reply = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.5/24"},{"address":"fd00::5/64"}]}"#;
+        let reply =
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"10.0.0.5/24"},{"address":"fd00::5/64"}]}"#;
         let at = UNIX_EPOCH + Duration::from_millis(1_764_504_245_123);
         let ok = line(
             &vars,

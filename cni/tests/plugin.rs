@@ -1131,7 +1131,10 @@ fn the_log_file_gets_one_line_per_call_and_one_it_cannot_write_fails_nothing() {
     for (line, expect) in lines.iter().zip(&expect) {
         assert!(line.contains(expect.as_str()), "{line:?} lacks {expect:?}");
         // An RFC 3339 UTC time first.
-        assert!(line.as_bytes()[4] == b'-' && line.contains("Z hostnic-ipam "), "{line}");
+        assert!(
+            line.as_bytes()[4] == b'-' && line.contains("Z hostnic-ipam "),
+            "{line}"
+        );
     }
     assert!(lines[2].contains("ipam.routes[0].dst"), "{}", lines[2]);
 

@@ -463,6 +463,44 @@ mod tests {
     }
 
     #[test]
+    fn usage_counts_held_dynamic_and_fixed_addresses_and_blocks_by_node() {
+        let mut s = state(
+            json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.2", "rangeEnd": "10.0.0.199",
+                   "fixedStart": "10.0.0.200", "fixedEnd": "10.0.0.250", "blockSize": 28}),
+            "a",
+        );
+        assert_eq!(
+            s.usage(),
+            Usage {
+                size: 198,
+                held: 0,
+                free: 198,
+                blocks: BTreeMap::new()
+            }
+        );
+        for _ in 0..3 {
+            allocate(&mut s).expect("free");
+        }
+        assert!(s.mark(n("10.0.0.210")), "a fixed address");
+        s.set_owner(5, Some("b"));
+        let usage = s.usage();
+        assert_eq!((usage.size, usage.held, usage.free), (198, 4, 195));
+        assert_eq!(
+            usage.blocks,
+            BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 1)])
+        );
+        s.unmark(n("10.0.0.2"));
+        assert_eq!((s.usage().held, s.usage().free), (3, 196));
+
+        // A /8 costs what its materialised blocks cost.
+        let mut big = state(json!({"subnet": "10.0.0.0/8", "blockSize": 24}), "a");
+        allocate(&mut big).expect("free");
+        let usage = big.usage();
+        assert_eq!(usage.size, (1 << 24) - 3);
+        assert_eq!((usage.held, usage.free), (1, (1 << 24) - 4));
+    }
+
+    #[test]
     fn a_released_address_is_not_reused_at_once() {
         let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 28}), "a");
         let first = allocate(&mut s).expect("free");

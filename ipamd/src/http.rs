@@ -95,8 +95,7 @@ impl Endpoint {
             checks.push(Check {
                 name: "pods",
                 failure: (!pods.is_synced()).then(|| {
-                    "this node's pods have not been listed from the Kubernetes API yet"
-                        .to_string()
+                    "this node's pods have not been listed from the Kubernetes API yet".to_string()
                 }),
             });
         }

@@ -409,7 +409,14 @@ mod tests {
         };
         // Cumulative: 3 ms is in every bucket from 5 ms on, 300 ms from 500 ms on, 60 s only
         // in +Inf.
-        for (le, n) in [("0.0025", 0), ("0.005", 1), ("0.25", 1), ("0.5", 2), ("10", 2), ("+Inf", 3)] {
+        for (le, n) in [
+            ("0.0025", 0),
+            ("0.005", 1),
+            ("0.25", 1),
+            ("0.5", 2),
+            ("10", 2),
+            ("+Inf", 3),
+        ] {
             assert!(text.contains(&bucket(le, n)), "{le}: {text}");
         }
         assert!(text.contains(
@@ -419,16 +426,29 @@ mod tests {
             "hostnic_ipamd_request_duration_seconds_sum{verb=\"allocate\",code=\"Ok\"} 60.303"
         ));
         // Unlabelled counters exist from the start.
-        assert!(text.contains("\nhostnic_ipamd_etcd_retries_total 0\n"), "{text}");
+        assert!(
+            text.contains("\nhostnic_ipamd_etcd_retries_total 0\n"),
+            "{text}"
+        );
         assert!(text.contains("\nhostnic_ipamd_pool_watch_reloads_total 0\n"));
-        assert_eq!(r.counter(REQUESTS, &[("verb", "allocate"), ("code", "Ok")]), 2);
-        assert_eq!(r.counter(REQUESTS, &[("verb", "release"), ("code", "Ok")]), 0);
+        assert_eq!(
+            r.counter(REQUESTS, &[("verb", "allocate"), ("code", "Ok")]),
+            2
+        );
+        assert_eq!(
+            r.counter(REQUESTS, &[("verb", "release"), ("code", "Ok")]),
+            0
+        );
     }
 
     #[test]
     fn every_family_has_help_and_type_once_and_samples_only_of_its_own() {
         let r = Registry::default();
-        r.add(GC_RELEASED, vec![("gc", "netns".into()), ("reason", "netns_gone".into())], 1);
+        r.add(
+            GC_RELEASED,
+            vec![("gc", "netns".into()), ("reason", "netns_gone".into())],
+            1,
+        );
         r.add(ETCD_RETRIES, Vec::new(), 4);
         let text = r.render(&[PoolGauges {
             subnet: "10.0.0.0/24".into(),
@@ -440,19 +460,26 @@ mod tests {
             "hostnic_ipamd_pool_free",
             "hostnic_ipamd_pool_blocks",
         ]) {
-            assert_eq!(text.matches(&format!("# TYPE {family} ")).count(), 1, "{family}");
-            assert_eq!(text.matches(&format!("# HELP {family} ")).count(), 1, "{family}");
+            assert_eq!(
+                text.matches(&format!("# TYPE {family} ")).count(),
+                1,
+                "{family}"
+            );
+            assert_eq!(
+                text.matches(&format!("# HELP {family} ")).count(),
+                1,
+                "{family}"
+            );
         }
         assert!(text.contains("\nhostnic_ipamd_etcd_retries_total 4\n"));
-        assert!(text.contains(
-            "hostnic_ipamd_gc_released_total{gc=\"netns\",reason=\"netns_gone\"} 1\n"
-        ));
+        assert!(text
+            .contains("hostnic_ipamd_gc_released_total{gc=\"netns\",reason=\"netns_gone\"} 1\n"));
         assert!(text.contains("hostnic_ipamd_pool_size{pool=\"10.0.0.0/24\"} 253\n"));
         assert!(text.contains("hostnic_ipamd_pool_held{pool=\"10.0.0.0/24\"} 3\n"));
         assert!(text.contains("hostnic_ipamd_pool_free{pool=\"10.0.0.0/24\"} 251\n"));
-        assert!(text.contains(
-            "hostnic_ipamd_pool_blocks{pool=\"10.0.0.0/24\",node=\"node-b\"} 1\n"
-        ));
+        assert!(
+            text.contains("hostnic_ipamd_pool_blocks{pool=\"10.0.0.0/24\",node=\"node-b\"} 1\n")
+        );
         // Each sample follows its own family's header.
         let mut current = "";
         for line in text.lines() {

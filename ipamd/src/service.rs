@@ -420,7 +420,13 @@ impl Ipam for IpamService {
             let requested = parse_ips(&req.requested_ips, "requested address")?;
             let sticky = sticky_switch(req.network.as_ref());
             let (requested, requested_kind, identity) = match self
-                .requested(pod.as_mut(), &attachment.network, &range_sets, requested, sticky)
+                .requested(
+                    pod.as_mut(),
+                    &attachment.network,
+                    &range_sets,
+                    requested,
+                    sticky,
+                )
                 .await
             {
                 Ok(request) => request,

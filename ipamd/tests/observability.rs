@@ -205,7 +205,10 @@ async fn metrics_after_real_requests_pass_promtool_and_count_what_the_requests_d
     let (status, before) = daemon.get("/metrics");
     assert_eq!(status, 200, "{before}");
     assert_eq!(
-        sample(&before, r#"hostnic_ipamd_requests_total{verb="allocate",code="Ok"}"#),
+        sample(
+            &before,
+            r#"hostnic_ipamd_requests_total{verb="allocate",code="Ok"}"#
+        ),
         None,
         "a fresh daemon has served nothing"
     );
@@ -434,7 +437,10 @@ async fn json_logs_are_one_object_per_line_and_one_line_per_request() {
     let line = added[0];
     assert_eq!(line["message"], "allocated", "{line}");
     assert_eq!(line["code"], "Ok", "{line}");
-    assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
+    assert!(
+        line["duration_ms"].as_f64().is_some_and(|d| d > 0.0),
+        "{line}"
+    );
     assert_eq!(line["span"]["network"], net, "{line}");
     assert_eq!(line["span"]["ifname"], "eth0", "{line}");
     assert_eq!(line["span"]["pod"], "ns/pod-j1", "{line}");
