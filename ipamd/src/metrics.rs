@@ -238,8 +238,11 @@ pub struct PoolGauges {
     pub usage: Usage,
 }
 
+/// A pool gauge: its family, its help, and how it is read from a pool's usage.
+type Gauge = (&'static str, &'static str, fn(&Usage) -> u128);
+
 fn render_pools(out: &mut String, pools: &[PoolGauges]) {
-    let gauges: [(&str, &str, fn(&Usage) -> u128); 3] = [
+    let gauges: [Gauge; 3] = [
         (
             "hostnic_ipamd_pool_size",
             "Addresses of the pool that dynamic allocation may hand out.",
