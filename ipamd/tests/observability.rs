@@ -13,6 +13,7 @@ use hostnic_proto::v1::{
     AllocateRequest, Attachment, CheckRequest, Network, Pod, ReleaseRequest, StatusRequest,
 };
 use hostnic_testkit::daemon::IpamDaemon;
+use hostnic_testkit::kube::{FakeKube, Fault};
 use hostnic_testkit::{shared_single, unique_prefix, EtcdCluster};
 use tonic::Code;
 
@@ -65,6 +66,23 @@ impl Daemon {
 
     fn get(&self, path: &str) -> (u16, String) {
         http_get(self.metrics, path)
+    }
+
+    /// Asks `/readyz` until it answers `want`, for up to `within`; its body.
+    fn readyz_until(&self, want: u16, within: Duration, what: &str) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self.get("/readyz");
+            if status == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz still {status} ({body:?}), not {want}, {what}\n{}",
+                self.process.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn log(&self) -> String {
@@ -349,20 +367,7 @@ async fn readyz_fails_while_etcd_is_down_and_recovers_after_while_healthz_stays_
         &unique_prefix("readyz"),
         &[],
     );
-    let wait_for = |want: u16, what: &str| -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, body) = daemon.get("/readyz");
-            if status == want {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz still {status} ({body:?}), not {want}, {what}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |want, what| daemon.readyz_until(want, Duration::from_secs(20), what);
     wait_for(200, "with etcd up");
 
     etcd.stop_member(0);
@@ -396,6 +401,38 @@ async fn readyz_fails_while_etcd_is_down_and_recovers_after_while_healthz_stays_
         ),
         1.0
     );
+}
+
+#[test]
+fn readyz_waits_for_this_nodes_pods_to_be_listed_from_the_kubernetes_api() {
+    if !hostnic_testkit::require_root(&format!("readiness test ({SERVING_NEEDS_ROOT})")) {
+        return;
+    }
+    let fake = FakeKube::start().expect("fake API server starts");
+    // The API answers nothing useful at first: the pod cache cannot list.
+    fake.set_fault(Fault::Status(503));
+    let kubeconfig = fake.kubeconfig_path().to_str().expect("utf-8").to_owned();
+    let daemon = Daemon::start(
+        &shared_single().endpoints(),
+        "node-kube-ready",
+        &unique_prefix("readyz-kube"),
+        &["--kubeconfig", &kubeconfig],
+    );
+    // The pools load; the pods do not.
+    let body = daemon.readyz_until(503, Duration::from_secs(10), "with the API failing");
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, body_later) = daemon.get("/readyz");
+    assert_eq!(status, 503, "{body_later}");
+    assert!(
+        body_later.contains("ok etcd\n")
+            && body_later.contains("ok pools\n")
+            && body_later.contains("failed pods: "),
+        "{body} / {body_later}"
+    );
+
+    fake.clear_fault();
+    let body = daemon.readyz_until(200, Duration::from_secs(60), "after the API came back");
+    assert_eq!(body, "ok etcd\nok pools\nok pods\n");
 }
 
 #[tokio::test]
