@@ -137,7 +137,9 @@ impl Endpoint {
                 let mut response = text(StatusCode::OK, self.metrics_page());
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    hyper::header::HeaderValue::from_static(
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    ),
                 );
                 response
             }
