@@ -946,7 +946,10 @@ mod tests {
             "json",
             "--metrics-allow-remote",
         ]);
-        assert_eq!(f.metrics_addr, Some("127.0.0.1:9471".parse().unwrap()));
+        assert_eq!(
+            f.metrics_addr,
+            Some("127.0.0.1:9471".parse().expect("an address"))
+        );
         assert!(f.metrics_allow_remote);
         assert_eq!(f.log_format, crate::logging::LogFormat::Json);
         for bad in [
