@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{
-    AllocateRequest, Attachment, CheckRequest, Network, Pod, ReleaseRequest, StatusRequest,
+    AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod, ReleaseRequest,
+    StatusRequest,
 };
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::kube::{FakeKube, Fault};
@@ -261,6 +262,17 @@ async fn metrics_after_real_requests_pass_promtool_and_count_what_the_requests_d
     })
     .await
     .expect("status");
+    // A CNI GC that lists only m3 releases m5 (the daemon's grace is 0).
+    c.allocate(add(net, subnet, "m5")).await.expect("allocate");
+    let gc = c
+        .gc(GcRequest {
+            network: network(net, subnet),
+            valid_attachments: attachment("m3").into_iter().collect(),
+        })
+        .await
+        .expect("gc")
+        .into_inner();
+    assert_eq!(gc.released.len(), 1, "{gc:?}");
 
     let (status, text) = daemon.get("/metrics");
     assert_eq!(status, 200, "{text}");
@@ -273,31 +285,39 @@ async fn metrics_after_real_requests_pass_promtool_and_count_what_the_requests_d
             &format!(r#"hostnic_ipamd_requests_total{{verb="{verb}",code="{code}"}}"#),
         )
     };
-    assert_eq!(requests("allocate", "Ok"), 3.0);
+    assert_eq!(requests("allocate", "Ok"), 4.0);
     assert_eq!(requests("allocate", "InvalidArgument"), 1.0);
     assert_eq!(requests("release", "Ok"), 2.0);
     assert_eq!(requests("check", "Ok"), 1.0);
     assert_eq!(requests("status", "Ok"), 1.0);
+    assert_eq!(requests("gc", "Ok"), 1.0);
+    assert_eq!(
+        value(
+            &text,
+            r#"hostnic_ipamd_gc_released_total{gc="cni",reason="not_in_valid_attachments"}"#
+        ),
+        1.0
+    );
     assert_eq!(
         value(
             &text,
             r#"hostnic_ipamd_request_duration_seconds_count{verb="allocate",code="Ok"}"#
         ),
-        3.0
+        4.0
     );
     assert_eq!(
         value(
             &text,
             r#"hostnic_ipamd_request_duration_seconds_bucket{verb="allocate",code="Ok",le="+Inf"}"#
         ),
-        3.0
+        4.0
     );
-    // Three commits and two releases at least, each one transaction.
+    // Four commits and three releases at least, each one transaction.
     let committed = value(
         &text,
         r#"hostnic_ipamd_etcd_transaction_duration_seconds_count{result="committed"}"#,
     );
-    assert!(committed >= 5.0, "{committed} committed transactions");
+    assert!(committed >= 7.0, "{committed} committed transactions");
     // The pool as the allocator's cache has it: a /24 without network, gateway, broadcast;
     // one address still held (m3).
     let pool = |gauge: &str| value(&text, &format!(r#"{gauge}{{pool="{subnet}"}}"#));
@@ -400,6 +420,10 @@ async fn readyz_fails_while_etcd_is_down_and_recovers_after_while_healthz_stays_
             r#"hostnic_ipamd_requests_total{verb="allocate",code="Unavailable"}"#
         ),
         1.0
+    );
+    assert!(
+        value(&text, "hostnic_ipamd_pool_watch_reloads_total") >= 1.0,
+        "the pool watch ended with etcd and was reloaded:\n{text}"
     );
 }
 
