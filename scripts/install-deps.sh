@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need on a Debian bookworm machine, running as root:
 # etcd + etcdctl (tests start their own throwaway members), protoc (etcd-client's build.rs),
-# the reference CNI plugins, iproute2 and ping (kernel tests), rustfmt and clippy (lint steps).
+# the reference CNI plugins, iproute2 and ping (kernel tests), promtool (Debian's prometheus: the
+# metrics test lints a scrape with it), rustfmt and clippy (lint steps).
 # Idempotent: installs nothing when everything is already there.
 set -euo pipefail
 
@@ -10,11 +11,11 @@ log() { printf '[install-deps] %s\n' "$*"; }
 # `ip` lives in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl podman runc busybox-static)
+PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl podman runc busybox-static prometheus)
 
 missing_tools() {
   local cmd
-  for cmd in etcd etcdctl protoc ip ping openssl podman runc; do
+  for cmd in etcd etcdctl protoc ip ping openssl podman runc promtool; do
     command -v "$cmd" >/dev/null 2>&1 || printf '%s ' "$cmd"
   done
   [ -x /usr/lib/cni/macvlan ] || printf '%s ' /usr/lib/cni/macvlan

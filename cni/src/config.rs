@@ -60,6 +60,9 @@ pub struct IpamConfig {
     /// socket, a refused connection, a connection that broke before the answer) before it
     /// answers "try again later"; [`DEFAULT_DAEMON_WAIT`] when absent.
     pub daemon_wait: Duration,
+    /// `ipam.logFile`: an absolute path the plugin appends one line per call to (see
+    /// `call_log`); none when absent.
+    pub log_file: Option<PathBuf>,
     /// The whole `ipam` object, unknown keys included, for the daemon.
     pub raw: Value,
 }
@@ -219,6 +222,14 @@ impl IpamConfig {
             MAX_DAEMON_WAIT,
         )?
         .unwrap_or(DEFAULT_DAEMON_WAIT);
+        let log_file = optional_path(ipam, "logFile", "ipam.logFile")?;
+        if let Some(path) = log_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(invalid(
+                "ipam.logFile",
+                &Value::String(path.display().to_string()),
+                "expected an absolute path".to_owned(),
+            ));
+        }
         check_pool_keys(ipam)?;
         Ok(IpamConfig {
             ipam_type,
@@ -226,6 +237,7 @@ impl IpamConfig {
             resolv_conf,
             routes,
             daemon_wait,
+            log_file,
             raw: value.clone(),
         })
     }
@@ -865,6 +877,20 @@ mod tests {
             parse(without(minimal(), "/ipam/type")).unwrap_err(),
             "ipam.type",
         );
+    }
+
+    #[test]
+    fn log_file_is_an_absolute_path_or_absent() {
+        assert_eq!(parse(minimal()).unwrap().ipam.log_file, None);
+        let log = |v: Value| parse(with(minimal(), "/ipam/logFile", v));
+        assert_eq!(
+            log(json!("/var/log/kube-ipam.log")).unwrap().ipam.log_file,
+            Some(PathBuf::from("/var/log/kube-ipam.log"))
+        );
+        assert_eq!(log(json!("")).unwrap().ipam.log_file, None);
+        for bad in [json!("kube-ipam.log"), json!(5), json!(["/x"])] {
+            assert_invalid(log(bad).unwrap_err(), "ipam.logFile");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!
 //! Spec: <https://github.com/containernetworking/cni/blob/main/SPEC.md>.
 
+pub mod call_log;
 pub mod config;
 pub mod env;
 pub mod error;
@@ -45,7 +46,8 @@ mod module_graph {
     use std::collections::BTreeMap;
 
     /// Every module file, by name. `every_module_is_listed` keeps this in step with `pub mod`.
-    const SOURCES: [(&str, &str); 7] = [
+    const SOURCES: [(&str, &str); 8] = [
+        ("call_log", include_str!("call_log.rs")),
         ("config", include_str!("config.rs")),
         ("env", include_str!("env.rs")),
         ("error", include_str!("error.rs")),

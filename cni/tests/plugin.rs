@@ -1088,3 +1088,65 @@ fn listener_not_running_as_root_is_refused_even_behind_a_root_owned_file() {
         ],
     );
 }
+
+// ---- the log file ----
+
+#[test]
+fn the_log_file_gets_one_line_per_call_and_one_it_cannot_write_fails_nothing() {
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("kube-ipam.log");
+    let with_log = |log: &Path, extra: Value| {
+        let mut extra = extra;
+        merge(&mut extra, json!({"ipam": {"logFile": log}}));
+        conf("1.0.0", &daemon.socket, extra)
+    };
+    let add = attachment_env("ADD", &[("CNI_ARGS", POD_ARGS)]);
+    let added = run(&add, &with_log(&log, json!({})));
+    assert!(added.success, "{added:?}");
+    let deleted = run(&attachment_env("DEL", &[]), &with_log(&log, json!({})));
+    assert!(deleted.success, "{deleted:?}");
+    let refused = run(
+        &add,
+        &with_log(&log, json!({"ipam": {"routes": [{"dst": "10.0.0.0/33"}]}})),
+    );
+    assert_error(&refused, 7, &["ipam.routes[0].dst"]);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "one line per call:\n{text}");
+    let expect = [
+        format!(
+            " hostnic-ipam ADD network=macvlan-net container={CID} ifname=net1 pod=default/web-0 \
+             result=ok ips=10.0.0.5/24 duration_ms="
+        ),
+        format!(" hostnic-ipam DEL network=macvlan-net container={CID} ifname=net1 result=ok duration_ms="),
+        format!(
+            " hostnic-ipam ADD network=macvlan-net container={CID} ifname=net1 pod=default/web-0 \
+             result=error code=7 msg="
+        ),
+    ];
+    for (line, expect) in lines.iter().zip(&expect) {
+        assert!(line.contains(expect.as_str()), "{line:?} lacks {expect:?}");
+        // An RFC 3339 UTC time first.
+        assert!(
+            line.as_bytes()[4] == b'-' && line.contains("Z hostnic-ipam "),
+            "{line}"
+        );
+    }
+    assert!(lines[2].contains("ipam.routes[0].dst"), "{}", lines[2]);
+
+    // A log file that cannot be written: the same reply, and a word on stderr.
+    let unwritable = dir.path().join("no-such-dir/kube-ipam.log");
+    let again = run(&add, &with_log(&unwritable, json!({})));
+    assert!(again.success, "{again:?}");
+    assert_eq!(again.stdout, added.stdout);
+    assert!(
+        again.stderr.contains("cannot append to the log file")
+            && again.stderr.contains("no-such-dir/kube-ipam.log"),
+        "{again:?}"
+    );
+    assert!(!unwritable.exists());
+}

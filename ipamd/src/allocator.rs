@@ -189,6 +189,16 @@ impl Allocator {
         self.inner.wait_synced().await
     }
 
+    /// Whether the pools have been loaded from etcd (the readiness probe).
+    pub fn is_synced(&self) -> bool {
+        *self.inner.synced.borrow()
+    }
+
+    /// Each pool's subnet and usage as this node's cache sees it (the metrics).
+    pub fn pool_usage(&self) -> Vec<(String, crate::blocks::Usage)> {
+        self.inner.lock_pools().usage()
+    }
+
     /// Allocates one address per range set for `req.attachment`, or returns what the
     /// attachment already holds. The whole request is validated before anything is written,
     /// so a refused request leaves nothing behind.

@@ -273,6 +273,44 @@ impl PoolState {
     }
 }
 
+/// A pool's usage as one node's state shows it: what its metrics report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Addresses dynamic allocation may hand out ([`Pool::dynamic_size`]).
+    pub size: u128,
+    /// Addresses held: dynamic ones and exact ones (fixed window, requested addresses).
+    pub held: u128,
+    /// Dynamic addresses not held.
+    pub free: u128,
+    /// Claimed blocks by the node that claimed them.
+    pub blocks: BTreeMap<String, u64>,
+}
+
+impl PoolState {
+    /// The pool's usage. Costs a walk over the blocks that are materialised (claimed, or
+    /// holding an address), never over the subnet: for a scrape, not for the hot path.
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage {
+            size: self.pool.dynamic_size(),
+            ..Usage::default()
+        };
+        let mut held_dynamic: u128 = 0;
+        for (&index, block) in &self.blocks {
+            usage.held += block
+                .held
+                .iter()
+                .map(|w| u128::from(w.count_ones()))
+                .sum::<u128>();
+            held_dynamic += u128::from(self.count_dynamic(index).saturating_sub(block.free));
+            if let Some(owner) = &block.owner {
+                *usage.blocks.entry(owner.clone()).or_default() += 1;
+            }
+        }
+        usage.free = usage.size.saturating_sub(held_dynamic);
+        usage
+    }
+}
+
 /// Picking restricted to some addresses of the pool: a namespace's CIDRs without other
 /// namespaces' (see `namespaces`). It walks the blocks that meet the allowed addresses, so only
 /// a restricted request pays for it; [`PoolState::next_address`] is unchanged.
@@ -422,6 +460,44 @@ mod tests {
             "network and gateway are skipped"
         );
         assert_eq!(s.next_address(), Next::Address(n("10.0.0.3")));
+    }
+
+    #[test]
+    fn usage_counts_held_dynamic_and_fixed_addresses_and_blocks_by_node() {
+        let mut s = state(
+            json!({"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.2", "rangeEnd": "10.0.0.199",
+                   "fixedStart": "10.0.0.200", "fixedEnd": "10.0.0.250", "blockSize": 28}),
+            "a",
+        );
+        assert_eq!(
+            s.usage(),
+            Usage {
+                size: 198,
+                held: 0,
+                free: 198,
+                blocks: BTreeMap::new()
+            }
+        );
+        for _ in 0..3 {
+            allocate(&mut s).expect("free");
+        }
+        assert!(s.mark(n("10.0.0.210")), "a fixed address");
+        s.set_owner(5, Some("b"));
+        let usage = s.usage();
+        assert_eq!((usage.size, usage.held, usage.free), (198, 4, 195));
+        assert_eq!(
+            usage.blocks,
+            BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 1)])
+        );
+        s.unmark(n("10.0.0.2"));
+        assert_eq!((s.usage().held, s.usage().free), (3, 196));
+
+        // A /8 costs what its materialised blocks cost.
+        let mut big = state(json!({"subnet": "10.0.0.0/8", "blockSize": 24}), "a");
+        allocate(&mut big).expect("free");
+        let usage = big.usage();
+        assert_eq!(usage.size, (1 << 24) - 3);
+        assert_eq!((usage.held, usage.free), (1, (1 << 24) - 4));
     }
 
     #[test]

@@ -177,6 +177,17 @@ impl PoolCache {
         self.pools.len()
     }
 
+    /// Each pool's subnet and usage, ordered by subnet.
+    pub fn usage(&self) -> Vec<(String, crate::blocks::Usage)> {
+        let mut all: Vec<_> = self
+            .pools
+            .values()
+            .map(|state| (state.pool().subnet.to_string(), state.usage()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pools.is_empty()
     }

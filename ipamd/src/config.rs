@@ -97,6 +97,30 @@ pub struct Flags {
     /// How operator commands print what they found or did: a table, or one JSON document.
     #[arg(long, global = true, value_enum, default_value_t)]
     pub output: crate::cli::OutputFormat,
+    /// Serve Prometheus `/metrics`, `/healthz` and `/readyz` over HTTP on this address (e.g.
+    /// 127.0.0.1:9153); off when absent. Only a loopback address, unless
+    /// --metrics-allow-remote.
+    #[arg(long, global = true, env = "HOSTNIC_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Allow a --metrics-addr that is not loopback (the endpoint has no authentication). The
+    /// variable takes true/false, 1/0, yes/no, on/off.
+    #[arg(
+        long,
+        global = true,
+        env = "HOSTNIC_METRICS_ALLOW_REMOTE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub metrics_allow_remote: bool,
+    /// How log lines on stderr are written: text, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "HOSTNIC_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Operator commands, run against the same etcd as the daemon.
@@ -917,6 +941,36 @@ mod tests {
     fn unknown_file_keys_are_rejected() {
         let e = serde_json::from_str::<FileConfig>(r#"{"nodeNmae": "x"}"#).expect_err("typo");
         assert!(e.to_string().contains("nodeNmae"));
+    }
+
+    #[test]
+    fn metrics_address_and_log_format_are_read_and_checked() {
+        let f = flags(&[]);
+        assert_eq!(f.metrics_addr, None, "off by default");
+        assert!(!f.metrics_allow_remote);
+        assert_eq!(f.log_format, crate::logging::LogFormat::Text);
+        let f = flags(&[
+            "--metrics-addr",
+            "127.0.0.1:9471",
+            "--log-format",
+            "json",
+            "--metrics-allow-remote",
+        ]);
+        assert_eq!(
+            f.metrics_addr,
+            Some("127.0.0.1:9471".parse().expect("an address"))
+        );
+        assert!(f.metrics_allow_remote);
+        assert_eq!(f.log_format, crate::logging::LogFormat::Json);
+        for bad in [
+            ["--metrics-addr", "localhost:9471"],
+            ["--metrics-addr", "127.0.0.1"],
+            ["--log-format", "yaml"],
+        ] {
+            let e = Flags::try_parse_from(std::iter::once("hostnic-ipamd").chain(bad))
+                .expect_err("refused");
+            assert!(e.to_string().contains(bad[0]), "{e}");
+        }
     }
 
     fn with_endpoint(args: &[&str]) -> Flags {

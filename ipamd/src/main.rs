@@ -1,6 +1,6 @@
 //! hostnic-ipamd: serve the plugins until SIGTERM, or run one operator command.
 
-use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,23 +11,20 @@ use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfi
 use hostnic_ipamd::namespace_watch::Namespaces;
 use hostnic_ipamd::service::IpamService;
 use hostnic_ipamd::{
-    cli, gc, install, kube, leader, namespace_watch, netns_gc, node_gc, pod_gc, server, sticky_gc,
-    Allocator,
+    cli, gc, http, install, kube, leader, logging, namespace_watch, netns_gc, node_gc, pod_gc,
+    server, sticky_gc, Allocator,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal, not in a file or a pod's log.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let flags = Flags::parse();
     let _ = OUTPUT.set(flags.output);
+    logging::init(flags.log_format);
+    let metrics_addr = flags.metrics_addr;
+    if let Some(addr) = metrics_addr {
+        http::check_listen_addr(addr, flags.metrics_allow_remote).map_err(anyhow::Error::msg)?;
+    }
     let file = match &flags.config {
         Some(path) => read_file(path)?,
         None => FileConfig::default(),
@@ -49,7 +46,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let store = &config.store;
     let exit = match command {
         Command::Serve => {
-            serve(config).await?;
+            serve(config, metrics_addr).await?;
             ExitCode::SUCCESS
         }
         Command::List { pool } => {
@@ -224,7 +221,8 @@ fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
-async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+/// Serves the plugins on the socket, and `/metrics`, `/healthz`, `/readyz` on `metrics_addr`.
+async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
@@ -267,6 +265,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
     let mut node_gc = None;
     let mut sticky_gc = None;
     let mut leadership = None;
+    let mut probe_pods = None;
     match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
             let client = kube::client(&source)
@@ -291,6 +290,7 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
                     },
                 ))
             });
+            probe_pods = Some(Arc::clone(&pods));
             service = service.with_pods(pods);
             // One daemon of the cluster, elected, runs the cluster-wide GCs while it leads.
             let cluster_wide =
@@ -348,7 +348,27 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             "no kubeconfig and not in a pod: Kubernetes is not used (pod annotations are not read)"
         ),
     }
+    // After the socket's lock: a new daemon waiting for the old one to stop does not take the
+    // old one's port.
+    let endpoint = match metrics_addr {
+        Some(addr) => {
+            let listener = http::bind(addr).await?;
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            let endpoint = http::Endpoint {
+                allocator: Arc::clone(&allocator),
+                pods: probe_pods,
+            };
+            let mut stopped = gc_stopped.clone();
+            Some(tokio::spawn(http::serve(listener, endpoint, async move {
+                let _ = stopped.changed().await;
+            })))
+        }
+        None => None,
+    };
     let served = server::serve_service(lock, service, shutdown).await;
+    if let Some(endpoint) = endpoint {
+        endpoint.abort();
+    }
     if let Some(gc) = gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "network-namespace GC task ended abnormally");

@@ -361,6 +361,7 @@ pub async fn run(
 /// Logs a pass of the daemon's GC. Attachments kept for want of a checkable path are logged
 /// once each (at debug without a path, at warn when the check fails), not on every pass.
 fn log_pass(report: &PassReport, noted: &mut HashSet<Attachment>) {
+    crate::metrics::gc_released("netns", "netns_gone", report.released.len());
     for r in &report.released {
         tracing::info!(
             attachment = %escaped(&r.attachment.to_string()),

@@ -377,6 +377,7 @@ pub async fn run(
 /// Logs a pass of the daemon's GC; `unreadable` says whether the previous pass could not ask
 /// the API, so that an outage is warned about once. Returns whether this one could not.
 fn log_pass(report: &PassReport, unreadable: bool) -> bool {
+    crate::metrics::gc_released("node", "node_deleted", report.released.len());
     for r in &report.released {
         tracing::info!(
             node = %escaped(&r.node),

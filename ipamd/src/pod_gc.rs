@@ -303,6 +303,7 @@ pub async fn run(
 /// some pod, so that an API outage is warned about once, not on every pass. Returns whether
 /// this one could not.
 fn log_pass(report: &PassReport, unreadable: bool) -> bool {
+    crate::metrics::gc_released("pod", "pod_gone", report.released.len());
     for r in &report.released {
         tracing::info!(
             attachment = %escaped(&r.attachment.to_string()),

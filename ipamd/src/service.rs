@@ -191,6 +191,7 @@ impl IpamService {
             }),
             Ok(Holder::Gone { reason }) => {
                 self.allocator.release(&record.attachment).await?;
+                crate::metrics::gc_released("takeover", "holder_pod_gone", 1);
                 tracing::info!(%ip, %holder, %reason, "released the attachment of a pod that is gone, to take its address over");
                 Ok(())
             }
@@ -302,19 +303,30 @@ fn reply_ips(allocation: &allocator::Allocation) -> Vec<IpAllocation> {
         .collect()
 }
 
-/// The span a request runs in, named after its verb. The fields are filled in as the request
-/// is read (`record_*`), so that every line it logs, here or in the allocator, names the
-/// network, the attachment and the pod where the request says them.
+/// The verb of a request and the span it runs in, named after the verb. The fields are filled
+/// in as the request is read (`record_*`) and answered (`ips`, `note`), so that every line it
+/// logs, here or in the allocator, names the network, the attachment and the pod where the
+/// request says them, and its one line of outcome (`traced`) says what it got.
 macro_rules! request_span {
     ($verb:literal) => {
-        tracing::info_span!(
+        (
             $verb,
-            network = Empty,
-            container = Empty,
-            ifname = Empty,
-            pod = Empty
+            tracing::info_span!(
+                $verb,
+                network = Empty,
+                container = Empty,
+                ifname = Empty,
+                pod = Empty,
+                ips = Empty,
+                note = Empty
+            ),
         )
     };
+}
+
+/// Records the addresses a request got, released or checked.
+fn record_ips<T: std::fmt::Debug>(ips: T) {
+    Span::current().record("ips", tracing::field::debug(ips));
 }
 
 fn record_network(network: Option<&Network>) {
@@ -341,21 +353,47 @@ fn record_pod(pod: Option<&PodRef>) {
     }
 }
 
-/// Runs one request in `span` and logs its outcome once: `body` logs a success with what it
-/// did, a refusal or failure is logged here with its gRPC code.
+/// Runs one request of `verb` in `span`, counts it in the metrics and logs its outcome in one
+/// line with its duration and result (`code`, the gRPC code): `body` records what it did in the
+/// span's fields, a refusal or failure is logged here with its message.
 async fn traced<T>(
-    span: Span,
+    (verb, span): (&'static str, Span),
     body: impl Future<Output = Result<Response<T>, Status>>,
 ) -> Result<Response<T>, Status> {
+    let started = std::time::Instant::now();
     async move {
         let result = body.await;
-        if let Err(status) = &result {
-            tracing::warn!(code = ?status.code(), error = %status.message(), "request failed");
+        let elapsed = started.elapsed();
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        crate::metrics::request(verb, code, elapsed);
+        let duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        // The result is the gRPC code, named as the metrics name it.
+        let code = crate::metrics::code_name(code);
+        match &result {
+            Ok(_) => tracing::info!(duration_ms, %code, "{}", done_message(verb)),
+            Err(status) => tracing::warn!(
+                duration_ms,
+                %code,
+                error = %status.message(),
+                "request failed"
+            ),
         }
         result
     }
     .instrument(span)
     .await
+}
+
+/// The message of a request of `verb` that succeeded.
+fn done_message(verb: &str) -> &'static str {
+    match verb {
+        "allocate" => "allocated",
+        "release" => "released",
+        "check" => "checked",
+        "gc" => "garbage collected",
+        "status" => "ready for ADD",
+        _ => "done",
+    }
 }
 
 #[tonic::async_trait]
@@ -382,7 +420,13 @@ impl Ipam for IpamService {
             let requested = parse_ips(&req.requested_ips, "requested address")?;
             let sticky = sticky_switch(req.network.as_ref());
             let (requested, requested_kind, identity) = match self
-                .requested(pod.as_mut(), &attachment.network, &range_sets, requested, sticky)
+                .requested(
+                    pod.as_mut(),
+                    &attachment.network,
+                    &range_sets,
+                    requested,
+                    sticky,
+                )
                 .await
             {
                 Ok(request) => request,
@@ -392,7 +436,13 @@ impl Ipam for IpamService {
                     return match self.allocator.lookup(&attachment).await {
                         Ok(Some(held)) => {
                             let ips = reply_ips(&held);
-                            tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), error = %e, "already held; the pod could not be read");
+                            record_ips(ips.iter().map(|i| &i.address).collect::<Vec<_>>());
+                            Span::current().record(
+                                "note",
+                                tracing::field::debug(format!(
+                                    "already held; the pod could not be read: {e}"
+                                )),
+                            );
                             Ok(Response::new(AllocateReply { ips }))
                         }
                         _ => Err(status_of(&e)),
@@ -424,7 +474,7 @@ impl Ipam for IpamService {
             }
             .map_err(|e| status_of(&e))?;
             let ips = reply_ips(&allocation);
-            tracing::info!(ips = ?ips.iter().map(|i| &i.address).collect::<Vec<_>>(), "allocated");
+            record_ips(ips.iter().map(|i| &i.address).collect::<Vec<_>>());
             Ok(Response::new(AllocateReply { ips }))
         })
         .await
@@ -448,7 +498,7 @@ impl Ipam for IpamService {
             let released: Vec<String> = released
                 .map(|r| r.ips.iter().map(|x| x.ip.to_string()).collect())
                 .unwrap_or_default();
-            tracing::info!(?released, "released");
+            record_ips(&released);
             Ok(Response::new(ReleaseReply { released }))
         })
         .await
@@ -480,7 +530,7 @@ impl Ipam for IpamService {
                     "attachment {attachment} holds {held:?}, the previous result says {expected:?}"
                 )));
             }
-            tracing::info!(ips = ?held, "checked");
+            record_ips(&held);
             Ok(Response::new(CheckReply {}))
         })
         .await
@@ -506,10 +556,14 @@ impl Ipam for IpamService {
                 .gc(&network, &valid, self.gc_grace)
                 .await
                 .map_err(|e| status_of(&e))?;
-            tracing::info!(
-                valid = valid.len(),
-                released = ?released.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "garbage collected"
+            crate::metrics::gc_released("cni", "not_in_valid_attachments", released.len());
+            Span::current().record(
+                "note",
+                tracing::field::debug(format!(
+                    "{} valid attachments, released {:?}",
+                    valid.len(),
+                    released.iter().map(ToString::to_string).collect::<Vec<_>>()
+                )),
             );
             Ok(Response::new(GcReply {
                 released: released
@@ -538,7 +592,6 @@ impl Ipam for IpamService {
                 .status(&range_sets, name)
                 .await
                 .map_err(|e| status_of(&e))?;
-            tracing::info!("ready for ADD");
             Ok(Response::new(StatusReply {}))
         })
         .await

@@ -287,6 +287,7 @@ pub async fn run(
 }
 
 fn log_pass(report: &PassReport) {
+    crate::metrics::gc_released("sticky", "identity_gone", report.released.len());
     for j in &report.released {
         tracing::info!(identity = %escaped(&j.identity), ips = %join_ips(&j.ips), reason = %escaped(&j.reason), "released sticky addresses");
     }

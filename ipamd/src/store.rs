@@ -18,6 +18,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::error::{IpamError, Result};
+use crate::metrics::TxnResult;
 
 /// How to reach etcd, resolved from the daemon's flags, environment and config file (`config`).
 #[derive(Debug, Clone)]
@@ -204,6 +205,7 @@ impl Store {
                 Ok(v) => return Ok(v),
                 Err(e) if is_transient(&e) && Instant::now() + delay < deadline => {
                     tracing::debug!(op, error = %e, "etcd request failed, retrying");
+                    crate::metrics::etcd_retry();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(300));
                 }
@@ -213,12 +215,20 @@ impl Store {
     }
 
     pub async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
+        let started = Instant::now();
         let resp = self
             .retry(op, |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
-            .await?;
+            .await
+            .inspect_err(|_| crate::metrics::etcd_txn(TxnResult::Failed, started.elapsed()))?;
+        let result = if resp.succeeded() {
+            TxnResult::Committed
+        } else {
+            TxnResult::Refused
+        };
+        crate::metrics::etcd_txn(result, started.elapsed());
         self.saw(resp.header());
         Ok(resp)
     }

@@ -519,3 +519,37 @@ fn the_image_holds_the_workspaces_daemon_and_plugins_and_the_daemon_set_runs_the
         );
     }
 }
+
+#[test]
+fn the_probes_ask_the_daemons_health_endpoints_where_it_listens() {
+    let spec = pod_spec();
+    let daemon = container(&spec.containers, "hostnic-ipamd");
+    let flags = parsed(daemon);
+    let addr = flags
+        .metrics_addr
+        .expect("the DaemonSet gives --metrics-addr, which the probes need");
+    hostnic_ipamd::http::check_listen_addr(addr, flags.metrics_allow_remote)
+        .unwrap_or_else(|e| panic!("the daemon would refuse its --metrics-addr: {e}"));
+    for (probe, path) in [
+        (&daemon.liveness_probe, "/healthz"),
+        (&daemon.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .unwrap_or_else(|| panic!("no httpGet probe of {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(addr.port().into()),
+            "{path}: the port the daemon listens on"
+        );
+        // With hostNetwork the kubelet's default host is the node's IP: a loopback listener
+        // needs the probe to name loopback (a wildcard one answers on both).
+        let host = get.host.as_deref().unwrap_or("");
+        assert!(
+            addr.ip().is_unspecified() || host.parse() == Ok(addr.ip()),
+            "{path}: probe host {host:?} does not reach a daemon listening on {addr}"
+        );
+    }
+}

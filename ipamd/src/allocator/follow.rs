@@ -50,6 +50,7 @@ impl Inner {
             delay = Duration::from_millis(50);
             if let Err(e) = self.watch_from(revision + 1).await {
                 tracing::warn!(error = %e, "watch on pools ended; reloading");
+                crate::metrics::watch_reload();
                 tokio::time::sleep(delay).await;
             }
         }
