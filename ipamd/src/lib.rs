@@ -16,6 +16,7 @@ pub mod gc;
 pub mod install;
 pub mod kube;
 pub mod netns_gc;
+pub mod nics;
 pub mod planner;
 pub mod pod_gc;
 pub mod pool;
