@@ -21,6 +21,8 @@
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod links;
+pub mod nic_plugin;
 pub mod plugin;
 pub mod result;
 pub mod types;
@@ -45,10 +47,12 @@ mod module_graph {
     use std::collections::BTreeMap;
 
     /// Every module file, by name. `every_module_is_listed` keeps this in step with `pub mod`.
-    const SOURCES: [(&str, &str); 7] = [
+    const SOURCES: [(&str, &str); 9] = [
         ("config", include_str!("config.rs")),
         ("env", include_str!("env.rs")),
         ("error", include_str!("error.rs")),
+        ("links", include_str!("links.rs")),
+        ("nic_plugin", include_str!("nic_plugin.rs")),
         ("plugin", include_str!("plugin.rs")),
         ("result", include_str!("result.rs")),
         ("types", include_str!("types.rs")),

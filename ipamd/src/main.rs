@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfig, Flags};
 use hostnic_ipamd::service::IpamService;
-use hostnic_ipamd::{cli, gc, install, kube, netns_gc, pod_gc, server, Allocator};
+use hostnic_ipamd::{cli, gc, install, kube, netns_gc, nics, pod_gc, server, Allocator};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[tokio::main]
@@ -40,11 +40,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     {
         return install_cni(bin_dir, conf_dir, conflist, from);
     }
+    let nic_flags = flags.nics.clone();
     let config = resolve(flags, file, hostname)?;
     let store = &config.store;
     let exit = match command {
         Command::Serve => {
-            serve(config).await?;
+            serve(config, nic_flags).await?;
             ExitCode::SUCCESS
         }
         Command::List { pool } => {
@@ -142,7 +143,7 @@ fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
-async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+async fn serve(config: DaemonConfig, nic_flags: nics::NicFlags) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
@@ -166,6 +167,15 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             .await
             .context("starting the allocator")?,
     );
+    let nic_pool = nics::start(&nic_flags, Arc::clone(&allocator))
+        .await
+        .context("starting QingCloud mode (NICs for the hostnic plugin)")?;
+    let nic_maintenance = nic_pool.as_ref().map(|pool| {
+        let mut gc_stopped = gc_stopped.clone();
+        tokio::spawn(Arc::clone(pool).maintain(async move {
+            let _ = gc_stopped.changed().await;
+        }))
+    });
     let gc = config.netns_gc_interval.map(|interval| {
         let schedule = gc::Schedule {
             interval,
@@ -210,7 +220,11 @@ async fn serve(config: DaemonConfig) -> anyhow::Result<()> {
             "no kubeconfig and not in a pod: Kubernetes is not used (pod annotations are not read)"
         ),
     }
-    let served = server::serve_service(lock, service, shutdown).await;
+    let nic_service = nic_pool.map(nics::service::NicService::new);
+    let served = server::serve_with_nics(lock, service, nic_service, shutdown).await;
+    if let Some(task) = nic_maintenance {
+        task.abort();
+    }
     if let Some(gc) = gc {
         if let Err(e) = gc.await {
             tracing::warn!(error = %e, "network-namespace GC task ended abnormally");
