@@ -1,0 +1,656 @@
+//! QingCloud NICs for pods: the daemon's NIC pool against real etcd and the QingCloud
+//! simulator, and the `hostnic` plugin moving real links (the simulator's `real_links`) into
+//! real network namespaces.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hostnic_iaas::limit::RetryPolicy;
+use hostnic_iaas::sim::{Fault, SimConfig, Simulator, VxnetSpec};
+use hostnic_iaas::types::{CreateNics, NicStatus};
+use hostnic_iaas::{Client, ClientOptions, SecretKey};
+use hostnic_ipamd::nics::record::{holder_attachment, NicRecord, NicState, NIC_NETWORK};
+use hostnic_ipamd::nics::settings::nic_name;
+use hostnic_ipamd::nics::vxnet::Policy;
+use hostnic_ipamd::nics::{self, NicFlags, NicPool, NicPoolConfig, PoolSettings};
+use hostnic_ipamd::records::now_unix;
+use hostnic_ipamd::{AllocateRequest, Allocator, Kind};
+use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
+use hostnic_testkit::{require_root, shared_single, unique_prefix};
+
+const KEY: &str = "QYACCESSKEYIDEXAMPLE";
+const SECRET: &str = "SIMSECRET-nics-test";
+const ZONE: &str = "pek3a";
+
+/// A simulator with `instance` running and `vxnets`; jobs take 100 ms.
+async fn simulator(instance: &str, vxnets: &[&str], real_links: bool) -> Simulator {
+    let mut config = SimConfig::new(KEY, SecretKey::new(SECRET), ZONE);
+    config.instances = vec![instance.to_string()];
+    config.vxnets = vxnets
+        .iter()
+        .map(|s| s.parse::<VxnetSpec>().expect("valid vxnet"))
+        .collect();
+    config.job_duration = Duration::from_millis(100);
+    config.real_links = real_links;
+    Simulator::start("127.0.0.1:0".parse().expect("address"), config)
+        .await
+        .expect("simulator starts")
+}
+
+/// A production client for `sim`, retrying and polling jobs fast enough for tests.
+fn client(sim: &Simulator) -> Client {
+    Client::new(
+        sim.client_config(),
+        ClientOptions {
+            calls_per_hour: 3_600_000,
+            burst: 1000,
+            retry: RetryPolicy {
+                max_attempts: 6,
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+            },
+            request_timeout: Duration::from_secs(10),
+            job_poll_interval: Duration::from_millis(20),
+        },
+    )
+    .expect("client")
+}
+
+fn settings(vxnets: &[&str], max_nic: u32, low: u32, high: u32) -> PoolSettings {
+    PoolSettings {
+        max_nic,
+        low,
+        high,
+        vxnets: vxnets.iter().map(|s| s.to_string()).collect(),
+        policy: Policy::FailRotate,
+        attach_timeout: Duration::from_secs(20),
+    }
+}
+
+fn pool_config(instance: &str, settings: PoolSettings) -> NicPoolConfig {
+    NicPoolConfig {
+        instance: instance.to_string(),
+        settings,
+        primary_iface: "eth0".into(),
+        sys_class_net: PathBuf::from("/sys/class/net"),
+        link_timeout: Duration::from_secs(10),
+    }
+}
+
+/// This node's NIC records, straight from etcd.
+async fn records(allocator: &Allocator) -> Vec<NicRecord> {
+    let prefix = format!(
+        "{}/nodes/{}/nics/",
+        allocator.keys().prefix(),
+        allocator.node()
+    );
+    let (_, kvs) = allocator
+        .store()
+        .load_prefix(&prefix)
+        .await
+        .expect("reading NIC records");
+    kvs.iter()
+        .map(|kv| NicRecord::decode(kv.value()).expect("valid NIC record"))
+        .collect()
+}
+
+/// The addresses this node's NIC holders hold in etcd.
+async fn held(allocator: &Allocator) -> BTreeSet<IpAddr> {
+    allocator
+        .node_attachments(Some(NIC_NETWORK))
+        .await
+        .expect("listing holders")
+        .iter()
+        .flat_map(|h| h.record.ips.iter().map(|x| x.ip))
+        .collect()
+}
+
+/// No leak: every NIC of ours in the simulator has a record that matches it (address, vxnet,
+/// attached to this instance unless still attaching); every record has its NIC; the holders
+/// hold exactly the recorded addresses. Returns the records.
+async fn assert_agreement(
+    sim: &Simulator,
+    allocator: &Allocator,
+    instance: &str,
+) -> Vec<NicRecord> {
+    let records = records(allocator).await;
+    let ours: Vec<_> = sim
+        .nics()
+        .into_iter()
+        .filter(|n| n.nic_name == nic_name(instance))
+        .collect();
+    for nic in &ours {
+        let r = records
+            .iter()
+            .find(|r| r.nic_id == nic.nic_id)
+            .unwrap_or_else(|| {
+                panic!("NIC {} in the simulator has no record: {nic:?}", nic.nic_id)
+            });
+        assert_eq!(r.address.to_string(), nic.private_ip, "{r:?} vs {nic:?}");
+        assert_eq!(r.vxnet, nic.vxnet_id);
+        if r.state != NicState::Attaching {
+            assert_eq!(nic.status, NicStatus::InUse, "{r:?} vs {nic:?}");
+            assert_eq!(nic.instance_id, instance);
+        }
+    }
+    for r in &records {
+        assert!(
+            ours.iter().any(|n| n.nic_id == r.nic_id),
+            "record {r:?} has no NIC in the simulator"
+        );
+    }
+    let recorded: BTreeSet<IpAddr> = records.iter().map(|r| IpAddr::V4(r.address)).collect();
+    assert_eq!(
+        held(allocator).await,
+        recorded,
+        "held addresses vs recorded NICs"
+    );
+    records
+}
+
+fn count(records: &[NicRecord], state: NicState) -> usize {
+    records.iter().filter(|r| r.state == state).count()
+}
+
+/// The simulator's NIC links (`qcs…`) and its peers are removed when it stops; a NIC link
+/// left in a namespace goes with the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces_and_del_returns_them(
+) {
+    let what = "hostnic e2e with the simulator's real links";
+    if !require_netns(what) {
+        return;
+    }
+    let plugin = hostnic_testkit::bins::workspace_binary("hostnic").expect("hostnic plugin built");
+    let instance = "i-e2enic01";
+    let vxnet = "vxnet-e2enic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.71.0/24")], true).await;
+    let prefix = unique_prefix("nics-e2e");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-e2e").await);
+    let pool = Arc::new(
+        NicPool::start(
+            Arc::clone(&allocator),
+            client(&sim),
+            pool_config(instance, settings(&[vxnet], 8, 1, 2)),
+        )
+        .await
+        .expect("NIC pool starts"),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("ipamd.sock");
+    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
+        .await
+        .expect("socket lock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
+        lock,
+        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
+        Some(nics::service::NicService::new(Arc::clone(&pool))),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "qc", "type": "hostnic",
+        "serviceCIDR": "10.96.0.0/12", "hairpin": false, "natMark": "0x10000",
+        "socket": socket,
+    })
+    .to_string();
+    let namespaces: Vec<NetNs> = (0..3)
+        .map(|i| NetNs::new(&format!("nic{i}")).expect("netns"))
+        .collect();
+    let cni = |command: &'static str, i: usize| {
+        let plugin = plugin.clone();
+        let conf = conf.clone();
+        let netns = namespaces[i].path();
+        let container = format!("nicpod{i}");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                run_cni(
+                    &plugin,
+                    &CniCall {
+                        command,
+                        container_id: &container,
+                        netns: &netns,
+                        ifname: "eth0",
+                        cni_path: Path::new("/nonexistent"),
+                        args: &format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod{i}"),
+                    },
+                    &conf,
+                )
+                .expect("plugin runs")
+            })
+            .await
+            .expect("plugin task")
+        }
+    };
+
+    // ADD: each pod gets its own NIC, its link inside with the etcd address and routes.
+    let mut macs = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        let out = cni("ADD", i).await;
+        assert!(out.success(), "ADD {i}: {} {}", out.stdout, out.stderr);
+        let result: serde_json::Value = serde_json::from_str(&out.stdout).expect("result JSON");
+        let mac = result["interfaces"][0]["mac"]
+            .as_str()
+            .expect("mac")
+            .to_string();
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .expect("address")
+            .to_string();
+        let gateway = result["ips"][0]["gateway"]
+            .as_str()
+            .expect("gateway")
+            .to_string();
+        assert_eq!(result["interfaces"][0]["name"], "eth0");
+        assert_eq!(
+            result["interfaces"][0]["sandbox"],
+            ns.path().display().to_string()
+        );
+        let link = ns
+            .exec(["ip", "-o", "link", "show", "dev", "eth0"])
+            .expect("link in pod");
+        assert!(link.contains(&mac), "{link}");
+        let addrs = ns
+            .exec(["ip", "-o", "addr", "show", "dev", "eth0"])
+            .expect("addresses");
+        assert!(addrs.contains(&format!(" {address} ")), "{addrs}");
+        let routes = ns.exec(["ip", "route", "show", "default"]).expect("routes");
+        assert!(
+            routes.contains(&format!("default via {gateway} dev eth0")),
+            "{routes}"
+        );
+        let ip: IpAddr = address
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .expect("ip");
+        assert!(held(&allocator).await.contains(&ip), "{ip} is held in etcd");
+        let nic = sim
+            .nics()
+            .into_iter()
+            .find(|n| n.nic_id == mac)
+            .expect("NIC in the sim");
+        assert_eq!(nic.private_ip, ip.to_string());
+        assert_eq!(nic.status, NicStatus::InUse);
+        assert!(
+            hostnic_ipamd::nics::links::link_of(Path::new("/sys/class/net"), &mac).is_none(),
+            "the link left the host"
+        );
+        macs.push(mac);
+    }
+    assert_eq!(
+        macs.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "three distinct NICs"
+    );
+    let out = cni("CHECK", 1).await;
+    // CHECK needs prevResult only from 0.4.0 on for IPAM; the main plugin checks the link.
+    assert!(out.success(), "CHECK: {} {}", out.stdout, out.stderr);
+    let records_now = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&records_now, NicState::Leased), 3);
+
+    // The warm pool refills within its marks.
+    pool.maintain_once().await.expect("maintain");
+    let records_now = assert_agreement(&sim, &allocator, instance).await;
+    let ready = count(&records_now, NicState::Ready);
+    assert!((1..=2).contains(&ready), "warm {ready} within 1..=2");
+    assert!(records_now.len() <= 8);
+
+    // DEL returns each NIC: its link back on the host, the NIC ready again.
+    for (i, mac) in macs.iter().enumerate() {
+        let out = cni("DEL", i).await;
+        assert!(out.success(), "DEL {i}: {} {}", out.stdout, out.stderr);
+        assert!(namespaces[i]
+            .exec(["ip", "-o", "link", "show"])
+            .expect("links")
+            .find(mac.as_str())
+            .is_none());
+        assert!(hostnic_ipamd::nics::links::link_of(Path::new("/sys/class/net"), mac).is_some());
+        let out = cni("DEL", i).await;
+        assert!(out.success(), "a second DEL succeeds: {}", out.stdout);
+    }
+    let records_now = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&records_now, NicState::Leased), 0);
+    // Above the high mark now: trimmed back to it, the excess NICs deleted and their addresses
+    // released.
+    pool.maintain_once().await.expect("maintain");
+    let records_now = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&records_now, NicState::Ready), 2, "{records_now:?}");
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+/// Half-done states a crash can leave are repaired by the reconcile on start: an address held
+/// before `CreateNics` (released), a NIC created with a held address but no record (adopted,
+/// attached), a NIC whose address is not held (deleted), a recorded NIC never attached
+/// (attached). Afterwards etcd and the simulator agree and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_on_start_adopts_repairs_and_releases_what_a_crash_left() {
+    let what = "NIC reconcile with real links";
+    if !require_root(what) {
+        return;
+    }
+    let instance = "i-recnic01";
+    let vxnet = "vxnet-recnic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.72.0/24")], true).await;
+    let prefix = unique_prefix("nics-reconcile");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-rec").await);
+    let api = client(&sim);
+    let sets = common::sets(serde_json::json!({
+        "type": "hostnic-ipam", "subnet": "172.31.72.0/24",
+        "rangeStart": "172.31.72.2", "rangeEnd": "172.31.72.242", "gateway": "172.31.72.1",
+    }));
+    let hold = |holder: &str| AllocateRequest {
+        attachment: holder_attachment(holder),
+        pod: None,
+        netns: String::new(),
+        range_sets: sets.clone(),
+        requested: Vec::new(),
+        requested_kind: Kind::Exact,
+    };
+    // Crashed before CreateNics.
+    let orphan = allocator.allocate(&hold("nic-orphan")).await.expect("hold");
+    // Crashed after CreateNics, before the record.
+    let adopted = allocator
+        .allocate(&hold("nic-adopted"))
+        .await
+        .expect("hold");
+    let adopted_ip = match adopted.ips[0].ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => unreachable!("IPv4 pool"),
+    };
+    let created = api
+        .create_nics(&CreateNics {
+            vxnet: vxnet.into(),
+            nic_name: Some(nic_name(instance)),
+            count: 2,
+            private_ips: vec![adopted_ip, "172.31.72.200".parse().expect("ip")],
+            disable_ip: false,
+        })
+        .await
+        .expect("CreateNics");
+    assert_eq!(created.len(), 2);
+    let adopted_id = created[0].nic_id.clone();
+    let unheld_id = created[1].nic_id.clone();
+    // A recorded NIC never attached: made by a pool that is then dropped mid-way is hard to
+    // time, so its record is written as the pool writes it.
+    let recorded = allocator
+        .allocate(&hold("nic-recorded"))
+        .await
+        .expect("hold");
+    let recorded_ip = match recorded.ips[0].ip {
+        IpAddr::V4(ip) => ip,
+        IpAddr::V6(_) => unreachable!("IPv4 pool"),
+    };
+    let nic = api
+        .create_nics(&CreateNics {
+            vxnet: vxnet.into(),
+            nic_name: Some(nic_name(instance)),
+            count: 1,
+            private_ips: vec![recorded_ip],
+            disable_ip: false,
+        })
+        .await
+        .expect("CreateNics")
+        .remove(0);
+    let record = NicRecord {
+        version: 1,
+        nic_id: nic.nic_id.clone(),
+        vxnet: vxnet.into(),
+        address: recorded_ip,
+        subnet: "172.31.72.0/24".parse().expect("net"),
+        gateway: "172.31.72.1".parse().expect("gw"),
+        holder: "nic-recorded".into(),
+        state: NicState::Attaching,
+        host_link: String::new(),
+        lease: None,
+        created_at: now_unix(),
+    };
+    let key = format!(
+        "{}/nodes/node-nic-rec/nics/{}",
+        allocator.keys().prefix(),
+        nic.nic_id
+    );
+    allocator
+        .store()
+        .client()
+        .put(key, record.encode(), None)
+        .await
+        .expect("writing a record");
+
+    let pool = NicPool::start(
+        Arc::clone(&allocator),
+        client(&sim),
+        pool_config(instance, settings(&[vxnet], 8, 0, 0)),
+    )
+    .await
+    .expect("NIC pool starts and reconciles");
+    let records_now = assert_agreement(&sim, &allocator, instance).await;
+    let ids: BTreeSet<&str> = records_now.iter().map(|r| r.nic_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([adopted_id.as_str(), nic.nic_id.as_str()])
+    );
+    assert!(
+        records_now.iter().all(|r| r.state == NicState::Ready),
+        "{records_now:?}"
+    );
+    assert!(
+        !sim.nics().iter().any(|n| n.nic_id == unheld_id),
+        "the unheld NIC is deleted"
+    );
+    assert!(
+        !held(&allocator).await.contains(&orphan.ips[0].ip),
+        "the orphan is released"
+    );
+    // A second pass finds nothing to repair.
+    let repairs = pool.reconcile().await.expect("reconcile");
+    assert!(repairs.is_empty(), "{repairs:?}");
+    // Low mark 0, high 0: the warm pool is trimmed to nothing, every NIC deleted.
+    pool.maintain_once().await.expect("maintain");
+    assert!(assert_agreement(&sim, &allocator, instance)
+        .await
+        .is_empty());
+    assert!(sim.nics().iter().all(|n| n.nic_name != nic_name(instance)));
+}
+
+/// Faults on the way do not leak: 5100s and 2500s are retried, a failed attach job leaves the
+/// created NICs to the next reconcile, which deletes or finishes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_faults_and_failed_jobs_leave_nothing_behind_after_a_reconcile() {
+    let what = "NIC pool under API faults";
+    if !require_root(what) {
+        return;
+    }
+    let instance = "i-fltnic01";
+    let vxnet = "vxnet-fltnic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.73.0/24")], true).await;
+    let prefix = unique_prefix("nics-faults");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-flt").await);
+    let pool = NicPool::start(
+        Arc::clone(&allocator),
+        client(&sim),
+        pool_config(instance, settings(&[vxnet], 10, 2, 4)),
+    )
+    .await
+    .expect("NIC pool starts");
+    sim.inject(Fault::error("CreateNics", 5100, 2));
+    sim.inject(Fault::error("AttachNics", 2500, 1));
+    sim.inject(Fault::error("DescribeJobs", 5000, 2));
+    pool.maintain_once()
+        .await
+        .expect("refill through retried faults");
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Ready), 4, "{r:?}");
+    // A failed attach job: the NICs stay recorded (attaching) until a reconcile attaches them.
+    sim.control(hostnic_iaas::sim::Control {
+        fail_next_jobs: Some(1),
+        ..Default::default()
+    });
+    let a = hostnic_ipamd::Attachment::new("qc", "faulty", "eth0");
+    for i in 0..4 {
+        pool.lease(
+            &hostnic_ipamd::Attachment::new("qc", format!("c{i}"), "eth0"),
+            None,
+            "",
+        )
+        .await
+        .expect("lease from the warm pool");
+    }
+    let failed = pool.lease(&a, None, "").await;
+    assert!(failed.is_err(), "the attach job failed: {failed:?}");
+    pool.reconcile().await.expect("reconcile repairs");
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Attaching), 0, "{r:?}");
+    let leased = pool.lease(&a, None, "").await.expect("lease after repair");
+    assert!(!leased.nic_id.is_empty());
+    assert_agreement(&sim, &allocator, instance).await;
+    for i in 0..4 {
+        pool.give_back(&hostnic_ipamd::Attachment::new(
+            "qc",
+            format!("c{i}"),
+            "eth0",
+        ))
+        .await
+        .expect("return");
+    }
+    pool.give_back(&a).await.expect("return");
+    pool.maintain_once().await.expect("trim");
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(
+        count(&r, NicState::Ready),
+        4,
+        "trimmed to the high mark: {r:?}"
+    );
+}
+
+/// Bad configuration stops QingCloud mode at start with a message naming the problem.
+#[tokio::test]
+async fn bad_configuration_is_refused_at_start_naming_the_problem() {
+    let instance = "i-badcfg01";
+    let sim = simulator(
+        instance,
+        &[
+            "vxnet-good001=172.31.74.0/24",
+            "vxnet-novpc01=172.31.75.0/24,no-router",
+            "vxnet-nodhcp1=172.31.76.0/24,no-dhcp",
+        ],
+        false,
+    )
+    .await;
+    let prefix = unique_prefix("nics-badcfg");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-bad").await);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = sim.addr();
+    let good_yaml = format!(
+        "qy_access_key_id: '{KEY}'\nqy_secret_access_key: '{SECRET}'\nzone: '{ZONE}'\nhost: '{}'\nport: {}\nprotocol: 'http'\nuri: '/iaas'\nconnection_retries: 1\n",
+        addr.ip(),
+        addr.port()
+    );
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("writing a file");
+        path
+    };
+    let sdk = write("config.yaml", &good_yaml);
+    let no_zone = write(
+        "nozone.yaml",
+        &good_yaml.replace(&format!("zone: '{ZONE}'\n"), ""),
+    );
+    let id_file = write("instance-id", &format!("{instance}\n"));
+    let cases_written = std::cell::Cell::new(0);
+    let pool_json = |body: &str| {
+        // One file per case: the cases are built before any is run.
+        cases_written.set(cases_written.get() + 1);
+        let name = format!("hostnic-{}.json", cases_written.get());
+        write(&name, &format!("{{\"pool\":{body}}}"))
+    };
+    let flags = |sdk: &Path, pool: PathBuf, id: PathBuf| NicFlags {
+        qingcloud_config: Some(sdk.to_path_buf()),
+        nic_pool_config: Some(pool),
+        instance_id_file: Some(id),
+        iface: "eth0".into(),
+    };
+    let cases: Vec<(NicFlags, &str)> = vec![
+        (
+            flags(
+                &no_zone,
+                pool_json(r#"{"vxNets":["vxnet-good001"]}"#),
+                id_file.clone(),
+            ),
+            "zone",
+        ),
+        (
+            flags(
+                &sdk,
+                pool_json(r#"{"vxNets":["vxnet-good001"]}"#),
+                dir.path().join("missing-id"),
+            ),
+            "missing-id",
+        ),
+        (
+            flags(
+                &sdk,
+                pool_json(r#"{"maxNic":64,"vxNets":["vxnet-good001"]}"#),
+                id_file.clone(),
+            ),
+            "pool.maxNic 64",
+        ),
+        (
+            flags(
+                &sdk,
+                pool_json(r#"{"vxNets":["vxnet-novpc01"]}"#),
+                id_file.clone(),
+            ),
+            "vxnet vxnet-novpc01 should bind to vpc",
+        ),
+        (
+            flags(
+                &sdk,
+                pool_json(r#"{"vxNets":["vxnet-nodhcp1"]}"#),
+                id_file.clone(),
+            ),
+            "vxnet vxnet-nodhcp1 should open DHCP",
+        ),
+        (
+            flags(
+                &sdk,
+                pool_json(r#"{"vxNets":["vxnet-unknown"]}"#),
+                id_file.clone(),
+            ),
+            "vxnet-unknown, which the API does not know",
+        ),
+    ];
+    for (flags, reason) in cases {
+        let e = nics::start(&flags, Arc::clone(&allocator))
+            .await
+            .expect_err("refused");
+        assert!(e.to_string().contains(reason), "{e} should say {reason:?}");
+    }
+    assert_eq!(
+        nics::start(&NicFlags::default(), Arc::clone(&allocator))
+            .await
+            .expect("off")
+            .map(|_| ()),
+        None,
+        "without --qingcloud-config QingCloud mode is off"
+    );
+    // Nothing was created by the refused starts.
+    assert!(sim.nics().iter().all(|n| n.nic_name != nic_name(instance)));
+    assert!(records(&allocator).await.is_empty());
+}
