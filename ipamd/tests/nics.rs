@@ -654,3 +654,130 @@ async fn bad_configuration_is_refused_at_start_naming_the_problem() {
     assert!(sim.nics().iter().all(|n| n.nic_name != nic_name(instance)));
     assert!(records(&allocator).await.is_empty());
 }
+
+/// Every action the NIC pool calls, for counting what a run spent.
+const ACTIONS: [&str; 8] = [
+    "DescribeAccessKeys",
+    "DescribeVxnets",
+    "DescribeNics",
+    "CreateNics",
+    "AttachNics",
+    "DetachNics",
+    "DeleteNics",
+    "DescribeJobs",
+];
+
+fn api_calls(sim: &Simulator) -> u64 {
+    ACTIONS.iter().map(|a| sim.calls(a)).sum()
+}
+
+/// The API calls 100 pod starts and stops cost, counted by the simulator: pods come and go
+/// three at a time through the `hostnic` plugin, the warm pool (low 2, high 4) is kept by the
+/// maintenance pass after every DEL. Batching and the warm pool keep the steady state at no
+/// call at all; the figure (printed) is what the first fills cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hundred_pod_starts_and_stops_cost_far_fewer_api_calls_than_pods() {
+    let what = "API calls per 100 pods with the simulator's real links";
+    if !require_netns(what) {
+        return;
+    }
+    let plugin = hostnic_testkit::bins::workspace_binary("hostnic").expect("hostnic plugin built");
+    let instance = "i-cntnic01";
+    let vxnet = "vxnet-cntnic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.77.0/24")], true).await;
+    let prefix = unique_prefix("nics-count");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-cnt").await);
+    let pool = Arc::new(
+        NicPool::start(
+            Arc::clone(&allocator),
+            client(&sim),
+            pool_config(instance, settings(&[vxnet], 16, 2, 4)),
+        )
+        .await
+        .expect("NIC pool starts"),
+    );
+    let at_start = api_calls(&sim);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("ipamd.sock");
+    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
+        .await
+        .expect("socket lock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
+        lock,
+        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
+        Some(nics::service::NicService::new(Arc::clone(&pool))),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "qc", "type": "hostnic", "socket": socket})
+        .to_string();
+    let namespaces: Vec<NetNs> = (0..3)
+        .map(|i| NetNs::new(&format!("cnt{i}")).expect("netns"))
+        .collect();
+    let cni = |command: &'static str, pod: usize| {
+        let plugin = plugin.clone();
+        let conf = conf.clone();
+        let netns = namespaces[pod % 3].path();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let container = format!("cntpod{pod}");
+                run_cni(
+                    &plugin,
+                    &CniCall {
+                        command,
+                        container_id: &container,
+                        netns: &netns,
+                        ifname: "eth0",
+                        cni_path: Path::new("/nonexistent"),
+                        args: "",
+                    },
+                    &conf,
+                )
+                .expect("plugin runs")
+            })
+            .await
+            .expect("plugin task")
+        }
+    };
+    for pod in 0..100 {
+        if pod >= 3 {
+            let out = cni("DEL", pod - 3).await;
+            assert!(out.success(), "DEL {}: {}", pod - 3, out.stdout);
+            pool.maintain_once().await.expect("maintain");
+        }
+        let out = cni("ADD", pod).await;
+        assert!(out.success(), "ADD {pod}: {} {}", out.stdout, out.stderr);
+    }
+    for pod in 97..100 {
+        let out = cni("DEL", pod).await;
+        assert!(out.success(), "DEL {pod}: {}", out.stdout);
+    }
+    pool.maintain_once().await.expect("maintain");
+    let spent = api_calls(&sim) - at_start;
+    let by_action: Vec<String> = ACTIONS
+        .iter()
+        .map(|a| format!("{a} {}", sim.calls(a)))
+        .collect();
+    eprintln!(
+        "API calls for 100 pod starts and stops: {spent} (after {at_start} at start; totals: {})",
+        by_action.join(", ")
+    );
+    assert!(
+        spent < 100,
+        "{spent} calls for 100 pods: {}",
+        by_action.join(", ")
+    );
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Leased), 0);
+    assert!(count(&r, NicState::Ready) <= 4);
+    let _ = stop.send(());
+    let _ = server.await;
+}
