@@ -781,3 +781,176 @@ async fn one_hundred_pod_starts_and_stops_cost_far_fewer_api_calls_than_pods() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+/// The daemon SIGKILLed while an attach job is in flight, under 5100s, 2500s and a 5000, and
+/// started again: its reconcile finishes the half-attached NICs, the pod's retried ADD gets
+/// one, DEL returns it, and every NIC in the simulator is recorded and agrees with etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_attach_and_restarted_leaks_nothing() {
+    let what = "daemon killed mid-attach, with the simulator's real links";
+    if !require_netns(what) {
+        return;
+    }
+    let daemon_bin =
+        hostnic_testkit::bins::workspace_binary("hostnic-ipamd").expect("daemon built");
+    let plugin = hostnic_testkit::bins::workspace_binary("hostnic").expect("hostnic plugin built");
+    let instance = "i-kilnic01";
+    let vxnet = "vxnet-kilnic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.78.0/24")], true).await;
+    let cluster = shared_single();
+    let prefix = unique_prefix("nics-kill");
+    let node = "node-nic-kill";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("writing a file");
+        path.display().to_string()
+    };
+    let sdk = write(
+        "config.yaml",
+        format!(
+            "qy_access_key_id: '{KEY}'\nqy_secret_access_key: '{SECRET}'\nzone: '{ZONE}'\nhost: '{}'\nport: {}\nprotocol: 'http'\nuri: '/iaas'\nconnection_retries: 4\n",
+            sim.addr().ip(),
+            sim.addr().port()
+        ),
+    );
+    let pool_conf = write(
+        "hostnic.json",
+        format!(r#"{{"pool":{{"maxNic":8,"poolLow":0,"poolHigh":2,"vxNets":["{vxnet}"]}}}}"#),
+    );
+    let id_file = write("instance-id", format!("{instance}\n"));
+    let socket = dir.path().join("run/ipamd.sock");
+    let args = [
+        "--qingcloud-config",
+        sdk.as_str(),
+        "--nic-pool-config",
+        pool_conf.as_str(),
+        "--instance-id-file",
+        id_file.as_str(),
+        "--iface",
+        "eth0",
+    ];
+    let start = || {
+        hostnic_testkit::daemon::IpamDaemon::start(
+            &daemon_bin,
+            &cluster.endpoints(),
+            node,
+            &prefix,
+            &socket,
+            &args,
+        )
+        .expect("daemon starts")
+    };
+    let mut daemon = start();
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "qc", "type": "hostnic", "socket": socket})
+        .to_string();
+    let ns = NetNs::new("kil").expect("netns");
+    let cni = |command: &'static str| {
+        let plugin = plugin.clone();
+        let conf = conf.clone();
+        let netns = ns.path();
+        std::thread::spawn(move || {
+            run_cni(
+                &plugin,
+                &CniCall {
+                    command,
+                    container_id: "killpod",
+                    netns: &netns,
+                    ifname: "eth0",
+                    cni_path: Path::new("/nonexistent"),
+                    args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=killpod",
+                },
+                &conf,
+            )
+            .expect("plugin runs")
+        })
+    };
+    sim.inject(Fault::error("CreateNics", 5100, 2));
+    sim.inject(Fault::error("AttachNics", 2500, 2));
+    sim.inject(Fault::error("DescribeJobs", 5000, 1));
+    sim.control(hostnic_iaas::sim::Control {
+        job_duration_ms: Some(4000),
+        ..Default::default()
+    });
+    let add = cni("ADD");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sim.jobs().iter().any(|j| {
+        j.job_action == "AttachNics"
+            && matches!(
+                j.status,
+                hostnic_iaas::types::JobStatus::Pending | hostnic_iaas::types::JobStatus::Working
+            )
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no attach job started: {}",
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill();
+    let out = tokio::task::spawn_blocking(move || add.join().expect("plugin thread"))
+        .await
+        .expect("join");
+    assert!(
+        !out.success(),
+        "the ADD whose daemon died fails: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("\"code\":11"),
+        "retryable: {}",
+        out.stdout
+    );
+
+    sim.control(hostnic_iaas::sim::Control {
+        job_duration_ms: Some(100),
+        ..Default::default()
+    });
+    let daemon2 = start();
+    daemon = daemon2;
+    let out = tokio::task::spawn_blocking({
+        let add = cni("ADD");
+        move || add.join().expect("plugin thread")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.success(),
+        "the retried ADD: {} {}",
+        out.stdout,
+        daemon.log_tail()
+    );
+    let result: serde_json::Value = serde_json::from_str(&out.stdout).expect("result");
+    let mac = result["interfaces"][0]["mac"]
+        .as_str()
+        .expect("mac")
+        .to_string();
+    assert!(ns
+        .exec(["ip", "-o", "link", "show", "dev", "eth0"])
+        .expect("link")
+        .contains(&mac));
+
+    let allocator = common::allocator(cluster, &prefix, node).await;
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Leased), 1, "{r:?}");
+    assert_eq!(count(&r, NicState::Attaching), 0, "{r:?}");
+    let out = tokio::task::spawn_blocking({
+        let del = cni("DEL");
+        move || del.join().expect("plugin thread")
+    })
+    .await
+    .expect("join");
+    assert!(out.success(), "DEL: {}", out.stdout);
+    daemon.stop();
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Leased), 0);
+    assert!(r.len() <= 2, "within the high mark: {r:?}");
+    assert!(
+        sim.nics()
+            .iter()
+            .filter(|n| n.nic_name == nic_name(instance))
+            .all(|n| n.status == NicStatus::InUse),
+        "every NIC left is attached and ready in the warm pool"
+    );
+}
