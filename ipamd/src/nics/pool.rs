@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ use crate::records::{now_unix, Attachment, Kind, PodRef};
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the warm pool is checked without being asked to.
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the pool reconciles with the API while running (one `DescribeNics`, far below the
+/// account's 2,000 calls an hour).
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(300);
 
 /// What a pod's attachment is told about its NIC.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +100,8 @@ pub struct NicPool {
     /// One pool operation at a time on this node.
     ops: tokio::sync::Mutex<()>,
     wake: Notify,
+    /// An operation failed partway: the maintenance loop reconciles before anything else.
+    needs_repair: AtomicBool,
 }
 
 type Stored = (NicRecord, i64);
@@ -145,6 +151,7 @@ impl NicPool {
             rotation,
             ops: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            needs_repair: AtomicBool::new(false),
         };
         pool.reconcile().await?;
         Ok(pool)
@@ -298,7 +305,11 @@ impl NicPool {
                 )));
             }
             let count = self.config.settings.high.max(1).min(max - total);
-            self.create(count).await?;
+            if let Err(e) = self.create(count).await {
+                self.needs_repair.store(true, Ordering::Relaxed);
+                self.wake.notify_one();
+                return Err(e);
+            }
             records = self.records().await?;
         }
         let (record, revision) = records
@@ -349,7 +360,11 @@ impl NicPool {
             }
             None => {
                 tracing::warn!(nic_id, %attachment, "the returned NIC's link is not on the host: deleting the NIC");
-                self.dispose(vec![(record, revision)]).await?;
+                if let Err(e) = self.dispose(vec![(record, revision)]).await {
+                    self.needs_repair.store(true, Ordering::Relaxed);
+                    self.wake.notify_one();
+                    return Err(e);
+                }
             }
         }
         self.wake.notify_one();
@@ -689,6 +704,8 @@ impl NicPool {
         );
         let mut failures = Vec::new();
         let find = |id: &str| stored.iter().find(|(r, _)| r.nic_id == id).cloned();
+        // NICs to attach (false) or only to wait for (true), in one batch each at the end.
+        let mut to_attach: [Vec<String>; 2] = [Vec::new(), Vec::new()];
         for repair in &repairs {
             tracing::info!(?repair, "NIC reconcile");
             let result = match repair {
@@ -697,9 +714,17 @@ impl NicPool {
                     nic_id,
                     holder,
                     attached,
-                } => self.adopt(&api, nic_id, holder, *attached).await,
+                } => match self.adopt(&api, nic_id, holder).await {
+                    Ok(true) => {
+                        to_attach[usize::from(*attached)].push(nic_id.clone());
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                },
                 Repair::Attach { nic_id, attached } => {
-                    self.attach(std::slice::from_ref(nic_id), *attached).await
+                    to_attach[usize::from(*attached)].push(nic_id.clone());
+                    Ok(())
                 }
                 Repair::Unlease { nic_id } => match find(nic_id) {
                     Some((mut r, rev)) => {
@@ -729,6 +754,11 @@ impl NicPool {
                 failures.push(format!("{repair:?}: {e}"));
             }
         }
+        for (attached, ids) in [(false, &to_attach[0]), (true, &to_attach[1])] {
+            if let Err(e) = self.attach(ids, attached).await {
+                failures.push(format!("attaching {}: {e}", ids.join(", ")));
+            }
+        }
         if failures.is_empty() {
             Ok(repairs)
         } else {
@@ -740,26 +770,18 @@ impl NicPool {
         }
     }
 
-    async fn adopt(
-        &self,
-        api: &[Nic],
-        nic_id: &str,
-        holder: &str,
-        attached: bool,
-    ) -> Result<(), NicError> {
+    /// Records an unrecorded NIC whose address `holder` holds (state attaching); true when it
+    /// is recorded and is to be attached, false when it was not ours to keep.
+    async fn adopt(&self, api: &[Nic], nic_id: &str, holder: &str) -> Result<bool, NicError> {
         let Some(nic) = api.iter().find(|n| n.nic_id == nic_id) else {
-            return Ok(());
+            return Ok(false);
         };
         let Some((vxnet, _)) = self.vxnets.iter().find(|(v, _)| v.id == nic.vxnet_id) else {
             // Not one of the configured vxnets: no record can describe it; delete the NIC and
             // let the holder go.
             self.delete_nics(&[nic_id.to_string()]).await?;
-            return self
-                .allocator
-                .release(&holder_attachment(holder))
-                .await
-                .map(drop)
-                .map_err(NicError::from);
+            self.allocator.release(&holder_attachment(holder)).await?;
+            return Ok(false);
         };
         let address: Ipv4Addr = nic.private_ip.parse().map_err(|_| NicError::Api {
             what: "adopting a NIC".into(),
@@ -780,7 +802,7 @@ impl NicPool {
             created_at: now_unix(),
         };
         self.put(&record, 0).await?;
-        self.attach(&[nic_id.to_string()], attached).await
+        Ok(true)
     }
 
     /// Brings the warm pool within its marks once: creates NICs (in one batch) up to the high
@@ -813,9 +835,21 @@ impl NicPool {
     /// return, and every [`MAINTAIN_INTERVAL`].
     pub async fn maintain(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
+        let mut last_reconcile = tokio::time::Instant::now();
         loop {
+            let failed = self.needs_repair.swap(false, Ordering::Relaxed);
+            // After a failure (a job that failed or timed out, a link that did not appear), and
+            // every RECONCILE_INTERVAL: repair, and take back NICs whose pod namespace is gone.
+            if failed || last_reconcile.elapsed() >= RECONCILE_INTERVAL {
+                if let Err(e) = self.reconcile().await {
+                    tracing::warn!(error = %e, "reconciling this node's NICs failed");
+                    self.needs_repair.store(true, Ordering::Relaxed);
+                }
+                last_reconcile = tokio::time::Instant::now();
+            }
             if let Err(e) = self.maintain_once().await {
                 tracing::warn!(error = %e, "keeping the warm NIC pool within its marks failed");
+                self.needs_repair.store(true, Ordering::Relaxed);
             }
             tokio::select! {
                 () = &mut stop => return,
