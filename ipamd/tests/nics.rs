@@ -954,3 +954,128 @@ async fn a_daemon_killed_mid_attach_and_restarted_leaks_nothing() {
         "every NIC left is attached and ready in the warm pool"
     );
 }
+
+/// A namespace mapped to a block (`hostnic-ipam-config`'s `"test": ["4100-172-31-79-64-26"]`)
+/// gets NICs with addresses of that block only, never a warm NIC from elsewhere; a namespace
+/// without entries gets the vxnet's next free address; an entry naming an unknown vxnet is
+/// refused (code 7) and leases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_mapped_to_a_block_gets_addresses_from_that_block_only() {
+    let what = "block-mapped namespaces with the simulator's real links";
+    if !require_netns(what) {
+        return;
+    }
+    let plugin = hostnic_testkit::bins::workspace_binary("hostnic").expect("hostnic plugin built");
+    let instance = "i-blknic01";
+    let vxnet = "vxnet-blknic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.79.0/24")], true).await;
+    let prefix = unique_prefix("nics-block");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-blk").await);
+    let pool = Arc::new(
+        NicPool::start(
+            Arc::clone(&allocator),
+            client(&sim),
+            pool_config(instance, settings(&[vxnet], 8, 0, 2)),
+        )
+        .await
+        .expect("NIC pool starts"),
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("ipamd.sock");
+    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
+        .await
+        .expect("socket lock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let entries: nics::service::NamespaceEntries = Arc::new(|namespace: &str| match namespace {
+        "test" => Some(vec!["4100-172-31-79-64-26".to_string()]),
+        "broken" => Some(vec!["vxnet-unknown1".to_string()]),
+        _ => None,
+    });
+    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
+        lock,
+        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
+        Some(nics::service::NicService::new(Arc::clone(&pool)).with_namespaces(entries)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "qc", "type": "hostnic", "socket": socket})
+        .to_string();
+    let namespaces: Vec<NetNs> = (0..4)
+        .map(|i| NetNs::new(&format!("blk{i}")).expect("netns"))
+        .collect();
+    let cni = |command: &'static str, i: usize, k8s_namespace: &'static str| {
+        let plugin = plugin.clone();
+        let conf = conf.clone();
+        let netns = namespaces[i].path();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                run_cni(
+                    &plugin,
+                    &CniCall {
+                        command,
+                        container_id: &format!("blkpod{i}"),
+                        netns: &netns,
+                        ifname: "eth0",
+                        cni_path: Path::new("/nonexistent"),
+                        args: &format!("K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME=pod{i}"),
+                    },
+                    &conf,
+                )
+                .expect("plugin runs")
+            })
+            .await
+            .expect("plugin task")
+        }
+    };
+    let address_of = |out: &hostnic_testkit::netns::CniOutput| -> ipnet::Ipv4Net {
+        let result: serde_json::Value = serde_json::from_str(&out.stdout).expect("result");
+        result["ips"][0]["address"]
+            .as_str()
+            .expect("address")
+            .parse()
+            .expect("IPv4 address")
+    };
+    let block: ipnet::Ipv4Net = "172.31.79.64/26".parse().expect("block");
+    // A pod of an unmapped namespace first: its batch leaves warm NICs outside the block.
+    let out = cni("ADD", 0, "default").await;
+    assert!(out.success(), "{} {}", out.stdout, out.stderr);
+    assert!(!block.contains(&address_of(&out).addr()));
+    assert!(records(&allocator)
+        .await
+        .iter()
+        .any(|r| r.state == NicState::Ready));
+    for i in 1..3 {
+        let out = cni("ADD", i, "test").await;
+        assert!(out.success(), "{} {}", out.stdout, out.stderr);
+        let address = address_of(&out);
+        assert!(block.contains(&address.addr()), "{address} in {block}");
+        let inside = namespaces[i]
+            .exec(["ip", "-o", "addr", "show", "dev", "eth0"])
+            .expect("addresses");
+        assert!(inside.contains(&format!(" {address} ")), "{inside}");
+    }
+    let out = cni("ADD", 3, "broken").await;
+    assert!(!out.success());
+    assert!(
+        out.stdout.contains("\"code\":7") && out.stdout.contains("vxnet-unknown1"),
+        "{}",
+        out.stdout
+    );
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Leased), 3, "{r:?}");
+    for (i, ns) in [(0, "default"), (1, "test"), (2, "test")] {
+        let out = cni("DEL", i, ns).await;
+        assert!(out.success(), "{}", out.stdout);
+    }
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Leased), 0);
+    let _ = stop.send(());
+    let _ = server.await;
+}

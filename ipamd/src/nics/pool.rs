@@ -281,6 +281,21 @@ impl NicPool {
         pod: Option<PodRef>,
         netns: &str,
     ) -> Result<LeasedNic, NicError> {
+        self.lease_within(attachment, pod, netns, &[]).await
+    }
+
+    /// [`NicPool::lease`] of a NIC whose address lies in one of `within` (a namespace's vxnets
+    /// or blocks, see [`NicPool::placement`]); anywhere when empty. A new NIC for a block gets
+    /// an address of that block; one for a whole vxnet, the vxnet's next free address.
+    pub async fn lease_within(
+        &self,
+        attachment: &Attachment,
+        pod: Option<PodRef>,
+        netns: &str,
+        within: &[ipnet::Ipv4Net],
+    ) -> Result<LeasedNic, NicError> {
+        let fits =
+            |r: &NicRecord| within.is_empty() || within.iter().any(|n| n.contains(&r.address));
         attachment.validate().map_err(NicError::InvalidRequest)?;
         if attachment.network == NIC_NETWORK {
             return Err(NicError::InvalidRequest(format!(
@@ -296,7 +311,7 @@ impl NicPool {
         }) {
             return Ok(LeasedNic::of(r));
         }
-        if !records.iter().any(|(r, _)| self.is_warm(r)) {
+        if !records.iter().any(|(r, _)| self.is_warm(r) && fits(r)) {
             let total = records.len() as u32;
             let max = self.config.settings.max_nic;
             if total >= max {
@@ -305,7 +320,11 @@ impl NicPool {
                 )));
             }
             let count = self.config.settings.high.max(1).min(max - total);
-            if let Err(e) = self.create(count).await {
+            let created = match within.first() {
+                None => self.create(count).await,
+                Some(_) => self.create_within(within).await,
+            };
+            if let Err(e) = created {
                 self.needs_repair.store(true, Ordering::Relaxed);
                 self.wake.notify_one();
                 return Err(e);
@@ -314,7 +333,7 @@ impl NicPool {
         }
         let (record, revision) = records
             .into_iter()
-            .find(|(r, _)| self.is_warm(r))
+            .find(|(r, _)| self.is_warm(r) && fits(r))
             .ok_or_else(|| NicError::Exhausted("no NIC became ready".into()))?;
         let mut leased = record.clone();
         leased.state = NicState::Leased;
@@ -371,6 +390,44 @@ impl NicPool {
         Ok(Some(nic_id))
     }
 
+    /// Creates one NIC for a lease restricted to `within`: on the first of them that has room.
+    async fn create_within(&self, within: &[ipnet::Ipv4Net]) -> Result<(), NicError> {
+        let mut last = None;
+        for net in within {
+            let Some(index) = self.vxnets.iter().position(|(v, _)| v.subnet.contains(net)) else {
+                continue;
+            };
+            let whole = self.vxnets[index].0.subnet == *net;
+            let held = match self.hold(index, 1, (!whole).then_some(*net)).await {
+                Ok(held) => held,
+                Err(e) if !e.is_retryable() => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            return self.create_held(index, held).await;
+        }
+        Err(last.unwrap_or_else(|| {
+            NicError::Config(format!(
+                "none of {} lies in a configured vxnet",
+                within
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }))
+    }
+
+    /// Where a namespace's pods may get NICs, from its `hostnic-ipam-config` entries: a vxnet
+    /// id (`vxnet-…`) means anywhere in that vxnet, a block name (`4100-172-16-3-0-26`) that
+    /// block. An entry naming no configured vxnet, or a block outside every one, is refused.
+    pub fn placement(&self, entries: &[String]) -> Result<Vec<ipnet::Ipv4Net>, NicError> {
+        let pools: Vec<&VxnetPool> = self.vxnets.iter().map(|(v, _)| v).collect();
+        super::vxnet::placement(&pools, entries).map_err(NicError::InvalidRequest)
+    }
+
     /// Creates `count` NICs on the vxnet the policy picks (the next ones if it fails),
     /// attaches them and waits for their links.
     async fn create(&self, count: u32) -> Result<(), NicError> {
@@ -398,20 +455,55 @@ impl NicPool {
     }
 
     async fn create_on(&self, index: usize, count: u32) -> Result<(), NicError> {
+        let held = self.hold(index, count, None).await?;
+        self.create_held(index, held).await
+    }
+
+    /// Commits `count` addresses of vxnet `index` in etcd, each under a new holder: the next
+    /// free ones, or, with `block`, free ones inside that block (tried in order: a block is at
+    /// most a few dozen addresses, and only a namespace mapped to a block asks for one).
+    async fn hold(
+        &self,
+        index: usize,
+        count: u32,
+        block: Option<ipnet::Ipv4Net>,
+    ) -> Result<Vec<(String, Ipv4Addr)>, NicError> {
         let (vxnet, sets) = &self.vxnets[index];
-        // 1. The addresses, committed in etcd before the API hears of them.
+        let mut candidates = block.map(|b| {
+            b.hosts()
+                .filter(|ip| *ip >= vxnet.first && *ip <= vxnet.last && *ip != vxnet.gateway)
+                .collect::<Vec<_>>()
+                .into_iter()
+        });
         let mut held: Vec<(String, Ipv4Addr)> = Vec::new();
-        for _ in 0..count {
+        while held.len() < count as usize {
             let holder = format!("nic-{:016x}", random_u64());
+            let requested = match candidates.as_mut() {
+                None => Vec::new(),
+                Some(c) => match c.next() {
+                    Some(ip) => vec![IpAddr::V4(ip)],
+                    None => {
+                        self.release_holders(&held).await;
+                        return Err(NicError::Exhausted(format!(
+                            "block {} of vxnet {} has no free address",
+                            block.map(|b| b.to_string()).unwrap_or_default(),
+                            vxnet.id
+                        )));
+                    }
+                },
+            };
             let request = AllocateRequest {
                 attachment: holder_attachment(&holder),
                 pod: None,
                 netns: String::new(),
                 range_sets: sets.clone(),
-                requested: Vec::new(),
+                requested,
                 requested_kind: Kind::Exact,
             };
             match self.allocator.allocate(&request).await {
+                Err(crate::error::IpamError::AddressInUse { .. }) if candidates.is_some() => {
+                    continue
+                }
                 Ok(a) => match a.ips.first().map(|x| x.ip) {
                     Some(IpAddr::V4(ip)) => held.push((holder, ip)),
                     _ => {
@@ -430,6 +522,18 @@ impl NicPool {
                 }
             }
         }
+        Ok(held)
+    }
+
+    /// Creates NICs on vxnet `index` with exactly the `held` addresses, records them, attaches
+    /// them and waits for their links.
+    async fn create_held(
+        &self,
+        index: usize,
+        held: Vec<(String, Ipv4Addr)>,
+    ) -> Result<(), NicError> {
+        let (vxnet, _) = &self.vxnets[index];
+        let count = held.len() as u32;
         // 2. The NICs, with exactly those addresses.
         let request = CreateNics {
             vxnet: vxnet.id.clone(),

@@ -25,15 +25,38 @@ pub fn nic_status(e: &NicError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// A namespace's entries in `hostnic-ipam-config` (vxnet ids, block names), None when it has
+/// none. Supplied by whoever watches that ConfigMap.
+pub type NamespaceEntries = Arc<dyn Fn(&str) -> Option<Vec<String>> + Send + Sync>;
+
 /// The daemon's side of the `hostnic` plugin's protocol.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NicService {
     pool: Arc<NicPool>,
+    namespaces: Option<NamespaceEntries>,
+}
+
+impl std::fmt::Debug for NicService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NicService")
+            .field("pool", &self.pool)
+            .field("namespaces", &self.namespaces.is_some())
+            .finish()
+    }
 }
 
 impl NicService {
     pub fn new(pool: Arc<NicPool>) -> Self {
-        NicService { pool }
+        NicService {
+            pool,
+            namespaces: None,
+        }
+    }
+
+    /// Pods of a namespace with entries get NICs only in those vxnets or blocks.
+    pub fn with_namespaces(mut self, entries: NamespaceEntries) -> Self {
+        self.namespaces = Some(entries);
+        self
     }
 }
 
@@ -84,9 +107,17 @@ impl Nics for NicService {
             name: r.pod_name,
             uid: r.pod_uid,
         });
+        let entries = match (&self.namespaces, &pod) {
+            (Some(lookup), Some(pod)) if !pod.namespace.is_empty() => lookup(&pod.namespace),
+            _ => None,
+        };
+        let within = match entries {
+            Some(entries) => self.pool.placement(&entries).map_err(|e| nic_status(&e))?,
+            None => Vec::new(),
+        };
         let nic = self
             .pool
-            .lease(&attachment, pod, &r.netns)
+            .lease_within(&attachment, pod, &r.netns, &within)
             .await
             .map_err(|e| nic_status(&e))?;
         Ok(Response::new(lease_reply(nic)))

@@ -147,6 +147,32 @@ pub fn parse_block_name(name: &str) -> Option<(u32, Ipv4Net)> {
     (net.trunc() == net).then_some((number.parse().ok()?, net))
 }
 
+/// The subnets a namespace's entries allow (see `NicPool::placement`): a vxnet id is its whole
+/// subnet, a block name its block, which must lie inside one of `pools`.
+pub fn placement(pools: &[&VxnetPool], entries: &[String]) -> Result<Vec<Ipv4Net>, String> {
+    entries
+        .iter()
+        .map(|entry| {
+            if entry.starts_with("vxnet-") {
+                pools
+                    .iter()
+                    .find(|p| p.id == *entry)
+                    .map(|p| p.subnet)
+                    .ok_or_else(|| format!("{entry} is not one of the daemon's vxnets"))
+            } else {
+                let (_, block) = parse_block_name(entry).ok_or_else(|| {
+                    format!("{entry:?} is neither a vxnet id nor a block name such as 4100-172-16-3-0-26")
+                })?;
+                pools
+                    .iter()
+                    .any(|p| p.subnet.contains(&block))
+                    .then_some(block)
+                    .ok_or_else(|| format!("block {entry} lies in none of the daemon's vxnets"))
+            }
+        })
+        .collect()
+}
+
 /// How the vxnet of a new NIC is chosen among several, as qingagent chose.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Policy {
@@ -305,6 +331,32 @@ mod tests {
             "vxnet-abc",
         ] {
             assert_eq!(parse_block_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn namespace_entries_name_vxnets_or_blocks_of_them() {
+        let pool = VxnetPool::from_vxnet(&vxnet(
+            Some(("172.16.3.0/24", "172.16.3.1", "172.16.3.2", "172.16.3.254")),
+            "",
+        ))
+        .unwrap();
+        let pools = [&pool];
+        let entries = |e: &[&str]| e.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            placement(&pools, &entries(&["vxnet-abc1234", "4100-172-16-3-64-26"])).unwrap(),
+            vec![
+                "172.16.3.0/24".parse::<Ipv4Net>().unwrap(),
+                "172.16.3.64/26".parse().unwrap()
+            ]
+        );
+        for (bad, reason) in [
+            ("vxnet-other01", "not one of the daemon's vxnets"),
+            ("4100-172-16-4-0-26", "lies in none"),
+            ("default", "neither a vxnet id nor a block name"),
+        ] {
+            let e = placement(&pools, &entries(&[bad])).unwrap_err();
+            assert!(e.contains(reason), "{e:?} should say {reason:?}");
         }
     }
 
