@@ -1051,12 +1051,12 @@ async fn a_namespace_mapped_to_a_block_gets_addresses_from_that_block_only() {
         .await
         .iter()
         .any(|r| r.state == NicState::Ready));
-    for i in 1..3 {
+    for (i, ns) in namespaces.iter().enumerate().take(3).skip(1) {
         let out = cni("ADD", i, "test").await;
         assert!(out.success(), "{} {}", out.stdout, out.stderr);
         let address = address_of(&out);
         assert!(block.contains(&address.addr()), "{address} in {block}");
-        let inside = namespaces[i]
+        let inside = ns
             .exec(["ip", "-o", "addr", "show", "dev", "eth0"])
             .expect("addresses");
         assert!(inside.contains(&format!(" {address} ")), "{inside}");
