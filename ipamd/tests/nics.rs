@@ -69,6 +69,8 @@ fn settings(vxnets: &[&str], max_nic: u32, low: u32, high: u32) -> PoolSettings 
         vxnets: vxnets.iter().map(|s| s.to_string()).collect(),
         policy: Policy::FailRotate,
         attach_timeout: Duration::from_secs(20),
+        block_size: None,
+        vxnets_source: "pool.vxNets".into(),
     }
 }
 
@@ -584,6 +586,7 @@ async fn bad_configuration_is_refused_at_start_naming_the_problem() {
         qingcloud_config: Some(sdk.to_path_buf()),
         nic_pool_config: Some(pool),
         instance_id_file: Some(id),
+        vxnet_pool: None,
         iface: "eth0".into(),
     };
     let cases: Vec<(NicFlags, &str)> = vec![
@@ -633,7 +636,21 @@ async fn bad_configuration_is_refused_at_start_naming_the_problem() {
                 pool_json(r#"{"vxNets":["vxnet-unknown"]}"#),
                 id_file.clone(),
             ),
-            "vxnet-unknown, which the API does not know",
+            "pool.vxNets names vxnet vxnet-unknown, which the API does not know",
+        ),
+        (
+            NicFlags {
+                vxnet_pool: Some(write(
+                    "vxnetpool.json",
+                    r#"{"apiVersion":"network.qingcloud.com/v1alpha1","kind":"VxNetPool","metadata":{"name":"v-pool"},"spec":{"vxnets":[{"name":"vxnet-nosuch1"}],"blockSize":26}}"#,
+                )),
+                ..flags(
+                    &sdk,
+                    pool_json(r#"{"vxNets":["vxnet-good001"]}"#),
+                    id_file.clone(),
+                )
+            },
+            "VxNetPool v-pool",
         ),
     ];
     for (flags, reason) in cases {

@@ -86,7 +86,15 @@ pub async fn start(
         .nic_pool_config
         .clone()
         .unwrap_or_else(|| PathBuf::from(settings::DEFAULT_POOL_CONFIG));
-    let settings = PoolSettings::load(&pool_config).map_err(NicError::Config)?;
+    let mut settings = PoolSettings::load(&pool_config).map_err(NicError::Config)?;
+    if let Some(path) = &flags.vxnet_pool {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            NicError::Config(format!("reading the VxNetPool {}: {e}", path.display()))
+        })?;
+        settings = settings
+            .with_vxnet_pool(&text, &path.display().to_string())
+            .map_err(NicError::Config)?;
+    }
     let id_file = flags
         .instance_id_file
         .clone()

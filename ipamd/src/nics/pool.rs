@@ -133,12 +133,17 @@ impl NicPool {
         for id in &config.settings.vxnets {
             let vxnet = found.iter().find(|v| &v.vxnet_id == id).ok_or_else(|| {
                 NicError::Config(format!(
-                    "pool.vxNets names vxnet {id}, which the API does not know in zone {}",
+                    "{} names vxnet {id}, which the API does not know in zone {}",
+                    config.settings.vxnets_source,
                     client.config().zone
                 ))
             })?;
             let pool = VxnetPool::from_vxnet(vxnet).map_err(NicError::Config)?;
-            let sets = parse_range_sets(&pool.ipam())
+            let mut ipam = pool.ipam();
+            if let Some(b) = config.settings.block_size {
+                ipam["blockSize"] = serde_json::json!(b);
+            }
+            let sets = parse_range_sets(&ipam)
                 .map_err(|e| NicError::Config(format!("vxnet {id}'s pool: {e}")))?;
             vxnets.push((pool, sets));
         }

@@ -33,6 +33,10 @@ pub struct NicFlags {
     /// The file holding this VM's instance id.
     #[arg(long, global = true, env = "HOSTNIC_INSTANCE_ID_FILE")]
     pub instance_id_file: Option<PathBuf>,
+    /// A `VxNetPool` resource (`network.qingcloud.com/v1alpha1`) as JSON: its `spec.vxnets`
+    /// and `spec.blockSize` replace the pool config's `vxNets` and `blockSize`.
+    #[arg(long, global = true, env = "HOSTNIC_VXNET_POOL")]
+    pub vxnet_pool: Option<PathBuf>,
     /// The primary NIC, never leased, detached or deleted.
     #[arg(long, global = true, env = "HOSTNIC_IFACE", default_value = "eth0")]
     pub iface: String,
@@ -56,6 +60,8 @@ struct RawPool {
     /// Seconds an attach job may take.
     #[serde(default)]
     attach_timeout: Option<u64>,
+    #[serde(default)]
+    block_size: Option<u8>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +83,10 @@ pub struct PoolSettings {
     pub vxnets: Vec<String>,
     pub policy: Policy,
     pub attach_timeout: Duration,
+    /// The prefix length of the vxnets' blocks (`blockSize`), when set.
+    pub block_size: Option<u8>,
+    /// Where `vxnets` came from, for messages: `pool.vxNets` or a VxNetPool.
+    pub vxnets_source: String,
 }
 
 impl PoolSettings {
@@ -124,6 +134,9 @@ impl PoolSettings {
                 .map_err(|e| format!("{source}: pool.policy: {e}"))?,
             None => Policy::default(),
         };
+        if let Some(b) = pool.block_size {
+            check_block_size(b).map_err(|e| format!("{source}: pool.blockSize: {e}"))?;
+        }
         Ok(PoolSettings {
             max_nic,
             low,
@@ -131,7 +144,21 @@ impl PoolSettings {
             vxnets: pool.vx_nets,
             policy,
             attach_timeout: Duration::from_secs(pool.attach_timeout.unwrap_or(120).max(1)),
+            block_size: pool.block_size,
+            vxnets_source: "pool.vxNets".into(),
         })
+    }
+
+    /// Takes the vxnets and block size of a `VxNetPool` resource (JSON text; `source` names the
+    /// file in errors).
+    pub fn with_vxnet_pool(mut self, text: &str, source: &str) -> Result<Self, String> {
+        let pool = VxNetPool::parse(text).map_err(|e| format!("{source}: {e}"))?;
+        self.vxnets = pool.vxnets;
+        if pool.block_size.is_some() {
+            self.block_size = pool.block_size;
+        }
+        self.vxnets_source = format!("VxNetPool {} ({source})", pool.name);
+        Ok(self)
     }
 
     /// Reads and parses the file at `path`.
@@ -139,6 +166,86 @@ impl PoolSettings {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading the NIC pool config {}: {e}", path.display()))?;
         Self::parse(&text, &path.display().to_string())
+    }
+}
+
+fn check_block_size(b: u8) -> Result<(), String> {
+    if crate::pool::BLOCK_PREFIX_V4.contains(&b) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{b} is not a block prefix length from {} to {}",
+            crate::pool::BLOCK_PREFIX_V4.start(),
+            crate::pool::BLOCK_PREFIX_V4.end()
+        ))
+    }
+}
+
+/// hostnic's `VxNetPool` resource (`network.qingcloud.com/v1alpha1`): the vxnets pod NICs are
+/// created in, and the block size their subnets are cut into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxNetPool {
+    pub name: String,
+    pub vxnets: Vec<String>,
+    pub block_size: Option<u8>,
+}
+
+impl VxNetPool {
+    /// Parses the resource as JSON; every error names the field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Spec {
+            #[serde(default)]
+            vxnets: Vec<Named>,
+            #[serde(default)]
+            block_size: Option<u8>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Resource {
+            api_version: String,
+            kind: String,
+            #[serde(default)]
+            metadata: Option<serde_json::Value>,
+            spec: Spec,
+        }
+        let r: Resource =
+            serde_json::from_str(text).map_err(|e| format!("not a VxNetPool resource: {e}"))?;
+        if r.api_version != "network.qingcloud.com/v1alpha1" || r.kind != "VxNetPool" {
+            return Err(format!(
+                "apiVersion/kind {}/{} is not network.qingcloud.com/v1alpha1/VxNetPool",
+                r.api_version, r.kind
+            ));
+        }
+        if r.spec.vxnets.is_empty() {
+            return Err("spec.vxnets names no vxnet".into());
+        }
+        let vxnets: Vec<String> = r.spec.vxnets.into_iter().map(|v| v.name).collect();
+        for v in &vxnets {
+            if !v.starts_with("vxnet-") {
+                return Err(format!("spec.vxnets: {v:?} is not a vxnet id"));
+            }
+        }
+        if let Some(b) = r.spec.block_size {
+            check_block_size(b).map_err(|e| format!("spec.blockSize: {e}"))?;
+        }
+        let name = r
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        Ok(VxNetPool {
+            name,
+            vxnets,
+            block_size: r.spec.block_size,
+        })
     }
 }
 
@@ -215,6 +322,47 @@ mod tests {
             let e = PoolSettings::parse(text, "hostnic.json").unwrap_err();
             assert!(e.starts_with("hostnic.json: "), "{e}");
             assert!(e.contains(reason), "{e:?} should say {reason:?}");
+        }
+    }
+
+    #[test]
+    fn a_vxnet_pool_resource_gives_the_vxnets_and_the_block_size() {
+        let base = PoolSettings::parse(r#"{"pool":{"vxNets":["vxnet-old0001"]}}"#, "f").unwrap();
+        let s = base
+            .clone()
+            .with_vxnet_pool(
+                r#"{"apiVersion":"network.qingcloud.com/v1alpha1","kind":"VxNetPool","metadata":{"name":"v-pool"},"spec":{"vxnets":[{"name":"vxnet-a"},{"name":"vxnet-b"}],"blockSize":26}}"#,
+                "vp.json",
+            )
+            .unwrap();
+        assert_eq!(s.vxnets, ["vxnet-a", "vxnet-b"]);
+        assert_eq!(s.block_size, Some(26));
+        assert!(s.vxnets_source.contains("VxNetPool v-pool"));
+        let cases = [
+            (
+                r#"{"apiVersion":"v1","kind":"ConfigMap","spec":{}}"#,
+                "is not network.qingcloud.com",
+            ),
+            (
+                r#"{"apiVersion":"network.qingcloud.com/v1alpha1","kind":"VxNetPool","spec":{"vxnets":[]}}"#,
+                "names no vxnet",
+            ),
+            (
+                r#"{"apiVersion":"network.qingcloud.com/v1alpha1","kind":"VxNetPool","spec":{"vxnets":[{"name":"eth0"}]}}"#,
+                "not a vxnet id",
+            ),
+            (
+                r#"{"apiVersion":"network.qingcloud.com/v1alpha1","kind":"VxNetPool","spec":{"vxnets":[{"name":"vxnet-a"}],"blockSize":8}}"#,
+                "spec.blockSize: 8",
+            ),
+            ("{", "not a VxNetPool resource"),
+        ];
+        for (text, reason) in cases {
+            let e = base.clone().with_vxnet_pool(text, "vp.json").unwrap_err();
+            assert!(
+                e.starts_with("vp.json: ") && e.contains(reason),
+                "{e:?} should say {reason:?}"
+            );
         }
     }
 
