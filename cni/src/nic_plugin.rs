@@ -10,8 +10,9 @@
 //!   ([`crate::links::unplumb`], best-effort: the namespace may be gone), then `ReturnNic`.
 //!   DEL of an attachment holding no NIC succeeds.
 //! - CHECK: `GetNic` (code 3 when none), then [`crate::links::verify`] (102 on a difference).
-//! - GC and STATUS succeed without a call: NICs are returned by DEL, and the daemon's reconcile
-//!   takes back those whose pod namespace is gone.
+//! - STATUS fails (50) unless the daemon answers on its socket. GC succeeds without a call:
+//!   NICs are returned by DEL, and the daemon's reconcile takes back those whose pod namespace
+//!   is gone.
 //!
 //! The config accepts hostnic-cni's keys: `serviceCIDR` (routed, when `serviceGateway` gives
 //! the node's own address on the pod's vxnet, through it, as qingagent's `"gw":"0.0.0.0"`
@@ -209,6 +210,13 @@ where
         .clone()
         .or(env_socket)
         .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
+    if invocation.command == Command::Status {
+        // Ready when the daemon answers on its socket (50 otherwise, naming why).
+        return match block_on(client(&socket))? {
+            Ok(_) => Ok(Outcome::Done),
+            Err(f) => Err(daemon_error(Command::Status, &socket, None, &f)),
+        };
+    }
     let (Some(attachment), true) = (
         invocation.attachment.clone(),
         matches!(
@@ -216,7 +224,7 @@ where
             Command::Add | Command::Del | Command::Check
         ),
     ) else {
-        return Ok(Outcome::Done); // GC, STATUS
+        return Ok(Outcome::Done); // GC: NICs come back on DEL and through the reconcile
     };
     let key = nic_attachment(&config.name, &attachment);
     let fail = |f: CallFailure| daemon_error(invocation.command, &socket, Some(&attachment), &f);
@@ -356,28 +364,58 @@ fn request<T>(message: T, deadline: std::time::Duration) -> tonic::Request<T> {
     r
 }
 
+/// How long a call waits for a daemon that may be restarting (no socket, a refused or broken
+/// connection) before it answers code 11, as `hostnic-ipam` does by default. Every call is
+/// idempotent for its attachment, so trying again is safe.
+const DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn waiting<T, F, Fut>(mut call: F) -> Result<T, CallFailure>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CallFailure>>,
+{
+    let give_up = tokio::time::Instant::now() + DAEMON_WAIT;
+    loop {
+        match call().await {
+            Err(f) if f.daemon_may_be_restarting() && tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn lease_nic(socket: &Path, r: LeaseNicRequest) -> Result<NicLease, CallFailure> {
-    let mut c = client(socket).await?;
-    c.lease_nic(request(r, LEASE_DEADLINE))
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(call_failure)
+    waiting(|| async {
+        let mut c = client(socket).await?;
+        c.lease_nic(request(r.clone(), LEASE_DEADLINE))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(call_failure)
+    })
+    .await
 }
 
 async fn get_nic(socket: &Path, a: NicAttachment) -> Result<NicLease, CallFailure> {
-    let mut c = client(socket).await?;
-    c.get_nic(request(a, CALL_DEADLINE))
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(call_failure)
+    waiting(|| async {
+        let mut c = client(socket).await?;
+        c.get_nic(request(a.clone(), CALL_DEADLINE))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(call_failure)
+    })
+    .await
 }
 
 async fn return_nic(socket: &Path, a: NicAttachment) -> Result<(), CallFailure> {
-    let mut c = client(socket).await?;
-    c.return_nic(request(a, LEASE_DEADLINE))
-        .await
-        .map(drop)
-        .map_err(call_failure)
+    waiting(|| async {
+        let mut c = client(socket).await?;
+        c.return_nic(request(a.clone(), LEASE_DEADLINE))
+            .await
+            .map(drop)
+            .map_err(call_failure)
+    })
+    .await
 }
 
 #[cfg(test)]

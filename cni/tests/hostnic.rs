@@ -103,6 +103,12 @@ fn without_a_daemon_add_del_and_check_are_code_11_naming_the_socket() {
         assert!(reply["msg"].as_str().unwrap().contains(socket), "{reply}");
         assert_eq!(reply["cniVersion"], version);
     }
+    let status = conf(socket).replace("0.3.1", "1.1.0");
+    let (ok, reply) = run("STATUS", &[], &status);
+    assert!(!ok);
+    let reply = reply.unwrap();
+    assert_eq!(reply["code"], 50, "{reply}");
+    assert!(reply["msg"].as_str().unwrap().contains(socket), "{reply}");
     // CHECK is a 0.4.0 command: a 0.3.1 config is refused before any call.
     let (ok, reply) = run("CHECK", &[], &conf(socket));
     assert!(!ok);
