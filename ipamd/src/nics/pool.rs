@@ -803,6 +803,7 @@ impl NicPool {
         let repairs = plan(
             &Observed {
                 instance: &self.config.instance,
+                now: now_unix(),
                 records: &records,
                 api: &api,
                 holders: &holders,

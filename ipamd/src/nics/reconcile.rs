@@ -12,6 +12,7 @@
 //! | present | none | its address not held | [`Repair::Dispose`]: no address may be on a NIC without being held |
 //! | available | attaching or ready | | [`Repair::Attach`] |
 //! | in-use here | attaching | | [`Repair::Attach`] (waits for the link), then ready |
+//! | any | attaching for [`ATTACH_GIVE_UP_SECS`] | | [`Repair::Dispose`] |
 //! | in-use here | ready | no link | [`Repair::Dispose`] |
 //! | in-use here | leased | its netns gone, link back on the host | [`Repair::Unlease`] |
 //! | in-use here | leased | its netns gone, no link | [`Repair::Dispose`] |
@@ -25,10 +26,17 @@ use hostnic_iaas::types::{Nic, NicStatus};
 
 use super::record::{NicRecord, NicState};
 
+/// How long a NIC may stay `attaching` (its attach retried by every reconcile) before it is
+/// given up, detached and deleted: a NIC whose link never appears must not hold a slot of
+/// `maxNic` for good.
+pub const ATTACH_GIVE_UP_SECS: u64 = 600;
+
 /// What the pool observed, at one moment.
 #[derive(Debug, Clone, Copy)]
 pub struct Observed<'a> {
     pub instance: &'a str,
+    /// Seconds since the Unix epoch.
+    pub now: u64,
     /// This node's valid NIC records.
     pub records: &'a [NicRecord],
     /// The API's NICs named `hostnic_<instance>`, secondary ones (role 0).
@@ -95,6 +103,18 @@ pub fn plan(o: &Observed<'_>, netns_exists: impl Fn(&str) -> bool) -> Vec<Repair
         let link = o.host_macs.contains(&nic.nic_id);
         match o.records.iter().find(|r| r.nic_id == nic.nic_id) {
             Some(r) => match r.state {
+                NicState::Attaching
+                    if o.now.saturating_sub(r.created_at) >= ATTACH_GIVE_UP_SECS =>
+                {
+                    repairs.push(Repair::Dispose {
+                        nic_id: id,
+                        attached,
+                        reason: format!(
+                            "still attaching {} s after it was created",
+                            o.now.saturating_sub(r.created_at)
+                        ),
+                    })
+                }
                 NicState::Attaching => repairs.push(Repair::Attach {
                     nic_id: id,
                     attached,
@@ -291,6 +311,7 @@ mod tests {
         .into();
         let o = Observed {
             instance: ME,
+            now: 100,
             records: &records,
             api: &api,
             holders: &holders,
@@ -350,6 +371,7 @@ mod tests {
         let macs: BTreeSet<String> = ["52:54:00:00:00:08".to_string()].into();
         let o = Observed {
             instance: ME,
+            now: 100,
             records: &records,
             api: &api,
             holders: &holders,
@@ -357,5 +379,39 @@ mod tests {
             primary_mac: None,
         };
         assert_eq!(plan(&o, |_| true), vec![]);
+    }
+
+    #[test]
+    fn a_nic_attaching_for_too_long_is_given_up() {
+        let api = vec![nic("52:54:00:00:00:05", "172.16.0.6", NicStatus::InUse, ME)];
+        let records = vec![record(
+            "52:54:00:00:00:05",
+            "172.16.0.6",
+            "h5",
+            NicState::Attaching,
+            "",
+        )];
+        let holders = vec![held("h5", "172.16.0.6")];
+        let macs = BTreeSet::new();
+        let at = |now: u64| {
+            let o = Observed {
+                instance: ME,
+                now,
+                records: &records,
+                api: &api,
+                holders: &holders,
+                host_macs: &macs,
+                primary_mac: None,
+            };
+            plan(&o, |_| true)
+        };
+        assert!(matches!(
+            at(ATTACH_GIVE_UP_SECS - 1)[..],
+            [Repair::Attach { .. }]
+        ));
+        assert!(matches!(
+            at(ATTACH_GIVE_UP_SECS)[..],
+            [Repair::Dispose { attached: true, .. }]
+        ));
     }
 }
