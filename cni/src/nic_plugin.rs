@@ -14,9 +14,10 @@
 //!   NICs are returned by DEL, and the daemon's reconcile takes back those whose pod namespace
 //!   is gone.
 //!
-//! The config accepts hostnic-cni's keys: `serviceCIDR` (routed, when `serviceGateway` gives
-//! the node's own address on the pod's vxnet, through it, as qingagent's `"gw":"0.0.0.0"`
-//! routes did), `hairpin` and `natMark` (accepted, no effect), and `socket`.
+//! The config accepts hostnic-cni's keys: `serviceCIDR` (routed through the node's own address
+//! on the pod's vxnet, as qingagent's `"gw":"0.0.0.0"` routes did: `serviceGateway` when given,
+//! else the address the daemon answers, attaching a gateway NIC to the node if it has none on
+//! that vxnet), `hairpin` and `natMark` (accepted, no effect), and `socket`.
 
 use std::ffi::OsStr;
 use std::net::IpAddr;
@@ -239,10 +240,11 @@ where
                 pod_name: invocation.args.pod_name.clone().unwrap_or_default(),
                 pod_uid: invocation.args.pod_uid.clone().unwrap_or_default(),
                 netns: netns.display().to_string(),
+                service_gateway: config.service_cidr.is_some() && config.service_gateway.is_none(),
             };
             let lease = block_on(lease_nic(&socket, request))?.map_err(fail)?;
             let (address, gateway) = lease_addresses(&lease)?;
-            let routes = config.extra_routes();
+            let routes = routes_of(&config, &lease);
             let nic = PodNic {
                 mac: &lease.nic_id,
                 netns: &netns,
@@ -312,7 +314,7 @@ where
                 ifname: &attachment.ifname,
                 address,
                 gateway,
-                routes: config.extra_routes(),
+                routes: Vec::new(),
             };
             verify(&nic).map_err(|reason| CniError::Plugin {
                 code: CODE_CHECK_MISMATCH,
@@ -322,6 +324,16 @@ where
             Ok(Outcome::Done)
         }
         _ => Ok(Outcome::Done),
+    }
+}
+
+/// The routes besides the default one: the service CIDR through `serviceGateway`, else through
+/// the node's address on the vxnet that the daemon answered.
+fn routes_of(config: &HostnicConfig, lease: &NicLease) -> Vec<(IpNet, IpAddr)> {
+    let from_daemon = lease.service_gateway.parse::<IpAddr>().ok();
+    match (config.service_cidr, config.service_gateway.or(from_daemon)) {
+        (Some(cidr), Some(gw)) => vec![(cidr, gw)],
+        _ => Vec::new(),
     }
 }
 

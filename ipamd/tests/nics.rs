@@ -274,6 +274,27 @@ async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces
             routes.contains(&format!("default via {gateway} dev eth0")),
             "{routes}"
         );
+        // The service CIDR goes to the node's own address on the vxnet: a gateway NIC's.
+        let service = result["routes"][1]["gw"]
+            .as_str()
+            .expect("service route")
+            .to_string();
+        assert_eq!(result["routes"][1]["dst"], "10.96.0.0/12");
+        let routes = ns
+            .exec(["ip", "route", "show", "10.96.0.0/12"])
+            .expect("routes");
+        assert!(
+            routes.contains(&format!("via {service} dev eth0")),
+            "{routes}"
+        );
+        let host = std::process::Command::new("ip")
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        assert!(
+            String::from_utf8_lossy(&host.stdout).contains(&format!(" {service}/24 ")),
+            "the host has the service gateway {service}"
+        );
         let ip: IpAddr = address
             .split('/')
             .next()
@@ -303,7 +324,11 @@ async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces
     // CHECK needs prevResult only from 0.4.0 on for IPAM; the main plugin checks the link.
     assert!(out.success(), "CHECK: {} {}", out.stdout, out.stderr);
     let records_now = assert_agreement(&sim, &allocator, instance).await;
-    assert_eq!(count(&records_now, NicState::Leased), 3);
+    assert_eq!(
+        count(&records_now, NicState::Leased),
+        4,
+        "three pods and the gateway NIC: {records_now:?}"
+    );
 
     // The warm pool refills within its marks.
     pool.maintain_once().await.expect("maintain");
@@ -326,7 +351,11 @@ async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces
         assert!(out.success(), "a second DEL succeeds: {}", out.stdout);
     }
     let records_now = assert_agreement(&sim, &allocator, instance).await;
-    assert_eq!(count(&records_now, NicState::Leased), 0);
+    assert_eq!(
+        count(&records_now, NicState::Leased),
+        1,
+        "the gateway NIC stays"
+    );
     // Above the high mark now: trimmed back to it, the excess NICs deleted and their addresses
     // released.
     pool.maintain_once().await.expect("maintain");

@@ -299,14 +299,67 @@ impl NicPool {
         netns: &str,
         within: &[ipnet::Ipv4Net],
     ) -> Result<LeasedNic, NicError> {
-        let fits =
-            |r: &NicRecord| within.is_empty() || within.iter().any(|n| n.contains(&r.address));
         attachment.validate().map_err(NicError::InvalidRequest)?;
         if attachment.network == NIC_NETWORK {
             return Err(NicError::InvalidRequest(format!(
                 "network name {NIC_NETWORK} is the daemon's own"
             )));
         }
+        self.lease_any(attachment, pod, netns, within).await
+    }
+
+    /// The node's own address on `vxnet`, through which pods route the service CIDR to the
+    /// host (kube-proxy): an address the host already has in the vxnet's subnet, else that of
+    /// a gateway NIC leased to the node itself (attachment `gateway-<vxnet>` of network
+    /// `hostnic-nic`, no namespace, so never taken back) and addressed on the host.
+    pub async fn service_gateway(&self, vxnet: &str) -> Result<Ipv4Addr, NicError> {
+        let Some((pool, _)) = self.vxnets.iter().find(|(v, _)| v.id == vxnet) else {
+            return Err(NicError::InvalidRequest(format!(
+                "vxnet {vxnet} is not one of the daemon's"
+            )));
+        };
+        let host = super::links::host_ipv4_addresses()
+            .await
+            .map_err(|reason| NicError::Api {
+                what: "reading the host's addresses".into(),
+                reason,
+                retryable: true,
+            })?;
+        if let Some((_, net)) = host
+            .iter()
+            .find(|(_, net)| pool.subnet.contains(&net.addr()))
+        {
+            return Ok(net.addr());
+        }
+        let gateway = Attachment::new(NIC_NETWORK, format!("gateway-{vxnet}"), "gw0");
+        let nic = self.lease_any(&gateway, None, "", &[pool.subnet]).await?;
+        let link =
+            link_of(self.sys(), &nic.nic_id).ok_or_else(|| NicError::NoLink(nic.nic_id.clone()))?;
+        let address: ipnet::Ipv4Net = nic.address.parse().map_err(|_| NicError::Api {
+            what: "addressing the gateway NIC".into(),
+            reason: format!("address {:?}", nic.address),
+            retryable: false,
+        })?;
+        super::links::set_host_address(&link, address)
+            .await
+            .map_err(|reason| NicError::Api {
+                what: "addressing the gateway NIC".into(),
+                reason,
+                retryable: true,
+            })?;
+        tracing::info!(vxnet, nic_id = nic.nic_id, link, %address, "gateway NIC for the service CIDR");
+        Ok(address.addr())
+    }
+
+    async fn lease_any(
+        &self,
+        attachment: &Attachment,
+        pod: Option<PodRef>,
+        netns: &str,
+        within: &[ipnet::Ipv4Net],
+    ) -> Result<LeasedNic, NicError> {
+        let fits =
+            |r: &NicRecord| within.is_empty() || within.iter().any(|n| n.contains(&r.address));
         let _ops = self.ops.lock().await;
         let mut records = self.records().await?;
         if let Some((r, _)) = records.iter().find(|(r, _)| {

@@ -90,6 +90,7 @@ fn lease_reply(nic: LeasedNic) -> NicLease {
         address: nic.address,
         gateway: nic.gateway.to_string(),
         vxnet: nic.vxnet,
+        service_gateway: String::new(),
     }
 }
 
@@ -120,7 +121,17 @@ impl Nics for NicService {
             .lease_within(&attachment, pod, &r.netns, &within)
             .await
             .map_err(|e| nic_status(&e))?;
-        Ok(Response::new(lease_reply(nic)))
+        let vxnet = nic.vxnet.clone();
+        let mut reply = lease_reply(nic);
+        if r.service_gateway {
+            reply.service_gateway = self
+                .pool
+                .service_gateway(&vxnet)
+                .await
+                .map_err(|e| nic_status(&e))?
+                .to_string();
+        }
+        Ok(Response::new(reply))
     }
 
     async fn get_nic(&self, request: Request<NicAttachment>) -> Result<Response<NicLease>, Status> {
