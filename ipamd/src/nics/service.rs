@@ -80,6 +80,12 @@ fn attachment(a: Option<NicAttachment>) -> Result<Attachment, Status> {
     attachment
         .validate()
         .map_err(|e| Status::invalid_argument(format!("attachment: {e}")))?;
+    if attachment.network == super::record::NIC_NETWORK {
+        return Err(Status::invalid_argument(format!(
+            "network name {} is the daemon's own",
+            super::record::NIC_NETWORK
+        )));
+    }
     Ok(attachment)
 }
 
