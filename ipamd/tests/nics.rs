@@ -1125,3 +1125,115 @@ async fn a_namespace_mapped_to_a_block_gets_addresses_from_that_block_only() {
     let _ = stop.send(());
     let _ = server.await;
 }
+
+/// Answers about 30 % of the simulator's calls with 5100 until `stop` is set: after every call
+/// it sees, it injects a one-shot 5100 for the next call with probability 0.3.
+async fn chaos(sim: &Simulator, stop: Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    let mut seen = api_calls(sim);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut injected = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = api_calls(sim);
+        for _ in seen..now {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            if (seed >> 33) % 10 < 3 {
+                sim.inject(Fault {
+                    action: None,
+                    effect: hostnic_iaas::sim::FaultEffect::Error {
+                        ret_code: 5100,
+                        message: None,
+                    },
+                    times: 1,
+                });
+                injected += 1;
+            }
+        }
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    injected
+}
+
+/// Churn under about 30 % of calls answered 5100, slow jobs (1 s) and 2500 bursts: leases and
+/// returns may fail, and are tried again after a reconcile, as the daemon's maintenance loop
+/// does; at the end every NIC in the simulator is leased, warm within the marks, or deleted,
+/// and etcd agrees with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_5100s_slow_jobs_and_2500_bursts_leak_nothing() {
+    let what = "NIC churn under API faults with the simulator's real links";
+    if !require_root(what) {
+        return;
+    }
+    let instance = "i-chsnic01";
+    let vxnet = "vxnet-chsnic1";
+    let sim = simulator(instance, &[&format!("{vxnet}=172.31.80.0/24")], true).await;
+    let prefix = unique_prefix("nics-chaos");
+    let allocator = Arc::new(common::allocator(shared_single(), &prefix, "node-nic-chs").await);
+    let pool = NicPool::start(
+        Arc::clone(&allocator),
+        client(&sim),
+        pool_config(instance, settings(&[vxnet], 12, 2, 4)),
+    )
+    .await
+    .expect("NIC pool starts");
+    sim.control(hostnic_iaas::sim::Control {
+        job_duration_ms: Some(1000),
+        ..Default::default()
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chaos_stop = Arc::clone(&stop);
+    let attachment = |i: usize| hostnic_ipamd::Attachment::new("qc", format!("chaos{i}"), "eth0");
+    let work = async {
+        let mut failures = 0;
+        for round in 0..24 {
+            if round % 6 == 0 {
+                sim.inject(Fault::error("AttachNics", 2500, 2));
+                sim.inject(Fault::error("DescribeNics", 2500, 2));
+            }
+            let i = round % 8;
+            let result = if round < 8 || round % 2 == 0 {
+                pool.lease(&attachment(i), None, "").await.map(drop)
+            } else {
+                pool.give_back(&attachment(i)).await.map(drop)
+            };
+            if let Err(e) = result {
+                failures += 1;
+                eprintln!("round {round}: {e}; reconciling");
+                let _ = pool.reconcile().await;
+            }
+            if let Err(e) = pool.maintain_once().await {
+                failures += 1;
+                eprintln!("round {round} maintenance: {e}; reconciling");
+                let _ = pool.reconcile().await;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        failures
+    };
+    let (failures, injected) = tokio::join!(work, chaos(&sim, chaos_stop));
+    eprintln!(
+        "{injected} of {} calls answered 5100 by the chaos, {failures} operations failed",
+        api_calls(&sim)
+    );
+    assert!(injected > 0, "the chaos injected faults");
+    sim.clear_faults();
+    sim.control(hostnic_iaas::sim::Control {
+        job_duration_ms: Some(100),
+        ..Default::default()
+    });
+    pool.reconcile().await.expect("a clean reconcile");
+    pool.maintain_once()
+        .await
+        .expect("a clean maintenance pass");
+    let r = assert_agreement(&sim, &allocator, instance).await;
+    assert_eq!(count(&r, NicState::Attaching), 0, "{r:?}");
+    let ready = count(&r, NicState::Ready);
+    assert!((2..=4).contains(&ready), "warm {ready} within 2..=4: {r:?}");
+    assert!(r.len() <= 12);
+    // Every NIC of ours in the simulator is recorded (assert_agreement) and attached here.
+    assert!(sim
+        .nics()
+        .iter()
+        .filter(|n| n.nic_name == nic_name(instance))
+        .all(|n| n.status == NicStatus::InUse && n.instance_id == instance));
+}
