@@ -107,9 +107,10 @@ pub struct NicPool {
 type Stored = (NicRecord, i64);
 
 impl NicPool {
-    /// Checks the account and the vxnets with the API, then reconciles: the daemon does not
-    /// serve NICs until etcd, the API and the links agree. Fails, naming the problem, on a
-    /// key the API refuses, a vxnet it does not know or one hostnic would refuse.
+    /// Checks the account and the vxnets with the API, then reconciles before serving (repairs
+    /// that fail for a reason that may pass are left to the maintenance loop). Fails, naming
+    /// the problem, on a key the API refuses, a vxnet it does not know or one hostnic would
+    /// refuse.
     pub async fn start(
         allocator: Arc<Allocator>,
         client: Client,
@@ -158,7 +159,16 @@ impl NicPool {
             wake: Notify::new(),
             needs_repair: AtomicBool::new(false),
         };
-        pool.reconcile().await?;
+        match pool.reconcile().await {
+            Ok(_) => {}
+            // Some repair failed (the API busy, a job that failed): the pool serves what is
+            // sound and the maintenance loop repairs again first thing.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "reconciling this node's NICs at start left repairs to do");
+                pool.needs_repair.store(true, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
         Ok(pool)
     }
 
