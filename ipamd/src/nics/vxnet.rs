@@ -148,7 +148,8 @@ pub fn parse_block_name(name: &str) -> Option<(u32, Ipv4Net)> {
 }
 
 /// The subnets a namespace's entries allow (see `NicPool::placement`): a vxnet id is its whole
-/// subnet, a block name its block, which must lie inside one of `pools`.
+/// subnet, a block name its block, which must lie inside one of `pools`. A block name's leading
+/// number (hostnic's pool number) is read but not checked: the block's CIDR identifies it.
 pub fn placement(pools: &[&VxnetPool], entries: &[String]) -> Result<Vec<Ipv4Net>, String> {
     entries
         .iter()
