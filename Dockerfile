@@ -1,5 +1,6 @@
 # The hostnic-ipam image: hostnic-ipamd and the CNI plugins its init container installs on every
-# node (etc/kubernetes/hostnic-ipam.yaml). Build from the repository root:
+# node (etc/kubernetes/hostnic-ipam.yaml); iproute2 for the daemon's NIC links in QingCloud mode.
+# Build from the repository root:
 #
 #   docker build -t hostnic-ipam:0.1.0 .
 #
@@ -12,11 +13,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin hostnic-ipamd --bin hostnic-ipam
+RUN cargo build --release --locked --bin hostnic-ipamd --bin hostnic-ipam --bin hostnic
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates iproute2 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/hostnic-ipamd /src/target/release/hostnic-ipam /opt/hostnic/bin/
+COPY --from=build /src/target/release/hostnic-ipamd /src/target/release/hostnic-ipam /src/target/release/hostnic /opt/hostnic/bin/
 ENTRYPOINT ["/opt/hostnic/bin/hostnic-ipamd"]

@@ -22,6 +22,8 @@ pub mod call_log;
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod links;
+pub mod nic_plugin;
 pub mod plugin;
 pub mod result;
 pub mod types;
@@ -46,11 +48,13 @@ mod module_graph {
     use std::collections::BTreeMap;
 
     /// Every module file, by name. `every_module_is_listed` keeps this in step with `pub mod`.
-    const SOURCES: [(&str, &str); 8] = [
+    const SOURCES: [(&str, &str); 10] = [
         ("call_log", include_str!("call_log.rs")),
         ("config", include_str!("config.rs")),
         ("env", include_str!("env.rs")),
         ("error", include_str!("error.rs")),
+        ("links", include_str!("links.rs")),
+        ("nic_plugin", include_str!("nic_plugin.rs")),
         ("plugin", include_str!("plugin.rs")),
         ("result", include_str!("result.rs")),
         ("types", include_str!("types.rs")),

@@ -797,7 +797,7 @@ enum Answer {
 
 /// Runs `future` on a current-thread runtime: it is built per call because the plugin lives for
 /// one call, and a thread pool would only add start-up time.
-fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
+pub fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -916,7 +916,7 @@ fn with_deadline<T>(message: T) -> tonic::Request<T> {
 /// A failed call's status as a [`CallFailure`]. A status the daemon sent arrives in the
 /// response and has no source; one with a source was made up by the gRPC layer from a broken
 /// connection (an expired deadline keeps its status: it is already code 11 and says so).
-fn call_failure(status: tonic::Status) -> CallFailure {
+pub fn call_failure(status: tonic::Status) -> CallFailure {
     match std::error::Error::source(&status) {
         Some(_) if !matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) => {
             CallFailure::Broken(broken_cause(&status))

@@ -73,6 +73,12 @@ pub async fn audit(store: &Store, keys: &Keys) -> Result<AuditReport> {
     for kv in &kvs {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
         let value = kv.value();
+        if crate::nics::record::is_nic_key(keys.prefix(), &key) {
+            if let Err(reason) = crate::nics::record::NicRecord::decode(value) {
+                report.bad_record(&key, &reason);
+            }
+            continue;
+        }
         let Some(what) = keys.parse(&key) else {
             report.bad_record(&key, "not a key of this layout");
             continue;

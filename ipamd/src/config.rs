@@ -20,6 +20,9 @@ pub struct Flags {
     /// What to do; without a subcommand the daemon serves the plugins.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// QingCloud mode: NICs for the `hostnic` plugin (see `nics::settings`).
+    #[command(flatten)]
+    pub nics: crate::nics::NicFlags,
     /// JSON config file; flags and environment variables override its values.
     #[arg(long, global = true, env = "HOSTNIC_IPAMD_CONFIG")]
     pub config: Option<PathBuf>,

@@ -14,7 +14,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The CNI plugins this daemon serves, installed next to the reference plugins.
-pub const PLUGINS: [&str; 1] = ["hostnic-ipam"];
+pub const PLUGINS: [&str; 2] = ["hostnic-ipam", "hostnic"];
 /// Where runtimes look for plugins unless configured otherwise.
 pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
 /// Where runtimes look for network configs unless configured otherwise.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod namespace_watch;
 pub mod namespaces;
 pub mod netns_gc;
+pub mod nics;
 pub mod node_gc;
 pub mod planner;
 pub mod pod_gc;

@@ -11,8 +11,8 @@ use hostnic_ipamd::config::{read_file, resolve, Command, DaemonConfig, FileConfi
 use hostnic_ipamd::namespace_watch::Namespaces;
 use hostnic_ipamd::service::IpamService;
 use hostnic_ipamd::{
-    cli, gc, http, install, kube, leader, logging, namespace_watch, netns_gc, node_gc, pod_gc,
-    server, sticky_gc, Allocator,
+    cli, gc, http, install, kube, leader, logging, namespace_watch, netns_gc, nics, node_gc,
+    pod_gc, server, sticky_gc, Allocator,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -42,11 +42,12 @@ async fn main() -> anyhow::Result<ExitCode> {
     {
         return install_cni(bin_dir, conf_dir, conflist, from);
     }
+    let nic_flags = flags.nics.clone();
     let config = resolve(flags, file, hostname)?;
     let store = &config.store;
     let exit = match command {
         Command::Serve => {
-            serve(config, metrics_addr).await?;
+            serve(config, metrics_addr, nic_flags).await?;
             ExitCode::SUCCESS
         }
         Command::List { pool } => {
@@ -221,8 +222,13 @@ fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
 }
 
-/// Serves the plugins on the socket, and `/metrics`, `/healthz`, `/readyz` on `metrics_addr`.
-async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+/// Serves the plugins on the socket, and `/metrics`, `/healthz`, `/readyz` on `metrics_addr`;
+/// in QingCloud mode (`nic_flags`), the hostnic plugin's NICs too.
+async fn serve(
+    config: DaemonConfig,
+    metrics_addr: Option<SocketAddr>,
+    nic_flags: nics::NicFlags,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
@@ -246,6 +252,15 @@ async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow
             .await
             .context("starting the allocator")?,
     );
+    let nic_pool = nics::start(&nic_flags, Arc::clone(&allocator))
+        .await
+        .context("starting QingCloud mode (NICs for the hostnic plugin)")?;
+    let nic_maintenance = nic_pool.as_ref().map(|pool| {
+        let mut gc_stopped = gc_stopped.clone();
+        tokio::spawn(Arc::clone(pool).maintain(async move {
+            let _ = gc_stopped.changed().await;
+        }))
+    });
     let gc = config.netns_gc_interval.map(|interval| {
         let schedule = gc::Schedule {
             interval,
@@ -266,6 +281,7 @@ async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow
     let mut sticky_gc = None;
     let mut leadership = None;
     let mut probe_pods = None;
+    let mut nic_namespaces = None;
     match kube::source_of(config.kubeconfig.clone(), in_cluster()) {
         Some(source) => {
             let client = kube::client(&source)
@@ -273,7 +289,8 @@ async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow
                 .with_context(|| format!("Kubernetes client from {source:?}"))?;
             tracing::info!(?source, node = %config.node_name, "watching this node's pods");
             let namespaces = Arc::new(Namespaces::start(client.clone(), &allocator));
-            service = service.with_namespaces(namespaces);
+            service = service.with_namespaces(Arc::clone(&namespaces));
+            nic_namespaces = Some(namespaces);
             let pods = Arc::new(kube::PodCache::start(client.clone(), &config.node_name));
             pod_gc = config.pod_gc_interval.map(|interval| {
                 let schedule = gc::Schedule {
@@ -365,9 +382,22 @@ async fn serve(config: DaemonConfig, metrics_addr: Option<SocketAddr>) -> anyhow
         }
         None => None,
     };
-    let served = server::serve_service(lock, service, shutdown).await;
+    let nic_service = nic_pool.map(|pool| {
+        let service = nics::service::NicService::new(pool);
+        match nic_namespaces {
+            // A namespace's ConfigMap entries (vxnets, blocks) place its pods' NICs.
+            Some(namespaces) => service.with_namespaces(Arc::new(move |namespace: &str| {
+                namespaces.entries_of(namespace)
+            })),
+            None => service,
+        }
+    });
+    let served = server::serve_with_nics(lock, service, nic_service, shutdown).await;
     if let Some(endpoint) = endpoint {
         endpoint.abort();
+    }
+    if let Some(task) = nic_maintenance {
+        task.abort();
     }
     if let Some(gc) = gc {
         if let Err(e) = gc.await {

@@ -117,6 +117,11 @@ impl ConfigMapWatch {
         }
     }
 
+    /// The mapping in force now, without waiting (None: no ConfigMap, or not read yet).
+    pub fn current(&self) -> Option<Arc<NamespaceMapping>> {
+        self.mapping.borrow().clone().flatten()
+    }
+
     /// The mapping in force (None: no ConfigMap). Waits up to `timeout` for the first list;
     /// then fails as retryable.
     pub async fn mapping(&self, timeout: Duration) -> Result<Option<Arc<NamespaceMapping>>> {
@@ -351,6 +356,25 @@ impl Namespaces {
             assigned: AssignedBlocks::start(allocator.store().clone(), allocator.keys().clone()),
             wait: GET_TIMEOUT,
         }
+    }
+
+    /// The ConfigMap's entries for `namespace` as written (its own, else `Default`'s): CIDRs
+    /// and vxnet ids, for the NIC pool's placement. None when it has none, or no mapping has
+    /// been read.
+    pub fn entries_of(&self, namespace: &str) -> Option<Vec<String>> {
+        let mapping = self.config.current()?;
+        let entries = mapping
+            .namespaces
+            .get(namespace)
+            .or(mapping.default.as_ref())?;
+        Some(
+            entries
+                .cidrs
+                .iter()
+                .map(ToString::to_string)
+                .chain(entries.unmapped.iter().cloned())
+                .collect(),
+        )
     }
 
     /// Allocates for `req` as its pod's namespace may: dynamic addresses only from its

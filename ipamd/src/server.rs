@@ -227,6 +227,16 @@ pub async fn serve_service(
     service: IpamService,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    serve_with_nics(lock, service, None, shutdown).await
+}
+
+/// [`serve_service`], and the `Nics` service of QingCloud mode on the same socket when given.
+pub async fn serve_with_nics(
+    lock: SocketLock,
+    service: IpamService,
+    nics: Option<crate::nics::service::NicService>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let socket = lock.socket.clone();
     let (listener, bound) = bind(&socket)?;
     tracing::info!(socket = %socket.display(), node = service.node(), kubernetes = service.has_pods(), "serving");
@@ -237,6 +247,7 @@ pub async fn serve_service(
     };
     let server = tonic::transport::Server::builder()
         .add_service(IpamServer::new(service))
+        .add_optional_service(nics.map(hostnic_proto::nics_v1::nics_server::NicsServer::new))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     // Requests in flight get a grace period; a client that keeps its connection open does not
     // hold the daemon up beyond it.

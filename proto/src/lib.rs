@@ -8,6 +8,11 @@ pub mod v1 {
     tonic::include_proto!("hostnic.ipam.v1");
 }
 
+/// The `Nics` service of `proto/nics.proto`: QingCloud NICs leased to the `hostnic` plugin.
+pub mod nics_v1 {
+    tonic::include_proto!("hostnic.nics.v1");
+}
+
 /// Where the daemon listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/hostnic/ipamd.sock";
 

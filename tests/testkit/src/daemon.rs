@@ -117,6 +117,14 @@ impl IpamDaemon {
         child.wait().ok().map(|s| (s, start.elapsed()))
     }
 
+    /// SIGKILL, as a crash or an OOM kill ends a daemon: no shutdown, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The daemon's log file (stdout and stderr). A daemon started again for the same node on
     /// the same socket appends to it.
     pub fn log_path(&self) -> &Path {
