@@ -29,7 +29,7 @@ use tokio::sync::watch;
 
 use crate::addr::to_int;
 use crate::blocks::Next;
-use crate::cache::{block_owner, PoolCache, UNREADABLE_OWNER};
+use crate::cache::{block_owner, decode_pool, PoolCache, UNREADABLE_OWNER};
 use crate::error::{IpamError, Result};
 use crate::planner::{already_held, plan, read_refusal, Read, Refusal, Verdict};
 
@@ -447,7 +447,7 @@ impl Allocator {
         self.inner.wait_synced().await?;
         match self.inner.read_attachment(attachment).await? {
             Found::Record { record, .. } => {
-                Ok(Some(self.inner.allocation_of(attachment, &record)?))
+                Ok(Some(self.inner.allocation_of(attachment, &record).await?))
             }
             Found::Unreadable { key, reason, .. } => Err(IpamError::Corrupt { key, reason }),
             Found::Nothing => Ok(None),
@@ -769,7 +769,9 @@ impl Inner {
                     record: record.clone(),
                 },
             );
-            return Ok(Outcome::Done(self.allocation_of(attachment, &record)?));
+            return Ok(Outcome::Done(
+                self.allocation_of(attachment, &record).await?,
+            ));
         }
 
         if let Some(key) = sticky_key {
@@ -807,7 +809,7 @@ impl Inner {
                         pick.marked = false;
                     }
                 }
-                let allocation = self.allocation_of(attachment, &existing)?;
+                let allocation = self.allocation_of(attachment, &existing).await?;
                 already_held(req, allocation).map(Outcome::Done)
             }
             Verdict::ReleasedMeanwhile { released } => Err(IpamError::ReleasedMeanwhile {
@@ -838,34 +840,52 @@ impl Inner {
         }
     }
 
-    fn allocation_of(
+    /// The allocation an attachment record describes. A pool this node's cache does not know
+    /// yet (another node registered it a moment ago, and the watch has not delivered it) is
+    /// read from etcd.
+    async fn allocation_of(
         &self,
         attachment: &Attachment,
         record: &AttachmentRecord,
     ) -> Result<Allocation> {
-        let pools = self.lock_pools();
-        let ips = record
-            .ips
-            .iter()
-            .map(|h| {
-                let pool =
-                    pools
-                        .get(&h.pool)
-                        .map(|s| s.pool())
-                        .ok_or_else(|| IpamError::Corrupt {
-                            key: self.keys.attachment(attachment),
-                            reason: format!("refers to unknown pool {}", h.pool),
-                        })?;
-                Ok(AllocatedIp {
-                    ip: h.ip,
-                    subnet: pool.subnet,
-                    gateway: pool.gateway,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut ips = Vec::with_capacity(record.ips.len());
+        for h in &record.ips {
+            let cached = self.lock_pools().get(&h.pool).map(|s| Arc::clone(s.pool()));
+            let pool = match cached {
+                Some(pool) => pool,
+                None => self.read_pool(attachment, &h.pool).await?,
+            };
+            ips.push(AllocatedIp {
+                ip: h.ip,
+                subnet: pool.subnet,
+                gateway: pool.gateway,
+            });
+        }
         Ok(Allocation {
             attachment: attachment.clone(),
             ips,
         })
+    }
+
+    /// Pool `id` as etcd has it, for the record of `attachment` that refers to it: corrupt if
+    /// there is no such pool or its record does not validate.
+    async fn read_pool(&self, attachment: &Attachment, id: &str) -> Result<Arc<Pool>> {
+        let key = self.keys.pool(id);
+        let resp = self.store.get("read a pool", &key, None).await?;
+        let corrupt = |reason| IpamError::Corrupt {
+            key: self.keys.attachment(attachment),
+            reason,
+        };
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| corrupt(format!("refers to unknown pool {id}")))?;
+        decode_pool(&self.keys, &key, kv.value())
+            .map(Arc::new)
+            .map_err(|e| {
+                corrupt(format!(
+                    "refers to pool {id}, whose record does not validate: {e}"
+                ))
+            })
     }
 }

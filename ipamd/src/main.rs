@@ -231,7 +231,8 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    // The GC stops when the sender is used or dropped: at shutdown, or when serving fails.
+    // The background tasks stop when the sender is used or dropped: at shutdown, or when
+    // serving fails.
     let (stop_gc, gc_stopped) = tokio::sync::watch::channel(());
     let shutdown = async move {
         tokio::select! {
@@ -255,30 +256,25 @@ async fn serve(
     let nic_pool = nics::start(&nic_flags, Arc::clone(&allocator))
         .await
         .context("starting QingCloud mode (NICs for the hostnic plugin)")?;
-    let nic_maintenance = nic_pool.as_ref().map(|pool| {
-        let mut gc_stopped = gc_stopped.clone();
-        tokio::spawn(Arc::clone(pool).maintain(async move {
-            let _ = gc_stopped.changed().await;
-        }))
-    });
-    let gc = config.netns_gc_interval.map(|interval| {
-        let schedule = gc::Schedule {
-            interval,
-            grace: config.gc_grace,
-        };
-        let mut gc_stopped = gc_stopped.clone();
-        tokio::spawn(netns_gc::run(
-            Arc::clone(&allocator),
-            schedule,
-            async move {
-                let _ = gc_stopped.changed().await;
-            },
-        ))
-    });
+    let mut background = Background::new(gc_stopped);
+    let schedule = |interval| gc::Schedule {
+        interval,
+        grace: config.gc_grace,
+    };
+    let nic_maintenance = nic_pool
+        .as_ref()
+        .map(|pool| tokio::spawn(Arc::clone(pool).maintain(background.shutdown())));
+    if let Some(interval) = config.netns_gc_interval {
+        background.spawn(
+            "network-namespace GC",
+            netns_gc::run(
+                Arc::clone(&allocator),
+                schedule(interval),
+                background.shutdown(),
+            ),
+        );
+    }
     let mut service = IpamService::new(Arc::clone(&allocator), config.gc_grace);
-    let mut pod_gc = None;
-    let mut node_gc = None;
-    let mut sticky_gc = None;
     let mut leadership = None;
     let mut probe_pods = None;
     let mut nic_namespaces = None;
@@ -292,21 +288,17 @@ async fn serve(
             service = service.with_namespaces(Arc::clone(&namespaces));
             nic_namespaces = Some(namespaces);
             let pods = Arc::new(kube::PodCache::start(client.clone(), &config.node_name));
-            pod_gc = config.pod_gc_interval.map(|interval| {
-                let schedule = gc::Schedule {
-                    interval,
-                    grace: config.gc_grace,
-                };
-                let mut gc_stopped = gc_stopped.clone();
-                tokio::spawn(pod_gc::run(
-                    Arc::clone(&allocator),
-                    Arc::clone(&pods),
-                    schedule,
-                    async move {
-                        let _ = gc_stopped.changed().await;
-                    },
-                ))
-            });
+            if let Some(interval) = config.pod_gc_interval {
+                background.spawn(
+                    "pod GC",
+                    pod_gc::run(
+                        Arc::clone(&allocator),
+                        Arc::clone(&pods),
+                        schedule(interval),
+                        background.shutdown(),
+                    ),
+                );
+            }
             probe_pods = Some(Arc::clone(&pods));
             service = service.with_pods(pods);
             // One daemon of the cluster, elected, runs the cluster-wide GCs while it leads.
@@ -323,42 +315,34 @@ async fn serve(
                 )
             });
             if let (Some(interval), Some(leadership)) = (config.node_gc_interval, &leadership) {
-                let schedule = gc::Schedule {
-                    interval,
-                    grace: config.gc_grace,
-                };
-                let mut gc_stopped = gc_stopped.clone();
-                let allocator = Arc::clone(&allocator);
-                let client = client.clone();
-                node_gc = Some(tokio::spawn(leader::while_leader(
+                let (allocator, client, schedule) =
+                    (Arc::clone(&allocator), client.clone(), schedule(interval));
+                background.spawn(
                     "deleted-node GC",
-                    leadership.subscribe(),
-                    async move {
-                        let _ = gc_stopped.changed().await;
-                    },
-                    move |stop| {
-                        node_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
-                    },
-                )));
+                    leader::while_leader(
+                        "deleted-node GC",
+                        leadership.subscribe(),
+                        background.shutdown(),
+                        move |stop| {
+                            node_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
+                        },
+                    ),
+                );
             }
             if let (Some(interval), Some(leadership)) = (config.sticky_gc_interval, &leadership) {
-                let schedule = gc::Schedule {
-                    interval,
-                    grace: config.gc_grace,
-                };
-                let mut gc_stopped = gc_stopped.clone();
-                let allocator = Arc::clone(&allocator);
-                let client = client.clone();
-                sticky_gc = Some(tokio::spawn(leader::while_leader(
+                let (allocator, client, schedule) =
+                    (Arc::clone(&allocator), client.clone(), schedule(interval));
+                background.spawn(
                     "sticky GC",
-                    leadership.subscribe(),
-                    async move {
-                        let _ = gc_stopped.changed().await;
-                    },
-                    move |stop| {
-                        sticky_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
-                    },
-                )));
+                    leader::while_leader(
+                        "sticky GC",
+                        leadership.subscribe(),
+                        background.shutdown(),
+                        move |stop| {
+                            sticky_gc::run(Arc::clone(&allocator), client.clone(), schedule, stop)
+                        },
+                    ),
+                );
             }
         }
         None => tracing::info!(
@@ -375,10 +359,11 @@ async fn serve(
                 allocator: Arc::clone(&allocator),
                 pods: probe_pods,
             };
-            let mut stopped = gc_stopped.clone();
-            Some(tokio::spawn(http::serve(listener, endpoint, async move {
-                let _ = stopped.changed().await;
-            })))
+            Some(tokio::spawn(http::serve(
+                listener,
+                endpoint,
+                background.shutdown(),
+            )))
         }
         None => None,
     };
@@ -399,28 +384,50 @@ async fn serve(
     if let Some(task) = nic_maintenance {
         task.abort();
     }
-    if let Some(gc) = gc {
-        if let Err(e) = gc.await {
-            tracing::warn!(error = %e, "network-namespace GC task ended abnormally");
-        }
-    }
-    if let Some(gc) = pod_gc {
-        if let Err(e) = gc.await {
-            tracing::warn!(error = %e, "pod GC task ended abnormally");
-        }
-    }
-    if let Some(gc) = node_gc {
-        if let Err(e) = gc.await {
-            tracing::warn!(error = %e, "deleted-node GC task ended abnormally");
-        }
-    }
+    background.join().await;
     if let Some(leadership) = leadership {
         leadership.resign().await;
     }
-    if let Some(gc) = sticky_gc {
-        if let Err(e) = gc.await {
-            tracing::warn!(error = %e, "sticky GC task ended abnormally");
+    served
+}
+
+/// The daemon's background tasks (the GCs, elected or per node): each ends when
+/// `stopped` says the daemon is shutting down, and is awaited before the daemon exits.
+struct Background {
+    stopped: tokio::sync::watch::Receiver<()>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Background {
+    fn new(stopped: tokio::sync::watch::Receiver<()>) -> Self {
+        Background {
+            stopped,
+            tasks: Vec::new(),
         }
     }
-    served
+
+    /// A future that completes when the daemon shuts down.
+    fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stopped.clone();
+        async move {
+            let _ = stopped.changed().await;
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        what: &'static str,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        self.tasks.push((what, tokio::spawn(task)));
+    }
+
+    /// Waits for every task to end; one that panicked is logged.
+    async fn join(self) {
+        for (what, task) in self.tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "{what} task ended abnormally");
+            }
+        }
+    }
 }

@@ -502,7 +502,7 @@ impl Inner {
         if !resp.succeeded() {
             return Ok(None);
         }
-        self.allocation_of(attachment, &record).map(Some)
+        self.allocation_of(attachment, &record).await.map(Some)
     }
 
     /// Releases `attachment` (its record `record` at `revision`) by moving its sticky
