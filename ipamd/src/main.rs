@@ -374,6 +374,7 @@ async fn serve(
             let endpoint = http::Endpoint {
                 allocator: Arc::clone(&allocator),
                 pods: probe_pods,
+                nics: nic_pool.clone(),
             };
             let mut stopped = gc_stopped.clone();
             Some(tokio::spawn(http::serve(listener, endpoint, async move {

@@ -100,8 +100,11 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| PathBuf::from(settings::DEFAULT_INSTANCE_ID_FILE));
     let instance = settings::read_instance_id(&id_file).map_err(NicError::Config)?;
-    let client =
-        hostnic_iaas::Client::from_config(config).map_err(|e| NicError::Config(e.to_string()))?;
+    let client = hostnic_iaas::Client::from_config(config)
+        .map_err(|e| NicError::Config(e.to_string()))?
+        .with_call_observer(Arc::new(|action, result| {
+            crate::metrics::qingcloud_call(action, result.label())
+        }));
     let pool = NicPool::start(
         allocator,
         client,
