@@ -252,7 +252,8 @@ async fn serve(
             .await
             .context("starting the allocator")?,
     );
-    let nic_pool = nics::start(&nic_flags, Arc::clone(&allocator))
+    let kube_source = kube::source_of(config.kubeconfig.clone(), in_cluster());
+    let nic_pool = nics::start_with_kubernetes(&nic_flags, Arc::clone(&allocator), kube_source)
         .await
         .context("starting QingCloud mode (NICs for the hostnic plugin)")?;
     let nic_maintenance = nic_pool.as_ref().map(|pool| {
