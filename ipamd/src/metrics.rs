@@ -559,7 +559,10 @@ mod tests {
     fn api_calls_by_action_and_result_and_the_nic_gauges_render() {
         let r = Registry::default();
         let call = |action: &str, result: &str| {
-            vec![("action", action.to_string()), ("result", result.to_string())]
+            vec![
+                ("action", action.to_string()),
+                ("result", result.to_string()),
+            ]
         };
         r.add(QINGCLOUD_API_CALLS, call("CreateNics", "0"), 2);
         r.add(QINGCLOUD_API_CALLS, call("CreateNics", "5100"), 1);

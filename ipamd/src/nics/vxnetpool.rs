@@ -104,9 +104,8 @@ pub async fn read(client: Client) -> Result<Option<String>, NicError> {
             kind: KIND.into(),
         });
     }
-    let text = serde_json::to_string(&object).map_err(|e| {
-        NicError::Config(format!("VxNetPool {}: cannot be encoded: {e}", names[i]))
-    })?;
+    let text = serde_json::to_string(&object)
+        .map_err(|e| NicError::Config(format!("VxNetPool {}: cannot be encoded: {e}", names[i])))?;
     Ok(Some(text))
 }
 
