@@ -18,7 +18,7 @@ use hostnic_ipamd::kube::KubeSource;
 use hostnic_ipamd::nics::settings::nic_name;
 use hostnic_ipamd::nics::{self, NicFlags};
 use hostnic_testkit::daemon::IpamDaemon;
-use hostnic_testkit::kube::FakeKube;
+use hostnic_testkit::kube::{FakeKube, Kind};
 use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
 
@@ -440,7 +440,8 @@ fn flags(dir: &Path, sim: &Simulator, instance: &str, vxnet_pool: Option<PathBuf
 
 /// Which vxnets apply: `--vxnet-pool FILE` over the API's VxNetPool, the API's over the pool
 /// config's `vxNets`, the config's when the cluster has none; two VxNetPools are refused,
-/// naming both, and an API server that cannot be reached fails the start as retryable.
+/// naming both, so is one naming no vxnet, and an API server that cannot be reached fails the
+/// start as retryable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxnets_come_from_the_file_then_the_apis_vxnetpool_then_the_pool_config() {
     let instance = "i-vxpool02";
@@ -537,6 +538,24 @@ async fn vxnets_come_from_the_file_then_the_apis_vxnetpool_then_the_pool_config(
         "{e}"
     );
     assert!(!e.is_retryable(), "{e}");
+
+    // One VxNetPool left, naming no vxnet: refused, naming where it came from.
+    fake.delete(Kind::VxNetPool, "", "second")
+        .expect("second VxNetPool deleted");
+    fake.replace(vxnet_pool("v-pool", &[], 26))
+        .expect("VxNetPool replaced");
+    let e = nics::start_with_kubernetes(
+        &flags(dir.path(), &sim, instance, None),
+        Arc::clone(&allocator),
+        api(),
+    )
+    .await
+    .expect_err("a VxNetPool without vxnets is refused");
+    assert!(
+        e.to_string()
+            .contains("the Kubernetes API: spec.vxnets names no vxnet"),
+        "{e}"
+    );
 
     let kubeconfig = fake.kubeconfig_path().to_path_buf();
     let gone = dir.path().join("gone-kubeconfig");
