@@ -18,7 +18,7 @@ use hostnic_ipamd::kube::KubeSource;
 use hostnic_ipamd::nics::settings::nic_name;
 use hostnic_ipamd::nics::{self, NicFlags};
 use hostnic_testkit::daemon::IpamDaemon;
-use hostnic_testkit::kube::{FakeKube, Kind};
+use hostnic_testkit::kube::{FakeKube, Fault as ApiFault, Kind};
 use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
 
@@ -502,6 +502,29 @@ async fn vxnets_come_from_the_file_then_the_apis_vxnetpool_then_the_pool_config(
         (vec!["vxnet-vxapi02".to_string()], Some(27))
     );
     assert!(source.contains("VxNetPool v-pool"), "{source}");
+
+    // An API server without the CRD answers 404: the pool config's, as with no VxNetPool.
+    fake.fail_next(ApiFault::Status(404), 1);
+    let pool = nics::start_with_kubernetes(
+        &flags(dir.path(), &sim, instance, None),
+        Arc::clone(&allocator),
+        api(),
+    )
+    .await
+    .expect("starts");
+    assert_eq!(vxnets_of(pool).0, vec!["vxnet-vxcfg02".to_string()]);
+    // An API server failing otherwise: no guess, a retryable failure.
+    fake.set_fault(ApiFault::Status(500));
+    let e = nics::start_with_kubernetes(
+        &flags(dir.path(), &sim, instance, None),
+        Arc::clone(&allocator),
+        api(),
+    )
+    .await
+    .expect_err("an API server answering 500 fails the start");
+    fake.clear_fault();
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("listing the VxNetPools"), "{e}");
 
     let file = dir.path().join("vxnetpool.json");
     std::fs::write(
