@@ -4,7 +4,7 @@
 //! jobs. Cheap to clone and usable from many tasks at once.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +57,46 @@ impl Default for ClientOptions {
     }
 }
 
+/// What one request to the API came to, as a [`CallObserver`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallResult {
+    /// `ret_code` 0.
+    Ok,
+    /// A non-zero `ret_code`.
+    RetCode(u32),
+    /// No answer (connecting, sending or reading failed or timed out).
+    Transport,
+    /// An answer that is not what the API sends (status, content type, JSON).
+    Unreadable,
+}
+
+impl CallResult {
+    /// The result of one attempt that ended in `outcome`.
+    pub fn of(outcome: &Result<Value, Error>) -> Self {
+        match outcome {
+            Ok(_) => CallResult::Ok,
+            Err(Error::Api { code, .. }) => CallResult::RetCode(*code),
+            Err(Error::Transport { .. }) => CallResult::Transport,
+            Err(_) => CallResult::Unreadable,
+        }
+    }
+
+    /// A short label for metrics: the `ret_code` (`"0"`, `"5100"`), `"transport_error"` or
+    /// `"unreadable_answer"`.
+    pub fn label(self) -> String {
+        match self {
+            CallResult::Ok => "0".to_string(),
+            CallResult::RetCode(code) => code.to_string(),
+            CallResult::Transport => "transport_error".to_string(),
+            CallResult::Unreadable => "unreadable_answer".to_string(),
+        }
+    }
+}
+
+/// Told of every request the client sends (each attempt of a retried call), with the action
+/// and its result: how a caller counts API calls without this crate knowing its metrics.
+pub type CallObserver = Arc<dyn Fn(&str, CallResult) + Send + Sync>;
+
 type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
 struct Inner {
@@ -64,6 +104,7 @@ struct Inner {
     options: ClientOptions,
     http: HttpClient,
     bucket: Mutex<TokenBucket>,
+    observer: OnceLock<CallObserver>,
 }
 
 /// A QingCloud IaaS API client.
@@ -165,8 +206,17 @@ impl Client {
                 options,
                 http,
                 bucket: Mutex::new(bucket),
+                observer: OnceLock::new(),
             }),
         })
+    }
+
+    /// The client that tells `observer` of every attempt from now on (each try of a retried
+    /// call, a connection that could not be made included). The first observer given to a
+    /// client, or to any of its clones, is the one kept.
+    pub fn with_call_observer(self, observer: CallObserver) -> Self {
+        let _ = self.inner.observer.set(observer);
+        self
     }
 
     /// The config the client calls with.
@@ -317,7 +367,11 @@ impl Client {
         loop {
             self.take_token().await;
             tracing::debug!(action, attempt, "QingCloud API call");
-            match self.send_once(action, params).await {
+            let outcome = self.send_once(action, params).await;
+            if let Some(observer) = self.inner.observer.get() {
+                observer(action, CallResult::of(&outcome));
+            }
+            match outcome {
                 Ok(value) => return Ok(value),
                 Err(e) if attempt < policy.max_attempts && Self::should_retry(action, &e) => {
                     let wait = policy.delay(attempt, jitter_unit());
@@ -552,6 +606,44 @@ impl Client {
                 });
             }
             tokio::time::sleep(interval.min(deadline - now)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_result_is_labelled_by_its_ret_code_or_its_failure() {
+        let api = |code| Error::Api {
+            action: "DescribeNics".into(),
+            code,
+            message: String::new(),
+        };
+        let cases = [
+            (Ok(Value::Null), "0"),
+            (Err(api(5100)), "5100"),
+            (Err(api(2100)), "2100"),
+            (
+                Err(Error::Transport {
+                    action: "AttachNics".into(),
+                    origin: "http://127.0.0.1:1".into(),
+                    reason: "refused".into(),
+                    before_sending: true,
+                }),
+                "transport_error",
+            ),
+            (
+                Err(Error::Decode {
+                    action: "DescribeJobs".into(),
+                    reason: "not JSON".into(),
+                }),
+                "unreadable_answer",
+            ),
+        ];
+        for (outcome, label) in cases {
+            assert_eq!(CallResult::of(&outcome).label(), label, "{outcome:?}");
         }
     }
 }

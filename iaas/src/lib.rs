@@ -21,6 +21,6 @@ pub mod sim;
 pub mod timefmt;
 pub mod types;
 
-pub use client::{Client, ClientOptions};
+pub use client::{CallObserver, CallResult, Client, ClientOptions};
 pub use config::{Config, ConfigError, SecretKey};
 pub use error::Error;

@@ -855,3 +855,67 @@ fn the_client_signs_what_the_simulators_verifier_accepts_with_the_doc_vector_val
         Err(1200)
     );
 }
+
+/// The call observer sees every attempt with its result: the retried 5100, the dropped
+/// connection, the success after them, and as many of each as the simulator received.
+#[tokio::test]
+async fn the_call_observer_sees_every_attempt_with_its_ret_code_or_transport_error() {
+    let sim = start(sim_config()).await;
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let client = Client::new(sim.client_config(), fast_options())
+        .expect("client")
+        .with_call_observer({
+            let seen = Arc::clone(&seen);
+            Arc::new(move |action, result| {
+                seen.lock()
+                    .expect("observer lock")
+                    .push((action.to_string(), result.label()));
+            })
+        });
+    sim.inject(Fault::error("DescribeVxnets", code::SERVER_BUSY, 1));
+    sim.inject(Fault::drop_connection("DescribeVxnets", 1));
+    client
+        .describe_vxnets(&["vxnet-full".to_string()])
+        .await
+        .expect("answered after the faults");
+    let seen = seen.lock().expect("observer lock").clone();
+    let results: Vec<&str> = seen.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(seen.iter().all(|(a, _)| a == "DescribeVxnets"), "{seen:?}");
+    assert_eq!(
+        results.len() as u64,
+        sim.calls("DescribeVxnets"),
+        "{seen:?}"
+    );
+    assert!(results.contains(&"5100"), "{seen:?}");
+    assert!(results.contains(&"transport_error"), "{seen:?}");
+    assert_eq!(results.last(), Some(&"0"), "{seen:?}");
+
+    // An API that cannot be reached at all: each attempt is a transport error.
+    let mut config = sim.client_config();
+    drop(sim);
+    config.port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let count = Arc::new(Mutex::new(Vec::new()));
+    let unreachable = Client::new(config, fast_options())
+        .expect("client")
+        .with_call_observer({
+            let count = Arc::clone(&count);
+            Arc::new(move |_, result| count.lock().expect("lock").push(result))
+        });
+    unreachable
+        .describe_vxnets(&[])
+        .await
+        .expect_err("nothing answers");
+    let count = count.lock().expect("lock").clone();
+    assert_eq!(
+        count.len() as u32,
+        fast_options().retry.max_attempts,
+        "{count:?}"
+    );
+    assert!(
+        count.iter().all(|r| r.label() == "transport_error"),
+        "{count:?}"
+    );
+}

@@ -21,7 +21,8 @@ use tokio::net::TcpListener;
 
 use crate::allocator::Allocator;
 use crate::kube::PodCache;
-use crate::metrics::{PoolGauges, Scrape};
+use crate::metrics::{NicGauges, PoolGauges, Scrape};
+use crate::nics::NicPool;
 
 /// How long `/readyz` waits for etcd's answer: below the kubelet's default probe timeout.
 pub const ETCD_PROBE_TIMEOUT: Duration = Duration::from_millis(900);
@@ -41,11 +42,13 @@ pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), Str
     }
 }
 
-/// What the endpoint reads: the allocator, and this node's pod cache when there is one.
+/// What the endpoint reads: the allocator, this node's pod cache when there is one, and its
+/// NIC pool in QingCloud mode.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub allocator: Arc<Allocator>,
     pub pods: Option<Arc<PodCache>>,
+    pub nics: Option<Arc<NicPool>>,
 }
 
 /// One readiness check's name and why it failed, if it did.
@@ -115,9 +118,32 @@ impl Endpoint {
         }
     }
 
+    /// The NIC gauges from the pool's etcd records; None (the gauges are left out of the
+    /// scrape, not shown wrong) when there is no pool or its records cannot be read.
+    async fn nic_gauges(&self) -> Option<NicGauges> {
+        let pool = self.nics.as_ref()?;
+        match tokio::time::timeout(ETCD_PROBE_TIMEOUT, pool.counts()).await {
+            Ok(Ok(c)) => Some(NicGauges {
+                attaching: c.attaching,
+                ready: c.ready,
+                leased: c.leased,
+                max: pool.settings().max_nic,
+            }),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading this node's NIC records for /metrics failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("reading this node's NIC records for /metrics took too long");
+                None
+            }
+        }
+    }
+
     /// The `/metrics` page.
-    pub fn metrics_page(&self) -> String {
+    pub async fn metrics_page(&self) -> String {
         Scrape {
+            nics: self.nic_gauges().await,
             pools: self
                 .allocator
                 .pool_usage()
@@ -134,7 +160,7 @@ impl Endpoint {
         }
         match request.uri().path() {
             "/metrics" => {
-                let mut response = text(StatusCode::OK, self.metrics_page());
+                let mut response = text(StatusCode::OK, self.metrics_page().await);
                 response.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
                     hyper::header::HeaderValue::from_static(

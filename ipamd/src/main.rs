@@ -253,7 +253,8 @@ async fn serve(
             .await
             .context("starting the allocator")?,
     );
-    let nic_pool = nics::start(&nic_flags, Arc::clone(&allocator))
+    let kube_source = kube::source_of(config.kubeconfig.clone(), in_cluster());
+    let nic_pool = nics::start_with_kubernetes(&nic_flags, Arc::clone(&allocator), kube_source)
         .await
         .context("starting QingCloud mode (NICs for the hostnic plugin)")?;
     let mut background = Background::new(gc_stopped);
@@ -358,6 +359,7 @@ async fn serve(
             let endpoint = http::Endpoint {
                 allocator: Arc::clone(&allocator),
                 pods: probe_pods,
+                nics: nic_pool.clone(),
             };
             Some(tokio::spawn(http::serve(
                 listener,

@@ -31,6 +31,8 @@ pub const ETCD_RETRIES: &str = "hostnic_ipamd_etcd_retries_total";
 pub const WATCH_RELOADS: &str = "hostnic_ipamd_pool_watch_reloads_total";
 /// Attachments released by a garbage collector, by collector and reason.
 pub const GC_RELEASED: &str = "hostnic_ipamd_gc_released_total";
+/// QingCloud API requests (each attempt of a retried call), by action and result.
+pub const QINGCLOUD_API_CALLS: &str = "hostnic_ipamd_qingcloud_api_calls_total";
 
 /// The families the daemon always exposes, with their help text; the pool gauges are added by
 /// [`Scrape::render`].
@@ -64,6 +66,11 @@ const FAMILIES: &[(&str, Type, &str)] = &[
         GC_RELEASED,
         Type::Counter,
         "Attachments (for sticky: StatefulSet pod identities) released by a garbage collector, by collector (cni, netns, pod, node, sticky, takeover) and reason.",
+    ),
+    (
+        QINGCLOUD_API_CALLS,
+        Type::Counter,
+        "QingCloud API requests (each attempt of a retried call), by action and result (the ret_code, 0 for success; transport_error: no answer; unreadable_answer).",
     ),
 ];
 
@@ -178,6 +185,44 @@ impl Registry {
         render_pools(&mut out, pools);
         out
     }
+}
+
+/// This node's NIC pool (QingCloud mode), read from its etcd records at each scrape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicGauges {
+    /// Created, attach job not yet done or link not yet seen.
+    pub attaching: usize,
+    /// Attached and ready in the warm pool.
+    pub ready: usize,
+    /// Leased to a pod.
+    pub leased: usize,
+    /// The pool's bound (`maxNic`).
+    pub max: u32,
+}
+
+fn render_nics(out: &mut String, nics: &NicGauges) {
+    let family = "hostnic_ipamd_nics";
+    header(
+        out,
+        family,
+        Type::Gauge,
+        "This node's QingCloud NICs by state (attaching, ready: the warm pool, leased: a pod's).",
+    );
+    for (state, n) in [
+        ("attaching", nics.attaching),
+        ("ready", nics.ready),
+        ("leased", nics.leased),
+    ] {
+        sample(out, family, "", &[("state", state.into())], &n.to_string());
+    }
+    let family = "hostnic_ipamd_nics_max";
+    header(
+        out,
+        family,
+        Type::Gauge,
+        "The most QingCloud NICs this node's pool may hold (maxNic).",
+    );
+    sample(out, family, "", &[], &nics.max.to_string());
 }
 
 /// The series of one family, in a map ordered by (family, labels).
@@ -365,16 +410,32 @@ pub fn gc_released(gc: &'static str, reason: &'static str, released: usize) {
     }
 }
 
+/// Counts one QingCloud API request of `action` that came to `result` (a ret_code, or
+/// `transport_error`, `unreadable_answer`).
+pub fn qingcloud_call(action: &str, result: String) {
+    METRICS.add(
+        QINGCLOUD_API_CALLS,
+        vec![("action", action.to_string()), ("result", result)],
+        1,
+    );
+}
+
 /// What one scrape shows besides the registry.
 #[derive(Debug, Default)]
 pub struct Scrape {
     pub pools: Vec<PoolGauges>,
+    /// In QingCloud mode, when its records could be read.
+    pub nics: Option<NicGauges>,
 }
 
 impl Scrape {
     /// The whole `/metrics` page.
     pub fn render(&self) -> String {
-        METRICS.render(&self.pools)
+        let mut out = METRICS.render(&self.pools);
+        if let Some(nics) = &self.nics {
+            render_nics(&mut out, nics);
+        }
+        out
     }
 }
 
@@ -492,6 +553,38 @@ mod tests {
                 assert!(line.starts_with(current), "{line} under {current}");
             }
         }
+    }
+
+    #[test]
+    fn api_calls_by_action_and_result_and_the_nic_gauges_render() {
+        let r = Registry::default();
+        let call = |action: &str, result: &str| {
+            vec![
+                ("action", action.to_string()),
+                ("result", result.to_string()),
+            ]
+        };
+        r.add(QINGCLOUD_API_CALLS, call("CreateNics", "0"), 2);
+        r.add(QINGCLOUD_API_CALLS, call("CreateNics", "5100"), 1);
+        let text = r.render(&[]);
+        assert!(text.contains(
+            "hostnic_ipamd_qingcloud_api_calls_total{action=\"CreateNics\",result=\"5100\"} 1\n"
+        ));
+        let mut out = String::new();
+        render_nics(
+            &mut out,
+            &NicGauges {
+                attaching: 1,
+                ready: 2,
+                leased: 3,
+                max: 8,
+            },
+        );
+        assert!(out.contains("# TYPE hostnic_ipamd_nics gauge\n"));
+        assert!(out.contains("hostnic_ipamd_nics{state=\"attaching\"} 1\n"));
+        assert!(out.contains("hostnic_ipamd_nics{state=\"ready\"} 2\n"));
+        assert!(out.contains("hostnic_ipamd_nics{state=\"leased\"} 3\n"));
+        assert!(out.contains("\nhostnic_ipamd_nics_max 8\n"));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`reconcile`]: what to repair so that etcd, the API and the links agree (pure);
 //! - [`pool`]: the node's NIC pool: lease, return, warm pool, repairs;
 //! - [`links`]: the host's links by MAC;
-//! - [`service`]: the `Nics` gRPC service the plugin calls.
+//! - [`service`]: the `Nics` gRPC service the plugin calls;
+//! - [`vxnetpool`]: hostnic's VxNetPool resource read from the Kubernetes API.
 
 pub mod links;
 pub mod pool;
@@ -18,6 +19,7 @@ pub mod record;
 pub mod service;
 pub mod settings;
 pub mod vxnet;
+pub mod vxnetpool;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ pub use settings::{NicFlags, PoolSettings};
 
 use crate::allocator::Allocator;
 use crate::error::IpamError;
+use crate::kube::KubeSource;
 
 /// What went wrong with a NIC.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,17 @@ pub async fn start(
     flags: &NicFlags,
     allocator: Arc<Allocator>,
 ) -> Result<Option<Arc<NicPool>>, NicError> {
+    start_with_kubernetes(flags, allocator, None).await
+}
+
+/// [`start`], with the vxnets of the cluster's VxNetPool ([`vxnetpool`]) when the daemon
+/// reads Kubernetes (`kube`) and `--vxnet-pool FILE` is not given: the file, then the API's
+/// VxNetPool, then the pool config's `vxNets`.
+pub async fn start_with_kubernetes(
+    flags: &NicFlags,
+    allocator: Arc<Allocator>,
+    kube: Option<KubeSource>,
+) -> Result<Option<Arc<NicPool>>, NicError> {
     let Some(sdk) = &flags.qingcloud_config else {
         return Ok(None);
     };
@@ -94,14 +108,27 @@ pub async fn start(
         settings = settings
             .with_vxnet_pool(&text, &path.display().to_string())
             .map_err(NicError::Config)?;
+    } else if let Some(source) = &kube {
+        let client = crate::kube::client(source)
+            .await
+            .map_err(|e| NicError::Config(e.to_string()))?;
+        if let Some(text) = vxnetpool::read(client).await? {
+            settings = settings
+                .with_vxnet_pool(&text, "the Kubernetes API")
+                .map_err(NicError::Config)?;
+        }
     }
+    tracing::info!(vxnets = ?settings.vxnets, source = %settings.vxnets_source, "NIC vxnets");
     let id_file = flags
         .instance_id_file
         .clone()
         .unwrap_or_else(|| PathBuf::from(settings::DEFAULT_INSTANCE_ID_FILE));
     let instance = settings::read_instance_id(&id_file).map_err(NicError::Config)?;
-    let client =
-        hostnic_iaas::Client::from_config(config).map_err(|e| NicError::Config(e.to_string()))?;
+    let client = hostnic_iaas::Client::from_config(config)
+        .map_err(|e| NicError::Config(e.to_string()))?
+        .with_call_observer(Arc::new(|action, result| {
+            crate::metrics::qingcloud_call(action, result.label())
+        }));
     let pool = NicPool::start(
         allocator,
         client,

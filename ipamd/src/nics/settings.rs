@@ -34,7 +34,8 @@ pub struct NicFlags {
     #[arg(long, global = true, env = "HOSTNIC_INSTANCE_ID_FILE")]
     pub instance_id_file: Option<PathBuf>,
     /// A `VxNetPool` resource (`network.qingcloud.com/v1alpha1`) as JSON: its `spec.vxnets`
-    /// and `spec.blockSize` replace the pool config's `vxNets` and `blockSize`.
+    /// and `spec.blockSize` replace the pool config's `vxNets` and `blockSize`. Without it, the
+    /// cluster's VxNetPool does when the daemon reads Kubernetes.
     #[arg(long, global = true, env = "HOSTNIC_VXNET_POOL")]
     pub vxnet_pool: Option<PathBuf>,
     /// The primary NIC, never leased, detached or deleted.

@@ -4,7 +4,8 @@
 //! Kubernetes client (the production code, unchanged) is pointed at this server instead. It
 //! speaks the real JSON wire format of the
 //! [API concepts](https://kubernetes.io/docs/reference/using-api/api-concepts/) for core/v1
-//! Pods, ConfigMaps and Nodes and apps/v1 StatefulSets over plain HTTP on 127.0.0.1:
+//! Pods, ConfigMaps and Nodes, apps/v1 StatefulSets and the cluster-scoped custom resource
+//! VxNetPool (`network.qingcloud.com/v1alpha1`, hostnic's) over plain HTTP on 127.0.0.1:
 //!
 //! - GET of one object, with a `Status` body (`reason: NotFound`) for a missing one;
 //! - LIST with `fieldSelector` (any dotted field path, `=`, `==`, `!=`), `labelSelector`
@@ -22,7 +23,8 @@
 //!   "terminating" with a `deletionTimestamp` until [`FakeKube::finish_deletion`] or a DELETE
 //!   with `gracePeriodSeconds=0`, as if their kubelet confirmed). Every write bumps one global
 //!   `resourceVersion` and is seen by the open watches;
-//! - the discovery documents (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/apps/v1`).
+//! - the discovery documents (`/version`, `/api`, `/api/v1`, `/apis`, `/apis/apps/v1`,
+//!   `/apis/network.qingcloud.com/v1alpha1`).
 //!
 //! Tests change the state directly through [`FakeKube`]'s methods (objects are
 //! `serde_json::Value`, so every field round-trips; [`PodBuilder`] and friends make typical
@@ -78,10 +80,18 @@ pub enum Kind {
     ConfigMap,
     Node,
     StatefulSet,
+    /// hostnic's custom resource: cluster-scoped, served as if its CRD were installed.
+    VxNetPool,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Pod, Kind::ConfigMap, Kind::Node, Kind::StatefulSet];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pod,
+        Kind::ConfigMap,
+        Kind::Node,
+        Kind::StatefulSet,
+        Kind::VxNetPool,
+    ];
 
     /// The `kind` field of an object.
     pub fn name(self) -> &'static str {
@@ -90,6 +100,7 @@ impl Kind {
             Kind::ConfigMap => "ConfigMap",
             Kind::Node => "Node",
             Kind::StatefulSet => "StatefulSet",
+            Kind::VxNetPool => "VxNetPool",
         }
     }
 
@@ -100,6 +111,7 @@ impl Kind {
             Kind::ConfigMap => "configmaps",
             Kind::Node => "nodes",
             Kind::StatefulSet => "statefulsets",
+            Kind::VxNetPool => "vxnetpools",
         }
     }
 
@@ -107,6 +119,7 @@ impl Kind {
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::StatefulSet => "apps/v1",
+            Kind::VxNetPool => "network.qingcloud.com/v1alpha1",
             _ => "v1",
         }
     }
@@ -114,12 +127,13 @@ impl Kind {
     fn group(self) -> &'static str {
         match self {
             Kind::StatefulSet => "apps",
+            Kind::VxNetPool => "network.qingcloud.com",
             _ => "",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node)
+        !matches!(self, Kind::Node | Kind::VxNetPool)
     }
 
     fn short_names(self) -> &'static [&'static str] {
@@ -128,6 +142,7 @@ impl Kind {
             Kind::ConfigMap => &["cm"],
             Kind::Node => &["no"],
             Kind::StatefulSet => &["sts"],
+            Kind::VxNetPool => &[],
         }
     }
 
@@ -1783,6 +1798,7 @@ fn parse_target(path: &str) -> Result<Target, ApiError> {
     let (group, rest) = match segments.as_slice() {
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", "apps", "v1", rest @ ..] => ("apps", rest),
+        ["apis", "network.qingcloud.com", "v1alpha1", rest @ ..] => ("network.qingcloud.com", rest),
         _ => return Err(not_found()),
     };
     let (namespace, rest) = match rest {
@@ -1824,7 +1840,10 @@ fn discovery(path: &str) -> Option<Value> {
             })
             .collect()
     };
-    let group_version = |gv: &str| json!({ "groupVersion": gv, "version": "v1" });
+    let group_version = |gv: &str| {
+        let version = gv.rsplit('/').next().unwrap_or(gv);
+        json!({ "groupVersion": gv, "version": version })
+    };
     Some(match path.trim_end_matches('/') {
         "/version" => json!({
             "major": SERVED_VERSION.0,
@@ -1849,6 +1868,10 @@ fn discovery(path: &str) -> Option<Value> {
                 "name": "apps",
                 "versions": [group_version("apps/v1")],
                 "preferredVersion": group_version("apps/v1"),
+            }, {
+                "name": "network.qingcloud.com",
+                "versions": [group_version("network.qingcloud.com/v1alpha1")],
+                "preferredVersion": group_version("network.qingcloud.com/v1alpha1"),
             }],
         }),
         "/apis/apps/v1" => json!({
@@ -1856,6 +1879,12 @@ fn discovery(path: &str) -> Option<Value> {
             "apiVersion": "v1",
             "groupVersion": "apps/v1",
             "resources": resources("apps"),
+        }),
+        "/apis/network.qingcloud.com/v1alpha1" => json!({
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": "network.qingcloud.com/v1alpha1",
+            "resources": resources("network.qingcloud.com"),
         }),
         _ => return None,
     })

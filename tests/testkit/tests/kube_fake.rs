@@ -764,6 +764,68 @@ fn discovery_documents_name_the_served_resources() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// hostnic's cluster-scoped custom resource: discovered, GET, LIST and WATCH like the others,
+/// and no namespaced path.
+#[test]
+fn vxnetpools_are_served_cluster_scoped_with_get_list_and_watch() -> anyhow::Result<()> {
+    let kube = FakeKube::start()?;
+    let base = "/apis/network.qingcloud.com/v1alpha1";
+    let (code, groups) = get(kube.addr(), "/apis")?;
+    assert_eq!(code, 200);
+    assert!(
+        groups["groups"]
+            .as_array()
+            .context("groups")?
+            .iter()
+            .any(
+                |g| g["preferredVersion"]["groupVersion"] == "network.qingcloud.com/v1alpha1"
+                    && g["preferredVersion"]["version"] == "v1alpha1"
+            ),
+        "{groups}"
+    );
+    let (code, resources) = get(kube.addr(), base)?;
+    assert_eq!(code, 200);
+    assert_eq!(resources["resources"][0]["name"], "vxnetpools");
+    assert_eq!(resources["resources"][0]["namespaced"], false);
+
+    let pool = |name: &str, vxnet: &str| {
+        json!({
+            "apiVersion": "network.qingcloud.com/v1alpha1",
+            "kind": "VxNetPool",
+            "metadata": { "name": name },
+            "spec": { "vxnets": [{ "name": vxnet }], "blockSize": 26 },
+        })
+    };
+    kube.create(pool("v-pool", "vxnet-aaa"))?;
+    let (code, one) = get(kube.addr(), &format!("{base}/vxnetpools/v-pool"))?;
+    assert_eq!(code, 200, "{one}");
+    assert_eq!(one["spec"]["vxnets"][0]["name"], "vxnet-aaa");
+    assert_eq!(one["apiVersion"], "network.qingcloud.com/v1alpha1");
+    assert!(one["metadata"].get("namespace").is_none(), "{one}");
+    assert_eq!(get(kube.addr(), &format!("{base}/vxnetpools/nope"))?.0, 404);
+    assert_eq!(
+        get(
+            kube.addr(),
+            &format!("{base}/namespaces/ns1/vxnetpools/v-pool")
+        )?
+        .0,
+        404
+    );
+    let (code, list) = get(kube.addr(), &format!("{base}/vxnetpools"))?;
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(names(&list), ["v-pool"]);
+
+    let mut watch = Watch::open(
+        kube.addr(),
+        &format!("{base}/vxnetpools?watch=1&resourceVersion={}", rv(&list)),
+    )?;
+    kube.create(pool("second", "vxnet-bbb"))?;
+    let event = watch.next_change()?;
+    assert_eq!(event["type"], "ADDED", "{event}");
+    assert_eq!(event["object"]["metadata"]["name"], "second");
+    Ok(())
+}
+
 /// kube-runtime's watcher (paged list, then watch with bookmarks) through a kubeconfig.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_watcher_sees_a_pod_added_and_deleted() -> anyhow::Result<()> {
