@@ -53,7 +53,12 @@ fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration
         .spawn()
         .expect("plugin starts");
     // `/bin/true` (the floor) may exit before reading its stdin.
-    match child.stdin.take().expect("stdin").write_all(config.as_bytes()) {
+    match child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(config.as_bytes())
+    {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("config written: {e}"),
         _ => {}
     }
@@ -90,11 +95,14 @@ struct Peer<'a> {
     tag: &'a str,
 }
 
+/// One peer's sequential ADD and DEL latencies.
+type Series = (Vec<Duration>, Vec<Duration>);
+
 /// `SEQUENTIAL` ADDs, then as many DELs, of the peers in turn (ours, theirs, ours, ...), so
 /// that all series see the same machine at the same moments. Each ADD round also execs
 /// `/bin/true` and each peer's VERSION: the floors, returned per peer after `/bin/true`'s.
-fn interleaved(peers: &[Peer]) -> (Vec<(Vec<Duration>, Vec<Duration>)>, Vec<Vec<Duration>>) {
-    let mut out: Vec<(Vec<Duration>, Vec<Duration>)> = vec![Default::default(); peers.len()];
+fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
+    let mut out: Vec<Series> = vec![Default::default(); peers.len()];
     let mut floors: Vec<Vec<Duration>> = vec![Vec::new(); peers.len() + 1];
     let bin_true = Path::new("/bin/true");
     for i in 0..SEQUENTIAL {

@@ -14,6 +14,7 @@
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench throughput`
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,22 +41,57 @@ fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// What one phase did: operations per second and the latency of each.
+/// What one phase did: operations per second, the latency of each, and the CPU time each
+/// process of [`Cpu`] spent per operation (µs).
 struct Phase {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
+    cpu_us: Vec<f64>,
+}
+
+/// The processes whose CPU time a phase accounts: etcd and the daemons, by name and pid.
+struct Cpu {
+    processes: Vec<(&'static str, u32)>,
+    ticks_per_s: f64,
+}
+
+impl Cpu {
+    /// User plus system CPU time of each process so far, in clock ticks (`/proc/<pid>/stat`).
+    fn snapshot(&self) -> Vec<u64> {
+        self.processes
+            .iter()
+            .map(|(_, pid)| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+                // The fields after the command name, which is in parentheses: state is the
+                // first, utime the 12th, stime the 13th.
+                let rest = &stat[stat.rfind(')').expect("comm") + 1..];
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields[11].parse::<u64>().expect("utime")
+                    + fields[12].parse::<u64>().expect("stime")
+            })
+            .collect()
+    }
+
+    /// µs of CPU per operation of each process between two snapshots.
+    fn per_op(&self, before: &[u64], after: &[u64], ops: usize) -> Vec<f64> {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| (a - b) as f64 / self.ticks_per_s * 1e6 / ops.max(1) as f64)
+            .collect()
+    }
 }
 
 fn phase(mut samples: Vec<Duration>, wall: Duration) -> Phase {
     samples.sort();
-    let at = |p: f64| {
-        samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
-    };
+    let at =
+        |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0;
     Phase {
         rate: samples.len() as f64 / wall.as_secs_f64(),
         p50_ms: at(0.5),
         p99_ms: at(0.99),
+        cpu_us: Vec::new(),
     }
 }
 
@@ -88,7 +124,12 @@ fn requests(config: &NetworkConfig, container: &str) -> (v1::AllocateRequest, v1
 
 /// `CLIENTS` clients, each on its own connection, allocating new attachments for `PHASE`;
 /// then each releases what it allocated. Returns the allocate and release phases.
-async fn daemon_phases(socket: &Path, config: &Arc<NetworkConfig>, tag: &str) -> (Phase, Phase) {
+async fn daemon_phases(
+    socket: &Path,
+    config: &Arc<NetworkConfig>,
+    tag: &str,
+    cpu: &Cpu,
+) -> (Phase, Phase) {
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         let channel: Channel = hostnic_proto::connect(socket, Duration::from_secs(1))
@@ -96,6 +137,7 @@ async fn daemon_phases(socket: &Path, config: &Arc<NetworkConfig>, tag: &str) ->
             .expect("connect to the daemon");
         clients.push(IpamClient::new(channel));
     }
+    let cpu_before = cpu.snapshot();
     let start = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -124,7 +166,10 @@ async fn daemon_phases(socket: &Path, config: &Arc<NetworkConfig>, tag: &str) ->
         allocated.extend(took);
         work.push((client, made));
     }
-    let allocate = phase(allocated, start.elapsed());
+    let mut allocate = phase(allocated, start.elapsed());
+    let cpu_after = cpu.snapshot();
+    let allocations: usize = work.iter().map(|(_, made)| made.len()).sum();
+    allocate.cpu_us = cpu.per_op(&cpu_before, &cpu_after, allocations);
 
     let start = Instant::now();
     let tasks: Vec<_> = work
@@ -145,13 +190,16 @@ async fn daemon_phases(socket: &Path, config: &Arc<NetworkConfig>, tag: &str) ->
     for task in tasks {
         released.extend(task.await.expect("client task"));
     }
-    (allocate, phase(released, start.elapsed()))
+    let mut release = phase(released, start.elapsed());
+    release.cpu_us = cpu.per_op(&cpu_after, &cpu.snapshot(), allocations);
+    (allocate, release)
 }
 
 /// `CLIENTS` tasks sharing one etcd client, each writing new keys with a create-if-absent
 /// transaction for `PHASE`; the keys are deleted afterwards (not timed).
-async fn raw_phase(client: &etcd_client::Client, round: usize) -> Phase {
+async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Phase {
     let prefix = format!("/bench/raw/{round}/");
+    let cpu_before = cpu.snapshot();
     let start = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -163,7 +211,11 @@ async fn raw_phase(client: &etcd_client::Client, round: usize) -> Phase {
                     let key = format!("{prefix}{c}/{i}");
                     let txn = Txn::new()
                         .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(key.as_str(), r#"{"version":1,"handle":"x"}"#, None)]);
+                        .and_then([TxnOp::put(
+                            key.as_str(),
+                            r#"{"version":1,"handle":"x"}"#,
+                            None,
+                        )]);
                     let t = Instant::now();
                     let resp = client.txn(txn).await.expect("raw txn");
                     took.push(t.elapsed());
@@ -178,7 +230,9 @@ async fn raw_phase(client: &etcd_client::Client, round: usize) -> Phase {
     for task in tasks {
         samples.extend(task.await.expect("raw task"));
     }
-    let result = phase(samples, start.elapsed());
+    let ops = samples.len();
+    let mut result = phase(samples, start.elapsed());
+    result.cpu_us = cpu.per_op(&cpu_before, &cpu.snapshot(), ops);
     client
         .clone()
         .delete(prefix, Some(DeleteOptions::new().with_prefix()))
@@ -224,8 +278,23 @@ fn main() {
         .expect("daemon serves");
         (d, socket)
     };
-    let (_logged, logged_socket) = start("logged", "info");
-    let (_quiet, quiet_socket) = start("quiet", "warn");
+    let (logged, logged_socket) = start("logged", "info");
+    let (quiet, quiet_socket) = start("quiet", "warn");
+    let ticks = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    let cpu = Cpu {
+        processes: vec![
+            ("etcd", etcd.member_pid(0).expect("etcd runs")),
+            ("daemon (request log)", logged.pid().expect("daemon runs")),
+            ("daemon (no request log)", quiet.pid().expect("daemon runs")),
+        ],
+        ticks_per_s: String::from_utf8_lossy(&ticks.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK"),
+    };
     let logged_config = config("10.100.0.0/16", &logged_socket);
     let quiet_config = config("10.101.0.0/16", &quiet_socket);
 
@@ -235,18 +304,19 @@ fn main() {
             .await
             .expect("connect to etcd");
         // Warm both daemons (pool definition, first block claims) before measuring.
-        daemon_phases(&logged_socket, &logged_config, "warm").await;
-        daemon_phases(&quiet_socket, &quiet_config, "warm").await;
+        daemon_phases(&logged_socket, &logged_config, "warm", &cpu).await;
+        daemon_phases(&quiet_socket, &quiet_config, "warm", &cpu).await;
 
         println!("{CLIENTS} concurrent clients, {} s phases, single-member etcd", PHASE.as_secs());
         println!("| round | raw txn/s | raw p50 ms | allocate/s (request log) | p50 ms | p99 ms | release/s | allocate/s (no request log) | p50 ms | p99 ms | release/s | allocate : raw | release : raw | no log : raw |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let mut cpu_rows = Vec::new();
         for round in 0..ROUNDS {
-            let raw = raw_phase(&client, round).await;
+            let raw = raw_phase(&client, round, &cpu).await;
             let (alloc, release) =
-                daemon_phases(&logged_socket, &logged_config, &format!("r{round}l")).await;
+                daemon_phases(&logged_socket, &logged_config, &format!("r{round}l"), &cpu).await;
             let (quiet_alloc, quiet_release) =
-                daemon_phases(&quiet_socket, &quiet_config, &format!("r{round}q")).await;
+                daemon_phases(&quiet_socket, &quiet_config, &format!("r{round}q"), &cpu).await;
             println!(
                 "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
                 raw.rate,
@@ -263,6 +333,31 @@ fn main() {
                 release.rate / raw.rate,
                 quiet_alloc.rate / raw.rate,
             );
+            for (what, p) in [
+                ("raw txn", &raw),
+                ("allocate (request log)", &alloc),
+                ("release (request log)", &release),
+                ("allocate (no request log)", &quiet_alloc),
+                ("release (no request log)", &quiet_release),
+            ] {
+                cpu_rows.push(format!(
+                    "| {round} | {what} | {} |",
+                    p.cpu_us
+                        .iter()
+                        .map(|us| format!("{us:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ));
+            }
+        }
+        println!();
+        println!("CPU µs per operation (user + system, from /proc/<pid>/stat); a daemon that is not");
+        println!("serving the phase pays only for following the other's writes through its watch:");
+        let names: Vec<&str> = cpu.processes.iter().map(|(name, _)| *name).collect();
+        println!("| round | phase | {} |", names.join(" | "));
+        println!("|---|---|{}", "---|".repeat(names.len()));
+        for row in cpu_rows {
+            println!("{row}");
         }
     });
 }
