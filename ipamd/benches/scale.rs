@@ -118,23 +118,26 @@ fn allocate_request(container: &str) -> v1::AllocateRequest {
 }
 
 /// Starts the daemon and returns it with the time from spawn to its first Allocate served.
-async fn start(daemon: &Path, etcd: &EtcdCluster, socket: &Path) -> (IpamDaemon, Duration) {
+/// Spawned from the main thread: the daemon is killed when the thread that spawned it ends.
+fn start(
+    rt: &tokio::runtime::Runtime,
+    daemon: &Path,
+    etcd: &EtcdCluster,
+    socket: &Path,
+) -> (IpamDaemon, Duration) {
     let t = Instant::now();
-    let (endpoints, daemon, socket2) = (etcd.endpoints(), daemon.to_owned(), socket.to_owned());
-    let d = tokio::task::spawn_blocking(move || {
-        IpamDaemon::start(&daemon, &endpoints, "bench", PREFIX, &socket2, &[])
-    })
-    .await
-    .expect("start task")
-    .expect("daemon serves");
-    let channel = hostnic_proto::connect(socket, Duration::from_secs(1))
-        .await
-        .expect("connect");
-    let mut client = IpamClient::new(channel);
-    client
-        .allocate(allocate_request("first"))
-        .await
-        .expect("first allocate");
+    let d = IpamDaemon::start(daemon, &etcd.endpoints(), "bench", PREFIX, socket, &[])
+        .expect("daemon serves");
+    rt.block_on(async {
+        let channel = hostnic_proto::connect(socket, Duration::from_secs(1))
+            .await
+            .expect("connect");
+        let mut client = IpamClient::new(channel);
+        client
+            .allocate(allocate_request("first"))
+            .await
+            .expect("first allocate");
+    });
     (d, t.elapsed())
 }
 
@@ -177,7 +180,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("ipamd.sock");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
+    let client = rt.block_on(async {
         // The pool must exist before its records: let one allocator define it.
         let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
         let definer = Allocator::start(&config, "definer").await.expect("start");
@@ -193,12 +196,17 @@ fn main() {
         definer.release(&req.attachment).await.expect("release");
         let client = definer.store().client();
         drop(definer);
-
         let t = Instant::now();
         preload(&client, 0, LOADED).await;
-        println!("preloaded {LOADED} allocations in {:.1} s", t.elapsed().as_secs_f64());
-        let (mut d, took) = start(&daemon, &etcd, &socket).await;
-        let pid = d.pid().expect("running");
+        println!(
+            "preloaded {LOADED} allocations in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        client
+    });
+    let (mut d, took) = start(&rt, &daemon, &etcd, &socket);
+    let pid = d.pid().expect("running");
+    rt.block_on(async {
         let (rss, hwm) = memory(pid);
         println!(
             "{LOADED} allocations loaded: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
@@ -211,20 +219,22 @@ fn main() {
             "then {MADE} allocations made by the daemon ({:.1} s): VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
             t.elapsed().as_secs_f64()
         );
-        d.stop();
+    });
+    d.stop();
 
+    rt.block_on(async {
         let t = Instant::now();
         preload(&client, LOADED, BIG).await;
         println!(
             "preloaded up to {BIG} allocations (plus the {MADE} made) in {:.1} s",
             t.elapsed().as_secs_f64()
         );
-        let (d, took) = start(&daemon, &etcd, &socket).await;
-        let (rss, hwm) = memory(d.pid().expect("running"));
-        println!(
+    });
+    let (d, took) = start(&rt, &daemon, &etcd, &socket);
+    let (rss, hwm) = memory(d.pid().expect("running"));
+    println!(
             "{} allocations in etcd: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
             BIG as usize + MADE,
             took.as_secs_f64() * 1000.0
         );
-    });
 }

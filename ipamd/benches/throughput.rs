@@ -18,7 +18,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+use etcd_client::{CompactionOptions, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use hostnic_cni::plugin::{prepare, DaemonCall};
 use hostnic_cni::{Invocation, NetworkConfig};
 use hostnic_proto::v1;
@@ -241,6 +241,26 @@ async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Pha
     result
 }
 
+/// Compacts etcd's history up to now (not timed), before each phase: without compaction etcd
+/// slows several-fold within a minute of these writes, and the later phases would pay for the
+/// history of the earlier ones. The daemons' watches have caught up by then (a phase ends when
+/// its last reply came back), and a daemon whose watch is compacted reloads anyway.
+async fn compact(client: &etcd_client::Client) {
+    let mut client = client.clone();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let revision = client
+        .get("/", None)
+        .await
+        .expect("read the revision")
+        .header()
+        .expect("header")
+        .revision();
+    client
+        .compact(revision, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+}
+
 fn config(subnet: &str, socket: &Path) -> Arc<NetworkConfig> {
     let text = json!({"cniVersion": "1.0.0", "name": "bench", "ipam": {
         "type": "hostnic-ipam", "subnet": subnet, "socket": socket}})
@@ -312,9 +332,12 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let mut cpu_rows = Vec::new();
         for round in 0..ROUNDS {
+            compact(&client).await;
             let raw = raw_phase(&client, round, &cpu).await;
+            compact(&client).await;
             let (alloc, release) =
                 daemon_phases(&logged_socket, &logged_config, &format!("r{round}l"), &cpu).await;
+            compact(&client).await;
             let (quiet_alloc, quiet_release) =
                 daemon_phases(&quiet_socket, &quiet_config, &format!("r{round}q"), &cpu).await;
             println!(
