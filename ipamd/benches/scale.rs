@@ -117,7 +117,8 @@ fn allocate_request(container: &str) -> v1::AllocateRequest {
     }
 }
 
-/// Starts the daemon and returns it with the time from spawn to its first Allocate served.
+/// Starts the daemon and returns it with the time from spawn to its first Allocate served
+/// (asked again while the daemon answers that it is still loading).
 /// Spawned from the main thread: the daemon is killed when the thread that spawned it ends.
 fn start(
     rt: &tokio::runtime::Runtime,
@@ -133,10 +134,19 @@ fn start(
             .await
             .expect("connect");
         let mut client = IpamClient::new(channel);
-        client
-            .allocate(allocate_request("first"))
-            .await
-            .expect("first allocate");
+        // Until the pools are loaded the daemon answers Unavailable (code 11): ask again.
+        loop {
+            match client.allocate(allocate_request("first")).await {
+                Ok(_) => break,
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && t.elapsed() < Duration::from_secs(120) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(status) => panic!("first allocate: {status:?}"),
+            }
+        }
     });
     (d, t.elapsed())
 }
