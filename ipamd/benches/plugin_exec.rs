@@ -2,7 +2,12 @@
 //! environment and config, one gRPC call to a running `hostnic-ipamd`, one etcd transaction.
 //! Compared in the same run with the reference `host-local` plugin on an equal subnet: the
 //! sequential ADDs and DELs of both alternate call by call; the concurrent bursts run one
-//! plugin at a time.
+//! plugin at a time. The floors are measured in the same loop as the ADDs: an exec of
+//! `/bin/true` and each plugin's VERSION (which execs and answers without any I/O), so that the
+//! work past exec start-up (ADD minus VERSION) of both plugins is compared too.
+//!
+//! `HOSTNIC_BENCH_BASELINE=/path/to/hostnic-ipam` adds a third peer in the same loop (another
+//! build of the plugin, e.g. before a change to the release profile), on the same daemon.
 //!
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench plugin_exec`
@@ -47,12 +52,16 @@ fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration
         .stderr(Stdio::piped())
         .spawn()
         .expect("plugin starts");
-    child
+    // `/bin/true` (the floor) may exit before reading its stdin.
+    match child
         .stdin
         .take()
         .expect("stdin")
         .write_all(config.as_bytes())
-        .expect("config written");
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("config written: {e}"),
+        _ => {}
+    }
     let out = child.wait_with_output().expect("plugin runs");
     let elapsed = t.elapsed();
     assert!(
@@ -86,13 +95,23 @@ struct Peer<'a> {
     tag: &'a str,
 }
 
-/// `SEQUENTIAL` ADDs, then as many DELs, of both peers in turn (ours, theirs, ours, ...), so
-/// that both series see the same machine at the same moments.
-fn interleaved(peers: &[Peer; 2]) -> [(Vec<Duration>, Vec<Duration>); 2] {
-    let mut out: [(Vec<Duration>, Vec<Duration>); 2] = Default::default();
+/// One peer's sequential ADD and DEL latencies.
+type Series = (Vec<Duration>, Vec<Duration>);
+
+/// `SEQUENTIAL` ADDs, then as many DELs, of the peers in turn (ours, theirs, ours, ...), so
+/// that all series see the same machine at the same moments. Each ADD round also execs
+/// `/bin/true` and each peer's VERSION: the floors, returned per peer after `/bin/true`'s.
+fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
+    let mut out: Vec<Series> = vec![Default::default(); peers.len()];
+    let mut floors: Vec<Vec<Duration>> = vec![Vec::new(); peers.len() + 1];
+    let bin_true = Path::new("/bin/true");
     for i in 0..SEQUENTIAL {
         for (p, o) in peers.iter().zip(out.iter_mut()) {
             o.0.push(exec(p.plugin, "ADD", &format!("{}{i}", p.tag), p.config));
+        }
+        floors[0].push(exec(bin_true, "VERSION", "floor", ""));
+        for (p, f) in peers.iter().zip(floors[1..].iter_mut()) {
+            f.push(exec(p.plugin, "VERSION", "floor", p.config));
         }
     }
     for i in 0..SEQUENTIAL {
@@ -100,7 +119,7 @@ fn interleaved(peers: &[Peer; 2]) -> [(Vec<Duration>, Vec<Duration>); 2] {
             o.1.push(exec(p.plugin, "DEL", &format!("{}{i}", p.tag), p.config));
         }
     }
-    out
+    (out, floors)
 }
 
 /// The figures of `peer`: its interleaved sequential series, then a burst of `CONCURRENT`
@@ -193,7 +212,8 @@ fn main() {
     exec(hl, "ADD", "warm", &host_local);
     exec(hl, "DEL", "warm", &host_local);
 
-    let peers = [
+    let baseline = std::env::var_os("HOSTNIC_BENCH_BASELINE").map(PathBuf::from);
+    let mut peers = vec![
         Peer {
             plugin: hl,
             config: &host_local,
@@ -205,20 +225,57 @@ fn main() {
             tag: "hn",
         },
     ];
-    let [hl_series, hn_series] = interleaved(&peers);
-    let theirs = measure(&peers[0], hl_series);
-    let mine = measure(&peers[1], hn_series);
-    println!("| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | {CONCURRENT} concurrent ADD p50 ms | {CONCURRENT} concurrent wall ms |");
-    println!("|---|---|---|---|---|---|---|");
-    for (name, f) in [("host-local", &theirs), ("hostnic-ipam", &mine)] {
+    if let Some(baseline) = &baseline {
+        exec(baseline, "ADD", "warmb", &ours);
+        exec(baseline, "DEL", "warmb", &ours);
+        peers.push(Peer {
+            plugin: baseline,
+            config: &ours,
+            tag: "hb",
+        });
+    }
+    let (series, mut floors) = interleaved(&peers);
+    let figures: Vec<Figures> = peers
+        .iter()
+        .zip(series)
+        .map(|(peer, s)| measure(peer, s))
+        .collect();
+    let (theirs, mine) = (&figures[0], &figures[1]);
+    println!("| plugin | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | {CONCURRENT} concurrent ADD p50 ms | {CONCURRENT} concurrent wall ms | VERSION p50 ms | ADD - VERSION p50 ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let names = ["host-local", "hostnic-ipam", "hostnic-ipam (baseline)"];
+    let mut version_p50 = Vec::new();
+    for ((name, f), v) in names.iter().zip(&figures).zip(floors[1..].iter_mut()) {
+        let version = percentile(v, 0.5);
+        version_p50.push(version);
         println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
-            f.add_p50, f.add_p99, f.del_p50, f.del_p99, f.concurrent_p50, f.concurrent_wall
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {version:.2} | {:.2} |",
+            f.add_p50,
+            f.add_p99,
+            f.del_p50,
+            f.del_p99,
+            f.concurrent_p50,
+            f.concurrent_wall,
+            f.add_p50 - version
         );
     }
+    println!(
+        "| /bin/true | | | | | | | {:.2} | |",
+        percentile(&mut floors[0], 0.5)
+    );
     println!();
     println!(
-        "ratio ADD p50 hostnic-ipam : host-local = {:.2} (target <= 1.0)",
+        "work past exec start-up (ADD p50 - VERSION p50) hostnic-ipam : host-local = {:.2} (target < 1.0)",
+        (mine.add_p50 - version_p50[1]) / (theirs.add_p50 - version_p50[0])
+    );
+    if baseline.is_some() {
+        println!(
+            "ratio ADD p50 baseline : host-local = {:.2}",
+            figures[2].add_p50 / theirs.add_p50
+        );
+    }
+    println!(
+        "ratio ADD p50 hostnic-ipam : host-local = {:.2} (target <= 0.6)",
         mine.add_p50 / theirs.add_p50
     );
     println!(

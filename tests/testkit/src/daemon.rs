@@ -125,6 +125,11 @@ impl IpamDaemon {
         }
     }
 
+    /// The daemon's process id while it runs (for `/proc/<pid>/status` in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The daemon's log file (stdout and stderr). A daemon started again for the same node on
     /// the same socket appends to it.
     pub fn log_path(&self) -> &Path {
