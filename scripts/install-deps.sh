@@ -25,7 +25,7 @@ missing_tools() {
 missing=$(missing_tools)
 missing=${missing% }
 if [ -z "$missing" ]; then
-  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping, openssl)"
+  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping, openssl, podman, runc, busybox, promtool)"
 else
   log "missing: $missing"
   as_root=()

@@ -256,19 +256,19 @@ fn attachment_of(
     Ok(Attachment::new(&n.name, &a.container_id, &a.ifname))
 }
 
-/// The network's `stickyStatefulSets` switch (see [`sticky::enabled`]); its type is checked
-/// with the pool keys.
-fn sticky_switch(network: Option<&Network>) -> bool {
-    network
-        .and_then(|n| serde_json::from_str::<serde_json::Value>(&n.ipam_json).ok())
-        .is_none_or(|ipam| sticky::enabled(&ipam))
+/// The network's `ipam` object, parsed once per request.
+fn ipam_of(network: Option<&Network>) -> Result<serde_json::Value, Status> {
+    let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
+    serde_json::from_str(&n.ipam_json)
+        .map_err(|e| Status::invalid_argument(format!("ipam config is not JSON: {e}")))
+}
+
+fn range_sets_in(ipam: &serde_json::Value) -> Result<Vec<RangeSet>, Status> {
+    parse_range_sets(ipam).map_err(|e| status_of(&IpamError::Config(e)))
 }
 
 fn range_sets_of(network: Option<&Network>) -> Result<Vec<RangeSet>, Status> {
-    let n = network.ok_or_else(|| Status::invalid_argument("network is required"))?;
-    let ipam: serde_json::Value = serde_json::from_str(&n.ipam_json)
-        .map_err(|e| Status::invalid_argument(format!("ipam config is not JSON: {e}")))?;
-    parse_range_sets(&ipam).map_err(|e| status_of(&IpamError::Config(e)))
+    range_sets_in(&ipam_of(network)?)
 }
 
 fn parse_ips(values: &[String], what: &str) -> Result<Vec<IpAddr>, Status> {
@@ -416,9 +416,11 @@ impl Ipam for IpamService {
                 uid: p.uid,
             });
             record_pod(pod.as_ref());
-            let range_sets = range_sets_of(req.network.as_ref())?;
+            let ipam = ipam_of(req.network.as_ref())?;
+            let range_sets = range_sets_in(&ipam)?;
             let requested = parse_ips(&req.requested_ips, "requested address")?;
-            let sticky = sticky_switch(req.network.as_ref());
+            // The switch's type is checked with the pool keys (see [`sticky::enabled`]).
+            let sticky = sticky::enabled(&ipam);
             let (requested, requested_kind, identity) = match self
                 .requested(
                     pod.as_mut(),

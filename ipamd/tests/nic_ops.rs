@@ -3,12 +3,11 @@
 //! taken from the cluster's VxNetPool resource served by the fake Kubernetes API server.
 
 mod common;
+mod scrape;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::kube::{FakeKube, Fault as ApiFault, Kind};
 use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
+use scrape::{free_port, http_get, promtool_problems, sample};
 
 const KEY: &str = "QYACCESSKEYIDEXAMPLE";
 const SECRET: &str = "SIMSECRET-nic-ops-test";
@@ -83,45 +83,6 @@ fn qingcloud_files(dir: &Path, sim: &Simulator, instance: &str, pool: &str) -> V
     ]
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-/// One HTTP/1.1 GET; the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request sent");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {response:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_string())
-}
-
-/// The value of one series (`name{labels}` exactly as exposed), if it is there.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.parse().ok()
-    })
-}
-
 /// `hostnic_ipamd_qingcloud_api_calls_total` summed over results, by action.
 fn api_calls_by_action(text: &str) -> BTreeMap<String, u64> {
     let mut calls = BTreeMap::new();
@@ -139,43 +100,6 @@ fn api_calls_by_action(text: &str) -> BTreeMap<String, u64> {
         *calls.entry(action.to_string()).or_default() += value;
     }
     calls
-}
-
-/// `promtool check metrics` on `text`: None when it passed, the reason when it did not; a
-/// SKIPPED part when promtool is not installed (Debian's `prometheus` package ships it).
-fn promtool_problems(text: &str) -> Option<String> {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            hostnic_testkit::report_skipped_part(
-                "promtool check metrics",
-                "promtool is not installed (apt-get install prometheus)",
-            );
-            return None;
-        }
-        Err(e) => panic!("running promtool: {e}"),
-    };
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("scrape written to promtool");
-    let out = child.wait_with_output().expect("promtool ran");
-    (!out.status.success() || !out.stdout.is_empty() || !out.stderr.is_empty()).then(|| {
-        format!(
-            "promtool exit {}: {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 /// Scrapes until `done` holds for the page, for up to `within`; the page.
