@@ -6,8 +6,8 @@
 //! requests each makes (etcd's own `grpc_server_handled_total` and `etcd_mvcc_*` counters).
 //!
 //! Then the fan-out: the production `Allocator` in-process (node "churner") makes `OPS`
-//! allocations and releases them, `TASKS` at a time, while 0, 1 or `MANY` release daemons of
-//! other nodes sit idle, watching. The three phases alternate within each round (the order
+//! allocations, then releases them (each half measured apart), `TASKS` at a time, while 0, 1
+//! or `MANY` release daemons of other nodes sit idle, watching. The three phases alternate within each round (the order
 //! reversed every other round), so each watcher count is compared with the others at the same
 //! moments of one run. Per phase, from etcd's `/metrics` on its client URL: the watch events
 //! it sent (`etcd_debugging_mvcc_events_total`, counted as each watch response leaves), the
@@ -58,21 +58,20 @@ fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// etcd's Prometheus page, from its client URL.
+/// etcd's Prometheus page, from its client URL (HTTP/1.0: a body to EOF, not chunked).
 fn scrape(endpoint: &str) -> String {
     let addr = endpoint.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).expect("connect to etcd's client URL");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request sent");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request sent");
     let mut page = String::new();
     stream.read_to_string(&mut page).expect("metrics page");
-    page
+    match page.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_owned(),
+        None => panic!("no end of headers in etcd's /metrics answer"),
+    }
 }
 
 /// Every sample of a Prometheus page, by series (`name{labels}` as exposed).
@@ -192,7 +191,8 @@ fn requests_between(before: &str, after: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Every key under `prefix` with its key and value sizes.
+/// Every key under `prefix` with its key and value sizes. (Read before a step's first page and
+/// after its last, so its own Range is not counted.)
 async fn keys_under(
     client: &etcd_client::Client,
     prefix: &str,
@@ -250,14 +250,14 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
         let req = request(container, pod);
         let (keys, page) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
         allocator.allocate(&req).await.expect("allocate");
-        let (after, page_after) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+        let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
         print_new(what, &keys, &after);
         steps.push((what, requests_between(&page, &page_after)));
     }
     let req = request(2, "");
     let (keys, page) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
     allocator.release(&req.attachment).await.expect("release");
-    let (after, page_after) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+    let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
     print_new("DEL", &keys, &after);
     steps.push(("DEL", requests_between(&page, &page_after)));
     let identity = Identity {
@@ -273,7 +273,7 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
         .allocate_sticky(&req, &identity, &[])
         .await
         .expect("sticky allocate");
-    let (after, page_after) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+    let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
     print_new("first ADD of a StatefulSet pod", &keys, &after);
     steps.push((
         "first ADD of a StatefulSet pod",
@@ -291,29 +291,35 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
     println!();
 }
 
-/// One phase: `OPS` allocations by the churner, `TASKS` at a time, then their releases.
-/// Returns the wall time.
-async fn churn(allocator: &Arc<Allocator>, phase: usize) -> Duration {
+/// What a phase does: `OPS` allocations by the churner, or the releases of the allocations
+/// the same phase made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Half {
+    Allocate,
+    Release,
+}
+
+/// One half of phase `phase`, `TASKS` at a time. Returns the wall time.
+async fn churn(allocator: &Arc<Allocator>, phase: usize, half: Half) -> Duration {
     let start = Instant::now();
-    for release in [false, true] {
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|t| {
-                let allocator = Arc::clone(allocator);
-                tokio::spawn(async move {
-                    for i in (0..OPS).filter(|i| i % TASKS == t) {
-                        let req = request(phase * OPS + i, "churn");
-                        if release {
-                            allocator.release(&req.attachment).await.expect("release");
-                        } else {
-                            allocator.allocate(&req).await.expect("allocate");
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let allocator = Arc::clone(allocator);
+            tokio::spawn(async move {
+                for i in (0..OPS).filter(|i| i % TASKS == t) {
+                    let req = request(phase * OPS + i, "churn");
+                    match half {
+                        Half::Allocate => drop(allocator.allocate(&req).await.expect("allocate")),
+                        Half::Release => {
+                            drop(allocator.release(&req.attachment).await.expect("release"))
                         }
                     }
-                })
+                }
             })
-            .collect();
-        for task in tasks {
-            task.await.expect("churn task");
-        }
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("churn task");
     }
     start.elapsed()
 }
@@ -352,6 +358,7 @@ fn wait_for_watchers(endpoint: &str, watchers: f64) {
 /// daemon's CPU seconds.
 struct Phase {
     idle: usize,
+    half: Half,
     wall: Duration,
     events: f64,
     watch_responses: f64,
@@ -388,7 +395,8 @@ fn main() {
         let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
         let allocator = Arc::new(Allocator::start(&config, "churner").await.expect("start"));
         // Warm: the pool's definition and the churner's first blocks.
-        churn(&allocator, 0).await;
+        churn(&allocator, 0, Half::Allocate).await;
+        churn(&allocator, 0, Half::Release).await;
         allocator
     });
     // The unit-cost allocator above is gone; what watches now is the churner alone.
@@ -436,86 +444,89 @@ fn main() {
             rt.block_on(compact(&client));
             // Quiet for a moment: the daemons' load and etcd's compaction are done.
             std::thread::sleep(Duration::from_millis(300));
-            let before = counters(&endpoint);
-            let etcd_before = cpu_seconds(etcd_pid, ticks);
-            let daemons_before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p, ticks)).collect();
-            let wall = rt.block_on(churn(&allocator, phase_no));
-            // The last events reach the watchers after the churner's last reply.
-            std::thread::sleep(Duration::from_millis(300));
-            let after = counters(&endpoint);
-            phases.push(Phase {
-                idle,
-                wall,
-                events: after.events - before.events,
-                watch_responses: after.watch_responses - before.watch_responses,
-                sent_bytes: after.sent_bytes - before.sent_bytes,
-                etcd_cpu: cpu_seconds(etcd_pid, ticks) - etcd_before,
-                daemon_cpu: pids
-                    .iter()
-                    .zip(&daemons_before)
-                    .map(|(p, b)| cpu_seconds(*p, ticks) - b)
-                    .collect(),
-            });
+            for half in [Half::Allocate, Half::Release] {
+                let before = counters(&endpoint);
+                let etcd_before = cpu_seconds(etcd_pid, ticks);
+                let daemons_before: Vec<f64> =
+                    pids.iter().map(|p| cpu_seconds(*p, ticks)).collect();
+                let wall = rt.block_on(churn(&allocator, phase_no, half));
+                // The last events reach the watchers after the churner's last reply.
+                std::thread::sleep(Duration::from_millis(300));
+                let after = counters(&endpoint);
+                phases.push(Phase {
+                    idle,
+                    half,
+                    wall,
+                    events: after.events - before.events,
+                    watch_responses: after.watch_responses - before.watch_responses,
+                    sent_bytes: after.sent_bytes - before.sent_bytes,
+                    etcd_cpu: cpu_seconds(etcd_pid, ticks) - etcd_before,
+                    daemon_cpu: pids
+                        .iter()
+                        .zip(&daemons_before)
+                        .map(|(p, b)| cpu_seconds(*p, ticks) - b)
+                        .collect(),
+                });
+            }
             phase_no += 1;
             drop(daemons);
             wait_for_watchers(&endpoint, base_watchers);
         }
     }
 
-    let ops = (2 * OPS) as f64;
-    println!(
-        "## Watch fan-out: {OPS} allocations and {OPS} releases per phase by one node, {TASKS} at a time"
-    );
+    let ops = OPS as f64;
+    let name = |half: Half| match half {
+        Half::Allocate => "allocate",
+        Half::Release => "release",
+    };
+    println!("## Watch fan-out: {OPS} allocations, then their releases, per phase by one node, {TASKS} at a time");
     println!();
-    println!("| round | idle daemons | ops/s | watch events per op | watch responses per op | bytes sent per op | etcd CPU µs per op | idle daemon CPU µs per remote op (mean; each) |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (i, p) in phases.iter().enumerate() {
-        let each: Vec<String> = p
-            .daemon_cpu
-            .iter()
-            .map(|s| format!("{:.1}", s * 1e6 / ops))
-            .collect();
-        let mean = if p.daemon_cpu.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "{:.1}",
-                p.daemon_cpu.iter().sum::<f64>() * 1e6 / ops / p.daemon_cpu.len() as f64
-            )
-        };
-        println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {mean}{} |",
-            i / 3,
-            p.idle,
-            ops / p.wall.as_secs_f64(),
-            p.events / ops,
-            p.watch_responses / ops,
-            p.sent_bytes / ops,
-            p.etcd_cpu * 1e6 / ops,
-            if each.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", each.join(", "))
-            },
-        );
+    println!("| round | idle daemons | operation | ops/s | watch events per op | watch responses per op | bytes sent per op | etcd CPU µs per op | idle daemon CPU µs per remote op (mean; each) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let rounds: Vec<&[Phase]> = phases.chunks(6).collect();
+    for (round, phases) in rounds.iter().enumerate() {
+        for p in phases.iter() {
+            let each: Vec<String> = p
+                .daemon_cpu
+                .iter()
+                .map(|s| format!("{:.1}", s * 1e6 / ops))
+                .collect();
+            let mean = match p.daemon_cpu.len() {
+                0 => String::new(),
+                n => format!(
+                    "{:.1} ({})",
+                    p.daemon_cpu.iter().sum::<f64>() * 1e6 / ops / n as f64,
+                    each.join(", ")
+                ),
+            };
+            println!(
+                "| {round} | {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {mean} |",
+                p.idle,
+                name(p.half),
+                ops / p.wall.as_secs_f64(),
+                p.events / ops,
+                p.watch_responses / ops,
+                p.sent_bytes / ops,
+                p.etcd_cpu * 1e6 / ops,
+            );
+        }
     }
     println!();
-    println!("Per idle watcher, against the round's phase with 0 idle daemons: (phase − peer) / idle daemons / ops");
+    println!("Per idle watcher, against the same round's phase with 0 idle daemons: (phase − peer) / idle daemons / ops");
     println!();
-    println!("| round | idle daemons | watch events per op per watcher | bytes sent per op per watcher | etcd CPU µs per op per watcher |");
-    println!("|---|---|---|---|---|");
-    for round in phases.chunks(3) {
-        let peer = round.iter().find(|p| p.idle == 0).expect("a phase with 0");
-        for p in round.iter().filter(|p| p.idle > 0) {
+    println!("| round | idle daemons | operation | watch events per op per watcher | bytes sent per op per watcher | etcd CPU µs per op per watcher |");
+    println!("|---|---|---|---|---|---|");
+    for (round, phases) in rounds.iter().enumerate() {
+        for p in phases.iter().filter(|p| p.idle > 0) {
+            let peer = phases
+                .iter()
+                .find(|q| q.idle == 0 && q.half == p.half)
+                .expect("a peer with 0 idle daemons");
             let n = p.idle as f64 * ops;
             println!(
-                "| {} | {} | {:.3} | {:.0} | {:.1} |",
-                phases
-                    .iter()
-                    .position(|q| std::ptr::eq(q, peer))
-                    .expect("in phases")
-                    / 3,
+                "| {round} | {} | {} | {:.3} | {:.0} | {:.1} |",
                 p.idle,
+                name(p.half),
                 (p.events - peer.events) / n,
                 (p.sent_bytes - peer.sent_bytes) / n,
                 (p.etcd_cpu - peer.etcd_cpu) * 1e6 / n,
