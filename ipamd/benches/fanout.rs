@@ -36,9 +36,8 @@ use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
-const PREFIX: &str = "/hostnic/ipam/v1";
-/// The unit costs are measured under a prefix of their own, which no daemon watches.
-const UNIT_PREFIX: &str = "/units/ipam/v1";
+/// The daemon's default prefix, so that keys have the length they have in a cluster.
+const PREFIX: &str = hostnic_ipamd::store::DEFAULT_PREFIX;
 const SUBNET: &str = "10.188.0.0/16";
 /// Allocations per phase, each released in the same phase: 2 × `OPS` operations.
 const OPS: usize = 5_000;
@@ -233,7 +232,7 @@ fn print_new(
 /// StatefulSet pod's first ADD, through the production allocator.
 async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
     let endpoint = etcd.endpoint(0);
-    let config = StoreConfig::new(etcd.endpoints()).with_prefix(UNIT_PREFIX);
+    let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
     let allocator = Allocator::start(&config, "node-0001.cluster.local")
         .await
         .expect("start");
@@ -248,16 +247,16 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
         ("ADD", 2, "web-5d4f8c7b9-q9m4z"),
     ] {
         let req = request(container, pod);
-        let (keys, page) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+        let (keys, page) = (keys_under(client, PREFIX).await, scrape(&endpoint));
         allocator.allocate(&req).await.expect("allocate");
-        let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
+        let (page_after, after) = (scrape(&endpoint), keys_under(client, PREFIX).await);
         print_new(what, &keys, &after);
         steps.push((what, requests_between(&page, &page_after)));
     }
     let req = request(2, "");
-    let (keys, page) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+    let (keys, page) = (keys_under(client, PREFIX).await, scrape(&endpoint));
     allocator.release(&req.attachment).await.expect("release");
-    let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
+    let (page_after, after) = (scrape(&endpoint), keys_under(client, PREFIX).await);
     print_new("DEL", &keys, &after);
     steps.push(("DEL", requests_between(&page, &page_after)));
     let identity = Identity {
@@ -268,12 +267,12 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
         stateful_set_uid: "6f1c2a9e-0000-4000-8000-00000000beef".into(),
     };
     let req = request(3, "db-0");
-    let (keys, page) = (keys_under(client, UNIT_PREFIX).await, scrape(&endpoint));
+    let (keys, page) = (keys_under(client, PREFIX).await, scrape(&endpoint));
     allocator
         .allocate_sticky(&req, &identity, &[])
         .await
         .expect("sticky allocate");
-    let (page_after, after) = (scrape(&endpoint), keys_under(client, UNIT_PREFIX).await);
+    let (page_after, after) = (scrape(&endpoint), keys_under(client, PREFIX).await);
     print_new("first ADD of a StatefulSet pod", &keys, &after);
     steps.push((
         "first ADD of a StatefulSet pod",
@@ -389,7 +388,18 @@ fn main() {
             .await
             .expect("connect to etcd")
     });
-    rt.block_on(unit_costs(&etcd, &client));
+    rt.block_on(async {
+        unit_costs(&etcd, &client).await;
+        // The fan-out starts from an empty keyspace.
+        client
+            .clone()
+            .delete(
+                PREFIX,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await
+            .expect("delete the unit-cost records");
+    });
 
     let allocator = rt.block_on(async {
         let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
@@ -399,7 +409,7 @@ fn main() {
         churn(&allocator, 0, Half::Release).await;
         allocator
     });
-    // The unit-cost allocator above is gone; what watches now is the churner alone.
+    // The unit-cost allocator is gone; what watches now is the churner alone.
     let base_watchers = counters(&endpoint).watchers;
     // Each daemon's own watchers, learnt from the first one started.
     let mut per_daemon = 0.0;
