@@ -233,9 +233,11 @@ fn print_new(
 async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
     let endpoint = etcd.endpoint(0);
     let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
-    let allocator = Allocator::start(&config, "node-0001.cluster.local")
-        .await
-        .expect("start");
+    let allocator = Arc::new(
+        Allocator::start(&config, "node-0001.cluster.local")
+            .await
+            .expect("start"),
+    );
     println!("## Records one pod leaves in etcd (key and value bytes, read back)");
     println!();
     println!("| step | key | key bytes | value bytes | total |");
@@ -288,6 +290,43 @@ async fn unit_costs(etcd: &EtcdCluster, client: &etcd_client::Client) {
         println!("- {what}: {}", list.join(", "));
     }
     println!();
+    keyspace_growth(&endpoint, client, &allocator).await;
+}
+
+/// etcd's database in use (`etcd_mvcc_db_total_size_in_use_in_bytes`), once its backend has
+/// committed (every 100 ms).
+async fn db_in_use(endpoint: &str) -> f64 {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    samples(&scrape(endpoint))["etcd_mvcc_db_total_size_in_use_in_bytes"]
+}
+
+/// What `OPS` pods cost etcd's database: held, then released (their history until a
+/// compaction), then after a compaction.
+async fn keyspace_growth(endpoint: &str, client: &etcd_client::Client, allocator: &Arc<Allocator>) {
+    compact(client).await;
+    let start = db_in_use(endpoint).await;
+    churn(allocator, 1, Half::Allocate).await;
+    let held = db_in_use(endpoint).await;
+    churn(allocator, 1, Half::Release).await;
+    let released = db_in_use(endpoint).await;
+    compact(client).await;
+    let compacted = db_in_use(endpoint).await;
+    let per_pod = |from: f64, to: f64| (to - from) / OPS as f64;
+    println!("## etcd's database in use (etcd_mvcc_db_total_size_in_use_in_bytes), {OPS} pods of one node");
+    println!();
+    println!("| state | bytes in use | per pod |");
+    println!("|---|---|---|");
+    println!("| compacted, before | {start:.0} | |");
+    println!(
+        "| {OPS} pods held | {held:.0} | {:.0} |",
+        per_pod(start, held)
+    );
+    println!("| then released, not compacted (history, tombstones, release markers) | {released:.0} | {:.0} |", per_pod(start, released));
+    println!(
+        "| then compacted (release markers live until their lease ends) | {compacted:.0} | {:.0} |",
+        per_pod(start, compacted)
+    );
+    println!();
 }
 
 /// What a phase does: `OPS` allocations by the churner, or the releases of the allocations
@@ -298,7 +337,8 @@ enum Half {
     Release,
 }
 
-/// One half of phase `phase`, `TASKS` at a time. Returns the wall time.
+/// One half of phase `phase`, `TASKS` at a time (phase 0 warms, 1 is the unit costs'). Returns
+/// the wall time.
 async fn churn(allocator: &Arc<Allocator>, phase: usize, half: Half) -> Duration {
     let start = Instant::now();
     let tasks: Vec<_> = (0..TASKS)
@@ -415,7 +455,7 @@ fn main() {
     let mut per_daemon = 0.0;
 
     let mut phases = Vec::new();
-    let mut phase_no = 1;
+    let mut phase_no = 2;
     for round in 0..ROUNDS {
         let mut order = vec![0, 1, MANY];
         if round % 2 == 1 {
