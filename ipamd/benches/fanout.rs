@@ -6,10 +6,10 @@
 //! requests each makes (etcd's own `grpc_server_handled_total` and `etcd_mvcc_*` counters).
 //!
 //! Then the fan-out: the production `Allocator` in-process (node "churner") makes `OPS`
-//! allocations, then releases them (each half measured apart), `TASKS` at a time, while 0, 1
-//! or `MANY` release daemons of other nodes sit idle, watching. The three phases alternate within each round (the order
-//! reversed every other round), so each watcher count is compared with the others at the same
-//! moments of one run. Per phase, from etcd's `/metrics` on its client URL: the watch events
+//! allocations, then releases them (each half measured apart), `TASKS` at a time, while 0, 1,
+//! 8 or 32 release daemons of other nodes sit idle, watching (`IDLE`). The phases alternate
+//! within each round (the order reversed every other round), so each watcher count is compared
+//! with the others at the same moments of one run. Per phase, from etcd's `/metrics` on its client URL: the watch events
 //! it sent (`etcd_debugging_mvcc_events_total`, counted as each watch response leaves), the
 //! watch responses (`grpc_server_msg_sent_total` of `Watch`), the bytes sent to all gRPC
 //! clients (`etcd_network_client_grpc_sent_bytes_total`); CPU time of etcd and of each idle
@@ -40,9 +40,13 @@ use serde_json::json;
 const PREFIX: &str = hostnic_ipamd::store::DEFAULT_PREFIX;
 const SUBNET: &str = "10.188.0.0/16";
 /// Allocations per phase, each released in the same phase: 2 × `OPS` operations.
-const OPS: usize = 5_000;
+const OPS: usize = 10_000;
 const TASKS: usize = 16;
-const MANY: usize = 8;
+/// The idle daemons of each phase of a round, in the order of even rounds (odd rounds run it
+/// backwards). 32 besides the 1 and 8 asked for: etcd's CPU per watcher is small against its
+/// drift between phases, and 32 watchers make it show. 0 next to 32, so that the largest
+/// difference is taken between neighbours.
+const IDLE: [usize; 4] = [1, 0, 32, 8];
 const ROUNDS: usize = 3;
 /// The network name and the sizes of the identifiers kubelet and the runtime pass, so that
 /// the records have the size they have in a cluster.
@@ -457,7 +461,7 @@ fn main() {
     let mut phases = Vec::new();
     let mut phase_no = 2;
     for round in 0..ROUNDS {
-        let mut order = vec![0, 1, MANY];
+        let mut order = IDLE.to_vec();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -533,7 +537,7 @@ fn main() {
     println!();
     println!("| round | idle daemons | operation | ops/s | watch events per op | watch responses per op | bytes sent per op | etcd CPU µs per op | idle daemon CPU µs per remote op (mean; each) |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    let rounds: Vec<&[Phase]> = phases.chunks(6).collect();
+    let rounds: Vec<&[Phase]> = phases.chunks(2 * IDLE.len()).collect();
     for (round, phases) in rounds.iter().enumerate() {
         for p in phases.iter() {
             let each: Vec<String> = p
