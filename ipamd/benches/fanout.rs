@@ -48,8 +48,8 @@ const TASKS: usize = 16;
 /// difference is taken between neighbours.
 const IDLE: [usize; 4] = [1, 0, 32, 8];
 const ROUNDS: usize = 3;
-/// The network name and the sizes of the identifiers kubelet and the runtime pass, so that
-/// the records have the size they have in a cluster.
+/// The network of the example install (`etc/kubernetes/hostnic-ipam.yaml`): with the sizes of
+/// the identifiers in [`request`], the records have the size they have in a cluster.
 const NETWORK: &str = "hostnic-pods";
 
 fn release_dir() -> PathBuf {
