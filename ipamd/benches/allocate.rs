@@ -1,21 +1,116 @@
-//! Allocate + release against a single-member etcd for /24, /16 and /8 pools (the /8 already
-//! holding 100,000 allocations), each operation interleaved with the raw etcd create-if-absent
-//! transaction the allocator is built on, so that every ratio compares two series measured side
-//! by side (etcd slows as its database grows: a raw run before or after would flatter or
-//! penalise the pool measured far from it).
+//! Allocate + release against a single-member etcd, each operation interleaved with the raw
+//! etcd create-if-absent transaction the allocator is built on, so that every ratio compares
+//! two series measured side by side (etcd slows as its database grows: a raw run before or
+//! after would flatter or penalise the pool measured far from it).
+//!
+//! Pools: /24, /16 and /8 with nothing held by this node (the /8 already holding 100,000
+//! allocations of another node), where every allocation lands in a fresh block; a /20 and a
+//! /16 that are 95 % full with the free addresses scattered over this node's blocks; and a /16
+//! as full whose every block another node claimed, so that this node must borrow.
 //!
 //! Run: `cargo bench -p hostnic-ipamd --bench allocate` (results go in BENCHMARKS.md).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use hostnic_ipamd::addr::to_int;
 use hostnic_ipamd::records::{BlockRecord, Keys, RECORD_VERSION};
-use hostnic_ipamd::{parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, StoreConfig};
+use hostnic_ipamd::{
+    parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, Pool, StoreConfig,
+};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
 const OPS: usize = 2000;
 const PRELOAD: u32 = 100_000;
+/// Share of the dynamic addresses a full pool leaves free, in percent.
+const FREE_PERCENT: usize = 5;
+/// The other nodes whose blocks a borrowing node borrows from.
+const PEERS: u128 = 8;
+const NODE: &str = "bench-node";
+
+/// What the pool holds when the allocator starts.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    /// Nothing: allocations claim and fill fresh blocks of this node.
+    Empty,
+    /// This many consecutive addresses from the start of the pool, in blocks of another node.
+    Preloaded(u32),
+    /// All but `FREE_PERCENT` % of the dynamic addresses, the free ones picked at random, every
+    /// block claimed by this node: the free addresses are scattered over its blocks.
+    Fragmented,
+    /// As `Fragmented`, but every block claimed by one of `PEERS` other nodes: no block is left
+    /// to claim and this node allocates by borrowing.
+    Borrowing,
+}
+
+impl Fill {
+    fn label(self, subnet: &str) -> String {
+        match self {
+            Fill::Empty => subnet.to_string(),
+            Fill::Preloaded(n) => format!("{subnet} holding {n}"),
+            Fill::Fragmented => format!("{subnet} 95 % full, fragmented"),
+            Fill::Borrowing => format!("{subnet} 95 % full, borrowing"),
+        }
+    }
+
+    /// The node that claims block `index`.
+    fn owner(self, index: u128) -> String {
+        match self {
+            Fill::Fragmented => NODE.to_string(),
+            Fill::Borrowing => format!("peer-{}", index % PEERS),
+            Fill::Empty | Fill::Preloaded(_) => "filler".to_string(),
+        }
+    }
+
+    /// The addresses held when the allocator starts, in order.
+    fn held(self, pool: &Pool) -> Vec<u128> {
+        let first = to_int(pool.subnet.network());
+        match self {
+            Fill::Empty => Vec::new(),
+            Fill::Preloaded(n) => (first + 2..first + 2 + u128::from(n)).collect(),
+            Fill::Fragmented | Fill::Borrowing => {
+                let last = to_int(pool.subnet.broadcast());
+                let mut dynamic: Vec<u128> =
+                    (first..=last).filter(|&n| pool.is_dynamic(n)).collect();
+                shuffle(&mut dynamic);
+                let free = dynamic.len() * FREE_PERCENT / 100;
+                let mut held = dynamic.split_off(free);
+                held.sort_unstable();
+                held
+            }
+        }
+    }
+
+    /// The blocks claimed when the allocator starts: every block of a full pool, the blocks of
+    /// the held addresses otherwise.
+    fn claimed(self, pool: &Pool, held: &[u128]) -> Vec<u128> {
+        match self {
+            Fill::Fragmented | Fill::Borrowing => pool
+                .dynamic_block_spans()
+                .flat_map(|(first, last)| first..=last)
+                .collect(),
+            Fill::Empty | Fill::Preloaded(_) => {
+                let mut blocks: Vec<u128> = held.iter().map(|&n| pool.block_of(n)).collect();
+                blocks.dedup();
+                blocks
+            }
+        }
+    }
+}
+
+/// Fisher-Yates with a fixed xorshift seed: every run fragments the pool alike.
+fn shuffle(items: &mut [u128]) {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..items.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let j = (state % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -52,89 +147,97 @@ fn row(what: String, samples: &mut [Duration]) -> Row {
     }
 }
 
-/// Writes `count` allocation records (and their block claims) straight into etcd, as if other
-/// nodes had allocated them.
-async fn preload(client: &mut etcd_client::Client, keys: &Keys, subnet: &str, count: u32) {
-    let pool = &parse_range_sets(&json!({"subnet": subnet})).expect("valid")[0].pools[0];
+/// Writes the address records and block claims of `fill` straight into etcd, 100 keys per
+/// transaction, as if their nodes had allocated them. Returns how many addresses it wrote.
+async fn write_fill(
+    client: &mut etcd_client::Client,
+    keys: &Keys,
+    pool: &Pool,
+    fill: Fill,
+) -> usize {
     let id = pool.id();
-    let record = |i: u32| {
-        json!({"version": 1, "handle": {"containerID": format!("pre{i}"), "ifname": "eth0"},
-               "node": "filler", "network": "bench", "kind": "dynamic", "allocatedAt": 0})
-        .to_string()
-    };
-    let base = u32::from("10.0.0.0".parse::<std::net::Ipv4Addr>().expect("literal")) + 2;
-    let mut ops = Vec::new();
-    let mut blocks = std::collections::BTreeSet::new();
-    for i in 0..count {
-        let ip = std::net::IpAddr::V4((base + i).into());
-        blocks.insert(pool.block_of(hostnic_ipamd::addr::to_int(ip)));
-        ops.push(TxnOp::put(keys.address(&id, ip), record(i), None));
-        if ops.len() == 100 {
-            client
-                .txn(Txn::new().and_then(std::mem::take(&mut ops)))
-                .await
-                .expect("preload");
-        }
-    }
-    for b in blocks {
+    let held = fill.held(pool);
+    let addresses = held.iter().enumerate().map(|(i, &n)| {
+        let record = json!({"version": 1,
+            "handle": {"containerID": format!("pre{i}"), "ifname": "eth0"},
+            "node": fill.owner(pool.block_of(n)), "network": "bench", "kind": "dynamic",
+            "allocatedAt": 0});
+        TxnOp::put(keys.address(&id, pool.addr(n)), record.to_string(), None)
+    });
+    let claims = fill.claimed(pool, &held).into_iter().map(|b| {
         let block = BlockRecord {
             version: RECORD_VERSION,
-            node: "filler".into(),
+            node: fill.owner(b),
         };
-        ops.push(TxnOp::put(
-            keys.block(&id, &pool.block_cidr(b)),
-            serde_json::to_string(&block).expect("json"),
-            None,
-        ));
-        if ops.len() == 100 {
-            client
-                .txn(Txn::new().and_then(std::mem::take(&mut ops)))
-                .await
-                .expect("preload");
-        }
+        let value = serde_json::to_string(&block).expect("json");
+        TxnOp::put(keys.block(&id, &pool.block_cidr(b)), value, None)
+    });
+    let ops: Vec<TxnOp> = addresses.chain(claims).collect();
+    for chunk in ops.chunks(100) {
+        client
+            .txn(Txn::new().and_then(chunk.to_vec()))
+            .await
+            .expect("preload");
     }
-    if !ops.is_empty() {
-        client.txn(Txn::new().and_then(ops)).await.expect("preload");
-    }
+    held.len()
 }
 
-/// Allocate, release and a raw transaction, in turn, `OPS` times: the rows of each and the
+/// The allocator's picture of the pool: addresses held, and blocks by the node claiming them.
+fn usage(allocator: &Allocator, subnet: &str) -> (u128, BTreeMap<String, u64>) {
+    allocator
+        .pool_usage()
+        .into_iter()
+        .find(|(s, _)| s == subnet)
+        .map(|(_, u)| (u.held, u.blocks))
+        .unwrap_or_default()
+}
+
+/// The rows of one pool: allocate, release and a raw transaction, in turn, `OPS` times, and the
 /// time the allocator took to load the pool.
+struct Series {
+    raw: Row,
+    allocate: Row,
+    release: Row,
+    load: Duration,
+}
+
 async fn allocate_release(
     cluster: &EtcdCluster,
     client: &mut etcd_client::Client,
     subnet: &str,
-    preloaded: u32,
-) -> (Row, Row, Row, Duration) {
-    let prefix = format!("/bench/{}", subnet.replace('/', "_"));
-    let config = StoreConfig::new(cluster.endpoints()).with_prefix(&prefix);
+    fill: Fill,
+) -> Series {
+    let name = format!("{fill:?}-{}", subnet.replace('/', "_")).to_lowercase();
+    let mut config = StoreConfig::new(cluster.endpoints()).with_prefix(format!("/bench/{name}"));
+    // Loading 100,000 records may take longer than the default budget on a busy machine: the
+    // load is timed, not limited.
+    config.retry_timeout = Duration::from_secs(30);
     let sets = parse_range_sets(&json!({"subnet": subnet})).expect("valid");
-    if preloaded > 0 {
+    let mut held = 0;
+    if !matches!(fill, Fill::Empty) {
         // The pool must exist before its records: let one allocator define it.
         let definer = Allocator::start(&config, "definer").await.expect("start");
         let req = request("definer", &sets);
         definer.allocate(&req).await.expect("define");
         definer.release(&req.attachment).await.expect("release");
-        let mut client = definer.store().client();
-        preload(&mut client, definer.keys(), subnet, preloaded).await;
+        let (mut writer, keys) = (definer.store().client(), definer.keys().clone());
+        drop(definer);
+        held = write_fill(&mut writer, &keys, &sets[0].pools[0], fill).await;
     }
     let t = Instant::now();
-    let allocator = Allocator::start(&config, "bench-node")
-        .await
-        .expect("start");
+    let allocator = Allocator::start(&config, NODE).await.expect("start");
     allocator.ready().await.expect("load");
     let load = t.elapsed();
+    let (before, claims) = usage(&allocator, subnet);
+    assert_eq!(
+        before, held as u128,
+        "the allocator sees every address held"
+    );
     let mut alloc = Vec::with_capacity(OPS);
     let mut release = Vec::with_capacity(OPS);
     let mut raw = Vec::with_capacity(OPS);
     for i in 0..OPS {
-        raw.push(
-            raw_txn(
-                client,
-                &format!("/bench/raw/{}/{i}", subnet.replace('/', "_")),
-            )
-            .await,
-        );
+        raw.push(raw_txn(client, &format!("/bench/raw/{name}/{i}")).await);
         let req = request(&format!("b{i}"), &sets);
         let t = Instant::now();
         allocator.allocate(&req).await.expect("allocate");
@@ -143,20 +246,25 @@ async fn allocate_release(
         allocator.release(&req.attachment).await.expect("release");
         release.push(t.elapsed());
     }
-    let label = if preloaded > 0 {
-        format!("{subnet} holding {preloaded}")
-    } else {
-        subnet.to_string()
-    };
-    (
-        row(
+    if matches!(fill, Fill::Fragmented | Fill::Borrowing) {
+        // The rounds kept the fill level and claimed nothing: a borrowing node still owns no
+        // block, a fragmented one no new block.
+        let settle = Instant::now() + Duration::from_secs(5);
+        while usage(&allocator, subnet).0 != before && Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(usage(&allocator, subnet), (before, claims));
+    }
+    let label = fill.label(subnet);
+    Series {
+        raw: row(
             format!("raw create-if-absent txn, next to {label}"),
             &mut raw,
         ),
-        row(format!("allocate {label}"), &mut alloc),
-        row(format!("release {label}"), &mut release),
+        allocate: row(format!("allocate {label}"), &mut alloc),
+        release: row(format!("release {label}"), &mut release),
         load,
-    )
+    }
 }
 
 fn request(container: &str, sets: &[hostnic_ipamd::RangeSet]) -> AllocateRequest {
@@ -180,37 +288,67 @@ fn main() {
     let cluster = EtcdCluster::start(1).expect("etcd");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let mut client = etcd_client::Client::connect(cluster.endpoints(), None).await.expect("connect");
-        let (raw24, a24, r24, _) = allocate_release(&cluster, &mut client, "10.0.0.0/24", 0).await;
-        let (raw16, a16, r16, _) = allocate_release(&cluster, &mut client, "10.0.0.0/16", 0).await;
-        let (raw8, a8, r8, load8) =
-            allocate_release(&cluster, &mut client, "10.0.0.0/8", PRELOAD).await;
+        let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+            .await
+            .expect("connect");
+        let mut all = Vec::new();
+        for (subnet, fill) in [
+            ("10.0.0.0/24", Fill::Empty),
+            ("10.0.0.0/16", Fill::Empty),
+            ("10.0.0.0/8", Fill::Preloaded(PRELOAD)),
+            ("10.0.0.0/20", Fill::Fragmented),
+            ("10.0.0.0/16", Fill::Fragmented),
+            ("10.0.0.0/16", Fill::Borrowing),
+        ] {
+            let series = allocate_release(&cluster, &mut client, subnet, fill).await;
+            println!(
+                "{}: pool loaded at start in {:.0} ms",
+                fill.label(subnet),
+                ms(series.load)
+            );
+            all.push(series);
+        }
+        let [p24, p16, p8, frag20, frag16, borrow16] = &all[..] else {
+            unreachable!("six pools measured")
+        };
+        println!();
         println!("| operation | p50 ms | p99 ms |\n|---|---|---|");
-        for row in [&raw24, &a24, &r24, &raw16, &a16, &r16, &raw8, &a8, &r8] {
-            println!("| {} | {:.3} | {:.3} |", row.what, ms(row.p50), ms(row.p99));
+        for s in &all {
+            for row in [&s.raw, &s.allocate, &s.release] {
+                println!("| {} | {:.3} | {:.3} |", row.what, ms(row.p50), ms(row.p99));
+            }
         }
         println!();
-        println!("load of the /8 pool with {PRELOAD} allocations at start: {:.0} ms", ms(load8));
-        // As rates: raw p50 / allocate p50, each against the raw series interleaved with it.
-        let rate = |raw: &Row, op: &Row| ms(raw.p50) / ms(op.p50);
+        // As rates: raw p50 / operation p50, each against the raw series interleaved with it.
+        let rate = |s: &Series, op: &Row| ms(s.raw.p50) / ms(op.p50);
+        let rates = |op: fn(&Series) -> &Row| {
+            all.iter()
+                .map(|s| format!("{:.2}", rate(s, op(s))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
-            "ratio allocate : raw txn (rate) = {:.2} for /24, {:.2} for /16, {:.2} for /8 (target >= 0.8)",
-            rate(&raw24, &a24),
-            rate(&raw16, &a16),
-            rate(&raw8, &a8)
+            "ratio allocate : raw txn (rate), pools in the table's order = {}",
+            rates(|s| &s.allocate)
         );
         println!(
-            "ratio release : raw txn (rate) = {:.2} for /24, {:.2} for /16, {:.2} for /8",
-            rate(&raw24, &r24),
-            rate(&raw16, &r16),
-            rate(&raw8, &r8)
+            "ratio release : raw txn (rate), pools in the table's order = {}",
+            rates(|s| &s.release)
         );
         // The raw series slows with etcd's database too: the plain ratio mixes that in, the
         // normalised one (each against its own raw series) does not. Both are printed.
-        println!(
-            "ratio allocate p50 /8 : /24 = {:.2} plain, {:.2} normalised by the interleaved raw txn (target <= 1.2)",
-            ms(a8.p50) / ms(a24.p50),
-            rate(&raw24, &a24) / rate(&raw8, &a8)
-        );
+        let against = |s: &Series, base: &Series, what: &str| {
+            println!(
+                "ratio allocate p50 {what} = {:.2} plain, {:.2} normalised by the interleaved raw txn",
+                ms(s.allocate.p50) / ms(base.allocate.p50),
+                rate(base, &base.allocate) / rate(s, &s.allocate)
+            );
+        };
+        against(p8, p24, "/8 : /24");
+        against(p16, p24, "/16 : /24");
+        against(frag20, p24, "fragmented /20 : /24");
+        against(frag16, p24, "fragmented /16 : /24");
+        against(frag16, frag20, "fragmented /16 : fragmented /20");
+        against(borrow16, p24, "borrowing /16 : /24");
     });
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Compare, CompareOp, GetOptions, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Compare, CompareOp, GetResponse, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -47,8 +47,8 @@ pub use nodes::{BlockClaim, GiveBack};
 use crate::namespaces::Restriction;
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
-    now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, KeyRef, Keys,
-    Kind, PodRef, ReleaseMarker, RECORD_VERSION,
+    now_unix, AllocationRecord, Attachment, AttachmentRecord, BlockRecord, HeldIp, Keys, Kind,
+    PodRef, ReleaseMarker, RECORD_VERSION,
 };
 use crate::store::{Store, StoreConfig};
 use follow::log_skipped;
@@ -362,50 +362,11 @@ impl Allocator {
     }
 
     /// This node's attachments (of `network` only, when given), from both key layouts, with
-    /// their records. Reads this node's index and records, not the cluster's (but all of what
-    /// remains of the earlier layout, which has no index). Unreadable records are skipped:
-    /// `audit` names them.
+    /// their records. Reads this node's index and records, not the cluster's (the earlier
+    /// layout, which has no index, is read whole only while some record of it remains).
+    /// Unreadable records are skipped: `audit` names them.
     pub async fn node_attachments(&self, network: Option<&str>) -> Result<Vec<HeldAttachment>> {
-        let inner = &self.inner;
-        let index = inner.keys.node_attachments(&inner.node, network);
-        let options = GetOptions::new()
-            .with_range(crate::store::prefix_end(index.as_bytes()))
-            .with_keys_only();
-        let listed = inner
-            .store
-            .get("list this node's attachments", &index, Some(options))
-            .await?;
-        let keys: Vec<String> = listed
-            .kvs()
-            .iter()
-            .filter_map(|kv| match inner.keys.parse(kv.key_str().ok()?) {
-                Some(KeyRef::NodeAttachment { attachment, .. }) => {
-                    Some(inner.keys.attachment(&attachment))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut kvs = Vec::new();
-        for chunk in keys.chunks(100) {
-            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
-            let resp = inner
-                .store
-                .txn("read this node's attachments", Txn::new().and_then(reads))
-                .await?;
-            kvs.extend((0..chunk.len()).filter_map(|i| got(&resp, i)));
-        }
-        let (_, legacy) = inner
-            .store
-            .load_prefix(&inner.keys.legacy_handles())
-            .await?;
-        kvs.extend(legacy);
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| inner.attachment_of_kv(kv))
-            .filter(|h| {
-                h.record.node == inner.node && network.is_none_or(|n| h.attachment.network == n)
-            })
-            .collect())
+        self.inner.attachments_of(&self.inner.node, network).await
     }
 
     /// Succeeds when an ADD for these range sets could succeed now: etcd answers and accepts

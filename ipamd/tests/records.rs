@@ -888,3 +888,75 @@ async fn a_record_of_the_earlier_layout_for_another_network_does_not_block_an_ad
     let report = audit(a.store(), &keys).await.expect("scan");
     assert_eq!(report.problems, Vec::<String>::new());
 }
+
+/// Writes a record of the earlier layout for `attachment` on `node`, holding `address` of
+/// `pool`, with the address record that goes with it.
+async fn put_legacy(a: &Allocator, attachment: &Attachment, node: &str, pool: &str, address: &str) {
+    let keys = a.keys();
+    put(
+        a.store(),
+        &keys.legacy_handle(attachment),
+        json!({"version": 1, "network": attachment.network, "node": node,
+            "ips": [{"pool": pool, "ip": address}], "allocatedAt": 0})
+        .to_string(),
+    )
+    .await;
+    put(
+        a.store(),
+        &keys.address(pool, ip(address)),
+        address_record(attachment),
+    )
+    .await;
+}
+
+/// The attachments a listing found, by container id.
+fn container_ids(held: &[hostnic_ipamd::allocator::HeldAttachment]) -> BTreeSet<String> {
+    held.iter()
+        .map(|h| h.attachment.container_id.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_finds_this_nodes_records_of_the_earlier_layout_while_any_remain_and_works_without() {
+    let prefix = unique_prefix("legacy-gc");
+    let a = allocator(&prefix, "node-g").await;
+    let keys = a.keys().clone();
+    let pool = sets(json!({"subnet": "10.77.0.0/24"}));
+    let none = std::collections::HashSet::new();
+
+    // No record of the earlier layout: the index alone answers.
+    let current = Attachment::new("net-a", "new1", "eth0");
+    add(&a, &current, &pool).await;
+    let listed = a.node_attachments(None).await.expect("listed");
+    assert_eq!(container_ids(&listed), BTreeSet::from(["new1".to_string()]));
+    let freed = a.gc("net-a", &none, Duration::ZERO).await.expect("gc");
+    assert_eq!(freed, vec![current.clone()]);
+    assert!(a.node_attachments(None).await.expect("listed").is_empty());
+    assert!(a.attachments_of("node-g").await.expect("listed").is_empty());
+
+    // Records written later (a daemon of the earlier version still runs) are found: nothing
+    // remembers that none existed.
+    let mine = Attachment::new("net-a", "old5", "eth0");
+    let theirs = Attachment::new("net-a", "old6", "eth0");
+    let mine_b = Attachment::new("net-b", "old7", "eth0");
+    put_legacy(&a, &mine, "node-g", "10.77.0.0_24", "10.77.0.5").await;
+    put_legacy(&a, &theirs, "node-o", "10.77.0.0_24", "10.77.0.6").await;
+    put_legacy(&a, &mine_b, "node-g", "10.77.0.0_24", "10.77.0.7").await;
+    let listed = a.node_attachments(Some("net-a")).await.expect("listed");
+    assert_eq!(container_ids(&listed), BTreeSet::from(["old5".to_string()]));
+    let listed = a.attachments_of("node-o").await.expect("listed");
+    assert_eq!(container_ids(&listed), BTreeSet::from(["old6".to_string()]));
+
+    let freed = a.gc("net-a", &none, Duration::ZERO).await.expect("gc");
+    assert_eq!(freed, vec![mine.clone()], "only this node's, of net-a");
+    assert_eq!(get(a.store(), &keys.legacy_handle(&mine)).await, None);
+    assert!(get(a.store(), &keys.legacy_handle(&theirs)).await.is_some());
+    let freed = a.gc("net-b", &none, Duration::ZERO).await.expect("gc");
+    assert_eq!(freed, vec![mine_b]);
+
+    // One record of the earlier layout left: still found.
+    let listed = a.attachments_of("node-o").await.expect("listed");
+    assert_eq!(container_ids(&listed), BTreeSet::from(["old6".to_string()]));
+    assert!(a.node_attachments(None).await.expect("listed").is_empty());
+    assert_eq!(problems(&a).await, Vec::<String>::new());
+}

@@ -4,10 +4,10 @@
 
 use std::collections::BTreeSet;
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp};
 use ipnet::IpNet;
 
-use super::{decode, got, Allocator, HeldAttachment};
+use super::{decode, got, Allocator, HeldAttachment, Inner};
 use crate::addr::{from_int, to_int, Family};
 use crate::cache::block_owner;
 use crate::error::Result;
@@ -118,51 +118,7 @@ impl Allocator {
     /// records of the earlier layout, which have none). Unreadable records are skipped:
     /// `audit` names them.
     pub async fn attachments_of(&self, node: &str) -> Result<Vec<HeldAttachment>> {
-        let inner = &self.inner;
-        let index = inner.keys.node_attachments(node, None);
-        let options = GetOptions::new()
-            .with_range(prefix_end(index.as_bytes()))
-            .with_keys_only();
-        let listed = inner
-            .store
-            .get(
-                &format!("list the attachments of node {node}"),
-                &index,
-                Some(options),
-            )
-            .await?;
-        let keys: Vec<String> = listed
-            .kvs()
-            .iter()
-            .filter_map(|kv| match inner.keys.parse(kv.key_str().ok()?) {
-                Some(KeyRef::NodeAttachment { attachment, .. }) => {
-                    Some(inner.keys.attachment(&attachment))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut kvs = Vec::new();
-        for chunk in keys.chunks(100) {
-            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
-            let resp = inner
-                .store
-                .txn(
-                    &format!("read the attachments of node {node}"),
-                    Txn::new().and_then(reads),
-                )
-                .await?;
-            kvs.extend((0..chunk.len()).filter_map(|i| got(&resp, i)));
-        }
-        let (_, legacy) = inner
-            .store
-            .load_prefix(&inner.keys.legacy_handles())
-            .await?;
-        kvs.extend(legacy);
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| inner.attachment_of_kv(kv))
-            .filter(|h| h.record.node == node)
-            .collect())
+        self.inner.attachments_of(node, None).await
     }
 
     /// Deletes `claim` if its block holds no address: guarded by the claim being at the
@@ -224,5 +180,81 @@ impl Allocator {
         } else {
             GiveBack::Changed
         })
+    }
+}
+
+impl Inner {
+    /// The attachments whose record names `node` (of `network` only, when given): the records
+    /// its index lists, plus those of the earlier layout that name it. Costs `node`'s
+    /// attachments, and one read of at most one key while no record of the earlier layout
+    /// remains. Unreadable records are skipped: `audit` names them.
+    pub(super) async fn attachments_of(
+        &self,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Vec<HeldAttachment>> {
+        let index = self.keys.node_attachments(node, network);
+        let options = GetOptions::new()
+            .with_range(prefix_end(index.as_bytes()))
+            .with_keys_only();
+        let listed = self
+            .store
+            .get(
+                &format!("list the attachments of node {node}"),
+                &index,
+                Some(options),
+            )
+            .await?;
+        let keys: Vec<String> = listed
+            .kvs()
+            .iter()
+            .filter_map(|kv| match self.keys.parse(kv.key_str().ok()?) {
+                Some(KeyRef::NodeAttachment { attachment, .. }) => {
+                    Some(self.keys.attachment(&attachment))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut kvs = Vec::new();
+        for chunk in keys.chunks(100) {
+            let reads: Vec<TxnOp> = chunk.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
+            let resp = self
+                .store
+                .txn(
+                    &format!("read the attachments of node {node}"),
+                    Txn::new().and_then(reads),
+                )
+                .await?;
+            kvs.extend((0..chunk.len()).filter_map(|i| got(&resp, i)));
+        }
+        kvs.extend(self.legacy_records().await?);
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| self.attachment_of_kv(kv))
+            .filter(|h| h.record.node == node && network.is_none_or(|n| h.attachment.network == n))
+            .collect())
+    }
+
+    /// Every record of the earlier layout. They name their node in the value only, so finding
+    /// one node's means reading them all; but an upgraded cluster has none left, and then this
+    /// is one read that finds no key.
+    async fn legacy_records(&self) -> Result<Vec<KeyValue>> {
+        let prefix = self.keys.legacy_handles();
+        let first = GetOptions::new()
+            .with_range(prefix_end(prefix.as_bytes()))
+            .with_limit(1);
+        let mut resp = self
+            .store
+            .get(
+                "look for attachment records of the earlier layout",
+                &prefix,
+                Some(first),
+            )
+            .await?;
+        if !resp.more() {
+            return Ok(resp.take_kvs());
+        }
+        let (_, kvs) = self.store.load_prefix(&prefix).await?;
+        Ok(kvs)
     }
 }
