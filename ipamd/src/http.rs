@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::GetOptions;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
@@ -105,12 +104,12 @@ impl Endpoint {
         checks
     }
 
-    /// Why etcd is not usable now: one count-only read of the key prefix, which a member
-    /// without a leader refuses (the client requires a leader).
+    /// Why etcd is not usable now: one linearizable read of one key (the pool index), which a
+    /// member without a leader refuses. One key, so a probe costs etcd the same whatever the
+    /// number of addresses.
     async fn etcd_failure(&self) -> Option<String> {
         let mut client = self.allocator.store().client();
-        let prefix = self.allocator.keys().pools();
-        let read = client.get(prefix, Some(GetOptions::new().with_count_only()));
+        let read = client.get(self.allocator.keys().pool_index(), None);
         match tokio::time::timeout(ETCD_PROBE_TIMEOUT, read).await {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(crate::store::describe(&e)),
