@@ -9,7 +9,7 @@
 //! may overlap. After the last round no address of the pool is left in etcd.
 //!
 //! Run (as root; the daemon serves root only):
-//! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench churn`
+//! `scripts/build-release.sh && cargo bench -p hostnic-ipamd --bench churn`
 
 mod common;
 
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exec, exec_output, release_dir};
+use common::{exec, exec_output, release_dir, shipped_plugin};
 use etcd_client::GetOptions;
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::EtcdCluster;
@@ -106,7 +106,7 @@ fn main() {
         return;
     }
     let bin = release_dir();
-    let (plugin, daemon) = (bin.join("hostnic-ipam"), bin.join("hostnic-ipamd"));
+    let (plugin, daemon) = (shipped_plugin("hostnic-ipam"), bin.join("hostnic-ipamd"));
     for b in [&plugin, &daemon] {
         assert!(
             b.exists(),

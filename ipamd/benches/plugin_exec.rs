@@ -10,7 +10,7 @@
 //! build of the plugin, e.g. before a change to the release profile), on the same daemon.
 //!
 //! Run (as root; the daemon serves root only):
-//! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench plugin_exec`
+//! `scripts/build-release.sh && cargo bench -p hostnic-ipamd --bench plugin_exec`
 
 mod common;
 
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{exec, release_dir};
+use common::{exec, release_dir, shipped_plugin};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
@@ -122,7 +122,7 @@ fn main() {
         return;
     }
     let bin = release_dir();
-    let plugin = bin.join("hostnic-ipam");
+    let plugin = shipped_plugin("hostnic-ipam");
     let daemon = bin.join("hostnic-ipamd");
     for b in [&plugin, &daemon] {
         assert!(

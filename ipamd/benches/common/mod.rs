@@ -16,6 +16,25 @@ pub fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The plugins as shipped: linked statically by `scripts/build-release.sh`, into
+/// `target/<host triple>/release`.
+pub fn shipped_plugin(name: &str) -> PathBuf {
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let target = release_dir();
+    let path = target
+        .parent()
+        .expect("target")
+        .join(triple)
+        .join("release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `scripts/build-release.sh` first",
+        path.display()
+    );
+    path
+}
+
 /// Execs an IPAM plugin once, as a main plugin would: CNI environment (`CNI_ARGS` as kubelet
 /// sends them), config on stdin. Returns how long it took and what it printed; panics if it
 /// failed.
