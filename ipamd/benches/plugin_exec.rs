@@ -10,69 +10,20 @@
 //! build of the plugin, e.g. before a change to the release profile), on the same daemon.
 //!
 //! Run (as root; the daemon serves root only):
-//! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench plugin_exec`
+//! `scripts/build-release.sh && cargo bench -p hostnic-ipamd --bench plugin_exec`
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::{exec, release_dir, shipped_plugin};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
 const SEQUENTIAL: usize = 200;
 const CONCURRENT: usize = 16;
-
-fn release_dir() -> PathBuf {
-    // target/release/deps/plugin_exec-xxxx -> target/release
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/release")
-        .to_path_buf()
-}
-
-/// Execs an IPAM plugin once, as a main plugin would, and returns how long it took.
-fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration {
-    let t = Instant::now();
-    let mut child = Command::new(plugin)
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
-        .env("CNI_NETNS", "/var/run/netns/bench")
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env(
-            "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("plugin starts");
-    // `/bin/true` (the floor) may exit before reading its stdin.
-    match child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(config.as_bytes())
-    {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("config written: {e}"),
-        _ => {}
-    }
-    let out = child.wait_with_output().expect("plugin runs");
-    let elapsed = t.elapsed();
-    assert!(
-        out.status.success(),
-        "{} {command} {container}: {}{}",
-        plugin.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    elapsed
-}
 
 fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort();
@@ -171,7 +122,7 @@ fn main() {
         return;
     }
     let bin = release_dir();
-    let plugin = bin.join("hostnic-ipam");
+    let plugin = shipped_plugin("hostnic-ipam");
     let daemon = bin.join("hostnic-ipamd");
     for b in [&plugin, &daemon] {
         assert!(

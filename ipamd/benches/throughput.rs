@@ -10,14 +10,20 @@
 //! releases what the Allocate phase made. The raw peer is one etcd client shared by
 //! `CLIENTS` tasks, as the daemon shares one.
 //!
+//! A second part does the same on a three-member etcd with four daemons sharing one pool, the
+//! clients spread over them.
+//!
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench throughput`
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::release_dir;
 use etcd_client::{CompactionOptions, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use hostnic_cni::plugin::{prepare, DaemonCall};
 use hostnic_cni::{Invocation, NetworkConfig};
@@ -31,15 +37,6 @@ use tonic::transport::Channel;
 const CLIENTS: usize = 64;
 const PHASE: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
-
-fn release_dir() -> PathBuf {
-    // target/release/deps/throughput-xxxx -> target/release
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/release")
-        .to_path_buf()
-}
 
 /// What one phase did: operations per second, the latency of each, and the CPU time each
 /// process of [`Cpu`] spent per operation (µs).
@@ -122,28 +119,28 @@ fn requests(config: &NetworkConfig, container: &str) -> (v1::AllocateRequest, v1
     (add.request, del)
 }
 
-/// `CLIENTS` clients, each on its own connection, allocating new attachments for `PHASE`;
-/// then each releases what it allocated. Returns the allocate and release phases.
-async fn daemon_phases(
-    socket: &Path,
-    config: &Arc<NetworkConfig>,
-    tag: &str,
-    cpu: &Cpu,
-) -> (Phase, Phase) {
+/// A daemon's socket and the network config its clients send.
+type Target = (PathBuf, Arc<NetworkConfig>);
+
+/// `CLIENTS` clients, each on its own connection to one of `targets` (in turn), allocating
+/// new attachments for `PHASE`; then each releases what it allocated. Returns the allocate and
+/// release phases.
+async fn daemon_phases(targets: &[Target], tag: &str, cpu: &Cpu) -> (Phase, Phase) {
     let mut clients = Vec::with_capacity(CLIENTS);
-    for _ in 0..CLIENTS {
+    for c in 0..CLIENTS {
+        let (socket, config) = &targets[c % targets.len()];
         let channel: Channel = hostnic_proto::connect(socket, Duration::from_secs(1))
             .await
             .expect("connect to the daemon");
-        clients.push(IpamClient::new(channel));
+        clients.push((IpamClient::new(channel), Arc::clone(config)));
     }
     let cpu_before = cpu.snapshot();
     let start = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
-        .map(|(c, mut client)| {
-            let (config, tag) = (Arc::clone(config), tag.to_owned());
+        .map(|(c, (mut client, config))| {
+            let tag = tag.to_owned();
             tokio::spawn(async move {
                 let (mut took, mut made) = (Vec::new(), Vec::new());
                 let mut i = 0;
@@ -268,6 +265,191 @@ fn config(subnet: &str, socket: &Path) -> Arc<NetworkConfig> {
     Arc::new(NetworkConfig::parse(text.as_bytes()).expect("valid config"))
 }
 
+fn ticks_per_s() -> f64 {
+    let ticks = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .expect("getconf");
+    String::from_utf8_lossy(&ticks.stdout)
+        .trim()
+        .parse()
+        .expect("CLK_TCK")
+}
+
+/// Starts the release daemon of `node` on `etcd`, logging at `log`; returns it and its socket.
+fn start_daemon(etcd: &EtcdCluster, dir: &Path, node: &str, log: &str) -> (IpamDaemon, PathBuf) {
+    let socket = dir.join(format!("{node}.sock"));
+    // The testkit passes RUST_LOG on to the daemon.
+    std::env::set_var("RUST_LOG", log);
+    let daemon = IpamDaemon::start(
+        &release_dir().join("hostnic-ipamd"),
+        &etcd.endpoints(),
+        node,
+        "/hostnic/ipam/v1",
+        &socket,
+        &[],
+    )
+    .expect("daemon serves");
+    (daemon, socket)
+}
+
+fn cpu_table(cpu: &Cpu, rows: Vec<String>) {
+    println!();
+    println!("CPU µs per operation (user + system, from /proc/<pid>/stat); a daemon that is not");
+    println!("serving the phase pays only for following the others' writes through its watch:");
+    let names: Vec<&str> = cpu.processes.iter().map(|(name, _)| *name).collect();
+    println!("| round | phase | {} |", names.join(" | "));
+    println!("|---|---|{}", "---|".repeat(names.len()));
+    for row in rows {
+        println!("{row}");
+    }
+}
+
+fn cpu_row(round: usize, what: &str, phase: &Phase) -> String {
+    format!(
+        "| {round} | {what} | {} |",
+        phase
+            .cpu_us
+            .iter()
+            .map(|us| format!("{us:.0}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    )
+}
+
+/// One member, two daemons (two nodes, a /16 each): one logging every request at info, as
+/// deployed; one at warn, which leaves the request log out.
+async fn single_member(rt_dir: &Path) {
+    let etcd = EtcdCluster::start(1).expect("etcd");
+    let (logged, logged_socket) = start_daemon(&etcd, rt_dir, "logged", "info");
+    let (quiet, quiet_socket) = start_daemon(&etcd, rt_dir, "quiet", "warn");
+    let cpu = Cpu {
+        processes: vec![
+            ("etcd", etcd.member_pid(0).expect("etcd runs")),
+            ("daemon (request log)", logged.pid().expect("daemon runs")),
+            ("daemon (no request log)", quiet.pid().expect("daemon runs")),
+        ],
+        ticks_per_s: ticks_per_s(),
+    };
+    let logged = [(
+        logged_socket.clone(),
+        config("10.100.0.0/16", &logged_socket),
+    )];
+    let quiet = [(quiet_socket.clone(), config("10.101.0.0/16", &quiet_socket))];
+    let client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .expect("connect to etcd");
+    // Warm both daemons (pool definition, first block claims) before measuring.
+    daemon_phases(&logged, "warm", &cpu).await;
+    daemon_phases(&quiet, "warm", &cpu).await;
+
+    println!(
+        "{CLIENTS} concurrent clients, {} s phases, single-member etcd",
+        PHASE.as_secs()
+    );
+    println!("| round | raw txn/s | raw p50 ms | allocate/s (request log) | p50 ms | p99 ms | release/s | allocate/s (no request log) | p50 ms | p99 ms | release/s | allocate : raw | release : raw | no log : raw |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
+    for round in 0..ROUNDS {
+        compact(&client).await;
+        let raw = raw_phase(&client, round, &cpu).await;
+        compact(&client).await;
+        let (alloc, release) = daemon_phases(&logged, &format!("r{round}l"), &cpu).await;
+        compact(&client).await;
+        let (quiet_alloc, quiet_release) = daemon_phases(&quiet, &format!("r{round}q"), &cpu).await;
+        println!(
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            raw.rate,
+            raw.p50_ms,
+            alloc.rate,
+            alloc.p50_ms,
+            alloc.p99_ms,
+            release.rate,
+            quiet_alloc.rate,
+            quiet_alloc.p50_ms,
+            quiet_alloc.p99_ms,
+            quiet_release.rate,
+            alloc.rate / raw.rate,
+            release.rate / raw.rate,
+            quiet_alloc.rate / raw.rate,
+        );
+        for (what, p) in [
+            ("raw txn", &raw),
+            ("allocate (request log)", &alloc),
+            ("release (request log)", &release),
+            ("allocate (no request log)", &quiet_alloc),
+            ("release (no request log)", &quiet_release),
+        ] {
+            cpu_rows.push(cpu_row(round, what, p));
+        }
+    }
+    cpu_table(&cpu, cpu_rows);
+}
+
+/// Three members and `NODES` daemons (request log at info, as deployed) sharing one /16: the
+/// clients spread over the daemons in turn; the raw peer's client talks to all three members.
+async fn three_members(rt_dir: &Path) {
+    const NODES: usize = 4;
+    let etcd = EtcdCluster::start(3).expect("etcd");
+    let daemons: Vec<(IpamDaemon, PathBuf)> = (0..NODES)
+        .map(|n| start_daemon(&etcd, rt_dir, &format!("node{n}"), "info"))
+        .collect();
+    let mut processes: Vec<(&'static str, u32)> = (0..3)
+        .map(|m| ("etcd member", etcd.member_pid(m).expect("etcd runs")))
+        .collect();
+    processes.extend(
+        daemons
+            .iter()
+            .map(|(d, _)| ("daemon", d.pid().expect("daemon runs"))),
+    );
+    let cpu = Cpu {
+        processes,
+        ticks_per_s: ticks_per_s(),
+    };
+    let targets: Vec<Target> = daemons
+        .iter()
+        .map(|(_, socket)| (socket.clone(), config("10.102.0.0/16", socket)))
+        .collect();
+    let client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .expect("connect to etcd");
+    daemon_phases(&targets, "warm", &cpu).await;
+
+    println!();
+    println!(
+        "{CLIENTS} concurrent clients spread over {NODES} daemons, {} s phases, three-member etcd",
+        PHASE.as_secs()
+    );
+    println!("| round | raw txn/s | raw p50 ms | allocate/s | p50 ms | p99 ms | release/s | allocate : raw | release : raw |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
+    for round in 0..ROUNDS {
+        compact(&client).await;
+        let raw = raw_phase(&client, round, &cpu).await;
+        compact(&client).await;
+        let (alloc, release) = daemon_phases(&targets, &format!("r{round}c"), &cpu).await;
+        println!(
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            raw.rate,
+            raw.p50_ms,
+            alloc.rate,
+            alloc.p50_ms,
+            alloc.p99_ms,
+            release.rate,
+            alloc.rate / raw.rate,
+            release.rate / raw.rate,
+        );
+        for (what, p) in [
+            ("raw txn", &raw),
+            ("allocate", &alloc),
+            ("release", &release),
+        ] {
+            cpu_rows.push(cpu_row(round, what, p));
+        }
+    }
+    cpu_table(&cpu, cpu_rows);
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput bench: run with `cargo bench -p hostnic-ipamd --bench throughput`");
@@ -279,108 +461,10 @@ fn main() {
         "{} missing: run `cargo build --release --bins` first",
         daemon.display()
     );
-    let etcd = EtcdCluster::start(1).expect("etcd");
     let dir = tempfile::tempdir().expect("temp dir");
-    // Two daemons (two nodes, a /16 each): one logging every request at info, as deployed; one
-    // at warn, which leaves the request log out.
-    let start = |node: &str, log: &str| {
-        let socket = dir.path().join(format!("{node}.sock"));
-        // The testkit passes RUST_LOG on to the daemon.
-        std::env::set_var("RUST_LOG", log);
-        let d = IpamDaemon::start(
-            &daemon,
-            &etcd.endpoints(),
-            node,
-            "/hostnic/ipam/v1",
-            &socket,
-            &[],
-        )
-        .expect("daemon serves");
-        (d, socket)
-    };
-    let (logged, logged_socket) = start("logged", "info");
-    let (quiet, quiet_socket) = start("quiet", "warn");
-    let ticks = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .expect("getconf");
-    let cpu = Cpu {
-        processes: vec![
-            ("etcd", etcd.member_pid(0).expect("etcd runs")),
-            ("daemon (request log)", logged.pid().expect("daemon runs")),
-            ("daemon (no request log)", quiet.pid().expect("daemon runs")),
-        ],
-        ticks_per_s: String::from_utf8_lossy(&ticks.stdout)
-            .trim()
-            .parse()
-            .expect("CLK_TCK"),
-    };
-    let logged_config = config("10.100.0.0/16", &logged_socket);
-    let quiet_config = config("10.101.0.0/16", &quiet_socket);
-
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let client = etcd_client::Client::connect(etcd.endpoints(), None)
-            .await
-            .expect("connect to etcd");
-        // Warm both daemons (pool definition, first block claims) before measuring.
-        daemon_phases(&logged_socket, &logged_config, "warm", &cpu).await;
-        daemon_phases(&quiet_socket, &quiet_config, "warm", &cpu).await;
-
-        println!("{CLIENTS} concurrent clients, {} s phases, single-member etcd", PHASE.as_secs());
-        println!("| round | raw txn/s | raw p50 ms | allocate/s (request log) | p50 ms | p99 ms | release/s | allocate/s (no request log) | p50 ms | p99 ms | release/s | allocate : raw | release : raw | no log : raw |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-        let mut cpu_rows = Vec::new();
-        for round in 0..ROUNDS {
-            compact(&client).await;
-            let raw = raw_phase(&client, round, &cpu).await;
-            compact(&client).await;
-            let (alloc, release) =
-                daemon_phases(&logged_socket, &logged_config, &format!("r{round}l"), &cpu).await;
-            compact(&client).await;
-            let (quiet_alloc, quiet_release) =
-                daemon_phases(&quiet_socket, &quiet_config, &format!("r{round}q"), &cpu).await;
-            println!(
-                "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                raw.rate,
-                raw.p50_ms,
-                alloc.rate,
-                alloc.p50_ms,
-                alloc.p99_ms,
-                release.rate,
-                quiet_alloc.rate,
-                quiet_alloc.p50_ms,
-                quiet_alloc.p99_ms,
-                quiet_release.rate,
-                alloc.rate / raw.rate,
-                release.rate / raw.rate,
-                quiet_alloc.rate / raw.rate,
-            );
-            for (what, p) in [
-                ("raw txn", &raw),
-                ("allocate (request log)", &alloc),
-                ("release (request log)", &release),
-                ("allocate (no request log)", &quiet_alloc),
-                ("release (no request log)", &quiet_release),
-            ] {
-                cpu_rows.push(format!(
-                    "| {round} | {what} | {} |",
-                    p.cpu_us
-                        .iter()
-                        .map(|us| format!("{us:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                ));
-            }
-        }
-        println!();
-        println!("CPU µs per operation (user + system, from /proc/<pid>/stat); a daemon that is not");
-        println!("serving the phase pays only for following the other's writes through its watch:");
-        let names: Vec<&str> = cpu.processes.iter().map(|(name, _)| *name).collect();
-        println!("| round | phase | {} |", names.join(" | "));
-        println!("|---|---|{}", "---|".repeat(names.len()));
-        for row in cpu_rows {
-            println!("{row}");
-        }
+        single_member(dir.path()).await;
+        three_members(dir.path()).await;
     });
 }

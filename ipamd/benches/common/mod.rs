@@ -1,0 +1,89 @@
+//! What the benches that exec plugins or start release daemons share.
+#![allow(dead_code)] // each bench uses its part
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/release`, where `cargo build --release --bins` put the binaries under measurement
+/// (the bench runs as `target/release/deps/<bench>-<hash>`).
+pub fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .to_path_buf()
+}
+
+/// The plugins as shipped: linked statically by `scripts/build-release.sh`, into
+/// `target/<host triple>/release`.
+pub fn shipped_plugin(name: &str) -> PathBuf {
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let target = release_dir();
+    let path = target
+        .parent()
+        .expect("target")
+        .join(triple)
+        .join("release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `scripts/build-release.sh` first",
+        path.display()
+    );
+    path
+}
+
+/// Execs an IPAM plugin once, as a main plugin would: CNI environment (`CNI_ARGS` as kubelet
+/// sends them), config on stdin. Returns how long it took and what it printed; panics if it
+/// failed.
+pub fn exec_output(
+    plugin: &Path,
+    command: &str,
+    container: &str,
+    config: &str,
+) -> (Duration, Vec<u8>) {
+    let t = Instant::now();
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", "/var/run/netns/bench")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={container}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("plugin starts");
+    // `/bin/true` (the floor) may exit before reading its stdin.
+    match child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(config.as_bytes())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("config written: {e}"),
+        _ => {}
+    }
+    let out = child.wait_with_output().expect("plugin runs");
+    let elapsed = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{} {command} {container}: {}{}",
+        plugin.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (elapsed, out.stdout)
+}
+
+/// [`exec_output`], the time only.
+pub fn exec(plugin: &Path, command: &str, container: &str, config: &str) -> Duration {
+    exec_output(plugin, command, container, config).0
+}
