@@ -13,11 +13,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin hostnic-ipamd --bin hostnic-ipam --bin hostnic
+# The daemon as cargo builds it; the plugins statically linked (see the script).
+RUN scripts/build-release.sh --locked
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates iproute2 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/hostnic-ipamd /src/target/release/hostnic-ipam /src/target/release/hostnic /opt/hostnic/bin/
+COPY --from=build /src/target/dist/hostnic-ipamd /src/target/dist/hostnic-ipam /src/target/dist/hostnic /opt/hostnic/bin/
 ENTRYPOINT ["/opt/hostnic/bin/hostnic-ipamd"]

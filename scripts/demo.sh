@@ -68,11 +68,11 @@ trap 'exit 143' TERM
 step "dependencies"
 scripts/install-deps.sh
 
-# The binaries are expected in target/release of this checkout.
+# The binaries as shipped: target/dist of this checkout.
 unset CARGO_TARGET_DIR
-step "cargo build --release --bins"
-cargo build --release --bins
-BIN=$PWD/target/release
+step "scripts/build-release.sh"
+scripts/build-release.sh
+BIN=$PWD/target/dist
 for b in hostnic-ipamd hostnic-ipam; do
   [ -x "$BIN/$b" ] || die "$BIN/$b was not built"
 done

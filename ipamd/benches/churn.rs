@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exec, exec_output, release_dir, shipped_plugin};
+use common::{exec, exec_output, release_dir, shipped};
 use etcd_client::GetOptions;
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::EtcdCluster;
@@ -106,7 +106,7 @@ fn main() {
         return;
     }
     let bin = release_dir();
-    let (plugin, daemon) = (shipped_plugin("hostnic-ipam"), bin.join("hostnic-ipamd"));
+    let (plugin, daemon) = (shipped("hostnic-ipam"), bin.join("hostnic-ipamd"));
     for b in [&plugin, &daemon] {
         assert!(
             b.exists(),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{exec, release_dir, shipped_plugin};
+use common::{exec, release_dir, shipped};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
@@ -122,7 +122,7 @@ fn main() {
         return;
     }
     let bin = release_dir();
-    let plugin = shipped_plugin("hostnic-ipam");
+    let plugin = shipped("hostnic-ipam");
     let daemon = bin.join("hostnic-ipamd");
     for b in [&plugin, &daemon] {
         assert!(

@@ -170,7 +170,12 @@ fn host_path_of(spec: &PodSpec, c: &Container, path: &Path) -> Option<String> {
 /// The binaries the image holds, by the path the Dockerfile copies them to.
 fn image_binaries() -> BTreeMap<String, String> {
     let dockerfile = read("Dockerfile");
-    let built: BTreeSet<&str> = dockerfile
+    assert!(
+        dockerfile.contains("RUN scripts/build-release.sh"),
+        "the image is built by scripts/build-release.sh"
+    );
+    let script = read("scripts/build-release.sh");
+    let built: BTreeSet<&str> = script
         .lines()
         .filter(|l| l.contains("cargo build"))
         .flat_map(|l| l.split("--bin ").skip(1))
@@ -190,7 +195,7 @@ fn image_binaries() -> BTreeMap<String, String> {
                 .and_then(|n| n.to_str())
                 .expect("a file name");
             assert!(
-                source.starts_with("/src/target/release/") && built.contains(name),
+                source.starts_with("/src/target/dist/") && built.contains(name),
                 "{line}: {source} is not a binary the build stage builds ({built:?})"
             );
             binaries.insert(format!("{dest}{name}"), name.to_owned());

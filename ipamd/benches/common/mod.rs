@@ -16,16 +16,13 @@ pub fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The plugins as shipped: linked statically by `scripts/build-release.sh`, into
-/// `target/<host triple>/release`.
-pub fn shipped_plugin(name: &str) -> PathBuf {
-    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-    let target = release_dir();
-    let path = target
+/// A binary as shipped, from `target/dist` (`scripts/build-release.sh`): the plugins are
+/// linked statically there.
+pub fn shipped(name: &str) -> PathBuf {
+    let path = release_dir()
         .parent()
         .expect("target")
-        .join(triple)
-        .join("release")
+        .join("dist")
         .join(name);
     assert!(
         path.exists(),
