@@ -7,8 +7,9 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions};
 
 use super::Inner;
-use crate::cache::{Change, Skipped};
+use crate::cache::{Change, PoolCache, Skipped};
 use crate::error::{IpamError, Result};
+use crate::store::PAGE;
 
 impl Inner {
     pub(super) async fn wait_synced(&self) -> Result<()> {
@@ -56,23 +57,32 @@ impl Inner {
         }
     }
 
-    /// Rebuilds the in-memory state from etcd. Returns the revision it reflects.
+    /// Rebuilds the in-memory state from etcd, page by page into a fresh picture that replaces
+    /// the current one once complete: requests use the old picture until then. Returns the
+    /// revision it reflects.
     pub(super) async fn load(&self) -> Result<i64> {
-        let (revision, kvs) = self.store.load_prefix(&self.keys.pools()).await?;
-        let snapshot = kvs
-            .iter()
-            .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())));
+        let mut fresh = PoolCache::new(self.keys.clone(), &self.node);
+        let mut keys = 0;
+        let revision = self
+            .store
+            .for_each_page(&self.keys.pools(), PAGE, |kvs| {
+                keys += kvs.len();
+                for kv in &kvs {
+                    if let Ok(key) = kv.key_str() {
+                        fresh.apply(Change::Put {
+                            key,
+                            value: kv.value(),
+                        });
+                    }
+                }
+            })
+            .await?;
         let (skipped, loaded) = {
             let mut cache = self.lock_pools();
-            (cache.load(snapshot), cache.len())
+            (cache.replace(fresh), cache.len())
         };
         skipped.into_iter().for_each(|s| log_skipped(Some(s)));
-        tracing::info!(
-            pools = loaded,
-            keys = kvs.len(),
-            revision,
-            "pools loaded from etcd"
-        );
+        tracing::info!(pools = loaded, keys, revision, "pools loaded from etcd");
         Ok(revision)
     }
 
