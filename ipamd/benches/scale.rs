@@ -268,7 +268,14 @@ fn main() {
         };
         definer.allocate(&req).await.expect("define");
         definer.release(&req.attachment).await.expect("release");
-        definer.store().clone()
+        // The peers' reads may take longer than the daemon's 1 s per request: they are timed,
+        // not bounded.
+        let patient = StoreConfig {
+            request_timeout: Duration::from_secs(60),
+            retry_timeout: Duration::from_secs(120),
+            ..config
+        };
+        Store::connect(&patient).await.expect("connect")
     });
     let client = store.client();
 
