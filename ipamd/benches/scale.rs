@@ -2,7 +2,7 @@
 //! on a /8 pool with no allocations (the baseline), then on the pool holding `LOADED`
 //! allocations of another node (written straight into etcd): its time from spawn to the first
 //! Allocate served and its resident memory (`/proc/<pid>/status` VmRSS, and VmHWM the peak;
-//! `smaps_rollup` for what it is made of); then its memory after it made `MADE` allocations
+//! `smaps` for what it is made of); then its memory after it made `MADE` allocations
 //! itself (64 concurrent clients over the socket); then the same start with `BIG` allocations
 //! in etcd. Each start is followed by its peers: a raw read of every key as the daemon reads
 //! (bounded pages), and as it read before (unbounded pages).
@@ -151,18 +151,36 @@ async fn peers(store: &Store) {
     );
 }
 
-/// What the memory of `pid` is made of, from `/proc/<pid>/smaps_rollup`.
+/// What the memory of `pid` is made of: its resident anonymous memory in the main heap (`brk`)
+/// and in other anonymous mappings (glibc's per-thread arenas, large allocations, stacks), its
+/// resident file-backed memory (the binary), from `/proc/<pid>/smaps`.
 fn rollup(pid: u32) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).expect("smaps_rollup");
-    text.lines()
-        .filter(|l| {
-            ["Rss:", "Anonymous:", "Private_Clean:", "Shared_Clean:"]
-                .iter()
-                .any(|f| l.starts_with(f))
-        })
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut heap, mut anonymous, mut file) = (0u64, 0u64, 0u64);
+    let mut mapping = "";
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            mapping = line;
+        } else if fields.first() == Some(&"Rss:") {
+            let kb: u64 = fields[1].parse().expect("Rss kB");
+            let named = mapping.split_whitespace().nth(5);
+            match named {
+                Some("[heap]") => heap += kb,
+                Some(path) if path.starts_with('/') => file += kb,
+                _ => anonymous += kb,
+            }
+        }
+    }
+    format!(
+        "resident: main heap {:.1} MB, other anonymous {:.1} MB, files {:.1} MB",
+        heap as f64 / 1024.0,
+        anonymous as f64 / 1024.0,
+        file as f64 / 1024.0
+    )
 }
 
 fn allocate_request(container: &str) -> v1::AllocateRequest {
