@@ -111,7 +111,12 @@ async fn bounded_read(store: &Store) -> (usize, Duration) {
     let t = Instant::now();
     let mut keys = 0;
     store
-        .for_each_page(&format!("{PREFIX}/"), PAGE, |kvs| keys += kvs.len())
+        .for_each_page(
+            &format!("{PREFIX}/"),
+            PAGE,
+            |_, _| false,
+            |kvs| keys += kvs.len(),
+        )
         .await
         .expect("bounded paged read");
     (keys, t.elapsed())

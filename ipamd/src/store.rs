@@ -255,14 +255,15 @@ impl Store {
     pub async fn load_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
         let mut out = Vec::new();
         let revision = self
-            .for_each_page(prefix, PAGE, |kvs| out.extend(kvs))
+            .for_each_page(prefix, PAGE, |_, _| false, |kvs| out.extend(kvs))
             .await?;
         Ok((revision, out))
     }
 
     /// Reads every key under `prefix` at one revision, in pages of at most `page_size` keys so
     /// that a large pool neither exceeds the gRPC message limit nor is held whole: `page` gets
-    /// each page in turn, in key order. Returns the revision.
+    /// each page in turn, in key order. A range for which `keys_only(start, end)` holds is read
+    /// without its values. Returns the revision.
     ///
     /// etcd (3.4) walks the whole range of a limited read to count it, so every read is kept to
     /// a range bounded by the last key read ([`ranges_after`]): each key is walked about once
@@ -271,6 +272,7 @@ impl Store {
         &self,
         prefix: &str,
         page_size: i64,
+        keys_only: impl Fn(&[u8], &[u8]) -> bool,
         mut page: impl FnMut(Vec<KeyValue>),
     ) -> Result<i64> {
         let op = format!("load {prefix}");
@@ -283,6 +285,9 @@ impl Store {
                 .with_limit(page_size);
             if revision > 0 {
                 options = options.with_revision(revision);
+            }
+            if keys_only(&start, &end) {
+                options = options.with_keys_only();
             }
             let mut resp = self
                 .retry(&op, |mut c| {

@@ -479,14 +479,19 @@ async fn a_prefix_of_many_pages_is_read_whole_in_order_once_each_at_one_revision
     let mut read: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let mut pages = 0;
     let revision = store
-        .for_each_page(&format!("{prefix}/"), PAGE, |kvs| {
-            assert!(kvs.len() <= PAGE as usize, "a page of {} keys", kvs.len());
-            pages += 1;
-            read.extend(
-                kvs.iter()
-                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
-            );
-        })
+        .for_each_page(
+            &format!("{prefix}/"),
+            PAGE,
+            |_, _| false,
+            |kvs| {
+                assert!(kvs.len() <= PAGE as usize, "a page of {} keys", kvs.len());
+                pages += 1;
+                read.extend(
+                    kvs.iter()
+                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+                );
+            },
+        )
         .await
         .expect("read");
     writing.store(false, Ordering::Relaxed);

@@ -9,7 +9,8 @@ use etcd_client::{EventType, WatchOptions};
 use super::Inner;
 use crate::cache::{Change, PoolCache, Skipped};
 use crate::error::{IpamError, Result};
-use crate::store::PAGE;
+use crate::records::Keys;
+use crate::store::{prefix_end, PAGE};
 
 impl Inner {
     pub(super) async fn wait_synced(&self) -> Result<()> {
@@ -65,17 +66,22 @@ impl Inner {
         let mut keys = 0;
         let revision = self
             .store
-            .for_each_page(&self.keys.pools(), PAGE, |kvs| {
-                keys += kvs.len();
-                for kv in &kvs {
-                    if let Ok(key) = kv.key_str() {
-                        fresh.apply(Change::Put {
-                            key,
-                            value: kv.value(),
-                        });
+            .for_each_page(
+                &self.keys.pools(),
+                PAGE,
+                |start, end| addresses_only(&self.keys, start, end),
+                |kvs| {
+                    keys += kvs.len();
+                    for kv in &kvs {
+                        if let Ok(key) = kv.key_str() {
+                            fresh.apply(Change::Put {
+                                key,
+                                value: kv.value(),
+                            });
+                        }
                     }
-                }
-            })
+                },
+            )
             .await?;
         let (skipped, loaded) = {
             let mut cache = self.lock_pools();
@@ -146,5 +152,56 @@ pub(super) fn log_skipped(skipped: Option<Skipped>) {
             reason,
             "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
         );
+    }
+}
+
+/// Whether every key in `[start, end)` is an address record of one pool (`pools/<id>/ips/`):
+/// the cache marks those by their keys, so their values need not be read.
+fn addresses_only(keys: &Keys, start: &[u8], end: &[u8]) -> bool {
+    let pools = keys.pools();
+    let Some(id_len) = start
+        .strip_prefix(pools.as_bytes())
+        .and_then(|rest| rest.iter().position(|b| *b == b'/'))
+    else {
+        return false;
+    };
+    let addresses = [&start[..pools.len() + id_len], b"/ips/"].concat();
+    start.starts_with(&addresses) && end <= prefix_end(&addresses).as_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ranges_within_one_pools_addresses_are_addresses_only() {
+        let keys = Keys::new("/p");
+        let ip = "/p/pools/10.0.0.0_8/ips/10.0.3.17";
+        let cases: [(&str, &[u8], bool); 7] = [
+            (ip, b"/p/pools/10.0.0.0_8/ips/10.0.3.2", true),
+            (ip, b"/p/pools/10.0.0.0_8/ips0", true),
+            (
+                "/p/pools/10.0.0.0_8/ips/",
+                b"/p/pools/10.0.0.0_8/ips0",
+                true,
+            ),
+            // Past the addresses: the next pool's definition, or other records of the pool.
+            (ip, b"/p/pools/10.0.0.0_80", false),
+            (ip, b"/p/pools0", false),
+            (
+                "/p/pools/10.0.0.0_8/blocks/10.0.0.0_26",
+                b"/p/pools/10.0.0.0_8/blocks0",
+                false,
+            ),
+            ("/p/pools/10.0.0.0_8", b"/p/pools/10.0.0.0_8/ips0", false),
+        ];
+        for (start, end, expected) in cases {
+            assert_eq!(
+                addresses_only(&keys, start.as_bytes(), end),
+                expected,
+                "{start} .. {}",
+                String::from_utf8_lossy(end)
+            );
+        }
     }
 }
