@@ -532,6 +532,41 @@ async fn a_prefix_of_many_pages_is_read_whole_in_order_once_each_at_one_revision
         pages as usize >= expected.len() / PAGE as usize,
         "{pages} pages"
     );
+
+    // Ranges chosen by the caller are read without values.
+    let mut keys_only = Vec::new();
+    let again = store
+        .for_each_page(
+            &format!("{prefix}/"),
+            PAGE,
+            |_, _| true,
+            |kvs| keys_only.extend(kvs),
+        )
+        .await
+        .expect("read");
+    let at_again = client
+        .get(
+            format!("{prefix}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_revision(again),
+            ),
+        )
+        .await
+        .expect("reference read");
+    let keys = |kvs: &[etcd_client::KeyValue]| -> Vec<Vec<u8>> {
+        kvs.iter().map(|kv| kv.key().to_vec()).collect()
+    };
+    assert!(
+        keys(&keys_only) == keys(at_again.kvs()),
+        "every key, keys only"
+    );
+    assert!(
+        keys_only.iter().all(|kv| kv.value().is_empty()),
+        "no values"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
