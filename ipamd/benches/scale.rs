@@ -1,9 +1,11 @@
 //! Daemon memory and start with many allocations in etcd: the release `hostnic-ipamd` started
-//! on a /8 pool already holding `LOADED` allocations of another node (written straight into
-//! etcd), its time from spawn to the first Allocate served and its resident memory
-//! (`/proc/<pid>/status` VmRSS, and VmHWM the peak); then its memory after it made `MADE`
-//! allocations itself (64 concurrent clients over the socket); then the same start with
-//! `BIG` allocations in etcd.
+//! on a /8 pool with no allocations (the baseline), then on the pool holding `LOADED`
+//! allocations of another node (written straight into etcd): its time from spawn to the first
+//! Allocate served and its resident memory (`/proc/<pid>/status` VmRSS, and VmHWM the peak;
+//! `smaps` for what it is made of); then its memory after it made `MADE` allocations
+//! itself (64 concurrent clients over the socket); then the same start with `BIG` allocations
+//! in etcd. Each start is followed by its peers: a raw read of every key as the daemon reads
+//! (bounded pages), and as it read before (unbounded pages).
 //!
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench scale`
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
 use hostnic_ipamd::records::{BlockRecord, Keys, RECORD_VERSION};
+use hostnic_ipamd::store::{Store, PAGE};
 use hostnic_ipamd::{parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, StoreConfig};
 use hostnic_proto::v1;
 use hostnic_proto::v1::ipam_client::IpamClient;
@@ -101,9 +104,27 @@ async fn preload(client: &etcd_client::Client, from: u32, to: u32) {
     }
 }
 
-/// The peer of a start: reading every key under the prefix in pages of 5,000 (as the daemon
-/// reads), without decoding them. Returns how many keys and how long it took.
-async fn raw_read(client: &etcd_client::Client) -> (usize, Duration) {
+/// The peer of a start: reading every key under the prefix as the daemon reads (5,000-key
+/// pages over ranges bounded by the last key read), without decoding them. Returns how many
+/// keys and how long it took.
+async fn bounded_read(store: &Store) -> (usize, Duration) {
+    let t = Instant::now();
+    let mut keys = 0;
+    store
+        .for_each_page(
+            &format!("{PREFIX}/"),
+            PAGE,
+            |_, _| false,
+            |kvs| keys += kvs.len(),
+        )
+        .await
+        .expect("bounded paged read");
+    (keys, t.elapsed())
+}
+
+/// The former peer: 5,000-key pages, each over the whole rest of the prefix (etcd 3.4 walks
+/// that rest to count it on every page).
+async fn unbounded_read(client: &etcd_client::Client) -> (usize, Duration) {
     let mut client = client.clone();
     let t = Instant::now();
     let end = etcd_client::GetOptions::new().with_range(format!("{PREFIX}0"));
@@ -111,7 +132,7 @@ async fn raw_read(client: &etcd_client::Client) -> (usize, Duration) {
     let mut keys = 0;
     loop {
         let resp = client
-            .get(from.as_str(), Some(end.clone().with_limit(5000)))
+            .get(from.as_str(), Some(end.clone().with_limit(PAGE)))
             .await
             .expect("range read");
         keys += resp.kvs().len();
@@ -122,6 +143,49 @@ async fn raw_read(client: &etcd_client::Client) -> (usize, Duration) {
             _ => return (keys, t.elapsed()),
         }
     }
+}
+
+/// Both peers, printed.
+async fn peers(store: &Store) {
+    let (keys, bounded) = bounded_read(store).await;
+    let (_, unbounded) = unbounded_read(&store.client()).await;
+    println!(
+        "peers, just after: a raw read of the {keys} keys under the prefix in bounded pages {:.0} ms; in unbounded pages {:.0} ms",
+        bounded.as_secs_f64() * 1000.0,
+        unbounded.as_secs_f64() * 1000.0
+    );
+}
+
+/// What the memory of `pid` is made of: its resident anonymous memory in the main heap (`brk`)
+/// and in other anonymous mappings (glibc's per-thread arenas, large allocations, stacks), its
+/// resident file-backed memory (the binary), from `/proc/<pid>/smaps`.
+fn rollup(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut heap, mut anonymous, mut file) = (0u64, 0u64, 0u64);
+    let mut mapping = "";
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            mapping = line;
+        } else if fields.first() == Some(&"Rss:") {
+            let kb: u64 = fields[1].parse().expect("Rss kB");
+            let named = mapping.split_whitespace().nth(5);
+            match named {
+                Some("[heap]") => heap += kb,
+                Some(path) if path.starts_with('/') => file += kb,
+                _ => anonymous += kb,
+            }
+        }
+    }
+    format!(
+        "resident: main heap {:.1} MB, other anonymous {:.1} MB, files {:.1} MB",
+        heap as f64 / 1024.0,
+        anonymous as f64 / 1024.0,
+        file as f64 / 1024.0
+    )
 }
 
 fn allocate_request(container: &str) -> v1::AllocateRequest {
@@ -213,7 +277,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("ipamd.sock");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let client = rt.block_on(async {
+    let store = rt.block_on(async {
         // The pool must exist before its records: let one allocator define it.
         let config = StoreConfig::new(etcd.endpoints()).with_prefix(PREFIX);
         let definer = Allocator::start(&config, "definer").await.expect("start");
@@ -227,35 +291,53 @@ fn main() {
         };
         definer.allocate(&req).await.expect("define");
         definer.release(&req.attachment).await.expect("release");
-        let client = definer.store().client();
-        drop(definer);
+        // The peers' reads may take longer than the daemon's 1 s per request: they are timed,
+        // not bounded.
+        let patient = StoreConfig {
+            request_timeout: Duration::from_secs(60),
+            retry_timeout: Duration::from_secs(120),
+            ..config
+        };
+        Store::connect(&patient).await.expect("connect")
+    });
+    let client = store.client();
+
+    // The baseline: the pool and no allocations.
+    let (mut d, took) = start(&rt, &daemon, &etcd, &socket);
+    let pid = d.pid().expect("running");
+    let (rss, hwm) = memory(pid);
+    println!(
+        "no allocations: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB; {}",
+        took.as_secs_f64() * 1000.0,
+        rollup(pid)
+    );
+    d.stop();
+
+    rt.block_on(async {
         let t = Instant::now();
         preload(&client, 0, LOADED).await;
         println!(
             "preloaded {LOADED} allocations in {:.1} s",
             t.elapsed().as_secs_f64()
         );
-        client
     });
     let (mut d, took) = start(&rt, &daemon, &etcd, &socket);
     let pid = d.pid().expect("running");
     rt.block_on(async {
-        let (keys, read) = raw_read(&client).await;
-        println!(
-            "peer: a raw paged read of the {keys} keys under the prefix, just after: {:.0} ms",
-            read.as_secs_f64() * 1000.0
-        );
         let (rss, hwm) = memory(pid);
         println!(
-            "{LOADED} allocations loaded: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
-            took.as_secs_f64() * 1000.0
+            "{LOADED} allocations loaded: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB; {}",
+            took.as_secs_f64() * 1000.0,
+            rollup(pid)
         );
+        peers(&store).await;
         let t = Instant::now();
         allocate_many(&socket, MADE).await;
         let (rss, hwm) = memory(pid);
         println!(
-            "then {MADE} allocations made by the daemon ({:.1} s): VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
-            t.elapsed().as_secs_f64()
+            "then {MADE} allocations made by the daemon ({:.1} s): VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB; {}",
+            t.elapsed().as_secs_f64(),
+            rollup(pid)
         );
     });
     d.stop();
@@ -269,15 +351,13 @@ fn main() {
         );
     });
     let (d, took) = start(&rt, &daemon, &etcd, &socket);
-    let (rss, hwm) = memory(d.pid().expect("running"));
-    let (keys, read) = rt.block_on(raw_read(&client));
+    let pid = d.pid().expect("running");
+    let (rss, hwm) = memory(pid);
     println!(
-        "peer: a raw paged read of the {keys} keys under the prefix, just after: {:.0} ms",
-        read.as_secs_f64() * 1000.0
+        "{} allocations in etcd: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB; {}",
+        BIG as usize + MADE,
+        took.as_secs_f64() * 1000.0,
+        rollup(pid)
     );
-    println!(
-            "{} allocations in etcd: start to first Allocate served {:.0} ms, VmRSS {rss:.1} MB, VmHWM {hwm:.1} MB",
-            BIG as usize + MADE,
-            took.as_secs_f64() * 1000.0
-        );
+    rt.block_on(peers(&store));
 }

@@ -108,13 +108,58 @@ struct Committed {
     record: AttachmentRecord,
 }
 
+/// Attachments whose commit [`Inner::committed`] remembers at most: many more than the pods of
+/// a node, so that only entries whose DEL never comes here (the attachment released by another
+/// node, or by a node-wide clean-up) are dropped, oldest first. The DEL of an attachment not
+/// remembered reads its records first, as after a restart.
+const COMMITTED_CAP: usize = 2048;
+
+/// A map that keeps only the `cap` entries inserted last.
+#[derive(Debug)]
+struct Recent<K, V> {
+    cap: usize,
+    /// Each entry with when it was inserted.
+    entries: HashMap<K, (u64, V)>,
+    inserted: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
+    fn new(cap: usize) -> Self {
+        Recent {
+            cap,
+            entries: HashMap::new(),
+            inserted: 0,
+        }
+    }
+
+    /// Inserts an entry; drops the oldest when that would exceed the cap.
+    fn insert(&mut self, key: K, value: V) {
+        if self.entries.len() >= self.cap && !self.entries.contains_key(&key) {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.inserted += 1;
+        self.entries.insert(key, (self.inserted, value));
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.entries.remove(key).map(|(_, v)| v)
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     store: Store,
     keys: Keys,
     node: String,
     cache: Mutex<PoolCache>,
-    committed: Mutex<HashMap<Attachment, Committed>>,
+    committed: Mutex<Recent<Attachment, Committed>>,
     /// The lease release markers are written under, and when it was granted.
     marker_lease: tokio::sync::Mutex<Option<(i64, Instant)>>,
     synced: watch::Sender<bool>,
@@ -149,7 +194,7 @@ impl Allocator {
             keys: Keys::new(&config.prefix),
             node: node.to_string(),
             cache: Mutex::new(PoolCache::new(Keys::new(&config.prefix), node)),
-            committed: Mutex::new(HashMap::new()),
+            committed: Mutex::new(Recent::new(COMMITTED_CAP)),
             marker_lease: tokio::sync::Mutex::new(None),
             synced,
             load_error: Mutex::new(None),
@@ -538,7 +583,7 @@ impl Inner {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_committed(&self) -> MutexGuard<'_, HashMap<Attachment, Committed>> {
+    fn lock_committed(&self) -> MutexGuard<'_, Recent<Attachment, Committed>> {
         self.committed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -848,5 +893,32 @@ impl Inner {
                     "refers to pool {id}, whose record does not validate: {e}"
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keeps_only_the_entries_inserted_last() {
+        let mut recent = Recent::new(3);
+        for i in 0..5 {
+            recent.insert(i, i * 10);
+        }
+        // Inserting a key already there refreshes it without dropping another.
+        recent.insert(2, 21);
+        recent.insert(5, 50);
+        assert_eq!(recent.entries.len(), 3);
+        assert_eq!(
+            [0, 1, 3].map(|k| recent.remove(&k)),
+            [None, None, None],
+            "the oldest were dropped"
+        );
+        assert_eq!(
+            [2, 4, 5].map(|k| recent.remove(&k)),
+            [Some(21), Some(40), Some(50)]
+        );
+        assert_eq!(recent.remove(&5), None, "removed once");
     }
 }

@@ -54,21 +54,18 @@ impl PoolCache {
         }
     }
 
-    /// Replaces the picture with a snapshot of every key under `pools/`. Returns the records
-    /// skipped for the first time.
-    pub fn load<'a>(
-        &mut self,
-        snapshot: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Vec<Skipped> {
-        self.pools.clear();
-        // Pool definitions first: blocks and addresses of a pool apply only once it is known.
-        let snapshot: Vec<(&str, &[u8])> = snapshot.into_iter().collect();
-        let (defs, rest): (Vec<_>, Vec<_>) = snapshot
+    /// Replaces the pools with those of `loaded`, a picture built afresh from a snapshot of
+    /// every key under `pools/` applied in key order (a pool's definition sorts before its
+    /// blocks and addresses). Returns the records skipped for the first time.
+    pub fn replace(&mut self, loaded: PoolCache) -> Vec<Skipped> {
+        for pool in loaded.pools.keys() {
+            self.skipped.remove(&self.keys.pool(pool));
+        }
+        self.pools = loaded.pools;
+        loaded
+            .skipped
             .into_iter()
-            .partition(|(key, _)| matches!(self.keys.parse(key), Some(KeyRef::Pool { .. })));
-        defs.into_iter()
-            .chain(rest)
-            .filter_map(|(key, value)| self.apply(Change::Put { key, value }))
+            .filter_map(|(key, reason)| self.skip(&key, reason))
             .collect()
     }
 
@@ -245,21 +242,32 @@ mod tests {
         .expect("encodes")
     }
 
+    /// Loads a snapshot into `cache` as `allocator` does: applied to a fresh picture in key
+    /// order (etcd's order), which then replaces the pools.
+    fn load(cache: &mut PoolCache, snapshot: &[(&str, &[u8])]) -> Vec<Skipped> {
+        let mut snapshot = snapshot.to_vec();
+        snapshot.sort();
+        let mut fresh = PoolCache::new(keys(), "node-a");
+        for (key, value) in snapshot {
+            fresh.apply(Change::Put { key, value });
+        }
+        cache.replace(fresh)
+    }
+
     /// A cache loaded with one /24 pool of /28 blocks.
     fn loaded(extra: &[(&str, &[u8])]) -> (PoolCache, Pool, Vec<Skipped>) {
         let p = pool("10.0.0.0/24");
         let def = pool_value(&p);
         let pool_key = keys().pool(&p.id());
         let mut snapshot: Vec<(&str, &[u8])> = extra.to_vec();
-        // Definitions may come after their blocks and addresses in a snapshot.
         snapshot.push((pool_key.as_str(), def.as_slice()));
         let mut cache = PoolCache::new(keys(), "node-a");
-        let skipped = cache.load(snapshot);
+        let skipped = load(&mut cache, &snapshot);
         (cache, p, skipped)
     }
 
     #[test]
-    fn a_load_marks_held_addresses_and_claimed_blocks_whatever_their_order() {
+    fn a_load_marks_held_addresses_and_claimed_blocks() {
         let block_key = keys().block("10.0.0.0_24", &"10.0.0.0/28".parse().expect("literal"));
         let ip_key = keys().address("10.0.0.0_24", "10.0.0.2".parse().expect("literal"));
         let owner = block_value("node-a");
@@ -271,6 +279,28 @@ mod tests {
             state.next_address(),
             Next::Address(to_int("10.0.0.3".parse().expect("literal"))),
             "10.0.0.2 is held and block 0 is this node's"
+        );
+    }
+
+    #[test]
+    fn a_pools_definition_sorts_before_its_blocks_and_addresses() {
+        // A load applies keys in etcd's order: a pool must be known before its records.
+        let (pool, block) = ("10.0.0.0_24", "10.0.0.0/28".parse().expect("literal"));
+        let def = keys().pool(pool);
+        assert!(def < keys().block(pool, &block));
+        assert!(def < keys().address(pool, "10.0.0.2".parse().expect("literal")));
+    }
+
+    #[test]
+    fn a_reload_replaces_the_picture() {
+        let ip_key = keys().address("10.0.0.0_24", "10.0.0.2".parse().expect("literal"));
+        let (mut cache, p, _) = loaded(&[(&ip_key, b"held")]);
+        let def = pool_value(&p);
+        assert_eq!(load(&mut cache, &[(&keys().pool(&p.id()), &def)]), vec![]);
+        let state = cache.get_mut(&p.id()).expect("pool loaded");
+        assert!(
+            state.mark(to_int("10.0.0.2".parse().expect("literal"))),
+            "10.0.0.2 is free in the new snapshot"
         );
     }
 
@@ -327,7 +357,7 @@ mod tests {
         assert!(skipped[0].reason.contains("blockSize"), "{skipped:?}");
         assert!(cache.contains(&p.id()) && !cache.contains("10.1.0.0_24"));
         assert!(cache.skipped(&bad_key).is_some());
-        let again = cache.load([(bad_key.as_str(), bad.as_bytes())]);
+        let again = load(&mut cache, &[(bad_key.as_str(), bad.as_bytes())]);
         assert_eq!(again, vec![], "a reload does not report it again");
         // Fixed: usable, no longer skipped.
         let fixed = pool_value(&pool("10.1.0.0/24"));
@@ -346,7 +376,7 @@ mod tests {
         let wrong_key = keys().pool("10.2.0.0_24");
         let value = pool_value(&pool("10.3.0.0/24"));
         let mut cache = PoolCache::new(keys(), "node-a");
-        let skipped = cache.load([(wrong_key.as_str(), value.as_slice())]);
+        let skipped = load(&mut cache, &[(wrong_key.as_str(), value.as_slice())]);
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(skipped[0].reason.contains("another subnet's key"));
         assert!(cache.is_empty());

@@ -250,24 +250,48 @@ impl Store {
         Ok(resp)
     }
 
-    /// Every key under `prefix` at one revision, read in pages so that a large pool does not
-    /// exceed the gRPC message limit. Returns the revision and the key-values.
+    /// Every key under `prefix` at one revision, in key order. Returns the revision and the
+    /// key-values.
     pub async fn load_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
-        const PAGE: i64 = 5000;
-        let end = prefix_end(prefix.as_bytes());
         let mut out = Vec::new();
-        let mut start = prefix.as_bytes().to_vec();
+        let revision = self
+            .for_each_page(prefix, PAGE, |_, _| false, |kvs| out.extend(kvs))
+            .await?;
+        Ok((revision, out))
+    }
+
+    /// Reads every key under `prefix` at one revision, in pages of at most `page_size` keys so
+    /// that a large pool neither exceeds the gRPC message limit nor is held whole: `page` gets
+    /// each page in turn, in key order. A range for which `keys_only(start, end)` holds is read
+    /// without its values. Returns the revision.
+    ///
+    /// etcd (3.4) walks the whole range of a limited read to count it, so every read is kept to
+    /// a range bounded by the last key read ([`ranges_after`]): each key is walked about once
+    /// per level of the key trie that holds more than a page, not once per page.
+    pub async fn for_each_page(
+        &self,
+        prefix: &str,
+        page_size: i64,
+        keys_only: impl Fn(&[u8], &[u8]) -> bool,
+        mut page: impl FnMut(Vec<KeyValue>),
+    ) -> Result<i64> {
+        let op = format!("load {prefix}");
         let mut revision = 0;
-        loop {
-            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        // Ranges still to read, the next on top.
+        let mut ranges = vec![(prefix.as_bytes().to_vec(), prefix_end(prefix.as_bytes()))];
+        while let Some((start, end)) = ranges.pop() {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page_size);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
-            let op = format!("load {prefix}");
-            let key = start.clone();
+            if keys_only(&start, &end) {
+                options = options.with_keys_only();
+            }
             let mut resp = self
                 .retry(&op, |mut c| {
-                    let (key, options) = (key.clone(), options.clone());
+                    let (key, options) = (start.clone(), options.clone());
                     async move { c.get(key, Some(options)).await }
                 })
                 .await?;
@@ -275,18 +299,34 @@ impl Store {
                 self.saw(resp.header());
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }
-            let more = resp.more();
             let kvs = resp.take_kvs();
-            if let Some(last) = kvs.last() {
-                start = last.key().to_vec();
-                start.push(0);
+            if let Some(last) = kvs.last().filter(|_| resp.more()) {
+                ranges.extend(ranges_after(last.key(), &end).into_iter().rev());
             }
-            out.extend(kvs);
-            if !more {
-                return Ok((revision, out));
-            }
+            page(kvs);
+        }
+        Ok(revision)
+    }
+}
+
+/// Keys per read of [`Store::load_prefix`].
+pub const PAGE: i64 = 5000;
+
+/// The range `[last + \0, end)` split into consecutive ranges at the end of each prefix of
+/// `last` that falls inside it, longest prefix first: the keys under `last` itself, then those
+/// under each shorter prefix, then the rest.
+pub fn ranges_after(last: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut from = last.to_vec();
+    from.push(0);
+    let mut ranges = Vec::new();
+    for len in (1..=last.len()).rev() {
+        let bound = prefix_end(&last[..len]);
+        if from < bound && bound.as_slice() < end {
+            ranges.push((std::mem::replace(&mut from, bound.clone()), bound));
         }
     }
+    ranges.push((from, end.to_vec()));
+    ranges
 }
 
 /// A failed etcd operation: `Unavailable` (the caller may try again later) when the error is
@@ -377,6 +417,81 @@ mod tests {
     fn prefix_end_covers_exactly_the_prefix() {
         assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn the_ranges_after_a_key_are_bounded_by_its_prefixes() {
+        let bounds: [&[u8]; 13] = [
+            b"/p/a/10.0.3.17\0",
+            b"/p/a/10.0.3.18",
+            b"/p/a/10.0.3.2",
+            b"/p/a/10.0.3/",
+            b"/p/a/10.0.4",
+            b"/p/a/10.0/",
+            b"/p/a/10.1",
+            b"/p/a/10/",
+            b"/p/a/11",
+            b"/p/a/2",
+            b"/p/a0",
+            b"/p/b",
+            b"/p0",
+        ];
+        let expected: Vec<(Vec<u8>, Vec<u8>)> = bounds
+            .windows(2)
+            .map(|w| (w[0].to_vec(), w[1].to_vec()))
+            .collect();
+        assert_eq!(
+            ranges_after(b"/p/a/10.0.3.17", b"/p0"),
+            expected,
+            "the end of every prefix of the key below the end bounds a range, longest first"
+        );
+    }
+
+    #[test]
+    fn the_ranges_after_a_key_cover_the_rest_exactly_in_order() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"/p/a/10.0.3.17", b"/p0"),
+            (b"/p/a/10.0.3.17", b"/p/a/10.0.3.2"),
+            (b"/p/\xff\xffz", b"/p0"),
+            (b"/p/x", b"/p/x\0\0"),
+            (b"\xff\xff", b"\xff\xff\xff"),
+        ];
+        // Keys around every boundary: each must fall in exactly one range iff it is in
+        // [last + \0, end).
+        let probes = |ranges: &[(Vec<u8>, Vec<u8>)], last: &[u8]| {
+            let mut keys = vec![last.to_vec()];
+            for (from, end) in ranges {
+                for bound in [from, end] {
+                    keys.push(bound.clone());
+                    let mut after = bound.clone();
+                    after.push(0);
+                    keys.push(after);
+                    keys.push(bound[..bound.len() - 1].to_vec());
+                }
+            }
+            keys
+        };
+        for (last, end) in cases {
+            let ranges = ranges_after(last, end);
+            let mut first = last.to_vec();
+            first.push(0);
+            assert_eq!(ranges[0].0, first, "starts just after {last:?}");
+            assert_eq!(ranges.last().expect("one range at least").1, end);
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].1, pair[1].0, "consecutive: {ranges:?}");
+            }
+            for (from, to) in &ranges {
+                assert!(from < to, "no empty range: {ranges:?}");
+            }
+            for key in probes(&ranges, last) {
+                let inside = key > last.to_vec() && key.as_slice() < end;
+                let holders = ranges
+                    .iter()
+                    .filter(|(from, to)| from <= &key && &key < to)
+                    .count();
+                assert_eq!(holders, usize::from(inside), "{key:?} in {ranges:?}");
+            }
+        }
     }
 
     fn grpc(code: Code, message: &str) -> etcd_client::Error {

@@ -416,6 +416,159 @@ async fn a_commit_whose_answer_is_lost_and_that_is_retried_leaves_one_address() 
 // Paged loading
 // ---------------------------------------------------------------------------------------------
 
+/// Keys shaped like address records, of many lengths (`10.0.3.1` sorts before `10.0.3.17`).
+fn trie_keys(prefix: &str, count: u32) -> Vec<String> {
+    (0..count)
+        .map(|n| format!("{prefix}ips/10.{}.{}.{}", n / 700, (n / 30) % 23, n % 30))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_of_many_pages_is_read_whole_in_order_once_each_at_one_revision_during_writes() {
+    const PAGE: i64 = 7;
+    let cluster = shared_single();
+    let prefix = unique_prefix("pages");
+    let store = Store::connect(&StoreConfig::new(cluster.endpoints()))
+        .await
+        .expect("connect");
+    let mut client = store.client();
+    let keys = trie_keys(&format!("{prefix}/"), 2000);
+    for chunk in keys.chunks(100) {
+        let puts: Vec<TxnOp> = chunk
+            .iter()
+            .map(|k| TxnOp::put(k.as_str(), "v", None))
+            .collect();
+        client
+            .txn(Txn::new().and_then(puts))
+            .await
+            .expect("writing keys");
+    }
+    // A neighbour sharing the prefix's text but outside it.
+    client
+        .put(format!("{prefix}0"), "outside", None)
+        .await
+        .expect("put");
+
+    // Meanwhile keys are added, rewritten and deleted all over the range.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (mut client, writing) = (client.clone(), Arc::clone(&writing));
+        let (extra, keys) = (trie_keys(&format!("{prefix}/x"), 2000), keys.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while writing.load(Ordering::Relaxed) && n < extra.len() {
+                client
+                    .put(extra[n].as_str(), "new", None)
+                    .await
+                    .expect("put");
+                client
+                    .put(keys[n * 7 % keys.len()].as_str(), "changed", None)
+                    .await
+                    .expect("put");
+                client
+                    .delete(keys[n * 13 % keys.len()].as_str(), None)
+                    .await
+                    .expect("delete");
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let mut read: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut pages = 0;
+    let revision = store
+        .for_each_page(
+            &format!("{prefix}/"),
+            PAGE,
+            |_, _| false,
+            |kvs| {
+                assert!(kvs.len() <= PAGE as usize, "a page of {} keys", kvs.len());
+                pages += 1;
+                read.extend(
+                    kvs.iter()
+                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+                );
+            },
+        )
+        .await
+        .expect("read");
+    writing.store(false, Ordering::Relaxed);
+    let written = writer.await.expect("writer");
+    assert!(written > 0, "writes went on during the read");
+
+    let at_revision = client
+        .get(
+            format!("{prefix}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_revision(revision),
+            ),
+        )
+        .await
+        .expect("reference read");
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = at_revision
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    let now = at_revision.header().expect("header").revision();
+    assert!(
+        now > revision,
+        "writes went on after the read's revision {revision}"
+    );
+    assert!(expected.len() > 1900, "{} keys", expected.len());
+    assert!(
+        read.windows(2).all(|w| w[0].0 < w[1].0),
+        "in key order, each key once"
+    );
+    assert!(
+        read == expected,
+        "exactly the keys and values at revision {revision}"
+    );
+    assert!(
+        pages as usize >= expected.len() / PAGE as usize,
+        "{pages} pages"
+    );
+
+    // Ranges chosen by the caller are read without values.
+    let mut keys_only = Vec::new();
+    let again = store
+        .for_each_page(
+            &format!("{prefix}/"),
+            PAGE,
+            |_, _| true,
+            |kvs| keys_only.extend(kvs),
+        )
+        .await
+        .expect("read");
+    let at_again = client
+        .get(
+            format!("{prefix}/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_revision(again),
+            ),
+        )
+        .await
+        .expect("reference read");
+    let keys = |kvs: &[etcd_client::KeyValue]| -> Vec<Vec<u8>> {
+        kvs.iter().map(|kv| kv.key().to_vec()).collect()
+    };
+    assert!(
+        keys(&keys_only) == keys(at_again.kvs()),
+        "every key, keys only"
+    );
+    assert!(
+        keys_only.iter().all(|kv| kv.value().is_empty()),
+        "no values"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_allocator_loads_every_address_of_a_pool_past_one_page_of_5000_keys() {
     let cluster = shared_single();

@@ -7,8 +7,10 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions};
 
 use super::Inner;
-use crate::cache::{Change, Skipped};
+use crate::cache::{Change, PoolCache, Skipped};
 use crate::error::{IpamError, Result};
+use crate::records::Keys;
+use crate::store::{prefix_end, PAGE};
 
 impl Inner {
     pub(super) async fn wait_synced(&self) -> Result<()> {
@@ -56,23 +58,37 @@ impl Inner {
         }
     }
 
-    /// Rebuilds the in-memory state from etcd. Returns the revision it reflects.
+    /// Rebuilds the in-memory state from etcd, page by page into a fresh picture that replaces
+    /// the current one once complete: requests use the old picture until then. Returns the
+    /// revision it reflects.
     pub(super) async fn load(&self) -> Result<i64> {
-        let (revision, kvs) = self.store.load_prefix(&self.keys.pools()).await?;
-        let snapshot = kvs
-            .iter()
-            .filter_map(|kv| Some((kv.key_str().ok()?, kv.value())));
+        let mut fresh = PoolCache::new(self.keys.clone(), &self.node);
+        let mut keys = 0;
+        let revision = self
+            .store
+            .for_each_page(
+                &self.keys.pools(),
+                PAGE,
+                |start, end| addresses_only(&self.keys, start, end),
+                |kvs| {
+                    keys += kvs.len();
+                    for kv in &kvs {
+                        if let Ok(key) = kv.key_str() {
+                            fresh.apply(Change::Put {
+                                key,
+                                value: kv.value(),
+                            });
+                        }
+                    }
+                },
+            )
+            .await?;
         let (skipped, loaded) = {
             let mut cache = self.lock_pools();
-            (cache.load(snapshot), cache.len())
+            (cache.replace(fresh), cache.len())
         };
         skipped.into_iter().for_each(|s| log_skipped(Some(s)));
-        tracing::info!(
-            pools = loaded,
-            keys = kvs.len(),
-            revision,
-            "pools loaded from etcd"
-        );
+        tracing::info!(pools = loaded, keys, revision, "pools loaded from etcd");
         Ok(revision)
     }
 
@@ -136,5 +152,56 @@ pub(super) fn log_skipped(skipped: Option<Skipped>) {
             reason,
             "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
         );
+    }
+}
+
+/// Whether every key in `[start, end)` is an address record of one pool (`pools/<id>/ips/`):
+/// the cache marks those by their keys, so their values need not be read.
+fn addresses_only(keys: &Keys, start: &[u8], end: &[u8]) -> bool {
+    let pools = keys.pools();
+    let Some(id_len) = start
+        .strip_prefix(pools.as_bytes())
+        .and_then(|rest| rest.iter().position(|b| *b == b'/'))
+    else {
+        return false;
+    };
+    let addresses = [&start[..pools.len() + id_len], b"/ips/"].concat();
+    start.starts_with(&addresses) && end <= prefix_end(&addresses).as_slice()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_ranges_within_one_pools_addresses_are_addresses_only() {
+        let keys = Keys::new("/p");
+        let ip = "/p/pools/10.0.0.0_8/ips/10.0.3.17";
+        let cases: [(&str, &[u8], bool); 7] = [
+            (ip, b"/p/pools/10.0.0.0_8/ips/10.0.3.2", true),
+            (ip, b"/p/pools/10.0.0.0_8/ips0", true),
+            (
+                "/p/pools/10.0.0.0_8/ips/",
+                b"/p/pools/10.0.0.0_8/ips0",
+                true,
+            ),
+            // Past the addresses: the next pool's definition, or other records of the pool.
+            (ip, b"/p/pools/10.0.0.0_80", false),
+            (ip, b"/p/pools0", false),
+            (
+                "/p/pools/10.0.0.0_8/blocks/10.0.0.0_26",
+                b"/p/pools/10.0.0.0_8/blocks0",
+                false,
+            ),
+            ("/p/pools/10.0.0.0_8", b"/p/pools/10.0.0.0_8/ips0", false),
+        ];
+        for (start, end, expected) in cases {
+            assert_eq!(
+                addresses_only(&keys, start.as_bytes(), end),
+                expected,
+                "{start} .. {}",
+                String::from_utf8_lossy(end)
+            );
+        }
     }
 }
