@@ -68,6 +68,8 @@ impl StoreConfig {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// The same connection options but [`LOAD_READ_TIMEOUT`], for the reads of a load.
+    loader: Client,
     retry_timeout: Duration,
     /// The highest revision any answer of etcd has shown this process: a lower bound of etcd's
     /// revision now. See [`Store::seen_revision`].
@@ -89,44 +91,53 @@ fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>> {
     })
 }
 
+/// How long one read of a load may take. etcd 3.4 walks the whole range of a limited read to
+/// count it, and the first read of a large prefix walks every key: most of a second over a
+/// million keys on a busy member. Under the request timeout such a read would fail the load,
+/// which would start over and might never finish.
+const LOAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client with `config`'s endpoints, credentials and TLS, and `timeout` per request. The
+/// connection itself is lazy.
+async fn connect_with(config: &StoreConfig, timeout: Duration) -> Result<Client> {
+    let mut options = ConnectOptions::new()
+        .with_timeout(timeout)
+        .with_connect_timeout(config.request_timeout)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        // A member cut off from the leader answers nothing rather than stale data, and
+        // ends our watch so that it is re-established on a member that has a leader.
+        .with_require_leader(true);
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    if let Some(tls) = &config.tls {
+        let mut tls_options = TlsOptions::new();
+        if let Some(ca) = &tls.ca {
+            tls_options = tls_options.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            tls_options = tls_options.identity(Identity::from_pem(
+                read_pem("cert", cert)?,
+                read_pem("key", key)?,
+            ));
+        }
+        options = options.with_tls(tls_options);
+    }
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|e| store_error(format!("connect to {}", config.endpoints.join(",")), e))
+}
+
 impl Store {
     /// Builds the client. The connection itself is lazy: an unreachable etcd shows up as
     /// `Unavailable` on the first request, not here.
     pub async fn connect(config: &StoreConfig) -> Result<Store> {
-        let mut options = ConnectOptions::new()
-            .with_timeout(config.request_timeout)
-            .with_connect_timeout(config.request_timeout)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            // A member cut off from the leader answers nothing rather than stale data, and
-            // ends our watch so that it is re-established on a member that has a leader.
-            .with_require_leader(true);
-        if let (Some(user), Some(password)) = (&config.username, &config.password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        if let Some(tls) = &config.tls {
-            let mut tls_options = TlsOptions::new();
-            if let Some(ca) = &tls.ca {
-                tls_options =
-                    tls_options.ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-                tls_options = tls_options.identity(Identity::from_pem(
-                    read_pem("cert", cert)?,
-                    read_pem("key", key)?,
-                ));
-            }
-            options = options.with_tls(tls_options);
-        }
-        let store = Store {
-            client: Client::connect(&config.endpoints, Some(options))
-                .await
-                .map_err(|e| {
-                    store_error(format!("connect to {}", config.endpoints.join(",")), e)
-                })?,
+        Ok(Store {
+            client: connect_with(config, config.request_timeout).await?,
+            loader: connect_with(config, LOAD_READ_TIMEOUT).await?,
             retry_timeout: config.retry_timeout,
             seen_revision: Arc::new(AtomicI64::new(0)),
-        };
-        Ok(store)
+        })
     }
 
     pub fn client(&self) -> Client {
@@ -181,23 +192,38 @@ impl Store {
     }
 
     /// Runs `call` until it succeeds, fails for good, or the retry budget is spent.
-    pub async fn retry<T, F, Fut>(&self, op: &str, mut call: F) -> Result<T>
+    pub async fn retry<T, F, Fut>(&self, op: &str, call: F) -> Result<T>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let deadline = Instant::now() + self.retry_timeout;
+        self.retry_on(&self.client, self.retry_timeout, op, call)
+            .await
+    }
+
+    /// [`Store::retry`] with `client` and a budget of `budget`.
+    async fn retry_on<T, F, Fut>(
+        &self,
+        client: &Client,
+        budget: Duration,
+        op: &str,
+        mut call: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + budget;
         let mut delay = Duration::from_millis(20);
         loop {
             // No attempt may outlive the budget: callers promise an answer within it.
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = tokio::time::timeout(remaining, call(self.client.clone()))
+            let attempt = tokio::time::timeout(remaining, call(client.clone()))
                 .await
                 .unwrap_or_else(|_| {
                     Err(etcd_client::Error::GRpcStatus(
                         tonic::Status::deadline_exceeded(format!(
-                            "no answer within the {:?} retry budget",
-                            self.retry_timeout
+                            "no answer within the {budget:?} retry budget"
                         )),
                     ))
                 });
@@ -289,8 +315,9 @@ impl Store {
             if keys_only(&start, &end) {
                 options = options.with_keys_only();
             }
+            let budget = LOAD_READ_TIMEOUT + self.retry_timeout;
             let mut resp = self
-                .retry(&op, |mut c| {
+                .retry_on(&self.loader, budget, &op, |mut c| {
                     let (key, options) = (start.clone(), options.clone());
                     async move { c.get(key, Some(options)).await }
                 })

@@ -837,3 +837,36 @@ fn an_allocator_whose_watch_falls_behind_a_compaction_reloads_and_hands_out_no_h
     });
     others.block_on(async move { drop(b) });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_outlasts_a_member_slower_than_the_request_timeout_and_the_retry_budget() {
+    let cluster = EtcdCluster::start(1).expect("starting etcd");
+    let prefix = unique_prefix("slow-load");
+    let config = StoreConfig::new(cluster.endpoints()).with_prefix(&prefix);
+    let store = Store::connect(&config).await.expect("connect");
+    let mut client = store.client();
+    for i in 0..10 {
+        client
+            .put(format!("{prefix}/keys/{i}"), "v", None)
+            .await
+            .expect("put");
+    }
+    let stall = config.request_timeout + config.retry_timeout;
+
+    cluster.pause_member(0);
+    let load = tokio::spawn({
+        let (store, prefix) = (store.clone(), format!("{prefix}/keys/"));
+        async move { store.load_prefix(&prefix).await }
+    });
+    let read = store.get("a read during the stall", &prefix, None).await;
+    tokio::time::sleep(stall.saturating_sub(Duration::from_millis(500))).await;
+    cluster.resume_member(0);
+
+    let err = read.expect_err("a read past its budget fails");
+    assert!(retryable(&err), "retryable (CNI code 11): {err}");
+    let (_, kvs) = load
+        .await
+        .expect("load task")
+        .expect("a load waits out a member slower than one request may be");
+    assert_eq!(kvs.len(), 10, "every key, once");
+}

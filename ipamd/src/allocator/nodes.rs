@@ -39,42 +39,33 @@ pub enum GiveBack {
 }
 
 impl Allocator {
-    /// Every node that has a key under `nodes/` (its attachment index): one read of one key
-    /// per node, each starting after the previous node's keys, so the cost grows with the
-    /// number of nodes, not of attachments.
+    /// Every node that has a key under `nodes/` (its attachment index, its NIC records): the
+    /// keys alone, in bounded pages ([`crate::store::Store::for_each_page`]). Reading the next
+    /// node's first key with a limit of one would be fewer keys, but etcd (3.4) walks the whole
+    /// rest of the range to count each such read: nodes × keys in all.
     pub async fn indexed_nodes(&self) -> Result<BTreeSet<String>> {
         let inner = &self.inner;
         let prefix = format!("{}/nodes/", inner.keys.prefix());
-        let end = prefix_end(prefix.as_bytes());
-        let mut start = prefix.clone().into_bytes();
         let mut nodes = BTreeSet::new();
-        loop {
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(1)
-                .with_keys_only();
-            let resp = inner
-                .store
-                .get(
-                    "list the nodes of the attachment index",
-                    &String::from_utf8_lossy(&start),
-                    Some(options),
-                )
-                .await?;
-            let Some(kv) = resp.kvs().first() else {
-                return Ok(nodes);
-            };
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let node = key[prefix.len()..]
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            start = prefix_end(format!("{prefix}{node}/").as_bytes());
-            if !node.is_empty() {
-                nodes.insert(node);
-            }
-        }
+        inner
+            .store
+            .for_each_page(
+                &prefix,
+                crate::store::PAGE,
+                |_, _| true,
+                |kvs| {
+                    nodes.extend(kvs.iter().filter_map(|kv| {
+                        let node = kv
+                            .key()
+                            .strip_prefix(prefix.as_bytes())?
+                            .split(|b| *b == b'/')
+                            .next()?;
+                        (!node.is_empty()).then(|| String::from_utf8_lossy(node).into_owned())
+                    }));
+                },
+            )
+            .await?;
+        Ok(nodes)
     }
 
     /// Every readable block claim of every pool in the pool index. A claim that does not
