@@ -1,25 +1,26 @@
 //! Pod churn on the exec path, as kubelets make it: `WORKERS` workers each exec the plugin's ADD
-//! then DEL for a new container, over and over, for `PHASE`. hostnic-ipam runs `NODES`
+//! for a new container, over and over, for `PHASE`, and the DEL of their oldest once they hold
+//! `LIVE` (then the DELs of what is left). hostnic-ipam runs `NODES`
 //! release daemons (one per "node", the workers spread over them) on a three-member etcd, all
 //! sharing one /24; the peer is `host-local` with the same workers on one node and one /24
 //! (host-local cannot share a pool between nodes). The phases alternate, round by round.
 //!
 //! Every ADD's address is checked against every other holder's: an address is held by a worker
-//! at least from its ADD's answer to the start of its DEL, and no two such spans of one address
-//! may overlap. After the last round no address of the pool is left in etcd.
+//! at least from its ADD's answer to the start of its DEL (`LIVE` - 1 more ADDs later), and no
+//! two such spans of one address may overlap. After the last round no address of the pool is left in etcd.
 //!
 //! Run (as root; the daemon serves root only):
 //! `scripts/build-release.sh && cargo bench -p hostnic-ipamd --bench churn`
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exec, exec_output, release_dir, shipped};
+use common::{exec, exec_output, release_daemon, shipped};
 use etcd_client::GetOptions;
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::EtcdCluster;
@@ -29,6 +30,9 @@ const WORKERS: usize = 16;
 const NODES: usize = 4;
 const PHASE: Duration = Duration::from_secs(5);
 const ROUNDS: usize = 3;
+/// Containers each worker holds at once: each address is held for several calls, so that a
+/// second holder would overlap it.
+const LIVE: usize = 4;
 const PREFIX: &str = "/hostnic/ipam/v1";
 
 /// An address one worker held, and when: from its ADD's answer to the start of its DEL.
@@ -51,8 +55,9 @@ fn address_of(stdout: &[u8]) -> IpAddr {
         .expect("an address")
 }
 
-/// `WORKERS` workers, worker `w` exec'ing `plugin` with `configs[w % configs.len()]`, ADD then
-/// DEL of a new container each time, for `PHASE`. Returns the ADDs per second and every span.
+/// `WORKERS` workers, worker `w` exec'ing `plugin` with `configs[w % configs.len()]`: ADD of a
+/// new container each time for `PHASE`, DEL of the oldest beyond `LIVE`. Returns the ADDs per
+/// second and every span.
 fn phase(plugin: &Path, configs: &[String], tag: &str) -> (f64, Vec<Span>) {
     let configs = Arc::new(configs.to_vec());
     let start = Instant::now();
@@ -63,17 +68,23 @@ fn phase(plugin: &Path, configs: &[String], tag: &str) -> (f64, Vec<Span>) {
             std::thread::spawn(move || {
                 let config = &configs[w % configs.len()];
                 let mut spans = Vec::new();
+                let mut live = VecDeque::new();
+                let mut release = |(container, ip, from): (String, IpAddr, Instant)| {
+                    let until = Instant::now();
+                    exec(&plugin, "DEL", &container, config);
+                    spans.push(Span { ip, from, until });
+                };
                 let mut i = 0;
                 while start.elapsed() < PHASE {
                     let container = format!("{tag}w{w}i{i}");
                     let (_, out) = exec_output(&plugin, "ADD", &container, config);
-                    let from = Instant::now();
-                    let ip = address_of(&out);
-                    let until = Instant::now();
-                    exec(&plugin, "DEL", &container, config);
-                    spans.push(Span { ip, from, until });
+                    live.push_back((container, address_of(&out), Instant::now()));
+                    if live.len() > LIVE {
+                        live.pop_front().map(&mut release);
+                    }
                     i += 1;
                 }
+                live.into_iter().for_each(&mut release);
                 spans
             })
         })
@@ -105,15 +116,7 @@ fn main() {
         println!("churn bench: run with `cargo bench -p hostnic-ipamd --bench churn`");
         return;
     }
-    let bin = release_dir();
-    let (plugin, daemon) = (shipped("hostnic-ipam"), bin.join("hostnic-ipamd"));
-    for b in [&plugin, &daemon] {
-        assert!(
-            b.exists(),
-            "{} missing: run `cargo build --release --bins` first",
-            b.display()
-        );
-    }
+    let (plugin, daemon) = (shipped("hostnic-ipam"), release_daemon());
     let etcd = EtcdCluster::start(3).expect("etcd");
     let dir = tempfile::tempdir().expect("temp dir");
     let sockets: Vec<PathBuf> = (0..NODES)

@@ -19,15 +19,17 @@
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench fanout`
 
+mod common;
+
+use common::{compact, release_daemon};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{CompactionOptions, GetOptions};
+use etcd_client::GetOptions;
 use hostnic_ipamd::sticky::Identity;
 use hostnic_ipamd::{
     parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, PodRef, StoreConfig,
@@ -51,15 +53,6 @@ const ROUNDS: usize = 3;
 /// The network of the example install (`etc/kubernetes/hostnic-ipam.yaml`): with the sizes of
 /// the identifiers in [`request`], the records have the size they have in a cluster.
 const NETWORK: &str = "hostnic-pods";
-
-fn release_dir() -> PathBuf {
-    // target/release/deps/fanout-xxxx -> target/release
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/release")
-        .to_path_buf()
-}
 
 /// etcd's Prometheus page, from its client URL (HTTP/1.0: a body to EOF, not chunked).
 fn scrape(endpoint: &str) -> String {
@@ -367,23 +360,6 @@ async fn churn(allocator: &Arc<Allocator>, phase: usize, half: Half) -> Duration
     start.elapsed()
 }
 
-/// Compacts etcd's history up to now (not timed), before each phase, as the throughput bench
-/// does: etcd otherwise slows as the history of the earlier phases grows.
-async fn compact(client: &etcd_client::Client) {
-    let mut client = client.clone();
-    let revision = client
-        .get("/", None)
-        .await
-        .expect("read the revision")
-        .header()
-        .expect("header")
-        .revision();
-    client
-        .compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
-}
-
 /// Waits until etcd counts `watchers` watchers.
 fn wait_for_watchers(endpoint: &str, watchers: f64) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -415,12 +391,7 @@ fn main() {
         println!("fanout bench: run with `cargo bench -p hostnic-ipamd --bench fanout`");
         return;
     }
-    let daemon = release_dir().join("hostnic-ipamd");
-    assert!(
-        daemon.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        daemon.display()
-    );
+    let daemon = release_daemon();
     let etcd = EtcdCluster::start(1).expect("etcd");
     let endpoint = etcd.endpoint(0);
     let etcd_pid = etcd.member_pid(0).expect("etcd runs");

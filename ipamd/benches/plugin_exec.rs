@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use common::{exec, release_dir, shipped};
+use common::{exec, release_daemon, shipped};
 use hostnic_testkit::EtcdCluster;
 use serde_json::json;
 
@@ -121,16 +121,7 @@ fn main() {
         println!("plugin_exec bench: run with `cargo bench -p hostnic-ipamd --bench plugin_exec`");
         return;
     }
-    let bin = release_dir();
-    let plugin = shipped("hostnic-ipam");
-    let daemon = bin.join("hostnic-ipamd");
-    for b in [&plugin, &daemon] {
-        assert!(
-            b.exists(),
-            "{} missing: run `cargo build --release --bins` first",
-            b.display()
-        );
-    }
+    let (plugin, daemon) = (shipped("hostnic-ipam"), release_daemon());
     let etcd = EtcdCluster::start(1).expect("etcd");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("ipamd.sock");

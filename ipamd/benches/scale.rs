@@ -10,7 +10,10 @@
 //! Run (as root; the daemon serves root only):
 //! `cargo build --release --bins && cargo bench -p hostnic-ipamd --bench scale`
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::release_daemon;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
@@ -29,15 +32,6 @@ const LOADED: u32 = 100_000;
 const MADE: usize = 100_000;
 const BIG: u32 = 1_000_000;
 const CLIENTS: usize = 64;
-
-fn release_dir() -> PathBuf {
-    // target/release/deps/scale-xxxx -> target/release
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/release")
-        .to_path_buf()
-}
 
 /// VmRSS and VmHWM of `pid`, in MB.
 fn memory(pid: u32) -> (f64, f64) {
@@ -267,12 +261,7 @@ fn main() {
         println!("scale bench: run with `cargo bench -p hostnic-ipamd --bench scale`");
         return;
     }
-    let daemon = release_dir().join("hostnic-ipamd");
-    assert!(
-        daemon.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        daemon.display()
-    );
+    let daemon = release_daemon();
     let etcd = EtcdCluster::start(1).expect("etcd");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("ipamd.sock");

@@ -23,8 +23,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::release_dir;
-use etcd_client::{CompactionOptions, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+use common::{compact, release_daemon};
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use hostnic_cni::plugin::{prepare, DaemonCall};
 use hostnic_cni::{Invocation, NetworkConfig};
 use hostnic_proto::v1;
@@ -242,20 +242,9 @@ async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Pha
 /// slows several-fold within a minute of these writes, and the later phases would pay for the
 /// history of the earlier ones. The daemons' watches have caught up by then (a phase ends when
 /// its last reply came back), and a daemon whose watch is compacted reloads anyway.
-async fn compact(client: &etcd_client::Client) {
-    let mut client = client.clone();
+async fn compact_settled(client: &etcd_client::Client) {
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let revision = client
-        .get("/", None)
-        .await
-        .expect("read the revision")
-        .header()
-        .expect("header")
-        .revision();
-    client
-        .compact(revision, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    compact(client).await;
 }
 
 fn config(subnet: &str, socket: &Path) -> Arc<NetworkConfig> {
@@ -282,7 +271,7 @@ fn start_daemon(etcd: &EtcdCluster, dir: &Path, node: &str, log: &str) -> (IpamD
     // The testkit passes RUST_LOG on to the daemon.
     std::env::set_var("RUST_LOG", log);
     let daemon = IpamDaemon::start(
-        &release_dir().join("hostnic-ipamd"),
+        &release_daemon(),
         &etcd.endpoints(),
         node,
         "/hostnic/ipam/v1",
@@ -351,11 +340,11 @@ async fn single_member(rt_dir: &Path) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for round in 0..ROUNDS {
-        compact(&client).await;
+        compact_settled(&client).await;
         let raw = raw_phase(&client, round, &cpu).await;
-        compact(&client).await;
+        compact_settled(&client).await;
         let (alloc, release) = daemon_phases(&logged, &format!("r{round}l"), &cpu).await;
-        compact(&client).await;
+        compact_settled(&client).await;
         let (quiet_alloc, quiet_release) = daemon_phases(&quiet, &format!("r{round}q"), &cpu).await;
         println!(
             "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
@@ -424,9 +413,9 @@ async fn three_members(rt_dir: &Path) {
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for round in 0..ROUNDS {
-        compact(&client).await;
+        compact_settled(&client).await;
         let raw = raw_phase(&client, round, &cpu).await;
-        compact(&client).await;
+        compact_settled(&client).await;
         let (alloc, release) = daemon_phases(&targets, &format!("r{round}c"), &cpu).await;
         println!(
             "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
@@ -455,12 +444,7 @@ fn main() {
         println!("throughput bench: run with `cargo bench -p hostnic-ipamd --bench throughput`");
         return;
     }
-    let daemon = release_dir().join("hostnic-ipamd");
-    assert!(
-        daemon.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        daemon.display()
-    );
+    release_daemon();
     let dir = tempfile::tempdir().expect("temp dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {

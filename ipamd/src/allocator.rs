@@ -108,10 +108,12 @@ struct Committed {
     record: AttachmentRecord,
 }
 
-/// Attachments whose commit [`Inner::committed`] remembers at most: many more than the pods of
-/// a node, so that only entries whose DEL never comes here (the attachment released by another
-/// node, or by a node-wide clean-up) are dropped, oldest first. The DEL of an attachment not
-/// remembered reads its records first, as after a restart.
+/// Attachments whose commit [`Inner::committed`] remembers at most, dropping the oldest: many
+/// more than the pods of a node, so that in practice only entries whose DEL never comes here
+/// (the attachment released by another node, or by a node-wide clean-up) are dropped. A node
+/// holding more attachments than this still works: the DEL of an attachment not remembered
+/// reads its records first, as after a restart. Once full, each insert scans the entries for
+/// the oldest (a few µs).
 const COMMITTED_CAP: usize = 2048;
 
 /// A map that keeps only the `cap` entries inserted last.

@@ -1,6 +1,6 @@
 //! The node's picture of the pools: every pool definition, which node claimed each block, and
 //! which addresses are held, built from etcd in the style of kube-runtime's reflector. A load
-//! (a snapshot of `pools/`) and each watch event go in through [`PoolCache::load`] and
+//! (a snapshot of `pools/`) and each watch event go in through [`PoolCache::replace`] and
 //! [`PoolCache::apply`], which are pure: the watch loop in `allocator` only feeds them.
 //!
 //! A record that does not decode or validate is skipped and reported once (the caller logs
@@ -56,11 +56,13 @@ impl PoolCache {
 
     /// Replaces the pools with those of `loaded`, a picture built afresh from a snapshot of
     /// every key under `pools/` applied in key order (a pool's definition sorts before its
-    /// blocks and addresses). Returns the records skipped for the first time.
+    /// blocks and addresses). A record under `pools/` skipped before but not in the snapshot's
+    /// skipped ones was fixed or deleted meanwhile, and is forgotten. Returns the records
+    /// skipped for the first time.
     pub fn replace(&mut self, loaded: PoolCache) -> Vec<Skipped> {
-        for pool in loaded.pools.keys() {
-            self.skipped.remove(&self.keys.pool(pool));
-        }
+        let pools = self.keys.pools();
+        self.skipped
+            .retain(|key, _| !key.starts_with(&pools) || loaded.skipped.contains_key(key));
         self.pools = loaded.pools;
         loaded
             .skipped
@@ -302,6 +304,23 @@ mod tests {
             state.mark(to_int("10.0.0.2".parse().expect("literal"))),
             "10.0.0.2 is free in the new snapshot"
         );
+    }
+
+    #[test]
+    fn a_reload_forgets_a_bad_record_deleted_meanwhile_and_reports_a_kept_one_once() {
+        let bad_pool = keys().pool("10.9.0.0_24");
+        let (mut cache, p, skipped) = loaded(&[(&bad_pool, b"not json")]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        let def = pool_value(&p);
+        let good = keys().pool(&p.id());
+        assert_eq!(
+            load(&mut cache, &[(&good, &def), (&bad_pool, b"not json")]),
+            vec![],
+            "still bad: not reported again"
+        );
+        assert!(cache.skipped(&bad_pool).is_some());
+        assert_eq!(load(&mut cache, &[(&good, &def)]), vec![]);
+        assert_eq!(cache.skipped(&bad_pool), None, "deleted while not watched");
     }
 
     #[test]

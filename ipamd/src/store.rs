@@ -276,12 +276,16 @@ impl Store {
         Ok(resp)
     }
 
-    /// Every key under `prefix` at one revision, in key order. Returns the revision and the
-    /// key-values.
+    /// Every key under `prefix` at one revision, in key order, within the retry budget (it
+    /// serves requests). Returns the revision and the key-values.
     pub async fn load_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
         let mut out = Vec::new();
+        let reader = Reader {
+            client: &self.client,
+            budget: self.retry_timeout,
+        };
         let revision = self
-            .for_each_page(prefix, PAGE, |_, _| false, |kvs| out.extend(kvs))
+            .pages(reader, prefix, PAGE, |_, _| false, |kvs| out.extend(kvs))
             .await?;
         Ok((revision, out))
     }
@@ -294,8 +298,27 @@ impl Store {
     /// etcd (3.4) walks the whole range of a limited read to count it, so every read is kept to
     /// a range bounded by the last key read ([`ranges_after`]): each key is walked about once
     /// per level of the key trie that holds more than a page, not once per page.
+    ///
+    /// For background work (the pool load, the node GC): each read may take up to
+    /// [`LOAD_READ_TIMEOUT`], far past the retry budget of a request.
     pub async fn for_each_page(
         &self,
+        prefix: &str,
+        page_size: i64,
+        keys_only: impl Fn(&[u8], &[u8]) -> bool,
+        page: impl FnMut(Vec<KeyValue>),
+    ) -> Result<i64> {
+        let reader = Reader {
+            client: &self.loader,
+            budget: LOAD_READ_TIMEOUT + self.retry_timeout,
+        };
+        self.pages(reader, prefix, page_size, keys_only, page).await
+    }
+
+    /// [`Store::for_each_page`] through `reader`.
+    async fn pages(
+        &self,
+        reader: Reader<'_>,
         prefix: &str,
         page_size: i64,
         keys_only: impl Fn(&[u8], &[u8]) -> bool,
@@ -315,9 +338,8 @@ impl Store {
             if keys_only(&start, &end) {
                 options = options.with_keys_only();
             }
-            let budget = LOAD_READ_TIMEOUT + self.retry_timeout;
             let mut resp = self
-                .retry_on(&self.loader, budget, &op, |mut c| {
+                .retry_on(reader.client, reader.budget, &op, |mut c| {
                     let (key, options) = (start.clone(), options.clone());
                     async move { c.get(key, Some(options)).await }
                 })
@@ -334,6 +356,13 @@ impl Store {
         }
         Ok(revision)
     }
+}
+
+/// The client and the retry budget the reads of [`Store::pages`] use.
+#[derive(Clone, Copy)]
+struct Reader<'a> {
+    client: &'a Client,
+    budget: Duration,
 }
 
 /// Keys per read of [`Store::load_prefix`].

@@ -16,6 +16,36 @@ pub fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The release daemon, `target/release/hostnic-ipamd`.
+pub fn release_daemon() -> PathBuf {
+    let path = release_dir().join("hostnic-ipamd");
+    assert!(
+        path.exists(),
+        "{} missing: run `scripts/build-release.sh` first",
+        path.display()
+    );
+    path
+}
+
+/// Compacts etcd's history up to its revision now, physically.
+pub async fn compact(client: &etcd_client::Client) {
+    let mut client = client.clone();
+    let revision = client
+        .get("/", None)
+        .await
+        .expect("read the revision")
+        .header()
+        .expect("header")
+        .revision();
+    client
+        .compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+}
+
 /// A binary as shipped, from `target/dist` (`scripts/build-release.sh`): the plugins are
 /// linked statically there.
 pub fn shipped(name: &str) -> PathBuf {
