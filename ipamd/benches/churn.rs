@@ -164,7 +164,7 @@ fn main() {
     exec(hl, "DEL", "warm", &host_local[0]);
 
     println!(
-        "{WORKERS} workers exec'ing ADD then DEL for {} s per phase; hostnic-ipam: {NODES} daemons on a three-member etcd sharing one /24; host-local: one node, one /24",
+        "{WORKERS} workers exec'ing ADD for {} s per phase, each holding {LIVE} containers (DEL of the oldest); hostnic-ipam: {NODES} daemons on a three-member etcd sharing one /24; host-local: one node, one /24",
         PHASE.as_secs()
     );
     println!("| round | host-local ADD/s | hostnic-ipam ADD/s | hostnic-ipam : host-local | addresses held twice (host-local, hostnic-ipam) |");

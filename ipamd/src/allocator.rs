@@ -16,7 +16,7 @@
 //! Records read from etcd are input like any other: one that does not validate is skipped and
 //! logged once with its key, and affects nothing but its own key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -112,16 +112,19 @@ struct Committed {
 /// more than the pods of a node, so that in practice only entries whose DEL never comes here
 /// (the attachment released by another node, or by a node-wide clean-up) are dropped. A node
 /// holding more attachments than this still works: the DEL of an attachment not remembered
-/// reads its records first, as after a restart. Once full, each insert scans the entries for
-/// the oldest (a few µs).
+/// reads its records first, as after a restart.
 const COMMITTED_CAP: usize = 2048;
 
-/// A map that keeps only the `cap` entries inserted last.
+/// A map that keeps only the `cap` entries inserted last. Each operation costs O(1), amortised.
 #[derive(Debug)]
 struct Recent<K, V> {
     cap: usize,
     /// Each entry with when it was inserted.
     entries: HashMap<K, (u64, V)>,
+    /// Keys in the order they were inserted, with when: a pair whose key was removed or
+    /// inserted again since is stale, skipped when it comes first and purged when stale pairs
+    /// outnumber the entries.
+    order: VecDeque<(u64, K)>,
     inserted: u64,
 }
 
@@ -130,24 +133,32 @@ impl<K: std::hash::Hash + Eq + Clone, V> Recent<K, V> {
         Recent {
             cap,
             entries: HashMap::new(),
+            order: VecDeque::new(),
             inserted: 0,
         }
+    }
+
+    fn is_current(&self, (at, key): &(u64, K)) -> bool {
+        self.entries.get(key).is_some_and(|(x, _)| x == at)
     }
 
     /// Inserts an entry; drops the oldest when that would exceed the cap.
     fn insert(&mut self, key: K, value: V) {
         if self.entries.len() >= self.cap && !self.entries.contains_key(&key) {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (at, _))| *at)
-                .map(|(k, _)| k.clone());
-            if let Some(oldest) = oldest {
-                self.entries.remove(&oldest);
+            while let Some(pair) = self.order.pop_front() {
+                if self.is_current(&pair) {
+                    self.entries.remove(&pair.1);
+                    break;
+                }
             }
         }
         self.inserted += 1;
-        self.entries.insert(key, (self.inserted, value));
+        self.entries.insert(key.clone(), (self.inserted, value));
+        self.order.push_back((self.inserted, key));
+        if self.order.len() > 2 * self.entries.len().max(self.cap) {
+            let order = std::mem::take(&mut self.order);
+            self.order = order.into_iter().filter(|p| self.is_current(p)).collect();
+        }
     }
 
     fn remove(&mut self, key: &K) -> Option<V> {
@@ -922,5 +933,22 @@ mod tests {
             [Some(21), Some(40), Some(50)]
         );
         assert_eq!(recent.remove(&5), None, "removed once");
+    }
+
+    #[test]
+    fn recent_stays_bounded_when_entries_come_and_go() {
+        let mut recent = Recent::new(4);
+        for i in 0..10_000 {
+            recent.insert(i, i);
+            if i % 3 != 0 {
+                assert_eq!(recent.remove(&i), Some(i));
+            }
+        }
+        assert_eq!(recent.entries.len(), 4);
+        assert!(recent.order.len() <= 8, "{} pairs kept", recent.order.len());
+        assert_eq!(
+            [9993, 9996, 9999].map(|k| recent.remove(&k)),
+            [Some(9993), Some(9996), Some(9999)]
+        );
     }
 }
