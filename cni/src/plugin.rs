@@ -70,8 +70,9 @@
 //! (Podman) are covered by the daemon's network-namespace GC, which releases an attachment
 //! whose namespace is gone.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::future::Future;
+use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,6 +124,49 @@ impl Outcome {
     /// Whether the plugin should exit 0.
     pub fn is_success(&self) -> bool {
         !matches!(self, Outcome::Failed(_))
+    }
+
+    /// Runs a plugin binary's one invocation: reads the config from stdin and passes it with
+    /// the process environment to `run`; a stdin that cannot be read is a failure. Returns the
+    /// environment and stdin read, for the caller's own use, with the outcome.
+    pub fn of_process(
+        run: impl FnOnce(&[(OsString, OsString)], &[u8]) -> Outcome,
+    ) -> (Vec<(OsString, OsString)>, Vec<u8>, Outcome) {
+        let vars: Vec<_> = std::env::vars_os().collect();
+        let mut stdin = Vec::new();
+        let outcome = match std::io::stdin().lock().read_to_end(&mut stdin) {
+            Ok(_) => run(&vars, &stdin),
+            Err(source) => Outcome::failed(
+                &CniError::Io {
+                    what: "read the network config from stdin".to_owned(),
+                    source,
+                },
+                CniVersion::LATEST.as_str(),
+            ),
+        };
+        (vars, stdin, outcome)
+    }
+
+    /// Ends a plugin binary: a failure is logged in one line on stderr, the reply (if any)
+    /// goes to stdout, and the exit code says whether it succeeded. `plugin` names the binary
+    /// in the stderr lines.
+    pub fn exit(&self, plugin: &str) -> std::process::ExitCode {
+        use std::io::Write;
+        if let Outcome::Failed(reply) = self {
+            eprintln!("{plugin}: error {}: {}", reply.code, reply.msg);
+        }
+        if let Some(text) = self.stdout() {
+            let mut stdout = std::io::stdout().lock();
+            if let Err(err) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+                eprintln!("{plugin}: cannot write the reply to stdout: {err}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+        if self.is_success() {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        }
     }
 
     /// The text for stdout, if any.

@@ -3,6 +3,8 @@
 //! taken from the cluster's VxNetPool resource served by the fake Kubernetes API server.
 
 mod common;
+
+use common::{simulator, ACTIONS, KEY, SECRET, ZONE};
 mod scrape;
 
 use std::collections::BTreeMap;
@@ -11,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostnic_iaas::sim::{Fault, SimConfig, Simulator, VxnetSpec};
-use hostnic_iaas::SecretKey;
+use hostnic_iaas::sim::{Fault, Simulator};
 use hostnic_ipamd::kube::KubeSource;
 use hostnic_ipamd::nics::settings::nic_name;
 use hostnic_ipamd::nics::{self, NicFlags};
@@ -21,37 +22,6 @@ use hostnic_testkit::kube::{FakeKube, Fault as ApiFault, Kind};
 use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
 use hostnic_testkit::{shared_single, unique_prefix};
 use scrape::{free_port, http_get, promtool_problems, sample};
-
-const KEY: &str = "QYACCESSKEYIDEXAMPLE";
-const SECRET: &str = "SIMSECRET-nic-ops-test";
-const ZONE: &str = "pek3a";
-
-/// Every action the NIC pool calls.
-const ACTIONS: [&str; 8] = [
-    "DescribeAccessKeys",
-    "DescribeVxnets",
-    "DescribeNics",
-    "CreateNics",
-    "AttachNics",
-    "DetachNics",
-    "DeleteNics",
-    "DescribeJobs",
-];
-
-/// A simulator with `instance` running and `vxnets`; jobs take 100 ms.
-async fn simulator(instance: &str, vxnets: &[&str], real_links: bool) -> Simulator {
-    let mut config = SimConfig::new(KEY, SecretKey::new(SECRET), ZONE);
-    config.instances = vec![instance.to_string()];
-    config.vxnets = vxnets
-        .iter()
-        .map(|s| s.parse::<VxnetSpec>().expect("valid vxnet"))
-        .collect();
-    config.job_duration = Duration::from_millis(100);
-    config.real_links = real_links;
-    Simulator::start("127.0.0.1:0".parse().expect("address"), config)
-        .await
-        .expect("simulator starts")
-}
 
 /// The files of QingCloud mode in `dir`: the SDK config for `sim`, hostnic's pool config
 /// (`pool` is its `pool` object) and the instance id file; the daemon's flags for them.

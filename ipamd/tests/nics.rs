@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{simulator, ACTIONS, KEY, SECRET, ZONE};
+
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -11,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hostnic_iaas::limit::RetryPolicy;
-use hostnic_iaas::sim::{Fault, SimConfig, Simulator, VxnetSpec};
+use hostnic_iaas::sim::{Fault, Simulator};
 use hostnic_iaas::types::{CreateNics, NicStatus};
-use hostnic_iaas::{Client, ClientOptions, SecretKey};
+use hostnic_iaas::{Client, ClientOptions};
 use hostnic_ipamd::nics::record::{holder_attachment, NicRecord, NicState, NIC_NETWORK};
 use hostnic_ipamd::nics::settings::nic_name;
 use hostnic_ipamd::nics::vxnet::Policy;
@@ -22,25 +24,6 @@ use hostnic_ipamd::records::now_unix;
 use hostnic_ipamd::{AllocateRequest, Allocator, Kind};
 use hostnic_testkit::netns::{require_netns, run_cni, CniCall, NetNs};
 use hostnic_testkit::{require_root, shared_single, unique_prefix};
-
-const KEY: &str = "QYACCESSKEYIDEXAMPLE";
-const SECRET: &str = "SIMSECRET-nics-test";
-const ZONE: &str = "pek3a";
-
-/// A simulator with `instance` running and `vxnets`; jobs take 100 ms.
-async fn simulator(instance: &str, vxnets: &[&str], real_links: bool) -> Simulator {
-    let mut config = SimConfig::new(KEY, SecretKey::new(SECRET), ZONE);
-    config.instances = vec![instance.to_string()];
-    config.vxnets = vxnets
-        .iter()
-        .map(|s| s.parse::<VxnetSpec>().expect("valid vxnet"))
-        .collect();
-    config.job_duration = Duration::from_millis(100);
-    config.real_links = real_links;
-    Simulator::start("127.0.0.1:0".parse().expect("address"), config)
-        .await
-        .expect("simulator starts")
-}
 
 /// A production client for `sim`, retrying and polling jobs fast enough for tests.
 fn client(sim: &Simulator) -> Client {
@@ -159,6 +142,54 @@ fn count(records: &[NicRecord], state: NicState) -> usize {
     records.iter().filter(|r| r.state == state).count()
 }
 
+/// A daemon socket serving `Ipam` and `Nics` in-process, as `hostnic-ipamd` serves them.
+struct NicServer {
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl NicServer {
+    /// Serves `allocator` and `nics` on a socket of a new temporary directory, once it exists.
+    async fn start(allocator: &Arc<Allocator>, nics: nics::service::NicService) -> NicServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("ipamd.sock");
+        let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
+            .await
+            .expect("socket lock");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
+            lock,
+            hostnic_ipamd::service::IpamService::new(
+                Arc::clone(allocator),
+                Duration::from_secs(60),
+            ),
+            Some(nics),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        for _ in 0..100 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        NicServer {
+            socket,
+            _dir: dir,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
 /// The simulator's NIC links (`qcs…`) and its peers are removed when it stops; a NIC link
 /// left in a namespace goes with the namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,26 +214,12 @@ async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces
         .await
         .expect("NIC pool starts"),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("ipamd.sock");
-    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
-        .await
-        .expect("socket lock");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
-        lock,
-        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
-        Some(nics::service::NicService::new(Arc::clone(&pool))),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = NicServer::start(
+        &allocator,
+        nics::service::NicService::new(Arc::clone(&pool)),
+    )
+    .await;
+    let socket = server.socket.clone();
     let conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "qc", "type": "hostnic",
         "serviceCIDR": "10.96.0.0/12", "hairpin": false, "natMark": "0x10000",
@@ -362,8 +379,7 @@ async fn three_pods_get_nics_whose_mac_and_etcd_address_show_in_their_namespaces
     let records_now = assert_agreement(&sim, &allocator, instance).await;
     assert_eq!(count(&records_now, NicState::Ready), 2, "{records_now:?}");
 
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await;
 }
 
 /// Half-done states a crash can leave are repaired by the reconcile on start: an address held
@@ -701,18 +717,7 @@ async fn bad_configuration_is_refused_at_start_naming_the_problem() {
     assert!(records(&allocator).await.is_empty());
 }
 
-/// Every action the NIC pool calls, for counting what a run spent.
-const ACTIONS: [&str; 8] = [
-    "DescribeAccessKeys",
-    "DescribeVxnets",
-    "DescribeNics",
-    "CreateNics",
-    "AttachNics",
-    "DetachNics",
-    "DeleteNics",
-    "DescribeJobs",
-];
-
+/// The calls `sim` received of every action the NIC pool makes: what a run spent.
 fn api_calls(sim: &Simulator) -> u64 {
     ACTIONS.iter().map(|a| sim.calls(a)).sum()
 }
@@ -743,26 +748,12 @@ async fn one_hundred_pod_starts_and_stops_cost_far_fewer_api_calls_than_pods() {
         .expect("NIC pool starts"),
     );
     let at_start = api_calls(&sim);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("ipamd.sock");
-    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
-        .await
-        .expect("socket lock");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
-        lock,
-        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
-        Some(nics::service::NicService::new(Arc::clone(&pool))),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = NicServer::start(
+        &allocator,
+        nics::service::NicService::new(Arc::clone(&pool)),
+    )
+    .await;
+    let socket = server.socket.clone();
     let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "qc", "type": "hostnic", "socket": socket})
         .to_string();
     let namespaces: Vec<NetNs> = (0..3)
@@ -824,8 +815,7 @@ async fn one_hundred_pod_starts_and_stops_cost_far_fewer_api_calls_than_pods() {
     let r = assert_agreement(&sim, &allocator, instance).await;
     assert_eq!(count(&r, NicState::Leased), 0);
     assert!(count(&r, NicState::Ready) <= 4);
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await;
 }
 
 /// The daemon SIGKILLed while an attach job is in flight, under 5100s, 2500s and a 5000, and
@@ -1026,31 +1016,17 @@ async fn a_namespace_mapped_to_a_block_gets_addresses_from_that_block_only() {
         .await
         .expect("NIC pool starts"),
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("ipamd.sock");
-    let lock = hostnic_ipamd::server::SocketLock::acquire(&socket, Duration::ZERO)
-        .await
-        .expect("socket lock");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let entries: nics::service::NamespaceEntries = Arc::new(|namespace: &str| match namespace {
         "test" => Some(vec!["4100-172-31-79-64-26".to_string()]),
         "broken" => Some(vec!["vxnet-unknown1".to_string()]),
         _ => None,
     });
-    let server = tokio::spawn(hostnic_ipamd::server::serve_with_nics(
-        lock,
-        hostnic_ipamd::service::IpamService::new(Arc::clone(&allocator), Duration::from_secs(60)),
-        Some(nics::service::NicService::new(Arc::clone(&pool)).with_namespaces(entries)),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server = NicServer::start(
+        &allocator,
+        nics::service::NicService::new(Arc::clone(&pool)).with_namespaces(entries),
+    )
+    .await;
+    let socket = server.socket.clone();
     let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "qc", "type": "hostnic", "socket": socket})
         .to_string();
     let namespaces: Vec<NetNs> = (0..4)
@@ -1122,8 +1098,7 @@ async fn a_namespace_mapped_to_a_block_gets_addresses_from_that_block_only() {
     }
     let r = assert_agreement(&sim, &allocator, instance).await;
     assert_eq!(count(&r, NicState::Leased), 0);
-    let _ = stop.send(());
-    let _ = server.await;
+    server.stop().await;
 }
 
 /// Answers about 30 % of the simulator's calls with 5100 until `stop` is set: after every call

@@ -5,31 +5,15 @@
 //! stdout carries only the reply; a failure is also logged, in one line, on stderr, and every
 //! call in one line in `ipam.logFile` when the config names one.
 
-use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use hostnic_cni::call_log;
 use hostnic_cni::plugin::{self, Outcome};
-use hostnic_cni::{CniError, CniVersion};
 
 fn main() -> ExitCode {
     let (at, started) = (SystemTime::now(), Instant::now());
-    let vars: Vec<_> = std::env::vars_os().collect();
-    let mut stdin = Vec::new();
-    let outcome = match std::io::stdin().lock().read_to_end(&mut stdin) {
-        Ok(_) => plugin::run(&vars, &stdin),
-        Err(source) => Outcome::failed(
-            &CniError::Io {
-                what: "read the network config from stdin".to_owned(),
-                source,
-            },
-            CniVersion::LATEST.as_str(),
-        ),
-    };
-    if let Outcome::Failed(reply) = &outcome {
-        eprintln!("hostnic-ipam: error {}: {}", reply.code, reply.msg);
-    }
+    let (vars, stdin, outcome) = Outcome::of_process(plugin::run);
     if let Some(path) = call_log::configured(&stdin) {
         let failed = match &outcome {
             Outcome::Failed(reply) => Some(reply),
@@ -46,16 +30,5 @@ fn main() -> ExitCode {
             eprintln!("hostnic-ipam: {e}");
         }
     }
-    if let Some(text) = outcome.stdout() {
-        let mut stdout = std::io::stdout().lock();
-        if let Err(err) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
-            eprintln!("hostnic-ipam: cannot write the reply to stdout: {err}");
-            return ExitCode::FAILURE;
-        }
-    }
-    if outcome.is_success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    outcome.exit("hostnic-ipam")
 }

@@ -84,3 +84,43 @@ pub async fn snapshot(a: &Allocator) -> BTreeMap<String, i64> {
         .filter(|(key, _)| !key.starts_with(&leader))
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// QingCloud mode: the simulator the NIC tests run against
+// ---------------------------------------------------------------------------------------------
+
+pub const KEY: &str = "QYACCESSKEYIDEXAMPLE";
+pub const SECRET: &str = "SIMSECRET-nics-test";
+pub const ZONE: &str = "pek3a";
+
+/// Every action the NIC pool calls.
+pub const ACTIONS: [&str; 8] = [
+    "DescribeAccessKeys",
+    "DescribeVxnets",
+    "DescribeNics",
+    "CreateNics",
+    "AttachNics",
+    "DetachNics",
+    "DeleteNics",
+    "DescribeJobs",
+];
+
+/// A simulator with `instance` running and `vxnets`; jobs take 100 ms.
+pub async fn simulator(
+    instance: &str,
+    vxnets: &[&str],
+    real_links: bool,
+) -> hostnic_iaas::sim::Simulator {
+    use hostnic_iaas::sim::{SimConfig, Simulator, VxnetSpec};
+    let mut config = SimConfig::new(KEY, hostnic_iaas::SecretKey::new(SECRET), ZONE);
+    config.instances = vec![instance.to_string()];
+    config.vxnets = vxnets
+        .iter()
+        .map(|s| s.parse::<VxnetSpec>().expect("valid vxnet"))
+        .collect();
+    config.job_duration = std::time::Duration::from_millis(100);
+    config.real_links = real_links;
+    Simulator::start("127.0.0.1:0".parse().expect("address"), config)
+        .await
+        .expect("simulator starts")
+}
