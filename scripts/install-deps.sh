@@ -11,7 +11,7 @@ log() { printf '[install-deps] %s\n' "$*"; }
 # `ip` lives in /usr/sbin, which a non-login shell may not have on PATH.
 export PATH="$PATH:/usr/sbin:/sbin"
 
-PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl podman runc busybox-static prometheus)
+PACKAGES=(etcd-server etcd-client protobuf-compiler containernetworking-plugins iproute2 iputils-ping openssl podman runc busybox-static prometheus libc6-dev)
 
 missing_tools() {
   local cmd
@@ -20,12 +20,14 @@ missing_tools() {
   done
   [ -x /usr/lib/cni/macvlan ] || printf '%s ' /usr/lib/cni/macvlan
   [ -x /bin/busybox ] || printf '%s ' /bin/busybox
+  # glibc's static archive, for the statically linked plugins (scripts/build-release.sh).
+  [ -f "/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || printf '%s ' libc.a
 }
 
 missing=$(missing_tools)
 missing=${missing% }
 if [ -z "$missing" ]; then
-  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping, openssl, podman, runc, busybox, promtool)"
+  log "system packages: all present (etcd, etcdctl, protoc, /usr/lib/cni/macvlan, ip, ping, openssl, podman, runc, busybox, promtool, libc.a)"
 else
   log "missing: $missing"
   as_root=()
