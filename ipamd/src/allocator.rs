@@ -181,6 +181,10 @@ struct Inner {
     retry_timeout: Duration,
     /// Test hook, see [`Allocator::hold_commits_at`].
     commit_gate: Mutex<Option<Arc<tokio::sync::Barrier>>>,
+    /// Told when a block is followed, so that the watch adds it.
+    follow_added: tokio::sync::Notify,
+    /// Changes the watch delivered.
+    watch_events: std::sync::atomic::AtomicU64,
 }
 
 /// A node's allocator. Dropping it stops its watch.
@@ -213,6 +217,8 @@ impl Allocator {
             load_error: Mutex::new(None),
             retry_timeout: config.retry_timeout,
             commit_gate: Mutex::new(None),
+            follow_added: tokio::sync::Notify::new(),
+            watch_events: std::sync::atomic::AtomicU64::new(0),
         });
         let watcher = tokio::spawn(Arc::clone(&inner).follow());
         Ok(Allocator { inner, watcher })
@@ -248,6 +254,14 @@ impl Allocator {
     }
 
     /// Whether the pools have been loaded from etcd (the readiness probe).
+    /// How many changes this allocator's watch has delivered: the pool index, pool
+    /// definitions, block claims, and the addresses of the blocks it follows.
+    pub fn watch_events(&self) -> u64 {
+        self.inner
+            .watch_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn is_synced(&self) -> bool {
         *self.inner.synced.borrow()
     }
@@ -434,6 +448,14 @@ impl Allocator {
         self.inner.store.check_alarms().await?;
         for pool in range_sets.iter().flat_map(|s| &s.pools) {
             let key = self.inner.keys.pool(&pool.id());
+            let unknown = {
+                let cache = self.inner.lock_pools();
+                !cache.contains(&pool.id()) && cache.skipped(&key).is_none()
+            };
+            if unknown {
+                // Not in the pool index, so not loaded: its record may still exist.
+                self.inner.read_unindexed_pool(&key).await?;
+            }
             if self.inner.lock_pools().skipped(&key).is_some() {
                 return Err(IpamError::Corrupt {
                     key,
@@ -441,6 +463,22 @@ impl Allocator {
                         "the pool record does not validate; `hostnic-ipamd audit` names the problem"
                             .into(),
                 });
+            }
+        }
+        // Blocks not followed may have room: follow them, as an ADD would, until an address is
+        // known free or none can be.
+        for pool in range_sets.iter().flat_map(|s| &s.pools) {
+            loop {
+                let unknown = {
+                    let mut pools = self.inner.lock_pools();
+                    pools
+                        .get_mut(&pool.id())
+                        .and_then(|s| Some((s.unknown_block()?, Arc::clone(s.pool()))))
+                };
+                match unknown {
+                    Some((block, pool)) => self.inner.follow_block(&pool, block).await?,
+                    None => break,
+                }
             }
         }
         let mut pools = self.inner.lock_pools();
@@ -632,6 +670,7 @@ impl Inner {
                         return Ok(());
                     }
                     Next::Claim(block) => self.claim_block(&state_pool, block).await?,
+                    Next::Follow(block) => self.follow_block(&state_pool, block).await?,
                     Next::Exhausted => break,
                 }
             }

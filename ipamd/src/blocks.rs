@@ -9,6 +9,11 @@
 //! This state is a hint: etcd's compare-and-swap decides. An address marked free here that
 //! another node took fails its CAS and gets marked; an address marked held that was released
 //! comes back when the watch delivers the delete.
+//!
+//! A node follows (reads, then watches) the addresses of only some blocks: its own, and those
+//! it borrows from. The bits of any other block say nothing, so such a block is never handed
+//! out from: picking asks to follow it first ([`Next::Follow`]). A pool that cannot be followed
+//! block by block (IPv6, whose address keys have no block order) is followed whole.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
@@ -20,6 +25,9 @@ use crate::pool::Pool;
 #[derive(Debug)]
 struct Block {
     owner: Option<String>,
+    /// Whether this node follows the block's addresses; if not, `held` is all clear and `free`
+    /// counts every dynamic address: nothing is known.
+    followed: bool,
     held: Vec<u64>,
     /// Dynamic addresses in this block that are not held.
     free: u32,
@@ -35,16 +43,23 @@ pub enum Next {
     /// No unclaimed block is left: this address of another node's block is free; it is now
     /// marked held.
     Borrow(u128),
+    /// The addresses of this block must be followed before it can be picked from: it is this
+    /// node's, or no unclaimed block is left and it may have a free address to borrow.
+    Follow(u128),
     /// Every dynamic address of the pool is held.
     Exhausted,
 }
 
 /// Free-address state of one pool for one node.
 ///
-/// Invariants, restored by [`PoolState::refresh`] after every change of a block's bits or owner:
-/// - `blocks[b].free` is the number of dynamic addresses of block `b` whose bit is clear;
-/// - `any_free` is exactly the materialised blocks with `free > 0`;
+/// Invariants, restored by [`PoolState::refresh`] after every change of a block's bits, owner
+/// or following:
+/// - `blocks[b].free` is the number of dynamic addresses of block `b` whose bit is clear, and
+///   no bit is set in a block that is not followed;
+/// - `any_free` is exactly the followed blocks with `free > 0`;
 /// - `own_free` is exactly the blocks of `any_free` whose owner is this node;
+/// - `own_unfollowed` is exactly this node's blocks that are not followed, and `others_unfollowed`
+///   the blocks claimed by another node that are not followed and have a dynamic address;
 /// - every block below `claim_cursor` is claimed, or has no free dynamic address (a block that
 ///   loses its claim while it has a free address moves the cursor back to it).
 ///
@@ -57,8 +72,14 @@ pub struct PoolState {
     blocks: BTreeMap<u128, Block>,
     /// Blocks claimed by this node that have a free dynamic address.
     own_free: BTreeSet<u128>,
-    /// Materialised blocks that have a free dynamic address.
+    /// Followed blocks that have a free dynamic address.
     any_free: BTreeSet<u128>,
+    /// Blocks of this node whose addresses are not followed yet.
+    own_unfollowed: BTreeSet<u128>,
+    /// Blocks of other nodes whose addresses are not followed, that have a dynamic address.
+    others_unfollowed: BTreeSet<u128>,
+    /// Whether every block is followed (a pool followed whole).
+    follows_all: bool,
     /// The last address handed out: dynamic allocation continues after it, as host-local does,
     /// so a released address is not handed out again at once.
     cursor: Option<u128>,
@@ -67,6 +88,8 @@ pub struct PoolState {
 }
 
 impl PoolState {
+    /// The state of a pool whose blocks are followed one by one, as [`PoolState::follow`]
+    /// adds them.
     pub fn new(pool: Arc<Pool>, node: &str) -> Self {
         PoolState {
             pool,
@@ -74,9 +97,64 @@ impl PoolState {
             blocks: BTreeMap::new(),
             own_free: BTreeSet::new(),
             any_free: BTreeSet::new(),
+            own_unfollowed: BTreeSet::new(),
+            others_unfollowed: BTreeSet::new(),
+            follows_all: false,
             cursor: None,
             claim_cursor: 0,
         }
+    }
+
+    /// The state of a pool whose every address is followed.
+    pub fn following_all(pool: Arc<Pool>, node: &str) -> Self {
+        PoolState {
+            follows_all: true,
+            ..PoolState::new(pool, node)
+        }
+    }
+
+    pub fn follows_all(&self) -> bool {
+        self.follows_all
+    }
+
+    /// Whether the addresses of block `index` are followed.
+    pub fn follows(&self, index: u128) -> bool {
+        self.follows_all || self.blocks.get(&index).is_some_and(|b| b.followed)
+    }
+
+    /// This node's blocks.
+    pub fn own_blocks(&self) -> impl Iterator<Item = u128> + '_ {
+        let node = Some(self.node.as_str());
+        self.blocks
+            .iter()
+            .filter(move |(_, b)| b.owner.as_deref() == node)
+            .map(|(&index, _)| index)
+    }
+
+    /// Starts following block `index`: `held` (addresses of the block, others are ignored) is
+    /// what etcd holds of it now, and the watch will deliver what changes.
+    pub fn follow(&mut self, index: u128, held: impl IntoIterator<Item = u128>) {
+        let first = self.pool.block_first(index);
+        let len = self.pool.block_len();
+        let words = self.words();
+        let mut bits = vec![0u64; words];
+        let mut held_dynamic = 0;
+        for n in held {
+            if n < first || n - first >= len {
+                continue;
+            }
+            let (word, bit) = word_bit(n - first);
+            if bits[word] & bit == 0 {
+                bits[word] |= bit;
+                held_dynamic += u32::from(self.pool.is_dynamic(n));
+            }
+        }
+        let free = self.count_dynamic(index) - held_dynamic;
+        let block = self.block_mut(index);
+        block.held = bits;
+        block.free = free;
+        block.followed = true;
+        self.refresh(index);
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -99,13 +177,12 @@ impl PoolState {
             let free = self.count_dynamic(index);
             let block = Block {
                 owner: None,
+                followed: self.follows_all,
                 held: vec![0; self.words()],
                 free,
             };
             self.blocks.insert(index, block);
-            if free > 0 {
-                self.any_free.insert(index);
-            }
+            self.refresh(index);
         }
         self.blocks.get_mut(&index).expect("inserted above")
     }
@@ -116,23 +193,33 @@ impl PoolState {
             return;
         };
         let own = block.owner.as_deref() == Some(self.node.as_str());
-        let has_free = block.free > 0;
+        // Unfollowed, `free` counts every dynamic address: it may be free.
+        let maybe_free = block.free > 0;
+        let has_free = maybe_free && block.followed;
         let unclaimed = block.owner.is_none();
+        let unfollowed = !block.followed;
         set_member(&mut self.any_free, index, has_free);
         set_member(&mut self.own_free, index, has_free && own);
-        if has_free && unclaimed && index < self.claim_cursor {
+        set_member(&mut self.own_unfollowed, index, unfollowed && own);
+        set_member(
+            &mut self.others_unfollowed,
+            index,
+            unfollowed && maybe_free && !own && !unclaimed,
+        );
+        if maybe_free && unclaimed && index < self.claim_cursor {
             self.claim_cursor = index;
         }
     }
 
-    /// Records that `n` is held. Returns false if it already was.
+    /// Records that `n` is held. Returns false if it already was, or if its block is not
+    /// followed (nothing is recorded of such a block).
     pub fn mark(&mut self, n: u128) -> bool {
         let index = self.pool.block_of(n);
         let offset = n - self.pool.block_first(index);
         let dynamic = self.pool.is_dynamic(n);
         let block = self.block_mut(index);
         let (word, bit) = word_bit(offset);
-        if block.held[word] & bit != 0 {
+        if !block.followed || block.held[word] & bit != 0 {
             return false;
         }
         block.held[word] |= bit;
@@ -178,16 +265,6 @@ impl PoolState {
         self.refresh(index);
     }
 
-    /// Blocks claimed by this node.
-    #[cfg(test)]
-    fn own_blocks(&self) -> usize {
-        let node = Some(self.node.as_str());
-        self.blocks
-            .values()
-            .filter(|b| b.owner.as_deref() == node)
-            .count()
-    }
-
     /// First free dynamic address of block `index` at offset `from` or later.
     fn free_in(&self, index: u128, from: u128) -> Option<u128> {
         let block = self.blocks.get(&index)?;
@@ -203,17 +280,24 @@ impl PoolState {
         n
     }
 
-    /// Chooses the next dynamic address: after the cursor in this node's blocks, else a block
-    /// to claim, else an address to borrow from another node's block.
+    /// Chooses the next dynamic address: after the cursor in this node's blocks (once they are
+    /// followed), else a block to claim, else an address to borrow from another node's block
+    /// (once it is followed).
     pub fn next_address(&mut self) -> Next {
         if let Some(n) = self.next_own() {
             return Next::Address(self.take(n));
+        }
+        if let Some(&index) = self.own_unfollowed.first() {
+            return Next::Follow(index);
         }
         if let Some(index) = self.next_unclaimed() {
             return Next::Claim(index);
         }
         if let Some(n) = self.any_free.iter().find_map(|&b| self.free_in(b, 0)) {
             return Next::Borrow(self.take(n));
+        }
+        if let Some(&index) = self.others_unfollowed.first() {
+            return Next::Follow(index);
         }
         Next::Exhausted
     }
@@ -242,9 +326,24 @@ impl PoolState {
         self.free_in(*next, 0)
     }
 
-    /// Whether a dynamic address is free anywhere in the pool.
+    /// Whether a dynamic address may be free anywhere in the pool: one is free in a followed
+    /// block, or some block that may have one is not followed.
     pub fn has_free(&mut self) -> bool {
-        !self.any_free.is_empty() || self.next_unclaimed().is_some()
+        !self.any_free.is_empty()
+            || !self.own_unfollowed.is_empty()
+            || !self.others_unfollowed.is_empty()
+            || self.next_unclaimed().is_some()
+    }
+
+    /// A block to follow before this node can tell whether a dynamic address is free: None
+    /// when one is known to be (in a followed block, or an unclaimed one) or every block that
+    /// may have one is followed.
+    pub fn unknown_block(&mut self) -> Option<u128> {
+        if !self.any_free.is_empty() || self.next_unclaimed().is_some() {
+            return None;
+        }
+        let unknown = self.own_unfollowed.first();
+        unknown.or(self.others_unfollowed.first()).copied()
     }
 
     /// The first block at or after the claim cursor that nobody claimed and that has a free
@@ -278,17 +377,21 @@ impl PoolState {
 pub struct Usage {
     /// Addresses dynamic allocation may hand out ([`Pool::dynamic_size`]).
     pub size: u128,
-    /// Addresses held: dynamic ones and exact ones (fixed window, requested addresses).
+    /// Addresses held in the blocks this node follows: dynamic ones and exact ones (fixed
+    /// window, requested addresses).
     pub held: u128,
-    /// Dynamic addresses not held.
+    /// Dynamic addresses known to be free: not held in the blocks this node follows, or in
+    /// blocks nobody claimed. Another node's block that this node does not follow counts as
+    /// not free.
     pub free: u128,
     /// Claimed blocks by the node that claimed them.
     pub blocks: BTreeMap<String, u64>,
 }
 
 impl PoolState {
-    /// The pool's usage. Costs a walk over the blocks that are materialised (claimed, or
-    /// holding an address), never over the subnet: for a scrape, not for the hot path.
+    /// The pool's usage as far as this node follows it. Costs a walk over the blocks that are
+    /// materialised (claimed, or holding an address), never over the subnet: for a scrape, not
+    /// for the hot path.
     pub fn usage(&self) -> Usage {
         let mut usage = Usage {
             size: self.pool.dynamic_size(),
@@ -301,7 +404,9 @@ impl PoolState {
                 .iter()
                 .map(|w| u128::from(w.count_ones()))
                 .sum::<u128>();
-            held_dynamic += u128::from(self.count_dynamic(index).saturating_sub(block.free));
+            let unknown = !block.followed && block.owner.is_some();
+            let free = if unknown { 0 } else { block.free };
+            held_dynamic += u128::from(self.count_dynamic(index).saturating_sub(free));
             if let Some(owner) = &block.owner {
                 *usage.blocks.entry(owner.clone()).or_default() += 1;
             }
@@ -328,6 +433,9 @@ impl PoolState {
         if let Some(n) = own.iter().find_map(|&b| self.free_allowed(b, allowed)) {
             return Next::Address(self.take(n));
         }
+        if let Some(&b) = self.own_unfollowed.iter().find(|b| meets(self, b)) {
+            return Next::Follow(b);
+        }
         let unclaimed = self.blocks_meeting(allowed).find(|&b| {
             self.blocks.get(&b).is_none_or(|x| x.owner.is_none())
                 && self.free_allowed(b, allowed).is_some()
@@ -344,17 +452,21 @@ impl PoolState {
         if let Some(n) = any.iter().find_map(|&b| self.free_allowed(b, allowed)) {
             return Next::Borrow(self.take(n));
         }
+        if let Some(&b) = self.others_unfollowed.iter().find(|b| meets(self, b)) {
+            return Next::Follow(b);
+        }
         Next::Exhausted
     }
 
-    /// Whether a dynamic address among `allowed` is free.
+    /// Whether a dynamic address among `allowed` may be free (blocks not followed may).
     pub fn has_free_in(&self, allowed: &[AddrRange]) -> bool {
         self.blocks_meeting(allowed)
             .any(|b| self.free_allowed(b, allowed).is_some())
     }
 
     /// Blocks wholly inside `space` (sorted, merged, inside the pool) in which no address is
-    /// held and some is dynamic, in order: what a namespace may be given. At most `limit`.
+    /// known to be held and some is dynamic, in order: what a namespace may be given. At most
+    /// `limit`. A block this node does not follow counts as empty.
     pub fn empty_blocks_in(&self, space: &[AddrRange], limit: usize) -> Vec<u128> {
         self.blocks_meeting(space)
             .filter(|&b| {
@@ -426,16 +538,31 @@ mod tests {
     use crate::pool::parse_range_sets;
     use serde_json::json;
 
-    fn state(config: serde_json::Value, node: &str) -> PoolState {
+    fn pool(config: serde_json::Value) -> Arc<Pool> {
         let sets = parse_range_sets(&config).expect("valid config");
-        PoolState::new(Arc::new(sets[0].pools[0].clone()), node)
+        Arc::new(sets[0].pools[0].clone())
+    }
+
+    /// A pool followed whole, as a node that sees every address.
+    fn state(config: serde_json::Value, node: &str) -> PoolState {
+        PoolState::following_all(pool(config), node)
+    }
+
+    /// A pool followed block by block.
+    fn by_blocks(config: serde_json::Value, node: &str) -> PoolState {
+        PoolState::new(pool(config), node)
+    }
+
+    fn own_count(s: &PoolState) -> usize {
+        s.own_blocks().count()
     }
 
     fn n(s: &str) -> u128 {
         to_int(s.parse().expect("literal"))
     }
 
-    /// Drives `next` the way the allocator does, with every claim succeeding.
+    /// Drives `next` the way the allocator does, with every claim succeeding and every block
+    /// followed found empty.
     fn allocate(s: &mut PoolState) -> Option<u128> {
         loop {
             match s.next_address() {
@@ -444,6 +571,7 @@ mod tests {
                     let node = s.node.clone();
                     s.set_owner(b, Some(&node));
                 }
+                Next::Follow(b) => s.follow(b, []),
                 Next::Exhausted => return None,
             }
         }
@@ -599,7 +727,7 @@ mod tests {
         for _ in 0..200 {
             allocate(&mut s).expect("free");
         }
-        assert_eq!(s.own_blocks(), 4);
+        assert_eq!(own_count(&s), 4);
         assert!(s.blocks.len() <= 5);
     }
 
@@ -618,6 +746,7 @@ mod tests {
                     let node = s.node.clone();
                     s.set_owner(b, Some(&node));
                 }
+                Next::Follow(b) => s.follow(b, []),
                 Next::Exhausted => return None,
             }
         }
@@ -635,7 +764,7 @@ mod tests {
             seen.push(a);
         }
         assert_eq!(seen.len(), 48);
-        assert_eq!(s.own_blocks(), 1, "claimed only the block it was allowed");
+        assert_eq!(own_count(&s), 1, "claimed only the block it was allowed");
         assert_invariants(&s);
         // Another node's block: borrowed only when nothing else is allowed and free.
         let mut s = state(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
@@ -665,12 +794,31 @@ mod tests {
                 .filter(|&o| s.pool.is_dynamic(first + o) && !is_held(&block.held, o))
                 .count() as u32;
             assert_eq!(block.free, free, "free count of block {b}");
-            assert_eq!(s.any_free.contains(&b), free > 0, "any_free of block {b}");
+            let followed = block.followed;
+            assert!(
+                followed || block.held.iter().all(|w| *w == 0),
+                "bits in unfollowed block {b}"
+            );
+            assert_eq!(
+                s.any_free.contains(&b),
+                free > 0 && followed,
+                "any_free of block {b}"
+            );
             let own = block.owner.as_deref() == Some(s.node.as_str());
             assert_eq!(
                 s.own_free.contains(&b),
-                free > 0 && own,
+                free > 0 && own && followed,
                 "own_free of block {b}"
+            );
+            assert_eq!(
+                s.own_unfollowed.contains(&b),
+                own && !followed,
+                "own_unfollowed of block {b}"
+            );
+            assert_eq!(
+                s.others_unfollowed.contains(&b),
+                !own && block.owner.is_some() && !followed && free > 0,
+                "others_unfollowed of block {b}"
             );
             if b < s.claim_cursor {
                 assert!(
@@ -681,17 +829,70 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_node_hands_out_from_its_block_only_once_it_follows_it() {
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        assert_eq!(s.next_address(), Next::Claim(0));
+        s.set_owner(0, Some("a"));
+        assert_eq!(s.next_address(), Next::Follow(0));
+        assert!(!s.mark(n("10.0.0.9")), "nothing is recorded before the block is followed");
+        s.follow(0, [n("10.0.0.2"), n("10.0.0.3"), n("10.0.0.70")]);
+        assert!(s.follows(0) && !s.follows(1));
+        assert_eq!(s.next_address(), Next::Address(n("10.0.0.4")));
+        assert_invariants(&s);
+    }
+
+    #[test]
+    fn blocks_of_other_nodes_are_not_followed_and_count_as_not_free() {
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        s.set_owner(1, Some("b"));
+        assert!(!s.mark(n("10.0.0.70")), "the watch delivers nothing of it; a mark is ignored");
+        let usage = s.usage();
+        assert_eq!((usage.held, usage.free), (0, 253 - 64));
+        assert_eq!(s.next_address(), Next::Claim(0), "unclaimed blocks come first");
+        assert_invariants(&s);
+    }
+
+    #[test]
+    fn borrowing_follows_the_blocks_of_other_nodes_one_at_a_time() {
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/26", "blockSize": 28}), "a");
+        for b in 0..4 {
+            s.set_owner(b, Some("b"));
+        }
+        assert!(s.has_free(), "blocks not followed may have a free address");
+        assert_eq!(s.unknown_block(), Some(0));
+        assert_eq!(s.next_address(), Next::Follow(0));
+        s.follow(0, (0..16).map(|o| n("10.0.0.0") + o));
+        assert_eq!(s.next_address(), Next::Follow(1));
+        s.follow(1, [n("10.0.0.16")]);
+        assert_eq!(s.next_address(), Next::Borrow(n("10.0.0.17")));
+        assert_eq!(s.unknown_block(), None, "a followed block has room");
+        for b in 2..4 {
+            let first = s.pool().block_first(b);
+            s.follow(b, (0..16).map(|o| first + o));
+        }
+        for o in 18..32 {
+            s.mark(n("10.0.0.0") + o);
+        }
+        assert_eq!(s.next_address(), Next::Exhausted);
+        assert!(!s.has_free());
+        assert_eq!(s.unknown_block(), None, "every block is followed");
+        assert_invariants(&s);
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
+        use std::collections::HashSet;
 
         #[derive(Debug, Clone)]
         enum Op {
-            /// Next address, claiming blocks for this node as asked.
+            /// Next address, claiming and following blocks for this node as asked.
             Allocate,
             /// Another node claims block `b` (or the claim is removed).
             Owner(u8, Option<bool>),
-            /// The address at offset `o` of the pool is marked or unmarked (the watch).
+            /// Another node takes or frees the address at offset `o` of the pool; the watch
+            /// tells this node if it follows the block.
             Mark(u8, bool),
         }
 
@@ -706,15 +907,19 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
-            /// Whatever the watch and other nodes do, the invariants hold, an address handed
-            /// out was free, and the pool is exhausted only when no dynamic address is free.
+            /// Whatever the watch and other nodes do, followed whole or block by block: the
+            /// invariants hold, an address handed out was free in etcd, and the pool is
+            /// exhausted only when no dynamic address is free in etcd.
             #[test]
-            fn the_invariants_hold_and_only_free_addresses_are_handed_out(ops in prop::collection::vec(op(), 1..120)) {
-                let mut s = state(
-                    json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/29", "10.0.0.200"], "blockSize": 26}),
-                    "a",
-                );
+            fn the_invariants_hold_and_only_free_addresses_are_handed_out(
+                ops in prop::collection::vec(op(), 1..120),
+                whole in any::<bool>(),
+            ) {
+                let config = json!({"subnet": "10.0.0.0/24", "exclude": ["10.0.0.64/29", "10.0.0.200"], "blockSize": 26});
+                let mut s = if whole { state(config, "a") } else { by_blocks(config, "a") };
                 let base = n("10.0.0.0");
+                // What etcd holds.
+                let mut held: HashSet<u128> = HashSet::new();
                 for op in ops {
                     match op {
                         Op::Allocate => loop {
@@ -722,15 +927,20 @@ mod tests {
                                 Next::Address(a) | Next::Borrow(a) => {
                                     prop_assert!(s.pool().is_dynamic(a));
                                     prop_assert!(s.is_marked(a));
+                                    prop_assert!(held.insert(a), "{a} handed out while held");
                                     break;
                                 }
                                 Next::Claim(b) => {
                                     prop_assert!(s.blocks.get(&b).is_none_or(|x| x.owner.is_none()));
                                     s.set_owner(b, Some("a"));
                                 }
+                                Next::Follow(b) => {
+                                    prop_assert!(!s.follows(b));
+                                    s.follow(b, held.iter().copied());
+                                }
                                 Next::Exhausted => {
                                     let free = (0..256u128)
-                                        .any(|o| s.pool().is_dynamic(base + o) && !s.is_marked(base + o));
+                                        .any(|o| s.pool().is_dynamic(base + o) && !held.contains(&(base + o)));
                                     prop_assert!(!free, "exhausted with a free address");
                                     break;
                                 }
@@ -741,9 +951,11 @@ mod tests {
                             s.set_owner(u128::from(b), owner);
                         }
                         Op::Mark(o, true) => {
+                            held.insert(base + u128::from(o));
                             s.mark(base + u128::from(o));
                         }
                         Op::Mark(o, false) => {
+                            held.remove(&(base + u128::from(o)));
                             s.unmark(base + u128::from(o));
                         }
                     }

@@ -1,7 +1,9 @@
 //! The node's picture of the pools: every pool definition, which node claimed each block, and
-//! which addresses are held, built from etcd in the style of kube-runtime's reflector. A load
-//! (a snapshot of `pools/`) and each watch event go in through [`PoolCache::replace`] and
-//! [`PoolCache::apply`], which are pure: the watch loop in `allocator` only feeds them.
+//! which addresses are held in the blocks this node follows (its own, those it borrows from;
+//! every block of a pool followed whole), built from etcd in the style of kube-runtime's
+//! reflector. A load and each watch event go in through [`PoolCache::replace`],
+//! [`PoolCache::apply`] and [`PoolCache::follow`], which are pure: the watch loop in
+//! `allocator` only feeds them.
 //!
 //! A record that does not decode or validate is skipped and reported once (the caller logs
 //! it): a bad pool record makes that pool unusable until it is fixed, a bad block claim counts
@@ -12,6 +14,7 @@ use std::sync::Arc;
 
 use crate::addr::to_int;
 use crate::blocks::PoolState;
+use ipnet::IpNet;
 use crate::pool::Pool;
 use crate::records::{BlockRecord, KeyRef, Keys, PoolRecord};
 
@@ -42,6 +45,18 @@ pub struct PoolCache {
     /// Keys of records that do not decode or validate, with why. Kept across loads, so a
     /// reload does not report them again.
     skipped: HashMap<String, String>,
+    /// Blocks followed since the watch last took them: pool id, block index, and the revision
+    /// their addresses were read at.
+    unwatched: Vec<(String, u128, i64)>,
+}
+
+/// The state of a pool as this node follows it: block by block, or whole when its address keys
+/// have no block order (IPv6).
+fn new_state(pool: Arc<Pool>, node: &str) -> PoolState {
+    match pool.subnet {
+        IpNet::V4(_) => PoolState::new(pool, node),
+        IpNet::V6(_) => PoolState::following_all(pool, node),
+    }
 }
 
 impl PoolCache {
@@ -51,6 +66,7 @@ impl PoolCache {
             node: node.to_string(),
             pools: HashMap::new(),
             skipped: HashMap::new(),
+            unwatched: Vec::new(),
         }
     }
 
@@ -64,6 +80,7 @@ impl PoolCache {
         self.skipped
             .retain(|key, _| !key.starts_with(&pools) || loaded.skipped.contains_key(key));
         self.pools = loaded.pools;
+        self.unwatched = loaded.unwatched;
         loaded
             .skipped
             .into_iter()
@@ -83,8 +100,7 @@ impl PoolCache {
                 Ok(def) => {
                     self.skipped.remove(key);
                     if self.pools.get(&pool).is_none_or(|s| **s.pool() != def) {
-                        self.pools
-                            .insert(pool, PoolState::new(Arc::new(def), &self.node));
+                        self.pools.insert(pool, new_state(Arc::new(def), &self.node));
                     }
                     None
                 }
@@ -162,7 +178,53 @@ impl PoolCache {
     pub fn state_of(&mut self, pool: &Pool) -> &mut PoolState {
         self.pools
             .entry(pool.id())
-            .or_insert_with(|| PoolState::new(Arc::new(pool.clone()), &self.node))
+            .or_insert_with(|| new_state(Arc::new(pool.clone()), &self.node))
+    }
+
+    /// Starts following block `index` of `pool`, whose addresses etcd held as `held` at
+    /// `revision`; the watch is to deliver what changes after it ([`PoolCache::take_unwatched`]).
+    /// Returns false, and changes nothing, if the block was followed already.
+    pub fn follow(
+        &mut self,
+        pool: &Pool,
+        index: u128,
+        held: impl IntoIterator<Item = std::net::IpAddr>,
+        revision: i64,
+    ) -> bool {
+        let state = self.state_of(pool);
+        if state.follows(index) {
+            return false;
+        }
+        state.follow(index, held.into_iter().map(to_int));
+        self.unwatched.push((pool.id(), index, revision));
+        true
+    }
+
+    /// The blocks followed since the last call, with the revision each was read at.
+    pub fn take_unwatched(&mut self) -> Vec<(String, u128, i64)> {
+        std::mem::take(&mut self.unwatched)
+    }
+
+    /// This node's blocks whose addresses it does not follow yet.
+    pub fn own_unfollowed(&self) -> Vec<(Arc<Pool>, u128)> {
+        self.pools
+            .values()
+            .flat_map(|state| {
+                state
+                    .own_blocks()
+                    .filter(|&b| !state.follows(b))
+                    .map(|b| (Arc::clone(state.pool()), b))
+            })
+            .collect()
+    }
+
+    /// The pools followed whole.
+    pub fn followed_whole(&self) -> Vec<String> {
+        self.pools
+            .iter()
+            .filter(|(_, state)| state.follows_all())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Unmarks an address released here, without waiting for the watch.
@@ -244,16 +306,32 @@ mod tests {
         .expect("encodes")
     }
 
-    /// Loads a snapshot into `cache` as `allocator` does: applied to a fresh picture in key
-    /// order (etcd's order), which then replaces the pools.
+    /// Loads a snapshot into `cache` as `allocator` does: definitions and claims applied to a
+    /// fresh picture in key order (etcd's order), then this node's blocks followed with their
+    /// addresses; the picture then replaces the pools.
     fn load(cache: &mut PoolCache, snapshot: &[(&str, &[u8])]) -> Vec<Skipped> {
         let mut snapshot = snapshot.to_vec();
         snapshot.sort();
         let mut fresh = PoolCache::new(keys(), "node-a");
-        for (key, value) in snapshot {
-            fresh.apply(Change::Put { key, value });
+        let mut held = Vec::new();
+        for &(key, value) in &snapshot {
+            match keys().parse(key) {
+                Some(KeyRef::Address { ip, .. }) => held.push(ip),
+                _ => {
+                    fresh.apply(Change::Put { key, value });
+                }
+            }
+        }
+        for (pool, block) in fresh.own_unfollowed() {
+            fresh.follow(&pool, block, held.clone(), 1);
         }
         cache.replace(fresh)
+    }
+
+    /// The claim of block 10.0.0.0/28 (10.0.0.0–15) by this node.
+    fn own_claim() -> (String, Vec<u8>) {
+        let block = "10.0.0.0/28".parse().expect("literal");
+        (keys().block("10.0.0.0_24", &block), block_value("node-a"))
     }
 
     /// A cache loaded with one /24 pool of /28 blocks.
@@ -296,9 +374,13 @@ mod tests {
     #[test]
     fn a_reload_replaces_the_picture() {
         let ip_key = keys().address("10.0.0.0_24", "10.0.0.2".parse().expect("literal"));
-        let (mut cache, p, _) = loaded(&[(&ip_key, b"held")]);
+        let (claim, owner) = own_claim();
+        let (mut cache, p, _) = loaded(&[(&ip_key, b"held"), (&claim, &owner)]);
         let def = pool_value(&p);
-        assert_eq!(load(&mut cache, &[(&keys().pool(&p.id()), &def)]), vec![]);
+        assert_eq!(
+            load(&mut cache, &[(&keys().pool(&p.id()), &def), (&claim, &owner)]),
+            vec![]
+        );
         let state = cache.get_mut(&p.id()).expect("pool loaded");
         assert!(
             state.mark(to_int("10.0.0.2".parse().expect("literal"))),
@@ -324,8 +406,32 @@ mod tests {
     }
 
     #[test]
+    fn addresses_of_blocks_not_followed_are_ignored_until_followed() {
+        let other = "10.0.0.16/28".parse().expect("literal");
+        let claim = keys().block("10.0.0.0_24", &other);
+        let theirs = block_value("node-b");
+        let (mut cache, p, _) = loaded(&[(&claim, &theirs)]);
+        let ip: std::net::IpAddr = "10.0.0.20".parse().expect("literal");
+        let ip_key = keys().address(&p.id(), ip);
+        cache.apply(Change::Put {
+            key: &ip_key,
+            value: b"{}",
+        });
+        let held = |c: &PoolCache| c.get(&p.id()).expect("pool").usage().held;
+        assert_eq!(held(&cache), 0, "another node's block is not followed");
+        assert_eq!(cache.take_unwatched(), vec![]);
+        assert!(cache.follow(&p, 1, [ip], 7));
+        assert!(!cache.follow(&p, 1, [ip], 8), "followed once");
+        assert_eq!(held(&cache), 1);
+        assert_eq!(cache.take_unwatched(), vec![(p.id(), 1, 7)]);
+        cache.apply(Change::Delete { key: &ip_key });
+        assert_eq!(held(&cache), 0, "the watch now changes it");
+    }
+
+    #[test]
     fn each_change_is_applied_and_a_delete_undoes_a_put() {
-        let (mut cache, p, _) = loaded(&[]);
+        let (claim, owner) = own_claim();
+        let (mut cache, p, _) = loaded(&[(&claim, &owner)]);
         let ip_key = keys().address(&p.id(), "10.0.0.9".parse().expect("literal"));
         let n = to_int("10.0.0.9".parse().expect("literal"));
         let cases: [(Change, bool); 3] = [

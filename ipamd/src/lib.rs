@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod gc;
 pub mod install;
+pub mod key_ranges;
 pub mod kube;
 pub mod leader;
 pub mod logging;

@@ -29,6 +29,8 @@ pub const ETCD_TXN_DURATION: &str = "hostnic_ipamd_etcd_transaction_duration_sec
 pub const ETCD_RETRIES: &str = "hostnic_ipamd_etcd_retries_total";
 /// Reloads of the pool cache after its etcd watch ended.
 pub const WATCH_RELOADS: &str = "hostnic_ipamd_pool_watch_reloads_total";
+/// Changes the pool cache's etcd watch delivered.
+pub const WATCH_EVENTS: &str = "hostnic_ipamd_pool_watch_events_total";
 /// Attachments released by a garbage collector, by collector and reason.
 pub const GC_RELEASED: &str = "hostnic_ipamd_gc_released_total";
 /// QingCloud API requests (each attempt of a retried call), by action and result.
@@ -61,6 +63,11 @@ const FAMILIES: &[(&str, Type, &str)] = &[
         WATCH_RELOADS,
         Type::Counter,
         "Reloads of the pool cache from etcd after its watch ended or fell behind a compaction.",
+    ),
+    (
+        WATCH_EVENTS,
+        Type::Counter,
+        "Changes the pool cache's etcd watch delivered: the pool index, pool definitions, block claims, and the addresses of the blocks this node follows.",
     ),
     (
         GC_RELEASED,
@@ -235,7 +242,7 @@ fn of_family<'a, V>(
 }
 
 fn family_has_labels(family: &str) -> bool {
-    family != ETCD_RETRIES && family != WATCH_RELOADS
+    family != ETCD_RETRIES && family != WATCH_RELOADS && family != WATCH_EVENTS
 }
 
 fn header(out: &mut String, family: &str, kind: Type, help: &str) {
@@ -397,6 +404,13 @@ pub fn etcd_retry() {
 /// Counts one reload of the pool cache after its watch ended.
 pub fn watch_reload() {
     METRICS.add(WATCH_RELOADS, Vec::new(), 1);
+}
+
+/// Counts `events` changes delivered by the pool watch.
+pub fn watch_events(events: usize) {
+    if events > 0 {
+        METRICS.add(WATCH_EVENTS, Vec::new(), events as u64);
+    }
 }
 
 /// Counts `released` attachments released by garbage collector `gc` for `reason`.

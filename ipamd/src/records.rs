@@ -537,6 +537,31 @@ impl Keys {
         format!("{}/pools/{pool}/ips/{ip}", self.prefix)
     }
 
+    /// Prefix of the address records of one pool.
+    pub fn addresses(&self, pool: &str) -> String {
+        format!("{}/pools/{pool}/ips/", self.prefix)
+    }
+
+    /// The key range `[start, end)` of a pool's definition and its block claims, without its
+    /// addresses (which sort after them).
+    pub fn definition_and_blocks(&self, pool: &str) -> (Vec<u8>, Vec<u8>) {
+        let start = self.pool(pool).into_bytes();
+        let end = crate::store::prefix_end(format!("{}/pools/{pool}/blocks/", self.prefix).as_bytes());
+        (start, end)
+    }
+
+    /// The key ranges that hold exactly the address records of block `block` of pool `pool`;
+    /// None for an IPv6 block, whose address keys (compressed text) have no block order.
+    pub fn block_addresses(&self, pool: &str, block: &IpNet) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        match block {
+            IpNet::V4(block) => Some(crate::key_ranges::block_key_ranges(
+                &self.addresses(pool),
+                *block,
+            )),
+            IpNet::V6(_) => None,
+        }
+    }
+
     pub fn attachment(&self, a: &Attachment) -> String {
         format!(
             "{}/attachments/{}/{}/{}",

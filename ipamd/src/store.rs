@@ -284,8 +284,11 @@ impl Store {
             client: &self.client,
             budget: self.retry_timeout,
         };
+        let range = (prefix.as_bytes(), prefix_end(prefix.as_bytes()));
         let revision = self
-            .pages(reader, prefix, PAGE, |_, _| false, |kvs| out.extend(kvs))
+            .pages(reader, (range.0, &range.1), PAGE, |_, _| false, |kvs| {
+                out.extend(kvs)
+            })
             .await?;
         Ok((revision, out))
     }
@@ -308,26 +311,39 @@ impl Store {
         keys_only: impl Fn(&[u8], &[u8]) -> bool,
         page: impl FnMut(Vec<KeyValue>),
     ) -> Result<i64> {
+        let end = prefix_end(prefix.as_bytes());
+        self.for_each_page_in((prefix.as_bytes(), &end), page_size, keys_only, page)
+            .await
+    }
+
+    /// [`Store::for_each_page`] over the key range `[start, end)`.
+    pub async fn for_each_page_in(
+        &self,
+        range: (&[u8], &[u8]),
+        page_size: i64,
+        keys_only: impl Fn(&[u8], &[u8]) -> bool,
+        page: impl FnMut(Vec<KeyValue>),
+    ) -> Result<i64> {
         let reader = Reader {
             client: &self.loader,
             budget: LOAD_READ_TIMEOUT + self.retry_timeout,
         };
-        self.pages(reader, prefix, page_size, keys_only, page).await
+        self.pages(reader, range, page_size, keys_only, page).await
     }
 
-    /// [`Store::for_each_page`] through `reader`.
+    /// The keys of `[start, end)` at one revision, page by page, through `reader`.
     async fn pages(
         &self,
         reader: Reader<'_>,
-        prefix: &str,
+        (start, end): (&[u8], &[u8]),
         page_size: i64,
         keys_only: impl Fn(&[u8], &[u8]) -> bool,
         mut page: impl FnMut(Vec<KeyValue>),
     ) -> Result<i64> {
-        let op = format!("load {prefix}");
+        let op = format!("load {}", String::from_utf8_lossy(start));
         let mut revision = 0;
         // Ranges still to read, the next on top.
-        let mut ranges = vec![(prefix.as_bytes().to_vec(), prefix_end(prefix.as_bytes()))];
+        let mut ranges = vec![(start.to_vec(), end.to_vec())];
         while let Some((start, end)) = ranges.pop() {
             let mut options = GetOptions::new()
                 .with_range(end.clone())

@@ -664,6 +664,80 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
     }
 }
 
+/// Waits until `a`'s watch has delivered at least `events` changes; returns how many.
+async fn watched_at_least(a: &Allocator, events: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.watch_events() < events {
+        assert!(
+            Instant::now() < deadline,
+            "watch delivered {} of {events} changes",
+            a.watch_events()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.watch_events()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("fan-out");
+    let pool = sets(json!({"subnet": "10.88.0.0/24", "blockSize": 26}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    a.allocate(&request("a0", &pool, &[])).await.expect("a");
+    b.allocate(&request("b0", &pool, &[])).await.expect("b");
+    // a learns of b's block claim: claims reach every node.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.pool_usage()[0].1.blocks.contains_key("node-b") {
+        assert!(Instant::now() < deadline, "a never saw b's claim");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = a.watch_events();
+
+    for i in 1..=20 {
+        b.allocate(&request(&format!("b{i}"), &pool, &[]))
+            .await
+            .expect("b");
+    }
+    for i in 1..=10 {
+        b.release(&Attachment::new("test-net", &format!("b{i}"), "eth0"))
+            .await
+            .expect("release");
+    }
+    // b takes an exact address in a's block: that one a follows.
+    b.allocate(&request("b-exact", &pool, &["10.88.0.40"]))
+        .await
+        .expect("exact address in a's block");
+    let seen = watched_at_least(&a, before + 1).await;
+    // Anything else would have come before the exact address's event; give it time anyway.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        (seen, a.watch_events()),
+        (before + 1, before + 1),
+        "30 changes in b's block cost a nothing; the one in a's block is delivered"
+    );
+    let usage = &a.pool_usage()[0].1;
+    assert_eq!(usage.held, 2, "a0 and b's exact address, nothing of b's block");
+    let got = a.allocate(&request("a1", &pool, &[])).await.expect("a");
+    assert_eq!(ips(&got), vec!["10.88.0.3".parse::<IpAddr>().expect("ip")]);
+    for i in 2..=38 {
+        a.allocate(&request(&format!("a{i}"), &pool, &[]))
+            .await
+            .expect("a");
+    }
+    let skipped = a
+        .lookup(&Attachment::new("test-net", "a38", "eth0"))
+        .await
+        .expect("lookup")
+        .expect("held");
+    assert_eq!(
+        ips(&skipped),
+        vec!["10.88.0.41".parse::<IpAddr>().expect("ip")],
+        "a skips the address b holds in a's block"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_needs_the_configured_client_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");

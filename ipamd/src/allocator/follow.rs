@@ -1,16 +1,40 @@
 //! Following etcd: the first load of the pools, the watch that keeps the pool cache current,
 //! and a reload whenever the watch fails or falls behind a compaction.
+//!
+//! A daemon follows only what it needs to allocate: the pool index, each pool's definition and
+//! block claims, and the addresses of the blocks it follows (its own, and those it borrowed
+//! from; every address of a pool followed whole). An address taken or freed in another node's
+//! block costs it nothing. Each of these is a key range, read at some revision and then watched
+//! from the next one, all on one watch stream; a block followed later (claimed, or needed to
+//! borrow from) is read and added to the stream the same way.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, GetOptions, KeyValue, Txn, TxnOp, WatchOptions, WatchStream};
 
-use super::Inner;
+use super::{decode, Inner};
 use crate::cache::{Change, PoolCache, Skipped};
 use crate::error::{IpamError, Result};
-use crate::records::Keys;
-use crate::store::{prefix_end, PAGE};
+use crate::pool::{pool_id, Pool};
+use crate::records::{KeyRef, PoolIndex};
+use crate::store::PAGE;
+
+/// A key range the watch follows (`end` empty: one key), from revision `from` on.
+#[derive(Debug, Clone)]
+pub(super) struct Unit {
+    start: Vec<u8>,
+    end: Vec<u8>,
+    from: i64,
+}
+
+/// What a load read: the pools it followed, and the ranges to watch.
+pub(super) struct Loaded {
+    pools: HashSet<String>,
+    units: Vec<Unit>,
+}
 
 impl Inner {
     pub(super) async fn wait_synced(&self) -> Result<()> {
@@ -37,8 +61,8 @@ impl Inner {
     pub(super) async fn follow(self: Arc<Self>) {
         let mut delay = Duration::from_millis(50);
         loop {
-            let revision = match self.load().await {
-                Ok(revision) => revision,
+            let loaded = match self.load().await {
+                Ok(loaded) => loaded,
                 Err(e) => {
                     tracing::warn!(error = %e, "loading pools from etcd failed; retrying");
                     *self.load_error.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -50,7 +74,7 @@ impl Inner {
             };
             self.synced.send_replace(true);
             delay = Duration::from_millis(50);
-            if let Err(e) = self.watch_from(revision + 1).await {
+            if let Err(e) = self.watch(loaded).await {
                 tracing::warn!(error = %e, "watch on pools ended; reloading");
                 crate::metrics::watch_reload();
                 tokio::time::sleep(delay).await;
@@ -58,59 +82,177 @@ impl Inner {
         }
     }
 
-    /// Rebuilds the in-memory state from etcd, page by page into a fresh picture that replaces
-    /// the current one once complete: requests use the old picture until then. Returns the
-    /// revision it reflects.
-    pub(super) async fn load(&self) -> Result<i64> {
+    /// Rebuilds the in-memory state from etcd into a fresh picture that replaces the current
+    /// one once complete: requests use the old picture until then. Reads the pool index, each
+    /// pool's definition and claims, and the addresses of this node's blocks (of every block
+    /// of a pool followed whole).
+    pub(super) async fn load(&self) -> Result<Loaded> {
         let mut fresh = PoolCache::new(self.keys.clone(), &self.node);
-        let mut keys = 0;
-        let revision = self
+        let index_key = self.keys.pool_index();
+        let resp = self
             .store
-            .for_each_page(
-                &self.keys.pools(),
-                PAGE,
-                |start, end| addresses_only(&self.keys, start, end),
-                |kvs| {
-                    keys += kvs.len();
-                    for kv in &kvs {
-                        if let Ok(key) = kv.key_str() {
-                            fresh.apply(Change::Put {
-                                key,
-                                value: kv.value(),
-                            });
-                        }
-                    }
-                },
-            )
+            .get("load the pool index", &index_key, None)
             .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut units = vec![Unit {
+            start: index_key.clone().into_bytes(),
+            end: Vec::new(),
+            from: revision + 1,
+        }];
+        let subnets = match resp.kvs().first() {
+            None => Vec::new(),
+            Some(kv) => match decode::<PoolIndex>(kv) {
+                Ok(index) => index.subnets,
+                Err(e) => {
+                    self.skip_once(&index_key, &e.to_string());
+                    self.rebuild_pool_index().await?.subnets
+                }
+            },
+        };
+        // Records skipped here are reported by `replace`, once.
+        let mut pools = HashSet::new();
+        for subnet in &subnets {
+            let id = pool_id(subnet);
+            units.push(self.read_definition_and_blocks(&id, |kvs| drop(apply_all(&mut fresh, kvs))).await?);
+            pools.insert(id);
+        }
+        for id in fresh.followed_whole() {
+            units.push(self.read_addresses(&id, |kvs| drop(apply_all(&mut fresh, kvs))).await?);
+        }
+        let own = fresh.own_unfollowed();
+        for (pool, index) in &own {
+            let (revision, held) = self.read_block(pool, *index).await?;
+            fresh.follow(pool, *index, held, revision);
+        }
         let (skipped, loaded) = {
             let mut cache = self.lock_pools();
             (cache.replace(fresh), cache.len())
         };
-        skipped.into_iter().for_each(|s| log_skipped(Some(s)));
-        tracing::info!(pools = loaded, keys, revision, "pools loaded from etcd");
-        Ok(revision)
+        log_all(skipped);
+        tracing::info!(
+            pools = loaded,
+            own_blocks = own.len(),
+            revision,
+            "pools loaded from etcd"
+        );
+        Ok(Loaded { pools, units })
     }
 
-    pub(super) async fn watch_from(&self, revision: i64) -> Result<()> {
-        let prefix = self.keys.pools();
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision)
-            .with_progress_notify();
+    /// Reads the definition and block claims of pool `id`, giving them to `apply` page by
+    /// page. Returns the range to watch.
+    async fn read_definition_and_blocks(&self, id: &str, apply: impl FnMut(Vec<KeyValue>)) -> Result<Unit> {
+        let (start, end) = self.keys.definition_and_blocks(id);
+        let revision = self
+            .store
+            .for_each_page_in((&start, &end), PAGE, |_, _| false, apply)
+            .await?;
+        Ok(Unit {
+            start,
+            end,
+            from: revision + 1,
+        })
+    }
+
+    /// Reads every address of pool `id` (keys only), giving them to `apply` page by page.
+    /// Returns the range to watch.
+    async fn read_addresses(&self, id: &str, apply: impl FnMut(Vec<KeyValue>)) -> Result<Unit> {
+        let start = self.keys.addresses(id).into_bytes();
+        let end = crate::store::prefix_end(&start);
+        let revision = self
+            .store
+            .for_each_page_in((&start, &end), PAGE, |_, _| true, apply)
+            .await?;
+        Ok(Unit {
+            start,
+            end,
+            from: revision + 1,
+        })
+    }
+
+    /// The addresses etcd holds in block `index` of `pool`, and the revision they were read at:
+    /// one transaction of keys-only range reads.
+    async fn read_block(&self, pool: &Pool, index: u128) -> Result<(i64, Vec<IpAddr>)> {
+        let cidr = pool.block_cidr(index);
+        let Some(ranges) = self.keys.block_addresses(&pool.id(), &cidr) else {
+            return Err(IpamError::NotSynced(format!(
+                "block {cidr} cannot be followed alone"
+            )));
+        };
+        let reads: Vec<TxnOp> = ranges
+            .into_iter()
+            .map(|(start, end)| {
+                TxnOp::get(start, Some(GetOptions::new().with_range(end).with_keys_only()))
+            })
+            .collect();
+        let resp = self
+            .store
+            .txn(
+                &format!("read the addresses of block {cidr}"),
+                Txn::new().and_then(reads),
+            )
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut held = Vec::new();
+        for op in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(get) = op {
+                held.extend(get.kvs().iter().filter_map(|kv| {
+                    match self.keys.parse(kv.key_str().ok()?)? {
+                        KeyRef::Address { ip, .. } => Some(ip),
+                        _ => None,
+                    }
+                }));
+            }
+        }
+        Ok((revision, held))
+    }
+
+    /// Starts following block `index` of `pool`: reads its addresses, then the watch delivers
+    /// what changes after them.
+    pub(super) async fn follow_block(&self, pool: &Arc<Pool>, index: u128) -> Result<()> {
+        let (revision, held) = self.read_block(pool, index).await?;
+        if self.lock_pools().follow(pool, index, held, revision) {
+            tracing::debug!(block = %pool.block_cidr(index), "following block");
+            self.follow_added.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Watches what `loaded` names, and every block followed since, applying each change to
+    /// the cache. A pool that appears in the pool index is read and added.
+    pub(super) async fn watch(&self, loaded: Loaded) -> Result<()> {
+        let Loaded { mut pools, units } = loaded;
+        let index_key = self.keys.pool_index();
+        let first = units[0].clone();
         let mut stream = self
             .store
             .retry("watch pools", |mut c| {
-                let (prefix, options) = (prefix.clone(), options.clone());
-                async move { c.watch(prefix, Some(options)).await }
+                let first = first.clone();
+                async move { c.watch(first.start.clone(), Some(watch_options(&first))).await }
             })
             .await?;
+        for unit in &units[1..] {
+            add(&mut stream, unit).await?;
+        }
         loop {
-            let msg = stream.message().await.map_err(|e| IpamError::Unavailable {
-                op: "watch pools".into(),
-                reason: crate::store::describe(&e),
-            })?;
-            let Some(resp) = msg else {
+            let unwatched = self.lock_pools().take_unwatched();
+            for (id, index, revision) in unwatched {
+                let Some(pool) = self.lock_pools().get(&id).map(|s| Arc::clone(s.pool())) else {
+                    continue;
+                };
+                let cidr = pool.block_cidr(index);
+                for (start, end) in self.keys.block_addresses(&id, &cidr).unwrap_or_default() {
+                    let from = revision + 1;
+                    add(&mut stream, &Unit { start, end, from }).await?;
+                }
+            }
+            let resp = tokio::select! {
+                msg = stream.message() => msg.map_err(|e| IpamError::Unavailable {
+                    op: "watch pools".into(),
+                    reason: crate::store::describe(&e),
+                })?,
+                () = self.follow_added.notified() => continue,
+            };
+            let Some(resp) = resp else {
                 return Err(IpamError::NotSynced("watch stream closed".into()));
             };
             if resp.canceled() {
@@ -121,7 +263,12 @@ impl Inner {
                 )));
             }
             self.store.saw(resp.header());
+            let events = resp.events().len();
+            self.watch_events
+                .fetch_add(events as u64, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::watch_events(events);
             let mut skipped = Vec::new();
+            let mut index = None;
             {
                 let mut cache = self.lock_pools();
                 for event in resp.events() {
@@ -130,6 +277,10 @@ impl Inner {
                         continue;
                     };
                     let change = match event.event_type() {
+                        EventType::Put if key == index_key => {
+                            index = Some(kv.clone());
+                            continue;
+                        }
                         EventType::Put => Change::Put {
                             key,
                             value: kv.value(),
@@ -139,9 +290,82 @@ impl Inner {
                     skipped.extend(cache.apply(change));
                 }
             }
-            skipped.into_iter().for_each(|s| log_skipped(Some(s)));
+            log_all(skipped);
+            if let Some(kv) = index {
+                self.follow_new_pools(&kv, &mut pools, &mut stream).await?;
+            }
         }
     }
+
+    /// Reads and watches the pools of the pool index in `kv` that are not followed yet.
+    async fn follow_new_pools(
+        &self,
+        kv: &KeyValue,
+        pools: &mut HashSet<String>,
+        stream: &mut WatchStream,
+    ) -> Result<()> {
+        let index = match decode::<PoolIndex>(kv) {
+            Ok(index) => index,
+            Err(e) => {
+                self.skip_once(&self.keys.pool_index(), &e.to_string());
+                return Ok(());
+            }
+        };
+        for subnet in &index.subnets {
+            let id = pool_id(subnet);
+            if pools.contains(&id) {
+                continue;
+            }
+            let live = |kvs| log_all(apply_all(&mut self.lock_pools(), kvs));
+            let unit = self.read_definition_and_blocks(&id, live).await?;
+            add(stream, &unit).await?;
+            let whole = self.lock_pools().get(&id).is_some_and(|s| s.follows_all());
+            if whole {
+                add(stream, &self.read_addresses(&id, live).await?).await?;
+            }
+            pools.insert(id);
+        }
+        Ok(())
+    }
+}
+
+fn watch_options(unit: &Unit) -> WatchOptions {
+    let options = WatchOptions::new()
+        .with_start_revision(unit.from)
+        .with_progress_notify();
+    if unit.end.is_empty() {
+        options
+    } else {
+        options.with_range(unit.end.clone())
+    }
+}
+
+/// Adds a watch of `unit` to the stream.
+async fn add(stream: &mut WatchStream, unit: &Unit) -> Result<()> {
+    stream
+        .watch(unit.start.clone(), Some(watch_options(unit)))
+        .await
+        .map_err(|e| IpamError::Unavailable {
+            op: "watch pools".into(),
+            reason: crate::store::describe(&e),
+        })
+}
+
+/// Applies every key-value read to `cache` as a put. Returns the records skipped for the
+/// first time.
+fn apply_all(cache: &mut PoolCache, kvs: Vec<KeyValue>) -> Vec<Skipped> {
+    kvs.iter()
+        .filter_map(|kv| {
+            cache.apply(Change::Put {
+                key: kv.key_str().ok()?,
+                value: kv.value(),
+            })
+        })
+        .collect()
+}
+
+fn log_all(skipped: Vec<Skipped>) {
+    skipped.into_iter().for_each(|s| log_skipped(Some(s)));
 }
 
 /// Logs a record skipped for the first time.
@@ -152,56 +376,5 @@ pub(super) fn log_skipped(skipped: Option<Skipped>) {
             reason,
             "skipping a record that does not validate; `hostnic-ipamd audit` lists it"
         );
-    }
-}
-
-/// Whether every key in `[start, end)` is an address record of one pool (`pools/<id>/ips/`):
-/// the cache marks those by their keys, so their values need not be read.
-fn addresses_only(keys: &Keys, start: &[u8], end: &[u8]) -> bool {
-    let pools = keys.pools();
-    let Some(id_len) = start
-        .strip_prefix(pools.as_bytes())
-        .and_then(|rest| rest.iter().position(|b| *b == b'/'))
-    else {
-        return false;
-    };
-    let addresses = [&start[..pools.len() + id_len], b"/ips/"].concat();
-    start.starts_with(&addresses) && end <= prefix_end(&addresses).as_slice()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_ranges_within_one_pools_addresses_are_addresses_only() {
-        let keys = Keys::new("/p");
-        let ip = "/p/pools/10.0.0.0_8/ips/10.0.3.17";
-        let cases: [(&str, &[u8], bool); 7] = [
-            (ip, b"/p/pools/10.0.0.0_8/ips/10.0.3.2", true),
-            (ip, b"/p/pools/10.0.0.0_8/ips0", true),
-            (
-                "/p/pools/10.0.0.0_8/ips/",
-                b"/p/pools/10.0.0.0_8/ips0",
-                true,
-            ),
-            // Past the addresses: the next pool's definition, or other records of the pool.
-            (ip, b"/p/pools/10.0.0.0_80", false),
-            (ip, b"/p/pools0", false),
-            (
-                "/p/pools/10.0.0.0_8/blocks/10.0.0.0_26",
-                b"/p/pools/10.0.0.0_8/blocks0",
-                false,
-            ),
-            ("/p/pools/10.0.0.0_8", b"/p/pools/10.0.0.0_8/ips0", false),
-        ];
-        for (start, end, expected) in cases {
-            assert_eq!(
-                addresses_only(&keys, start.as_bytes(), end),
-                expected,
-                "{start} .. {}",
-                String::from_utf8_lossy(end)
-            );
-        }
     }
 }

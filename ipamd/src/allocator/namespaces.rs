@@ -99,6 +99,7 @@ impl Inner {
                         return Ok(());
                     }
                     Next::Claim(block) => self.claim_block(&state_pool, block).await?,
+                    Next::Follow(block) => self.follow_block(&state_pool, block).await?,
                     Next::Exhausted => break,
                 }
             }

@@ -114,6 +114,7 @@ impl Inner {
                     Some(kv) => {
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
                         let stored = decode_pool(&self.keys, &key, kv.value())
+                            .inspect_err(|reason| self.skip_once(&key, reason))
                             .map_err(|reason| IpamError::Corrupt { key, reason })?;
                         same_definition(&stored, pool)?;
                         self.remember_pool(stored);
@@ -210,6 +211,19 @@ impl Inner {
             version: RECORD_VERSION,
             subnets,
         })
+    }
+
+    /// Reads the pool record at `key`, which the pool index does not name: remembers the pool
+    /// if the record is valid, skips it (once, logged) if not.
+    pub(super) async fn read_unindexed_pool(&self, key: &str) -> Result<()> {
+        let resp = self.store.get("read a pool record", key, None).await?;
+        if let Some(kv) = resp.kvs().first() {
+            match decode_pool(&self.keys, key, kv.value()) {
+                Ok(pool) => self.remember_pool(pool),
+                Err(reason) => self.skip_once(key, &reason),
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure the in-memory state has `pool` (the watch may not have delivered it yet, or a
