@@ -835,7 +835,10 @@ mod tests {
         assert_eq!(s.next_address(), Next::Claim(0));
         s.set_owner(0, Some("a"));
         assert_eq!(s.next_address(), Next::Follow(0));
-        assert!(!s.mark(n("10.0.0.9")), "nothing is recorded before the block is followed");
+        assert!(
+            !s.mark(n("10.0.0.9")),
+            "nothing is recorded before the block is followed"
+        );
         s.follow(0, [n("10.0.0.2"), n("10.0.0.3"), n("10.0.0.70")]);
         assert!(s.follows(0) && !s.follows(1));
         assert_eq!(s.next_address(), Next::Address(n("10.0.0.4")));
@@ -846,10 +849,17 @@ mod tests {
     fn blocks_of_other_nodes_are_not_followed_and_count_as_not_free() {
         let mut s = by_blocks(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
         s.set_owner(1, Some("b"));
-        assert!(!s.mark(n("10.0.0.70")), "the watch delivers nothing of it; a mark is ignored");
+        assert!(
+            !s.mark(n("10.0.0.70")),
+            "the watch delivers nothing of it; a mark is ignored"
+        );
         let usage = s.usage();
         assert_eq!((usage.held, usage.free), (0, 253 - 64));
-        assert_eq!(s.next_address(), Next::Claim(0), "unclaimed blocks come first");
+        assert_eq!(
+            s.next_address(),
+            Next::Claim(0),
+            "unclaimed blocks come first"
+        );
         assert_invariants(&s);
     }
 

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use crate::addr::to_int;
 use crate::blocks::PoolState;
-use ipnet::IpNet;
 use crate::pool::Pool;
 use crate::records::{BlockRecord, KeyRef, Keys, PoolRecord};
+use ipnet::IpNet;
 
 /// The owner recorded for a block whose claim record cannot be read. Not a valid node name, so
 /// it matches no node: the block is neither claimed again nor treated as free.
@@ -100,7 +100,8 @@ impl PoolCache {
                 Ok(def) => {
                     self.skipped.remove(key);
                     if self.pools.get(&pool).is_none_or(|s| **s.pool() != def) {
-                        self.pools.insert(pool, new_state(Arc::new(def), &self.node));
+                        self.pools
+                            .insert(pool, new_state(Arc::new(def), &self.node));
                     }
                     None
                 }
@@ -378,7 +379,10 @@ mod tests {
         let (mut cache, p, _) = loaded(&[(&ip_key, b"held"), (&claim, &owner)]);
         let def = pool_value(&p);
         assert_eq!(
-            load(&mut cache, &[(&keys().pool(&p.id()), &def), (&claim, &owner)]),
+            load(
+                &mut cache,
+                &[(&keys().pool(&p.id()), &def), (&claim, &owner)]
+            ),
             vec![]
         );
         let state = cache.get_mut(&p.id()).expect("pool loaded");

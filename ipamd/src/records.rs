@@ -546,7 +546,8 @@ impl Keys {
     /// addresses (which sort after them).
     pub fn definition_and_blocks(&self, pool: &str) -> (Vec<u8>, Vec<u8>) {
         let start = self.pool(pool).into_bytes();
-        let end = crate::store::prefix_end(format!("{}/pools/{pool}/blocks/", self.prefix).as_bytes());
+        let end =
+            crate::store::prefix_end(format!("{}/pools/{pool}/blocks/", self.prefix).as_bytes());
         (start, end)
     }
 

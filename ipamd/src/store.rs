@@ -286,9 +286,13 @@ impl Store {
         };
         let range = (prefix.as_bytes(), prefix_end(prefix.as_bytes()));
         let revision = self
-            .pages(reader, (range.0, &range.1), PAGE, |_, _| false, |kvs| {
-                out.extend(kvs)
-            })
+            .pages(
+                reader,
+                (range.0, &range.1),
+                PAGE,
+                |_, _| false,
+                |kvs| out.extend(kvs),
+            )
             .await?;
         Ok((revision, out))
     }

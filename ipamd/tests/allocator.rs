@@ -701,7 +701,7 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
             .expect("b");
     }
     for i in 1..=10 {
-        b.release(&Attachment::new("test-net", &format!("b{i}"), "eth0"))
+        b.release(&Attachment::new("test-net", format!("b{i}"), "eth0"))
             .await
             .expect("release");
     }
@@ -718,7 +718,10 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
         "30 changes in b's block cost a nothing; the one in a's block is delivered"
     );
     let usage = &a.pool_usage()[0].1;
-    assert_eq!(usage.held, 2, "a0 and b's exact address, nothing of b's block");
+    assert_eq!(
+        usage.held, 2,
+        "a0 and b's exact address, nothing of b's block"
+    );
     let got = a.allocate(&request("a1", &pool, &[])).await.expect("a");
     assert_eq!(ips(&got), vec!["10.88.0.3".parse::<IpAddr>().expect("ip")]);
     for i in 2..=38 {

@@ -570,7 +570,8 @@ async fn a_prefix_of_many_pages_is_read_whole_in_order_once_each_at_one_revision
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_past_one_page_of_5000_keys_is_read_whole_and_a_fresh_allocator_finds_its_one_free_address() {
+async fn a_pool_past_one_page_of_5000_keys_is_read_whole_and_a_fresh_allocator_finds_its_one_free_address(
+) {
     let cluster = shared_single();
     let prefix = unique_prefix("paged");
     let config = StoreConfig::new(cluster.endpoints()).with_prefix(&prefix);

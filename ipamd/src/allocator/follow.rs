@@ -113,11 +113,17 @@ impl Inner {
         let mut pools = HashSet::new();
         for subnet in &subnets {
             let id = pool_id(subnet);
-            units.push(self.read_definition_and_blocks(&id, |kvs| drop(apply_all(&mut fresh, kvs))).await?);
+            units.push(
+                self.read_definition_and_blocks(&id, |kvs| drop(apply_all(&mut fresh, kvs)))
+                    .await?,
+            );
             pools.insert(id);
         }
         for id in fresh.followed_whole() {
-            units.push(self.read_addresses(&id, |kvs| drop(apply_all(&mut fresh, kvs))).await?);
+            units.push(
+                self.read_addresses(&id, |kvs| drop(apply_all(&mut fresh, kvs)))
+                    .await?,
+            );
         }
         let own = fresh.own_unfollowed();
         for (pool, index) in &own {
@@ -140,7 +146,11 @@ impl Inner {
 
     /// Reads the definition and block claims of pool `id`, giving them to `apply` page by
     /// page. Returns the range to watch.
-    async fn read_definition_and_blocks(&self, id: &str, apply: impl FnMut(Vec<KeyValue>)) -> Result<Unit> {
+    async fn read_definition_and_blocks(
+        &self,
+        id: &str,
+        apply: impl FnMut(Vec<KeyValue>),
+    ) -> Result<Unit> {
         let (start, end) = self.keys.definition_and_blocks(id);
         let revision = self
             .store
@@ -181,7 +191,10 @@ impl Inner {
         let reads: Vec<TxnOp> = ranges
             .into_iter()
             .map(|(start, end)| {
-                TxnOp::get(start, Some(GetOptions::new().with_range(end).with_keys_only()))
+                TxnOp::get(
+                    start,
+                    Some(GetOptions::new().with_range(end).with_keys_only()),
+                )
             })
             .collect();
         let resp = self
@@ -227,7 +240,10 @@ impl Inner {
             .store
             .retry("watch pools", |mut c| {
                 let first = first.clone();
-                async move { c.watch(first.start.clone(), Some(watch_options(&first))).await }
+                async move {
+                    c.watch(first.start.clone(), Some(watch_options(&first)))
+                        .await
+                }
             })
             .await?;
         for unit in &units[1..] {
