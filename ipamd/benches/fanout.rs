@@ -1,5 +1,6 @@
-//! Watch fan-out: what an allocation made on one node costs every other daemon, since every
-//! daemon watches the whole `pools/` prefix (`allocator/follow.rs`).
+//! Watch fan-out: what an allocation made on one node costs every other daemon. A daemon
+//! watches the pool index, pool definitions and block claims, and the addresses of only the
+//! blocks it follows (`allocator/follow.rs`); the idle daemons here follow none of the churner's.
 //!
 //! First, the unit costs of one pod: the records one ADD, one DEL, a block claim and a
 //! StatefulSet pod's first ADD leave in etcd (key and value bytes, read back), and the etcd

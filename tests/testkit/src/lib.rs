@@ -249,6 +249,12 @@ impl EtcdCluster {
     pub fn pause_member(&self, i: usize) {
         if let Some(child) = lock(&self.members[i].child).as_ref() {
             let _ = sys::signal(child.id(), libc::SIGSTOP);
+            // The signal is asynchronous: on a busy machine the member may still answer a
+            // request sent right after kill(2) returns. Wait until every thread is stopped.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while !is_stopped(child.id()) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 
@@ -973,4 +979,19 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), 6);
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn is_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
