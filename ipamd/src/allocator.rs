@@ -473,10 +473,10 @@ impl Allocator {
                     let mut pools = self.inner.lock_pools();
                     pools
                         .get_mut(&pool.id())
-                        .and_then(|s| Some((s.unknown_block()?, Arc::clone(s.pool()))))
+                        .and_then(|s| Some((s.to_follow()?, Arc::clone(s.pool()))))
                 };
                 match unknown {
-                    Some((block, pool)) => self.inner.follow_block(&pool, block).await?,
+                    Some((next, pool)) => self.inner.follow_for(&pool, next).await?,
                     None => break,
                 }
             }
@@ -670,7 +670,9 @@ impl Inner {
                         return Ok(());
                     }
                     Next::Claim(block) => self.claim_block(&state_pool, block).await?,
-                    Next::Follow(block) => self.follow_block(&state_pool, block).await?,
+                    next @ (Next::Follow(_) | Next::FollowAll) => {
+                        self.follow_for(&state_pool, next).await?
+                    }
                     Next::Exhausted => break,
                 }
             }

@@ -43,9 +43,11 @@ pub enum Next {
     /// No unclaimed block is left: this address of another node's block is free; it is now
     /// marked held.
     Borrow(u128),
-    /// The addresses of this block must be followed before it can be picked from: it is this
-    /// node's, or no unclaimed block is left and it may have a free address to borrow.
+    /// The addresses of this node's block must be followed before it can be picked from.
     Follow(u128),
+    /// No unclaimed block is left, and another node's block this node does not follow may have
+    /// a free address: follow the whole pool ([`PoolState::follow_all`]) to borrow from it.
+    FollowAll,
     /// Every dynamic address of the pool is held.
     Exhausted,
 }
@@ -155,6 +157,25 @@ impl PoolState {
         block.free = free;
         block.followed = true;
         self.refresh(index);
+    }
+
+    /// Starts following every block: `held` is every address etcd holds in the pool now, and
+    /// the watch will deliver what changes. What a node does once it must borrow: one read of
+    /// the pool instead of one per block it looks into.
+    pub fn follow_all(&mut self, held: impl IntoIterator<Item = u128>) {
+        self.follows_all = true;
+        let mut by_block: BTreeMap<u128, Vec<u128>> = BTreeMap::new();
+        for n in held {
+            by_block.entry(self.pool.block_of(n)).or_default().push(n);
+        }
+        let materialised: Vec<u128> = self.blocks.keys().copied().collect();
+        for index in materialised {
+            let held = by_block.remove(&index).unwrap_or_default();
+            self.follow(index, held);
+        }
+        for (index, held) in by_block {
+            self.follow(index, held);
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -296,8 +317,8 @@ impl PoolState {
         if let Some(n) = self.any_free.iter().find_map(|&b| self.free_in(b, 0)) {
             return Next::Borrow(self.take(n));
         }
-        if let Some(&index) = self.others_unfollowed.first() {
-            return Next::Follow(index);
+        if !self.others_unfollowed.is_empty() {
+            return Next::FollowAll;
         }
         Next::Exhausted
     }
@@ -335,15 +356,17 @@ impl PoolState {
             || self.next_unclaimed().is_some()
     }
 
-    /// A block to follow before this node can tell whether a dynamic address is free: None
-    /// when one is known to be (in a followed block, or an unclaimed one) or every block that
-    /// may have one is followed.
-    pub fn unknown_block(&mut self) -> Option<u128> {
+    /// What to follow before this node can tell whether a dynamic address is free
+    /// ([`Next::Follow`] or [`Next::FollowAll`]): None when one is known to be (in a followed
+    /// block, or an unclaimed one) or every block that may have one is followed.
+    pub fn to_follow(&mut self) -> Option<Next> {
         if !self.any_free.is_empty() || self.next_unclaimed().is_some() {
             return None;
         }
-        let unknown = self.own_unfollowed.first();
-        unknown.or(self.others_unfollowed.first()).copied()
+        match self.own_unfollowed.first() {
+            Some(&index) => Some(Next::Follow(index)),
+            None => (!self.others_unfollowed.is_empty()).then_some(Next::FollowAll),
+        }
     }
 
     /// The first block at or after the claim cursor that nobody claimed and that has a free
@@ -452,8 +475,8 @@ impl PoolState {
         if let Some(n) = any.iter().find_map(|&b| self.free_allowed(b, allowed)) {
             return Next::Borrow(self.take(n));
         }
-        if let Some(&b) = self.others_unfollowed.iter().find(|b| meets(self, b)) {
-            return Next::Follow(b);
+        if self.others_unfollowed.iter().any(|b| meets(self, b)) {
+            return Next::FollowAll;
         }
         Next::Exhausted
     }
@@ -466,7 +489,8 @@ impl PoolState {
 
     /// Blocks wholly inside `space` (sorted, merged, inside the pool) in which no address is
     /// known to be held and some is dynamic, in order: what a namespace may be given. At most
-    /// `limit`. A block this node does not follow counts as empty.
+    /// `limit`. A block nobody claimed counts as empty unless this node follows it; one that
+    /// another node claimed and this node does not follow is left out.
     pub fn empty_blocks_in(&self, space: &[AddrRange], limit: usize) -> Vec<u128> {
         self.blocks_meeting(space)
             .filter(|&b| {
@@ -474,10 +498,11 @@ impl PoolState {
                 space
                     .iter()
                     .any(|r| r.first <= span.first && span.last <= r.last)
-                    && self
-                        .blocks
-                        .get(&b)
-                        .is_none_or(|x| x.held.iter().all(|w| *w == 0))
+                    && self.blocks.get(&b).is_none_or(|x| {
+                        // Another node's block this node does not follow: not known empty.
+                        let unknown = !x.followed && x.owner.is_some();
+                        !unknown && x.held.iter().all(|w| *w == 0)
+                    })
                     && self.count_dynamic(b) > 0
             })
             .take(limit)
@@ -572,6 +597,7 @@ mod tests {
                     s.set_owner(b, Some(&node));
                 }
                 Next::Follow(b) => s.follow(b, []),
+                Next::FollowAll => s.follow_all([]),
                 Next::Exhausted => return None,
             }
         }
@@ -747,6 +773,7 @@ mod tests {
                     s.set_owner(b, Some(&node));
                 }
                 Next::Follow(b) => s.follow(b, []),
+                Next::FollowAll => s.follow_all([]),
                 Next::Exhausted => return None,
             }
         }
@@ -864,29 +891,52 @@ mod tests {
     }
 
     #[test]
-    fn borrowing_follows_the_blocks_of_other_nodes_one_at_a_time() {
+    fn borrowing_follows_the_whole_pool_once() {
         let mut s = by_blocks(json!({"subnet": "10.0.0.0/26", "blockSize": 28}), "a");
-        for b in 0..4 {
+        for b in 0..3 {
             s.set_owner(b, Some("b"));
         }
+        s.set_owner(3, Some("a"));
         assert!(s.has_free(), "blocks not followed may have a free address");
-        assert_eq!(s.unknown_block(), Some(0));
-        assert_eq!(s.next_address(), Next::Follow(0));
-        s.follow(0, (0..16).map(|o| n("10.0.0.0") + o));
-        assert_eq!(s.next_address(), Next::Follow(1));
-        s.follow(1, [n("10.0.0.16")]);
+        assert_eq!(s.to_follow(), Some(Next::Follow(3)), "its own block first");
+        s.follow(3, (48..64).map(|o| n("10.0.0.0") + o));
+        assert_eq!(s.to_follow(), Some(Next::FollowAll));
+        assert_eq!(s.next_address(), Next::FollowAll);
+        let held = (0..17).chain(48..64).map(|o| n("10.0.0.0") + o);
+        s.follow_all(held);
         assert_eq!(s.next_address(), Next::Borrow(n("10.0.0.17")));
-        assert_eq!(s.unknown_block(), None, "a followed block has room");
-        for b in 2..4 {
-            let first = s.pool().block_first(b);
-            s.follow(b, (0..16).map(|o| first + o));
-        }
-        for o in 18..32 {
+        assert_eq!(s.to_follow(), None, "a followed block has room");
+        for o in 18..48 {
             s.mark(n("10.0.0.0") + o);
         }
         assert_eq!(s.next_address(), Next::Exhausted);
         assert!(!s.has_free());
-        assert_eq!(s.unknown_block(), None, "every block is followed");
+        assert_eq!(s.to_follow(), None, "every block is followed");
+        assert_invariants(&s);
+    }
+
+    #[test]
+    fn following_the_whole_pool_knows_every_block_at_once() {
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/26", "blockSize": 28}), "a");
+        for b in 0..4 {
+            s.set_owner(b, Some("b"));
+        }
+        let space = ranges(&[("10.0.0.0", "10.0.0.63")]);
+        assert_eq!(
+            s.empty_blocks_in(&space, 4),
+            vec![],
+            "claimed blocks not followed"
+        );
+        s.follow_all((2..48).map(|o| n("10.0.0.0") + o));
+        assert!(s.follows_all() && (0..4).all(|b| s.follows(b)));
+        assert_eq!(s.next_address(), Next::Borrow(n("10.0.0.48")));
+        assert_eq!(
+            s.empty_blocks_in(&space, 4),
+            vec![],
+            "block 3 holds 10.0.0.48"
+        );
+        assert!(s.unmark(n("10.0.0.48")));
+        assert_eq!(s.empty_blocks_in(&space, 4), vec![3]);
         assert_invariants(&s);
     }
 
@@ -947,6 +997,10 @@ mod tests {
                                 Next::Follow(b) => {
                                     prop_assert!(!s.follows(b));
                                     s.follow(b, held.iter().copied());
+                                }
+                                Next::FollowAll => {
+                                    prop_assert!(!s.follows_all());
+                                    s.follow_all(held.iter().copied());
                                 }
                                 Next::Exhausted => {
                                     let free = (0..256u128)

@@ -45,9 +45,9 @@ pub struct PoolCache {
     /// Keys of records that do not decode or validate, with why. Kept across loads, so a
     /// reload does not report them again.
     skipped: HashMap<String, String>,
-    /// Blocks followed since the watch last took them: pool id, block index, and the revision
-    /// their addresses were read at.
-    unwatched: Vec<(String, u128, i64)>,
+    /// What was followed since the watch last took it: pool id, block index (None: every
+    /// address of the pool), and the revision the addresses were read at.
+    unwatched: Vec<(String, Option<u128>, i64)>,
 }
 
 /// The state of a pool as this node follows it: block by block, or whole when its address keys
@@ -197,13 +197,35 @@ impl PoolCache {
             return false;
         }
         state.follow(index, held.into_iter().map(to_int));
-        self.unwatched.push((pool.id(), index, revision));
+        self.unwatched.push((pool.id(), Some(index), revision));
         true
     }
 
-    /// The blocks followed since the last call, with the revision each was read at.
-    pub fn take_unwatched(&mut self) -> Vec<(String, u128, i64)> {
+    /// Starts following every address of `pool`, of which etcd held `held` at `revision`.
+    /// Returns false, and changes nothing, if the pool was followed whole already.
+    pub fn follow_whole(
+        &mut self,
+        pool: &Pool,
+        held: impl IntoIterator<Item = std::net::IpAddr>,
+        revision: i64,
+    ) -> bool {
+        let state = self.state_of(pool);
+        if state.follows_all() {
+            return false;
+        }
+        state.follow_all(held.into_iter().map(to_int));
+        self.unwatched.push((pool.id(), None, revision));
+        true
+    }
+
+    /// What was followed since the last call, with the revision each was read at.
+    pub fn take_unwatched(&mut self) -> Vec<(String, Option<u128>, i64)> {
         std::mem::take(&mut self.unwatched)
+    }
+
+    /// The id of every pool.
+    pub fn pool_ids(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
     }
 
     /// This node's blocks whose addresses it does not follow yet.
@@ -427,7 +449,10 @@ mod tests {
         assert!(cache.follow(&p, 1, [ip], 7));
         assert!(!cache.follow(&p, 1, [ip], 8), "followed once");
         assert_eq!(held(&cache), 1);
-        assert_eq!(cache.take_unwatched(), vec![(p.id(), 1, 7)]);
+        assert_eq!(cache.take_unwatched(), vec![(p.id(), Some(1), 7)]);
+        assert!(cache.follow_whole(&p, [ip], 9));
+        assert!(!cache.follow_whole(&p, [], 10), "followed whole once");
+        assert_eq!(cache.take_unwatched(), vec![(p.id(), None, 9)]);
         cache.apply(Change::Delete { key: &ip_key });
         assert_eq!(held(&cache), 0, "the watch now changes it");
     }

@@ -302,12 +302,12 @@ fn render_pools(out: &mut String, pools: &[PoolGauges]) {
         ),
         (
             "hostnic_ipamd_pool_held",
-            "Addresses of the pool held by an attachment (dynamic, fixed and sticky).",
+            "Addresses held by an attachment (dynamic, fixed and sticky) in the blocks of the pool this node follows: its own, and all once it borrows. `hostnic-ipamd usage` counts the whole pool.",
             |u| u.held,
         ),
         (
             "hostnic_ipamd_pool_free",
-            "Addresses of the pool that dynamic allocation may still hand out.",
+            "Addresses of the pool that dynamic allocation may still hand out, as far as this node knows: free in the blocks it follows and in unclaimed blocks; another node's block it does not follow counts as not free.",
             |u| u.free,
         ),
     ];

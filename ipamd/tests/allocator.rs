@@ -741,6 +741,64 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
     );
 }
 
+/// Waits until `a` counts `held` addresses held in the pool of `subnet`, as far as it follows
+/// it.
+async fn wait_held(a: &Allocator, subnet: &str, held: u128) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage = a.pool_usage();
+        let now = usage.iter().find(|(s, _)| s == subnet).map(|(_, u)| u.held);
+        if now == Some(held) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{subnet}: {now:?} held, expected {held}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_pool_made_after_a_node_started_is_followed_whole() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("v6-later");
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    let pool = sets(json!({"subnet": "fd00:61::/120"}));
+    b.allocate(&request("b0", &pool, &[])).await.expect("b");
+    // a learns of the pool from the pool index, then reads and watches its addresses.
+    wait_held(&a, "fd00:61::/120", 1).await;
+    b.allocate(&request("b1", &pool, &[])).await.expect("b");
+    wait_held(&a, "fd00:61::/120", 2).await;
+    b.release(&Attachment::new("test-net", "b0", "eth0"))
+        .await
+        .expect("release");
+    wait_held(&a, "fd00:61::/120", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_without_the_pool_index_follows_the_pools_the_records_name() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("no-index");
+    let pool = sets(json!({"subnet": "10.89.0.0/24", "blockSize": 26}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    a.allocate(&request("a0", &pool, &[])).await.expect("a");
+    let mut client = a.store().client();
+    client
+        .delete(a.keys().pool_index(), None)
+        .await
+        .expect("delete the pool index");
+
+    // b loads the pool and a's claim from the records, so it claims another block.
+    let b = allocator(cluster, &prefix, "node-b").await;
+    let usage = b.pool_usage();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(usage[0].1.blocks.get("node-a"), Some(&1));
+    let got = b.allocate(&request("b0", &pool, &[])).await.expect("b");
+    assert_eq!(ips(&got), vec!["10.89.0.64".parse::<IpAddr>().expect("ip")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_needs_the_configured_client_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -16,6 +16,7 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, KeyValue, Txn, TxnOp, WatchOptions, WatchStream};
 
 use super::{decode, Inner};
+use crate::blocks::Next;
 use crate::cache::{Change, PoolCache, Skipped};
 use crate::error::{IpamError, Result};
 use crate::pool::{pool_id, Pool};
@@ -30,9 +31,11 @@ pub(super) struct Unit {
     from: i64,
 }
 
-/// What a load read: the pools it followed, and the ranges to watch.
+/// What a load read: the pools whose definitions and claims it read, those whose every address
+/// it read, and the ranges to watch.
 pub(super) struct Loaded {
     pools: HashSet<String>,
+    whole: HashSet<String>,
     units: Vec<Unit>,
 }
 
@@ -100,7 +103,8 @@ impl Inner {
             from: revision + 1,
         }];
         let subnets = match resp.kvs().first() {
-            None => Vec::new(),
+            // No pool yet, or an index deleted by hand: the pool records say.
+            None => self.rebuild_pool_index().await?.subnets,
             Some(kv) => match decode::<PoolIndex>(kv) {
                 Ok(index) => index.subnets,
                 Err(e) => {
@@ -119,9 +123,10 @@ impl Inner {
             );
             pools.insert(id);
         }
-        for id in fresh.followed_whole() {
+        let whole: HashSet<String> = fresh.followed_whole().into_iter().collect();
+        for id in &whole {
             units.push(
-                self.read_addresses(&id, |kvs| drop(apply_all(&mut fresh, kvs)))
+                self.read_addresses(id, |kvs| drop(apply_all(&mut fresh, kvs)))
                     .await?,
             );
         }
@@ -141,7 +146,11 @@ impl Inner {
             revision,
             "pools loaded from etcd"
         );
-        Ok(Loaded { pools, units })
+        Ok(Loaded {
+            pools,
+            whole,
+            units,
+        })
     }
 
     /// Reads the definition and block claims of pool `id`, giving them to `apply` page by
@@ -208,32 +217,57 @@ impl Inner {
         let mut held = Vec::new();
         for op in resp.op_responses() {
             if let etcd_client::TxnOpResponse::Get(get) = op {
-                held.extend(get.kvs().iter().filter_map(|kv| {
-                    match self.keys.parse(kv.key_str().ok()?)? {
-                        KeyRef::Address { ip, .. } => Some(ip),
-                        _ => None,
-                    }
-                }));
+                held.extend(get.kvs().iter().filter_map(|kv| self.address_of(kv)));
             }
         }
         Ok((revision, held))
     }
 
-    /// Starts following block `index` of `pool`: reads its addresses, then the watch delivers
-    /// what changes after them.
-    pub(super) async fn follow_block(&self, pool: &Arc<Pool>, index: u128) -> Result<()> {
-        let (revision, held) = self.read_block(pool, index).await?;
-        if self.lock_pools().follow(pool, index, held, revision) {
-            tracing::debug!(block = %pool.block_cidr(index), "following block");
+    /// Follows what picking asked for ([`Next::Follow`], [`Next::FollowAll`]): reads the
+    /// addresses, then the watch delivers what changes after them.
+    pub(super) async fn follow_for(&self, pool: &Arc<Pool>, next: Next) -> Result<()> {
+        let followed = match next {
+            Next::Follow(index) => {
+                let (revision, held) = self.read_block(pool, index).await?;
+                self.lock_pools().follow(pool, index, held, revision)
+            }
+            _ => {
+                let mut held = Vec::new();
+                let unit = self
+                    .read_addresses(&pool.id(), |kvs| {
+                        held.extend(kvs.iter().filter_map(|kv| self.address_of(kv)))
+                    })
+                    .await?;
+                let followed = self.lock_pools().follow_whole(pool, held, unit.from - 1);
+                if followed {
+                    tracing::info!(pool = %pool.subnet, "borrowing: following every address of the pool");
+                }
+                followed
+            }
+        };
+        if followed {
             self.follow_added.notify_one();
         }
         Ok(())
     }
 
-    /// Watches what `loaded` names, and every block followed since, applying each change to
-    /// the cache. A pool that appears in the pool index is read and added.
+    /// The address an address record's key names.
+    fn address_of(&self, kv: &KeyValue) -> Option<IpAddr> {
+        match self.keys.parse(kv.key_str().ok()?)? {
+            KeyRef::Address { ip, .. } => Some(ip),
+            _ => None,
+        }
+    }
+
+    /// Watches what `loaded` names, and everything followed since, applying each change to
+    /// the cache. A pool that appears in the pool index, or in the cache by another way (a
+    /// record the index does not name), is read and added.
     pub(super) async fn watch(&self, loaded: Loaded) -> Result<()> {
-        let Loaded { mut pools, units } = loaded;
+        let Loaded {
+            mut pools,
+            mut whole,
+            units,
+        } = loaded;
         let index_key = self.keys.pool_index();
         let first = units[0].clone();
         let mut stream = self
@@ -250,17 +284,8 @@ impl Inner {
             add(&mut stream, unit).await?;
         }
         loop {
-            let unwatched = self.lock_pools().take_unwatched();
-            for (id, index, revision) in unwatched {
-                let Some(pool) = self.lock_pools().get(&id).map(|s| Arc::clone(s.pool())) else {
-                    continue;
-                };
-                let cidr = pool.block_cidr(index);
-                for (start, end) in self.keys.block_addresses(&id, &cidr).unwrap_or_default() {
-                    let from = revision + 1;
-                    add(&mut stream, &Unit { start, end, from }).await?;
-                }
-            }
+            self.watch_followed(&mut pools, &mut whole, &mut stream)
+                .await?;
             let resp = tokio::select! {
                 msg = stream.message() => msg.map_err(|e| IpamError::Unavailable {
                     op: "watch pools".into(),
@@ -313,6 +338,58 @@ impl Inner {
         }
     }
 
+    /// Adds to the stream what was followed since it last looked: blocks, pools followed whole,
+    /// and pools in the cache whose definitions and claims are not watched yet.
+    async fn watch_followed(
+        &self,
+        pools: &mut HashSet<String>,
+        whole: &mut HashSet<String>,
+        stream: &mut WatchStream,
+    ) -> Result<()> {
+        let (unwatched, known, followed_whole) = {
+            let mut cache = self.lock_pools();
+            (
+                cache.take_unwatched(),
+                cache.pool_ids(),
+                cache.followed_whole(),
+            )
+        };
+        for (id, index, revision) in unwatched {
+            let from = revision + 1;
+            let ranges = match index {
+                None if whole.insert(id.clone()) => {
+                    let start = self.keys.addresses(&id).into_bytes();
+                    let end = crate::store::prefix_end(&start);
+                    vec![(start, end)]
+                }
+                None => Vec::new(),
+                Some(index) => {
+                    let Some(pool) = self.lock_pools().get(&id).map(|s| Arc::clone(s.pool()))
+                    else {
+                        continue;
+                    };
+                    let cidr = pool.block_cidr(index);
+                    self.keys.block_addresses(&id, &cidr).unwrap_or_default()
+                }
+            };
+            for (start, end) in ranges {
+                add(stream, &Unit { start, end, from }).await?;
+            }
+        }
+        let live = |kvs| log_all(apply_all(&mut self.lock_pools(), kvs));
+        for id in known {
+            if pools.insert(id.clone()) {
+                add(stream, &self.read_definition_and_blocks(&id, live).await?).await?;
+            }
+        }
+        for id in followed_whole {
+            if whole.insert(id.clone()) {
+                add(stream, &self.read_addresses(&id, live).await?).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads and watches the pools of the pool index in `kv` that are not followed yet.
     async fn follow_new_pools(
         &self,
@@ -332,13 +409,10 @@ impl Inner {
             if pools.contains(&id) {
                 continue;
             }
+            // An IPv6 pool's addresses follow on the next round ([`Inner::watch_followed`]).
             let live = |kvs| log_all(apply_all(&mut self.lock_pools(), kvs));
             let unit = self.read_definition_and_blocks(&id, live).await?;
             add(stream, &unit).await?;
-            let whole = self.lock_pools().get(&id).is_some_and(|s| s.follows_all());
-            if whole {
-                add(stream, &self.read_addresses(&id, live).await?).await?;
-            }
             pools.insert(id);
         }
         Ok(())

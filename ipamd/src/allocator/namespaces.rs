@@ -99,7 +99,9 @@ impl Inner {
                         return Ok(());
                     }
                     Next::Claim(block) => self.claim_block(&state_pool, block).await?,
-                    Next::Follow(block) => self.follow_block(&state_pool, block).await?,
+                    next @ (Next::Follow(_) | Next::FollowAll) => {
+                        self.follow_for(&state_pool, next).await?
+                    }
                     Next::Exhausted => break,
                 }
             }

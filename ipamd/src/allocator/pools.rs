@@ -230,6 +230,8 @@ impl Inner {
     /// reload may have replaced the state with a snapshot taken before it existed).
     pub(super) fn remember_pool(&self, pool: Pool) {
         self.lock_pools().state_of(&pool);
+        // The watch reads and follows a pool it does not follow yet.
+        self.follow_added.notify_one();
     }
 }
 
