@@ -735,7 +735,7 @@ async fn flood(client: &etcd_client::Client, key: &str, count: usize, size: usiz
 }
 
 #[test]
-fn an_allocator_stalled_past_a_compaction_knows_every_address_taken_meanwhile_and_hands_out_none() {
+fn an_allocator_whose_watch_falls_behind_a_compaction_reloads_and_hands_out_no_held_address() {
     // Node A runs on a runtime of its own that only runs while the test drives it: between
     // two `block_on`s it reads nothing, as a stalled daemon would, and its watch falls behind.
     let captured = Captured::default();
@@ -799,9 +799,8 @@ fn an_allocator_stalled_past_a_compaction_knows_every_address_taken_meanwhile_an
         b
     });
 
-    // A runs again and knows the pool is full without being told by a failed commit: etcd
-    // either cancels its watch as compacted, and A reloads, or delivers the backlog it held
-    // back (with A's watch split over several ranges, it did the latter in our runs).
+    // A runs again: its watch is cancelled as compacted, it reloads, and it knows the pool is
+    // full without being told by a failed commit.
     node_a.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -813,6 +812,20 @@ fn an_allocator_stalled_past_a_compaction_knows_every_address_taken_meanwhile_an
                     captured.text()
                 ),
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The cancel reaches A on its watch of the pool index, which the flood stalled; B's
+        // addresses may have come first, on the watch of A's block.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = captured.text();
+            if logs.contains("watch on pools ended; reloading") && logs.contains("compacted") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A's watch must have been cancelled by the compaction:\n{logs}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let err = a
