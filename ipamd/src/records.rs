@@ -542,6 +542,13 @@ impl Keys {
         format!("{}/pools/{pool}/ips/", self.prefix)
     }
 
+    /// The key range `[start, end)` of every address record of one pool.
+    pub fn all_addresses(&self, pool: &str) -> (Vec<u8>, Vec<u8>) {
+        let start = self.addresses(pool).into_bytes();
+        let end = crate::store::prefix_end(&start);
+        (start, end)
+    }
+
     /// The key range `[start, end)` of a pool's definition and its block claims, without its
     /// addresses (which sort after them).
     pub fn definition_and_blocks(&self, pool: &str) -> (Vec<u8>, Vec<u8>) {

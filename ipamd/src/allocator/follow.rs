@@ -160,26 +160,27 @@ impl Inner {
         id: &str,
         apply: impl FnMut(Vec<KeyValue>),
     ) -> Result<Unit> {
-        let (start, end) = self.keys.definition_and_blocks(id);
-        let revision = self
-            .store
-            .for_each_page_in((&start, &end), PAGE, |_, _| false, apply)
-            .await?;
-        Ok(Unit {
-            start,
-            end,
-            from: revision + 1,
-        })
+        self.read_unit(self.keys.definition_and_blocks(id), false, apply)
+            .await
     }
 
     /// Reads every address of pool `id` (keys only), giving them to `apply` page by page.
     /// Returns the range to watch.
     async fn read_addresses(&self, id: &str, apply: impl FnMut(Vec<KeyValue>)) -> Result<Unit> {
-        let start = self.keys.addresses(id).into_bytes();
-        let end = crate::store::prefix_end(&start);
+        self.read_unit(self.keys.all_addresses(id), true, apply)
+            .await
+    }
+
+    /// Reads the key range `[start, end)` at one revision, giving it to `apply` page by page.
+    async fn read_unit(
+        &self,
+        (start, end): (Vec<u8>, Vec<u8>),
+        keys_only: bool,
+        apply: impl FnMut(Vec<KeyValue>),
+    ) -> Result<Unit> {
         let revision = self
             .store
-            .for_each_page_in((&start, &end), PAGE, |_, _| true, apply)
+            .for_each_page_in((&start, &end), PAGE, |_, _| keys_only, apply)
             .await?;
         Ok(Unit {
             start,
@@ -357,11 +358,7 @@ impl Inner {
         for (id, index, revision) in unwatched {
             let from = revision + 1;
             let ranges = match index {
-                None if whole.insert(id.clone()) => {
-                    let start = self.keys.addresses(&id).into_bytes();
-                    let end = crate::store::prefix_end(&start);
-                    vec![(start, end)]
-                }
+                None if whole.insert(id.clone()) => vec![self.keys.all_addresses(&id)],
                 None => Vec::new(),
                 Some(index) => {
                     let Some(pool) = self.lock_pools().get(&id).map(|s| Arc::clone(s.pool()))

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use ipnet::IpNet;
 
 use super::{decode, encode, got, AllocateRequest, Inner};
@@ -13,6 +13,7 @@ use crate::error::{IpamError, Result};
 use crate::planner::{holder_of, holder_record};
 use crate::pool::Pool;
 use crate::records::{AllocationRecord, KeyRef, PoolIndex, PoolRecord, RECORD_VERSION};
+use crate::store::PAGE;
 
 impl Inner {
     /// Whether some of `pools` is unknown here, so that registering them writes to etcd.
@@ -185,23 +186,21 @@ impl Inner {
     /// The pool index as the pool records say it should be, for when the stored one cannot be
     /// read: a corrupt index must not stop every new pool of the cluster.
     pub(super) async fn rebuild_pool_index(&self) -> Result<PoolIndex> {
-        let prefix = self.keys.pools();
-        let options = GetOptions::new()
-            .with_range(crate::store::prefix_end(prefix.as_bytes()))
-            .with_keys_only();
-        let resp = self
-            .store
-            .get("rebuild the pool index", &prefix, Some(options))
-            .await?;
+        // Keys only, in bounded pages: the prefix holds every address of the cluster.
         let mut subnets: Vec<IpNet> = Vec::new();
-        for kv in resp.kvs() {
-            if let Some(KeyRef::Pool { pool }) = kv.key_str().ok().and_then(|k| self.keys.parse(k))
-            {
-                if let Ok(subnet) = crate::pool::cidr_of_id(&pool).parse::<IpNet>() {
-                    subnets.push(subnet);
+        let pools = |kvs: Vec<etcd_client::KeyValue>| {
+            for kv in &kvs {
+                let key = kv.key_str().ok().and_then(|k| self.keys.parse(k));
+                if let Some(KeyRef::Pool { pool }) = key {
+                    if let Ok(subnet) = crate::pool::cidr_of_id(&pool).parse::<IpNet>() {
+                        subnets.push(subnet);
+                    }
                 }
             }
-        }
+        };
+        self.store
+            .for_each_page(&self.keys.pools(), PAGE, |_, _| true, pools)
+            .await?;
         tracing::warn!(
             key = self.keys.pool_index(),
             pools = subnets.len(),
