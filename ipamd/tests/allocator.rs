@@ -800,6 +800,40 @@ async fn a_node_started_without_the_pool_index_follows_the_pools_the_records_nam
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_on_a_quiet_node_after_a_release_made_through_another_node_is_not_refused() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("quiet-node");
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let b = allocator(cluster, &prefix, "node-b").await;
+    // A pool each: nothing a writes in its block reaches b's watch.
+    let pool_a = sets(json!({"subnet": "10.90.0.0/24"}));
+    let pool_b = sets(json!({"subnet": "10.91.0.0/24"}));
+    b.allocate(&request("b0", &pool_b, &[])).await.expect("b");
+    a.allocate(&request("a0", &pool_a, &[])).await.expect("a");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b
+        .pool_usage()
+        .iter()
+        .any(|(subnet, u)| subnet == "10.90.0.0/24" && u.blocks.contains_key("node-a"))
+    {
+        assert!(Instant::now() < deadline, "b never saw a's pool");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.allocate(&request("moved", &pool_a, &[]))
+        .await
+        .expect("a");
+    a.release(&Attachment::new("test-net", "moved", "eth0"))
+        .await
+        .expect("release");
+    // The DEL was done before b's ADD arrives, though b's watch heard nothing since: the ADD
+    // is a fresh one, not one that began before the DEL.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.allocate(&request("moved", &pool_b, &[]))
+        .await
+        .expect("a fresh ADD after the DEL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_needs_the_configured_client_certificate() {
     let dir = tempfile::tempdir().expect("temp dir");
     let certs = hostnic_testkit::certs::make_certs(dir.path()).expect("certificates");

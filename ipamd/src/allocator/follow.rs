@@ -23,6 +23,9 @@ use crate::pool::{pool_id, Pool};
 use crate::records::{KeyRef, PoolIndex};
 use crate::store::PAGE;
 
+/// How long the watch may be quiet before it asks etcd for its current revision.
+const IDLE_PROGRESS: Duration = Duration::from_secs(1);
+
 /// A key range the watch follows (`end` empty: one key), from revision `from` on.
 #[derive(Debug, Clone)]
 pub(super) struct Unit {
@@ -284,16 +287,24 @@ impl Inner {
         for unit in &units[1..] {
             add(&mut stream, unit).await?;
         }
+        // A request notes the revision it arrives at (`Store::seen_revision`), and a DEL made
+        // through another daemon is newer than an ADD that notes an old one: a daemon whose
+        // watch is quiet asks etcd for its revision now and then.
+        let mut idle =
+            tokio::time::interval_at(tokio::time::Instant::now() + IDLE_PROGRESS, IDLE_PROGRESS);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.watch_followed(&mut pools, &mut whole, &mut stream)
                 .await?;
             let resp = tokio::select! {
-                msg = stream.message() => msg.map_err(|e| IpamError::Unavailable {
-                    op: "watch pools".into(),
-                    reason: crate::store::describe(&e),
-                })?,
+                msg = stream.message() => msg.map_err(watch_failed)?,
                 () = self.follow_added.notified() => continue,
+                _ = idle.tick() => {
+                    stream.request_progress().await.map_err(watch_failed)?;
+                    continue;
+                }
             };
+            idle.reset();
             let Some(resp) = resp else {
                 return Err(IpamError::NotSynced("watch stream closed".into()));
             };
@@ -427,15 +438,20 @@ fn watch_options(unit: &Unit) -> WatchOptions {
     }
 }
 
+/// A failure of the watch stream: retryable.
+fn watch_failed(e: etcd_client::Error) -> IpamError {
+    IpamError::Unavailable {
+        op: "watch pools".into(),
+        reason: crate::store::describe(&e),
+    }
+}
+
 /// Adds a watch of `unit` to the stream.
 async fn add(stream: &mut WatchStream, unit: &Unit) -> Result<()> {
     stream
         .watch(unit.start.clone(), Some(watch_options(unit)))
         .await
-        .map_err(|e| IpamError::Unavailable {
-            op: "watch pools".into(),
-            reason: crate::store::describe(&e),
-        })
+        .map_err(watch_failed)
 }
 
 /// Applies every key-value read to `cache` as a put. Returns the records skipped for the
