@@ -836,8 +836,9 @@ async fn an_add_on_a_quiet_node_after_a_release_made_through_another_node_is_not
         .await
         .expect("release");
     // The DEL was done before b's ADD arrives, though b's watch heard nothing since: the ADD
-    // is a fresh one, not one that began before the DEL.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // is a fresh one, not one that began before the DEL. (A quiet watch asks for etcd's
+    // revision after 1 s.)
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     b.allocate(&request("moved", &pool_b, &[]))
         .await
         .expect("a fresh ADD after the DEL");
