@@ -664,18 +664,23 @@ async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
     }
 }
 
-/// Waits until `a`'s watch has delivered at least `events` changes; returns how many.
-async fn watched_at_least(a: &Allocator, events: u64) -> u64 {
+/// Waits up to 5 s until `done` holds, failing with `what` (what should have happened).
+async fn eventually(what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while a.watch_events() < events {
-        assert!(
-            Instant::now() < deadline,
-            "watch delivered {} of {events} changes",
-            a.watch_events()
-        );
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within 5 s");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    a.watch_events()
+}
+
+/// Whether `a` counts `held` addresses held in the pool of `subnet`, as far as it follows it,
+/// and knows a block of it claimed by `claimed_by`.
+fn sees(a: &Allocator, subnet: &str, held: Option<u128>, claimed_by: Option<&str>) -> bool {
+    a.pool_usage().iter().any(|(s, u)| {
+        s == subnet
+            && held.is_none_or(|h| u.held == h)
+            && claimed_by.is_none_or(|node| u.blocks.contains_key(node))
+    })
 }
 
 /// `a`'s count of watch events once it stays the same for 300 ms.
@@ -699,11 +704,10 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
     a.allocate(&request("a0", &pool, &[])).await.expect("a");
     b.allocate(&request("b0", &pool, &[])).await.expect("b");
     // a learns of b's block claim: claims reach every node.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !a.pool_usage()[0].1.blocks.contains_key("node-b") {
-        assert!(Instant::now() < deadline, "a never saw b's claim");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("a sees b's claim", || {
+        sees(&a, "10.88.0.0/24", None, Some("node-b"))
+    })
+    .await;
     // And has had every change so far: its own a0 may come on its block's watch after b's claim.
     let before = quiet(&a).await;
 
@@ -721,9 +725,12 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
     b.allocate(&request("b-exact", &pool, &["10.88.0.40"]))
         .await
         .expect("exact address in a's block");
-    let seen = watched_at_least(&a, before + 1).await;
+    eventually("the change in a's block reaches a", || {
+        a.watch_events() > before
+    })
+    .await;
     assert_eq!(
-        (seen, quiet(&a).await),
+        (a.watch_events(), quiet(&a).await),
         (before + 1, before + 1),
         "30 changes in b's block cost a nothing; the one in a's block is delivered"
     );
@@ -751,24 +758,6 @@ async fn an_allocation_in_another_nodes_block_costs_this_node_no_watch_event() {
     );
 }
 
-/// Waits until `a` counts `held` addresses held in the pool of `subnet`, as far as it follows
-/// it.
-async fn wait_held(a: &Allocator, subnet: &str, held: u128) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let usage = a.pool_usage();
-        let now = usage.iter().find(|(s, _)| s == subnet).map(|(_, u)| u.held);
-        if now == Some(held) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{subnet}: {now:?} held, expected {held}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_pool_made_after_a_node_started_is_followed_whole() {
     let cluster = shared_single();
@@ -778,13 +767,22 @@ async fn an_ipv6_pool_made_after_a_node_started_is_followed_whole() {
     let pool = sets(json!({"subnet": "fd00:61::/120"}));
     b.allocate(&request("b0", &pool, &[])).await.expect("b");
     // a learns of the pool from the pool index, then reads and watches its addresses.
-    wait_held(&a, "fd00:61::/120", 1).await;
+    eventually("a counts 1 held", || {
+        sees(&a, "fd00:61::/120", Some(1), None)
+    })
+    .await;
     b.allocate(&request("b1", &pool, &[])).await.expect("b");
-    wait_held(&a, "fd00:61::/120", 2).await;
+    eventually("a counts 2 held", || {
+        sees(&a, "fd00:61::/120", Some(2), None)
+    })
+    .await;
     b.release(&Attachment::new("test-net", "b0", "eth0"))
         .await
         .expect("release");
-    wait_held(&a, "fd00:61::/120", 1).await;
+    eventually("a counts 1 held", || {
+        sees(&a, "fd00:61::/120", Some(1), None)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -820,15 +818,10 @@ async fn an_add_on_a_quiet_node_after_a_release_made_through_another_node_is_not
     let pool_b = sets(json!({"subnet": "10.91.0.0/24"}));
     b.allocate(&request("b0", &pool_b, &[])).await.expect("b");
     a.allocate(&request("a0", &pool_a, &[])).await.expect("a");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !b
-        .pool_usage()
-        .iter()
-        .any(|(subnet, u)| subnet == "10.90.0.0/24" && u.blocks.contains_key("node-a"))
-    {
-        assert!(Instant::now() < deadline, "b never saw a's pool");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("b sees a's pool and claim", || {
+        sees(&b, "10.90.0.0/24", None, Some("node-a"))
+    })
+    .await;
     a.allocate(&request("moved", &pool_a, &[]))
         .await
         .expect("a");
