@@ -23,6 +23,9 @@ use crate::pool::{pool_id, Pool};
 use crate::records::{KeyRef, PoolIndex};
 use crate::store::PAGE;
 
+/// Range reads per transaction when blocks are read together (etcd allows 128 operations).
+const BLOCK_READS: usize = 100;
+
 /// How long the watch may be quiet before it asks etcd for its current revision.
 const IDLE_PROGRESS: Duration = Duration::from_secs(1);
 
@@ -134,8 +137,7 @@ impl Inner {
             );
         }
         let own = fresh.own_unfollowed();
-        for (pool, index) in &own {
-            let (revision, held) = self.read_block(pool, *index).await?;
+        for ((pool, index), (revision, held)) in own.iter().zip(self.read_blocks(&own).await?) {
             fresh.follow(pool, *index, held, revision);
         }
         let (skipped, loaded) = {
@@ -192,39 +194,46 @@ impl Inner {
         })
     }
 
-    /// The addresses etcd holds in block `index` of `pool`, and the revision they were read at:
-    /// one transaction of keys-only range reads.
-    async fn read_block(&self, pool: &Pool, index: u128) -> Result<(i64, Vec<IpAddr>)> {
-        let cidr = pool.block_cidr(index);
-        let Some(ranges) = self.keys.block_addresses(&pool.id(), &cidr) else {
-            return Err(IpamError::NotSynced(format!(
-                "block {cidr} cannot be followed alone"
-            )));
-        };
-        let reads: Vec<TxnOp> = ranges
-            .into_iter()
-            .map(|(start, end)| {
-                TxnOp::get(
-                    start,
-                    Some(GetOptions::new().with_range(end).with_keys_only()),
-                )
-            })
-            .collect();
-        let resp = self
-            .store
-            .txn(
-                &format!("read the addresses of block {cidr}"),
-                Txn::new().and_then(reads),
-            )
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let mut held = Vec::new();
-        for op in resp.op_responses() {
-            if let etcd_client::TxnOpResponse::Get(get) = op {
-                held.extend(get.kvs().iter().filter_map(|kv| self.address_of(kv)));
+    /// The addresses etcd holds in each of `blocks`, and the revision each was read at:
+    /// keys-only range reads, as many blocks to a transaction as fit in [`BLOCK_READS`].
+    async fn read_blocks(&self, blocks: &[(Arc<Pool>, u128)]) -> Result<Vec<(i64, Vec<IpAddr>)>> {
+        let mut read = Vec::with_capacity(blocks.len());
+        let mut next = 0;
+        while next < blocks.len() {
+            let first = next;
+            let mut reads = Vec::new();
+            // For each read, the block of this transaction it is for.
+            let mut block_of = Vec::new();
+            while let Some((pool, index)) = blocks.get(next) {
+                let cidr = pool.block_cidr(*index);
+                let Some(ranges) = self.keys.block_addresses(&pool.id(), &cidr) else {
+                    return Err(IpamError::NotSynced(format!(
+                        "block {cidr} cannot be followed alone"
+                    )));
+                };
+                if !reads.is_empty() && reads.len() + ranges.len() > BLOCK_READS {
+                    break;
+                }
+                for (start, end) in ranges {
+                    let options = GetOptions::new().with_range(end).with_keys_only();
+                    reads.push(TxnOp::get(start, Some(options)));
+                    block_of.push(next - first);
+                }
+                next += 1;
             }
+            let op = format!("read the addresses of {} blocks", next - first);
+            let resp = self.store.txn(&op, Txn::new().and_then(reads)).await?;
+            let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            let mut held = vec![Vec::new(); next - first];
+            for (op, &block) in resp.op_responses().iter().zip(&block_of) {
+                if let etcd_client::TxnOpResponse::Get(get) = op {
+                    let addresses = get.kvs().iter().filter_map(|kv| self.address_of(kv));
+                    held[block].extend(addresses);
+                }
+            }
+            read.extend(held.into_iter().map(|held| (revision, held)));
         }
-        Ok((revision, held))
+        Ok(read)
     }
 
     /// Follows what picking asked for ([`Next::Follow`], [`Next::FollowAll`]): reads the
@@ -232,7 +241,10 @@ impl Inner {
     pub(super) async fn follow_for(&self, pool: &Arc<Pool>, next: Next) -> Result<()> {
         let followed = match next {
             Next::Follow(index) => {
-                let (revision, held) = self.read_block(pool, index).await?;
+                let block = [(Arc::clone(pool), index)];
+                let Some((revision, held)) = self.read_blocks(&block).await?.pop() else {
+                    return Ok(());
+                };
                 self.lock_pools().follow(pool, index, held, revision)
             }
             _ => {
