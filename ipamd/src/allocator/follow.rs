@@ -305,12 +305,16 @@ impl Inner {
         let mut idle =
             tokio::time::interval_at(tokio::time::Instant::now() + IDLE_PROGRESS, IDLE_PROGRESS);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.watch_followed(Vec::new(), &mut pools, &mut whole, &mut stream)
+            .await?;
         loop {
-            self.watch_followed(&mut pools, &mut whole, &mut stream)
-                .await?;
             let resp = tokio::select! {
                 msg = stream.message() => msg.map_err(watch_failed)?,
-                () = self.follow_added.notified() => continue,
+                () = self.follow_added.notified() => {
+                    self.watch_followed(Vec::new(), &mut pools, &mut whole, &mut stream)
+                        .await?;
+                    continue;
+                }
                 _ = idle.tick() => {
                     stream.request_progress().await.map_err(watch_failed)?;
                     continue;
@@ -357,27 +361,29 @@ impl Inner {
             }
             log_all(skipped);
             if let Some(kv) = index {
-                self.follow_new_pools(&kv, &mut pools, &mut stream).await?;
+                let listed = self.listed_pools(&kv);
+                self.watch_followed(listed, &mut pools, &mut whole, &mut stream)
+                    .await?;
             }
         }
     }
 
-    /// Adds to the stream what was followed since it last looked: blocks, pools followed whole,
-    /// and pools in the cache whose definitions and claims are not watched yet.
+    /// Adds to the stream what was followed since it last looked: blocks, then pools (those of
+    /// the cache and `listed`) whose definitions and claims are not watched yet, then pools
+    /// followed whole. Called at the start, when a follow is added, and when the pool index
+    /// changes: nothing else adds to what is followed.
     async fn watch_followed(
         &self,
+        listed: Vec<String>,
         pools: &mut HashSet<String>,
         whole: &mut HashSet<String>,
         stream: &mut WatchStream,
     ) -> Result<()> {
-        let (unwatched, known, followed_whole) = {
+        let (unwatched, mut known) = {
             let mut cache = self.lock_pools();
-            (
-                cache.take_unwatched(),
-                cache.pool_ids(),
-                cache.followed_whole(),
-            )
+            (cache.take_unwatched(), cache.pool_ids())
         };
+        known.extend(listed);
         for (id, index, revision) in unwatched {
             let from = revision + 1;
             let ranges = match index {
@@ -402,6 +408,8 @@ impl Inner {
                 add(stream, &self.read_definition_and_blocks(&id, live).await?).await?;
             }
         }
+        // After the definitions: an IPv6 pool just read is followed whole.
+        let followed_whole = self.lock_pools().followed_whole();
         for id in followed_whole {
             if whole.insert(id.clone()) {
                 add(stream, &self.read_addresses(&id, live).await?).await?;
@@ -410,32 +418,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads and watches the pools of the pool index in `kv` that are not followed yet.
-    async fn follow_new_pools(
-        &self,
-        kv: &KeyValue,
-        pools: &mut HashSet<String>,
-        stream: &mut WatchStream,
-    ) -> Result<()> {
-        let index = match decode::<PoolIndex>(kv) {
-            Ok(index) => index,
+    /// The pools the pool index in `kv` lists; none if it does not decode (skipped, logged
+    /// once).
+    fn listed_pools(&self, kv: &KeyValue) -> Vec<String> {
+        match decode::<PoolIndex>(kv) {
+            Ok(index) => index.subnets.iter().map(pool_id).collect(),
             Err(e) => {
                 self.skip_once(&self.keys.pool_index(), &e.to_string());
-                return Ok(());
+                Vec::new()
             }
-        };
-        for subnet in &index.subnets {
-            let id = pool_id(subnet);
-            if pools.contains(&id) {
-                continue;
-            }
-            // An IPv6 pool's addresses follow on the next round ([`Inner::watch_followed`]).
-            let live = |kvs| log_all(apply_all(&mut self.lock_pools(), kvs));
-            let unit = self.read_definition_and_blocks(&id, live).await?;
-            add(stream, &unit).await?;
-            pools.insert(id);
         }
-        Ok(())
     }
 }
 
