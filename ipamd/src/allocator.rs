@@ -44,6 +44,7 @@ pub use sticky::{HeldIdentity, IdentityRelease};
 
 pub use nodes::{BlockClaim, GiveBack};
 
+use crate::group_commit::Answer;
 use crate::namespaces::Restriction;
 use crate::pool::{Pool, RangeSet};
 use crate::records::{
@@ -813,13 +814,17 @@ impl Inner {
             gate.wait().await;
             gate.wait().await;
         }
-        let resp = self
+        let mut writes = keys.clone();
+        writes.extend(sticky_key.clone());
+        let Answer {
+            response: resp,
+            revision,
+        } = self
             .store
-            .txn(&format!("allocate for {attachment}"), txn)
+            .txn_grouped(&format!("allocate for {attachment}"), txn, writes)
             .await?;
 
         if resp.succeeded() {
-            let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             picks.keep_all();
             self.lock_committed().insert(
                 attachment.clone(),

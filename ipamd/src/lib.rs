@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod gc;
+pub mod group_commit;
 pub mod install;
 pub mod key_ranges;
 pub mod kube;

@@ -18,6 +18,7 @@ use etcd_client::{
 use tonic::Code;
 
 use crate::error::{IpamError, Result};
+use crate::group_commit::{Answer, Committer};
 use crate::metrics::TxnResult;
 
 /// How to reach etcd, resolved from the daemon's flags, environment and config file (`config`).
@@ -74,6 +75,8 @@ pub struct Store {
     /// The highest revision any answer of etcd has shown this process: a lower bound of etcd's
     /// revision now. See [`Store::seen_revision`].
     seen_revision: Arc<AtomicI64>,
+    /// Where [`Store::txn_grouped`] sends its transactions; None in the committer's own copy.
+    committer: Option<Committer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,11 +135,16 @@ impl Store {
     /// Builds the client. The connection itself is lazy: an unreachable etcd shows up as
     /// `Unavailable` on the first request, not here.
     pub async fn connect(config: &StoreConfig) -> Result<Store> {
-        Ok(Store {
+        let store = Store {
             client: connect_with(config, config.request_timeout).await?,
             loader: connect_with(config, LOAD_READ_TIMEOUT).await?,
             retry_timeout: config.retry_timeout,
             seen_revision: Arc::new(AtomicI64::new(0)),
+            committer: None,
+        };
+        Ok(Store {
+            committer: Some(Committer::start(store.clone())),
+            ..store
         })
     }
 
@@ -243,10 +251,7 @@ impl Store {
     pub async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
         let started = Instant::now();
         let resp = self
-            .retry(op, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
+            .send(op, txn)
             .await
             .inspect_err(|_| crate::metrics::etcd_txn(TxnResult::Failed, started.elapsed()))?;
         let result = if resp.succeeded() {
@@ -255,6 +260,31 @@ impl Store {
             TxnResult::Refused
         };
         crate::metrics::etcd_txn(result, started.elapsed());
+        Ok(resp)
+    }
+
+    /// `txn`, which puts or deletes exactly the keys `writes`, committed together with the
+    /// other transactions waiting at the same moment (see `group_commit`). Its answer is the one
+    /// it would have got alone.
+    pub async fn txn_grouped(&self, op: &str, txn: Txn, writes: Vec<String>) -> Result<Answer> {
+        match &self.committer {
+            Some(committer) => committer.txn(op, txn, writes).await,
+            None => {
+                let response = self.txn(op, txn).await?;
+                let revision = response.header().map_or(0, |h| h.revision());
+                Ok(Answer { response, revision })
+            }
+        }
+    }
+
+    /// Sends `txn` (retried as [`Store::retry`] does), unrecorded in the metrics.
+    pub(crate) async fn send(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
+        let resp = self
+            .retry(op, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         self.saw(resp.header());
         Ok(resp)
     }

@@ -132,18 +132,31 @@ impl Inner {
 
     /// Runs a release transaction built for a marker lease; once more with a new lease if etcd
     /// no longer knows the lease (it expired while this daemon was stopped, or etcd's data was
-    /// restored).
+    /// restored). With `writes`, the keys it deletes or puts besides the marker, it is committed
+    /// in a group (`group_commit`); without, alone.
     pub(super) async fn release_txn(
         &self,
         attachment: &Attachment,
+        writes: Option<&[String]>,
         build: impl Fn(i64) -> Txn,
     ) -> Result<TxnResponse> {
-        let op = format!("release {attachment}");
+        let op = &format!("release {attachment}");
+        let build = &build;
+        let send = |lease| async move {
+            match writes {
+                Some(keys) => {
+                    let mut keys = keys.to_vec();
+                    keys.push(self.keys.released(attachment));
+                    let answer = self.store.txn_grouped(op, build(lease), keys).await?;
+                    Ok(answer.response)
+                }
+                None => self.store.txn(op, build(lease)).await,
+            }
+        };
         let lease = self.marker_lease(false).await?;
-        match self.store.txn(&op, build(lease)).await {
+        match send(lease).await {
             Err(IpamError::Etcd { reason, .. }) if reason.contains("lease not found") => {
-                let lease = self.marker_lease(true).await?;
-                self.store.txn(&op, build(lease)).await
+                send(self.marker_lease(true).await?).await
             }
             other => other,
         }
@@ -165,7 +178,7 @@ impl Inner {
             // Fast path: nothing changed since this node's ADD wrote these keys.
             let attachment_key = self.keys.attachment(attachment);
             let resp = self
-                .release_txn(attachment, |lease| {
+                .release_txn(attachment, Some(&committed.keys), |lease| {
                     let compares: Vec<Compare> = committed
                         .keys
                         .iter()
@@ -221,7 +234,7 @@ impl Inner {
                     // between the read and the marker is found in the next round.
                     let attachment_key = self.keys.attachment(attachment);
                     let resp = self
-                        .release_txn(attachment, |lease| {
+                        .release_txn(attachment, Some(&[]), |lease| {
                             Txn::new()
                                 .when([Compare::create_revision(
                                     attachment_key.as_str(),
@@ -258,8 +271,10 @@ impl Inner {
                 .as_ref()
                 .map_or(self.node.as_str(), |r| r.node.as_str());
             let index_key = self.keys.node_attachment(node, attachment);
+            let mut writes = vec![record_key.clone(), index_key.clone()];
+            writes.extend(ip_keys.iter().cloned());
             let resp = self
-                .release_txn(attachment, |lease| {
+                .release_txn(attachment, Some(&writes), |lease| {
                     let mut compares = vec![Compare::mod_revision(
                         record_key.as_str(),
                         CompareOp::Equal,

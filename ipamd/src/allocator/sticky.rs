@@ -612,7 +612,7 @@ impl Inner {
         let record_key = self.keys.attachment(attachment);
         let index_key = self.keys.node_attachment(&record.node, attachment);
         let resp = self
-            .release_txn(attachment, |lease| {
+            .release_txn(attachment, None, |lease| {
                 let mut ops = vec![
                     TxnOp::delete(record_key.as_str(), None),
                     TxnOp::delete(index_key.as_str(), None),

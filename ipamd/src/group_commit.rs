@@ -1,0 +1,259 @@
+//! Group commit: the transactions that wait for etcd at the same moment go to it as one.
+//!
+//! Each waiting transaction is nested, unchanged, in one outer transaction that has no compares
+//! of its own, so etcd evaluates each nested one's compares alone: one that fails takes only its
+//! own `else` branch, and its neighbours still commit. Every caller gets the answer its own
+//! transaction would have got. What the group saves is etcd's cost per request (the gRPC call,
+//! the Raft proposal, the WAL entry, the apply step), paid once for the group.
+//!
+//! A transaction is sent alone when nothing else waits, so a quiet daemon pays only a channel
+//! hop. While [`IN_FLIGHT`] groups are at etcd the next one gathers.
+//!
+//! etcd refuses a request that writes one key twice, so members of a group write disjoint keys
+//! ([`next_group`]); a transaction that would write a key another member writes waits for the
+//! next group. A group that etcd refuses for another reason than being unreachable or full (its
+//! `--max-txn-ops` or `--max-request-bytes` is lower than [`MAX_GROUP`] needs, a lease one member
+//! names is gone) is sent again as single transactions, so that each caller sees its own error.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::{IpamError, Result};
+use crate::metrics::{self, TxnResult};
+use crate::store::Store;
+
+/// At most this many transactions in one group. etcd's default `--max-txn-ops` (128) bounds the
+/// outer transaction's operations plus each nested one's.
+pub const MAX_GROUP: usize = 64;
+
+/// Groups at etcd at once.
+pub const IN_FLIGHT: usize = 2;
+
+/// One transaction's answer, and the revision etcd committed its group at.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: TxnResponse,
+    /// The revision of the request that carried the transaction: the mod revision of every key
+    /// it wrote, if it succeeded.
+    pub revision: i64,
+}
+
+/// A transaction waiting for its group.
+pub(crate) struct Waiting {
+    op: String,
+    txn: Txn,
+    writes: Vec<String>,
+    reply: oneshot::Sender<Result<Answer>>,
+}
+
+/// The sending end: cheap to clone, one per [`Store`].
+#[derive(Clone)]
+pub(crate) struct Committer {
+    waiting: mpsc::UnboundedSender<Waiting>,
+}
+
+impl Committer {
+    /// Starts the task that commits the groups through `store` (which must have no committer of
+    /// its own). It ends when every `Committer` is dropped.
+    pub(crate) fn start(store: Store) -> Committer {
+        let (waiting, rx) = mpsc::unbounded_channel();
+        tokio::spawn(commit_groups(store, rx));
+        Committer { waiting }
+    }
+
+    /// Commits `txn`, which puts or deletes exactly the keys `writes`, in the next group.
+    pub(crate) async fn txn(&self, op: &str, txn: Txn, writes: Vec<String>) -> Result<Answer> {
+        let (reply, answer) = oneshot::channel();
+        let waiting = Waiting {
+            op: op.to_string(),
+            txn,
+            writes,
+            reply,
+        };
+        let stopped = || IpamError::Unavailable {
+            op: op.to_string(),
+            reason: "the daemon's etcd committer has stopped".into(),
+        };
+        self.waiting.send(waiting).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Which of the waiting transactions, given by the keys each writes and in the order they
+/// arrived, form the next group: each in turn that writes no key an earlier member writes, up
+/// to `max`. The rest keep their order for the groups after.
+pub fn next_group<'a>(writes: impl IntoIterator<Item = &'a [String]>, max: usize) -> Vec<usize> {
+    let mut written: HashSet<&str> = HashSet::new();
+    let mut group = Vec::new();
+    for (i, keys) in writes.into_iter().enumerate() {
+        if group.len() == max {
+            break;
+        }
+        if keys.iter().any(|k| written.contains(k.as_str())) {
+            continue;
+        }
+        written.extend(keys.iter().map(String::as_str));
+        group.push(i);
+    }
+    group
+}
+
+async fn commit_groups(store: Store, mut arrivals: mpsc::UnboundedReceiver<Waiting>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut queue: VecDeque<Waiting> = VecDeque::new();
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        if queue.is_empty() {
+            match arrivals.recv().await {
+                Some(w) => queue.push_back(w),
+                None => return,
+            }
+        }
+        while let Ok(w) = arrivals.try_recv() {
+            queue.push_back(w);
+        }
+        let chosen = next_group(queue.iter().map(|w| w.writes.as_slice()), MAX_GROUP);
+        let group = take(&mut queue, &chosen);
+        let store = store.clone();
+        tokio::spawn(async move {
+            commit(&store, group).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Removes the entries at `indices` (ascending) from `queue`, keeping the others' order.
+fn take(queue: &mut VecDeque<Waiting>, indices: &[usize]) -> Vec<Waiting> {
+    let mut taken = Vec::with_capacity(indices.len());
+    let mut kept = VecDeque::with_capacity(queue.len() - indices.len());
+    let mut next = indices.iter().peekable();
+    for (i, w) in queue.drain(..).enumerate() {
+        if next.peek() == Some(&&i) {
+            next.next();
+            taken.push(w);
+        } else {
+            kept.push_back(w);
+        }
+    }
+    *queue = kept;
+    taken
+}
+
+async fn commit(store: &Store, mut group: Vec<Waiting>) {
+    if group.len() == 1 {
+        alone(store, group.pop().expect("one member")).await;
+        return;
+    }
+    let nested: Vec<TxnOp> = group.iter().map(|w| TxnOp::txn(w.txn.clone())).collect();
+    let outer = Txn::new().and_then(nested);
+    let op = format!("commit {} transactions as one", group.len());
+    let started = Instant::now();
+    match store.send(&op, outer).await {
+        Ok(outer) => {
+            let revision = outer.header().map_or(0, |h| h.revision());
+            let answers = outer.op_responses().into_iter().map(|r| match r {
+                TxnOpResponse::Txn(response) => {
+                    metrics::etcd_txn(txn_result(&response), started.elapsed());
+                    Ok(Answer { response, revision })
+                }
+                other => Err(IpamError::Etcd {
+                    op: op.clone(),
+                    reason: format!("etcd answered a nested transaction with {other:?}"),
+                }),
+            });
+            for (w, answer) in group.into_iter().zip(answers) {
+                let _ = w.reply.send(answer);
+            }
+        }
+        Err(IpamError::Unavailable { reason, .. }) => {
+            for w in group {
+                metrics::etcd_txn(TxnResult::Failed, started.elapsed());
+                let op = w.op;
+                let reason = reason.clone();
+                let _ = w.reply.send(Err(IpamError::Unavailable { op, reason }));
+            }
+        }
+        Err(IpamError::StoreFull { reason, .. }) => {
+            for w in group {
+                metrics::etcd_txn(TxnResult::Failed, started.elapsed());
+                let op = w.op;
+                let reason = reason.clone();
+                let _ = w.reply.send(Err(IpamError::StoreFull { op, reason }));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "etcd refused a group of transactions; sending each alone");
+            futures::future::join_all(group.into_iter().map(|w| alone(store, w))).await;
+        }
+    }
+}
+
+/// Commits one waiting transaction as a request of its own.
+async fn alone(store: &Store, w: Waiting) {
+    let answer = store.txn(&w.op, w.txn).await.map(|response| Answer {
+        revision: response.header().map_or(0, |h| h.revision()),
+        response,
+    });
+    let _ = w.reply.send(answer);
+}
+
+fn txn_result(response: &TxnResponse) -> TxnResult {
+    if response.succeeded() {
+        TxnResult::Committed
+    } else {
+        TxnResult::Refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_group_takes_the_waiting_in_order_and_skips_those_writing_a_key_already_in_it() {
+        let waiting = [
+            keys(&["a", "b"]),
+            keys(&["b", "c"]),
+            keys(&["c"]),
+            keys(&[]),
+            keys(&["a"]),
+            keys(&["d"]),
+        ];
+        let group = next_group(waiting.iter().map(Vec::as_slice), MAX_GROUP);
+        assert_eq!(group, [0, 2, 3, 5]);
+    }
+
+    #[test]
+    fn a_group_stops_at_its_size() {
+        let waiting: Vec<Vec<String>> = (0..10).map(|i| keys(&[&i.to_string()])).collect();
+        assert_eq!(next_group(waiting.iter().map(Vec::as_slice), 3), [0, 1, 2]);
+    }
+
+    #[test]
+    fn taking_a_group_keeps_the_rest_in_order() {
+        let mut queue: VecDeque<Waiting> = (0..5)
+            .map(|i| Waiting {
+                op: i.to_string(),
+                txn: Txn::new(),
+                writes: Vec::new(),
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let taken = take(&mut queue, &[0, 2, 3]);
+        let ops = |ws: &mut dyn Iterator<Item = &Waiting>| -> Vec<String> {
+            ws.map(|w| w.op.clone()).collect()
+        };
+        assert_eq!(ops(&mut taken.iter()), ["0", "2", "3"]);
+        assert_eq!(ops(&mut queue.iter()), ["1", "4"]);
+    }
+}
