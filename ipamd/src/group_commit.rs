@@ -156,6 +156,7 @@ async fn commit(store: &Store, mut group: Vec<Waiting>) {
     let started = Instant::now();
     match store.send(&op, outer).await {
         Ok(outer) => {
+            metrics::etcd_grouped(group.len());
             let revision = outer.header().map_or(0, |h| h.revision());
             let answers = outer.op_responses().into_iter().map(|r| match r {
                 TxnOpResponse::Txn(response) => {

@@ -27,6 +27,8 @@ pub const REQUEST_DURATION: &str = "hostnic_ipamd_request_duration_seconds";
 pub const ETCD_TXN_DURATION: &str = "hostnic_ipamd_etcd_transaction_duration_seconds";
 /// etcd requests sent again after a transient error.
 pub const ETCD_RETRIES: &str = "hostnic_ipamd_etcd_retries_total";
+/// etcd transactions sent nested in one request with others (`group_commit`).
+pub const ETCD_GROUPED: &str = "hostnic_ipamd_etcd_grouped_transactions_total";
 /// Reloads of the pool cache after its etcd watch ended.
 pub const WATCH_RELOADS: &str = "hostnic_ipamd_pool_watch_reloads_total";
 /// Changes the pool cache's etcd watch delivered.
@@ -58,6 +60,11 @@ const FAMILIES: &[(&str, Type, &str)] = &[
         ETCD_RETRIES,
         Type::Counter,
         "etcd requests sent again after a transient error (no leader, unreachable member, timeout).",
+    ),
+    (
+        ETCD_GROUPED,
+        Type::Counter,
+        "etcd transactions (ADD commits, releases) sent nested in one request with others that waited at the same moment; each still commits or fails alone.",
     ),
     (
         WATCH_RELOADS,
@@ -242,7 +249,10 @@ fn of_family<'a, V>(
 }
 
 fn family_has_labels(family: &str) -> bool {
-    family != ETCD_RETRIES && family != WATCH_RELOADS && family != WATCH_EVENTS
+    family != ETCD_RETRIES
+        && family != ETCD_GROUPED
+        && family != WATCH_RELOADS
+        && family != WATCH_EVENTS
 }
 
 fn header(out: &mut String, family: &str, kind: Type, help: &str) {
@@ -399,6 +409,11 @@ pub fn etcd_txn(result: TxnResult, elapsed: Duration) {
 /// Counts one etcd request sent again after a transient error.
 pub fn etcd_retry() {
     METRICS.add(ETCD_RETRIES, Vec::new(), 1);
+}
+
+/// Counts `members` transactions sent nested in one request.
+pub fn etcd_grouped(members: usize) {
+    METRICS.add(ETCD_GROUPED, Vec::new(), members as u64);
 }
 
 /// Counts one reload of the pool cache after its watch ended.

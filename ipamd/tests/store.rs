@@ -962,6 +962,9 @@ async fn transactions_waiting_together_commit_in_fewer_requests_each_with_its_ow
             (create(&key, &format!("by {i}")), vec![key])
         })
         .collect();
+    let grouped =
+        || hostnic_ipamd::metrics::registry().counter(hostnic_ipamd::metrics::ETCD_GROUPED, &[]);
+    let grouped_before = grouped();
     let answers = all_at_once(&store, txns).await;
 
     let mut revisions = HashSet::new();
@@ -996,6 +999,10 @@ async fn transactions_waiting_together_commit_in_fewer_requests_each_with_its_ow
         revisions.len() < 32,
         "the 32 successful transactions were committed in {} requests: none was grouped",
         revisions.len()
+    );
+    assert!(
+        grouped() - grouped_before >= 2,
+        "the metric counts the grouped transactions"
     );
 }
 
