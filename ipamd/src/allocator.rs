@@ -814,14 +814,15 @@ impl Inner {
             gate.wait().await;
             gate.wait().await;
         }
-        let mut writes = keys.clone();
-        writes.extend(sticky_key.clone());
+        let mut touched = keys.clone();
+        touched.extend([marker_key, legacy_key]);
+        touched.extend(sticky_key.clone());
         let Answer {
             response: resp,
             revision,
         } = self
             .store
-            .txn_grouped(&format!("allocate for {attachment}"), txn, writes)
+            .txn_grouped(&format!("allocate for {attachment}"), txn, touched)
             .await?;
 
         if resp.succeeded() {

@@ -7,20 +7,25 @@
 //! the Raft proposal, the WAL entry, the apply step), paid once for the group.
 //!
 //! A transaction is sent alone when nothing else waits, so a quiet daemon pays only a channel
-//! hop. While [`IN_FLIGHT`] groups are at etcd the next one gathers.
+//! hop. One group is at etcd at a time, and the next gathers meanwhile: with 64 clients on one
+//! daemon that gave a higher rate than two or four groups at once (BENCHMARKS.md).
 //!
-//! etcd refuses a request that writes one key twice, so members of a group write disjoint keys
-//! ([`next_group`]); a transaction that would write a key another member writes waits for the
-//! next group. A group that etcd refuses for another reason than being unreachable or full (its
-//! `--max-txn-ops` or `--max-request-bytes` is lower than [`MAX_GROUP`] needs, a lease one member
+//! Members of a group touch disjoint keys ([`next_group`]): a transaction that compares, reads
+//! or writes a key another member touches waits for the next group. etcd refuses a request that
+//! writes one key twice; and it evaluates every nested compare before any nested write, so two
+//! members where one compares a key the other writes would both see the state before the group,
+//! which no order of the two alone could give (a DEL that finds no attachment and a late ADD of
+//! it would both commit). With disjoint keys, the group's outcome is that of its members one
+//! after the other, in any order. A group that etcd refuses for another reason than being
+//! unreachable or full (its `--max-txn-ops` or `--max-request-bytes` is lower than
+//! [`MAX_GROUP`] needs, a lease one member
 //! names is gone) is sent again as single transactions, so that each caller sees its own error.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
 use std::time::Instant;
 
 use etcd_client::{Txn, TxnOp, TxnOpResponse, TxnResponse};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{IpamError, Result};
 use crate::metrics::{self, TxnResult};
@@ -29,9 +34,6 @@ use crate::store::Store;
 /// At most this many transactions in one group. etcd's default `--max-txn-ops` (128) bounds the
 /// outer transaction's operations plus each nested one's.
 pub const MAX_GROUP: usize = 64;
-
-/// Groups at etcd at once.
-pub const IN_FLIGHT: usize = 2;
 
 /// One transaction's answer, and the revision etcd committed its group at.
 #[derive(Debug)]
@@ -46,7 +48,7 @@ pub struct Answer {
 pub(crate) struct Waiting {
     op: String,
     txn: Txn,
-    writes: Vec<String>,
+    keys: Vec<String>,
     reply: oneshot::Sender<Result<Answer>>,
 }
 
@@ -65,13 +67,13 @@ impl Committer {
         Committer { waiting }
     }
 
-    /// Commits `txn`, which puts or deletes exactly the keys `writes`, in the next group.
-    pub(crate) async fn txn(&self, op: &str, txn: Txn, writes: Vec<String>) -> Result<Answer> {
+    /// Commits `txn` in the next group; `keys` are all the keys it compares, reads or writes.
+    pub(crate) async fn txn(&self, op: &str, txn: Txn, keys: Vec<String>) -> Result<Answer> {
         let (reply, answer) = oneshot::channel();
         let waiting = Waiting {
             op: op.to_string(),
             txn,
-            writes,
+            keys,
             reply,
         };
         let stopped = || IpamError::Unavailable {
@@ -83,32 +85,28 @@ impl Committer {
     }
 }
 
-/// Which of the waiting transactions, given by the keys each writes and in the order they
-/// arrived, form the next group: each in turn that writes no key an earlier member writes, up
+/// Which of the waiting transactions, given by the keys each touches and in the order they
+/// arrived, form the next group: each in turn that touches no key an earlier member touches, up
 /// to `max`. The rest keep their order for the groups after.
-pub fn next_group<'a>(writes: impl IntoIterator<Item = &'a [String]>, max: usize) -> Vec<usize> {
-    let mut written: HashSet<&str> = HashSet::new();
+pub fn next_group<'a>(touched: impl IntoIterator<Item = &'a [String]>, max: usize) -> Vec<usize> {
+    let mut taken: HashSet<&str> = HashSet::new();
     let mut group = Vec::new();
-    for (i, keys) in writes.into_iter().enumerate() {
+    for (i, keys) in touched.into_iter().enumerate() {
         if group.len() == max {
             break;
         }
-        if keys.iter().any(|k| written.contains(k.as_str())) {
+        if keys.iter().any(|k| taken.contains(k.as_str())) {
             continue;
         }
-        written.extend(keys.iter().map(String::as_str));
+        taken.extend(keys.iter().map(String::as_str));
         group.push(i);
     }
     group
 }
 
 async fn commit_groups(store: Store, mut arrivals: mpsc::UnboundedReceiver<Waiting>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         if queue.is_empty() {
             match arrivals.recv().await {
                 Some(w) => queue.push_back(w),
@@ -118,13 +116,9 @@ async fn commit_groups(store: Store, mut arrivals: mpsc::UnboundedReceiver<Waiti
         while let Ok(w) = arrivals.try_recv() {
             queue.push_back(w);
         }
-        let chosen = next_group(queue.iter().map(|w| w.writes.as_slice()), MAX_GROUP);
+        let chosen = next_group(queue.iter().map(|w| w.keys.as_slice()), MAX_GROUP);
         let group = take(&mut queue, &chosen);
-        let store = store.clone();
-        tokio::spawn(async move {
-            commit(&store, group).await;
-            drop(slot);
-        });
+        commit(&store, group).await;
     }
 }
 
@@ -221,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn a_group_takes_the_waiting_in_order_and_skips_those_writing_a_key_already_in_it() {
+    fn a_group_takes_the_waiting_in_order_and_skips_those_touching_a_key_already_in_it() {
         let waiting = [
             keys(&["a", "b"]),
             keys(&["b", "c"]),
@@ -246,7 +240,7 @@ mod tests {
             .map(|i| Waiting {
                 op: i.to_string(),
                 txn: Txn::new(),
-                writes: Vec::new(),
+                keys: Vec::new(),
                 reply: oneshot::channel().0,
             })
             .collect();

@@ -263,12 +263,12 @@ impl Store {
         Ok(resp)
     }
 
-    /// `txn`, which puts or deletes exactly the keys `writes`, committed together with the
-    /// other transactions waiting at the same moment (see `group_commit`). Its answer is the one
-    /// it would have got alone.
-    pub async fn txn_grouped(&self, op: &str, txn: Txn, writes: Vec<String>) -> Result<Answer> {
+    /// `txn`, committed together with the other transactions waiting at the same moment (see
+    /// `group_commit`); `keys` are all the keys it compares, reads or writes. Its answer is the
+    /// one it would have got alone.
+    pub async fn txn_grouped(&self, op: &str, txn: Txn, keys: Vec<String>) -> Result<Answer> {
         match &self.committer {
-            Some(committer) => committer.txn(op, txn, writes).await,
+            Some(committer) => committer.txn(op, txn, keys).await,
             None => {
                 let response = self.txn(op, txn).await?;
                 let revision = response.header().map_or(0, |h| h.revision());

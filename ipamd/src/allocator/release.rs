@@ -132,18 +132,18 @@ impl Inner {
 
     /// Runs a release transaction built for a marker lease; once more with a new lease if etcd
     /// no longer knows the lease (it expired while this daemon was stopped, or etcd's data was
-    /// restored). With `writes`, the keys it deletes or puts besides the marker, it is committed
-    /// in a group (`group_commit`); without, alone.
+    /// restored). With `touched`, the keys it compares, reads or writes besides the marker, it
+    /// is committed in a group (`group_commit`); without, alone.
     pub(super) async fn release_txn(
         &self,
         attachment: &Attachment,
-        writes: Option<&[String]>,
+        touched: Option<&[String]>,
         build: impl Fn(i64) -> Txn,
     ) -> Result<TxnResponse> {
         let op = &format!("release {attachment}");
         let build = &build;
         let send = |lease| async move {
-            match writes {
+            match touched {
                 Some(keys) => {
                     let mut keys = keys.to_vec();
                     keys.push(self.keys.released(attachment));
@@ -234,7 +234,7 @@ impl Inner {
                     // between the read and the marker is found in the next round.
                     let attachment_key = self.keys.attachment(attachment);
                     let resp = self
-                        .release_txn(attachment, Some(&[]), |lease| {
+                        .release_txn(attachment, Some(&[attachment_key.clone()]), |lease| {
                             Txn::new()
                                 .when([Compare::create_revision(
                                     attachment_key.as_str(),
@@ -271,10 +271,10 @@ impl Inner {
                 .as_ref()
                 .map_or(self.node.as_str(), |r| r.node.as_str());
             let index_key = self.keys.node_attachment(node, attachment);
-            let mut writes = vec![record_key.clone(), index_key.clone()];
-            writes.extend(ip_keys.iter().cloned());
+            let mut touched = vec![record_key.clone(), index_key.clone()];
+            touched.extend(ip_keys.iter().cloned());
             let resp = self
-                .release_txn(attachment, Some(&writes), |lease| {
+                .release_txn(attachment, Some(&touched), |lease| {
                     let mut compares = vec![Compare::mod_revision(
                         record_key.as_str(),
                         CompareOp::Equal,
