@@ -234,15 +234,19 @@ impl Inner {
                     // between the read and the marker is found in the next round.
                     let attachment_key = self.keys.attachment(attachment);
                     let resp = self
-                        .release_txn(attachment, Some(&[attachment_key.clone()]), |lease| {
-                            Txn::new()
-                                .when([Compare::create_revision(
-                                    attachment_key.as_str(),
-                                    CompareOp::Equal,
-                                    0,
-                                )])
-                                .and_then([self.marker_put(attachment, lease, None)])
-                        })
+                        .release_txn(
+                            attachment,
+                            Some(std::slice::from_ref(&attachment_key)),
+                            |lease| {
+                                Txn::new()
+                                    .when([Compare::create_revision(
+                                        attachment_key.as_str(),
+                                        CompareOp::Equal,
+                                        0,
+                                    )])
+                                    .and_then([self.marker_put(attachment, lease, None)])
+                            },
+                        )
                         .await?;
                     if resp.succeeded() {
                         return Ok(None);
