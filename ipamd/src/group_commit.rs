@@ -16,10 +16,13 @@
 //! members where one compares a key the other writes would both see the state before the group,
 //! which no order of the two alone could give (a DEL that finds no attachment and a late ADD of
 //! it would both commit). With disjoint keys, the group's outcome is that of its members one
-//! after the other, in any order. A group that etcd refuses for another reason than being
-//! unreachable or full (its `--max-txn-ops` or `--max-request-bytes` is lower than
-//! [`MAX_GROUP`] needs, a lease one member
-//! names is gone) is sent again as single transactions, so that each caller sees its own error.
+//! after the other, in any order.
+//!
+//! A group that etcd refuses for another reason than being unreachable or full (its
+//! `--max-txn-ops` or `--max-request-bytes` is lower than [`MAX_GROUP`] needs, a lease one
+//! member names is gone) is sent again as single transactions, so that each caller sees its own
+//! error. A transaction whose caller went away while it waited (the plugin's connection closed)
+//! is dropped unsent, as an ADD cancelled before its commit always was.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
@@ -116,9 +119,12 @@ async fn commit_groups(store: Store, mut arrivals: mpsc::UnboundedReceiver<Waiti
         while let Ok(w) = arrivals.try_recv() {
             queue.push_back(w);
         }
+        queue.retain(|w| !w.reply.is_closed());
         let chosen = next_group(queue.iter().map(|w| w.keys.as_slice()), MAX_GROUP);
         let group = take(&mut queue, &chosen);
-        commit(&store, group).await;
+        if !group.is_empty() {
+            commit(&store, group).await;
+        }
     }
 }
 
