@@ -1064,3 +1064,57 @@ async fn a_transaction_that_compares_a_key_another_writes_never_shares_its_group
         assert_eq!(committed, 1, "pair {i}: exactly one of the two commits");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_group_of_the_largest_add_commits_is_within_etcds_default_limits() {
+    use hostnic_ipamd::group_commit::MAX_GROUP;
+    let cluster = shared_single();
+    let prefix = unique_prefix("group-commit-limits");
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("connect");
+    // The largest commit an ADD sends: a dual-stack StatefulSet pod's first ADD, 6 compares,
+    // 5 puts of records of an ADD's size, 6 reads if refused.
+    let value = "x".repeat(400);
+    let members = MAX_GROUP;
+    let nested: Vec<TxnOp> = (0..members)
+        .map(|i| {
+            let keys: Vec<String> = (0..6).map(|k| format!("{prefix}/{i}/{k}")).collect();
+            TxnOp::txn(
+                Txn::new()
+                    .when(
+                        keys.iter()
+                            .map(|k| {
+                                etcd_client::Compare::create_revision(
+                                    k.as_str(),
+                                    etcd_client::CompareOp::Equal,
+                                    0,
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                    .and_then(
+                        keys[..5]
+                            .iter()
+                            .map(|k| TxnOp::put(k.as_str(), value.as_str(), None))
+                            .collect::<Vec<_>>(),
+                    )
+                    .or_else(
+                        keys.iter()
+                            .map(|k| TxnOp::get(k.as_str(), None))
+                            .collect::<Vec<_>>(),
+                    ),
+            )
+        })
+        .collect();
+    let resp = client
+        .txn(Txn::new().and_then(nested))
+        .await
+        .expect("etcd accepts a group of MAX_GROUP of the largest commits");
+    let committed = resp
+        .op_responses()
+        .into_iter()
+        .filter(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()))
+        .count();
+    assert_eq!(committed, members);
+}
