@@ -47,6 +47,15 @@ pub struct Answer {
     pub revision: i64,
 }
 
+impl Answer {
+    /// The answer to `txn` sent as a request of its own.
+    pub(crate) async fn alone(store: &Store, op: &str, txn: Txn) -> Result<Answer> {
+        let response = store.txn(op, txn).await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok(Answer { response, revision })
+    }
+}
+
 /// A transaction waiting for its group.
 pub(crate) struct Waiting {
     op: String,
@@ -160,7 +169,7 @@ async fn commit(store: &Store, mut group: Vec<Waiting>) {
             let revision = outer.header().map_or(0, |h| h.revision());
             let answers = outer.op_responses().into_iter().map(|r| match r {
                 TxnOpResponse::Txn(response) => {
-                    metrics::etcd_txn(txn_result(&response), started.elapsed());
+                    metrics::etcd_txn(TxnResult::of(&response), started.elapsed());
                     Ok(Answer { response, revision })
                 }
                 other => Err(IpamError::Etcd {
@@ -197,19 +206,7 @@ async fn commit(store: &Store, mut group: Vec<Waiting>) {
 
 /// Commits one waiting transaction as a request of its own.
 async fn alone(store: &Store, w: Waiting) {
-    let answer = store.txn(&w.op, w.txn).await.map(|response| Answer {
-        revision: response.header().map_or(0, |h| h.revision()),
-        response,
-    });
-    let _ = w.reply.send(answer);
-}
-
-fn txn_result(response: &TxnResponse) -> TxnResult {
-    if response.succeeded() {
-        TxnResult::Committed
-    } else {
-        TxnResult::Refused
-    }
+    let _ = w.reply.send(Answer::alone(store, &w.op, w.txn).await);
 }
 
 #[cfg(test)]

@@ -396,6 +396,17 @@ pub enum TxnResult {
     Failed,
 }
 
+impl TxnResult {
+    /// The outcome etcd answered.
+    pub fn of(response: &etcd_client::TxnResponse) -> TxnResult {
+        if response.succeeded() {
+            TxnResult::Committed
+        } else {
+            TxnResult::Refused
+        }
+    }
+}
+
 /// Records the latency of one etcd transaction, its retries included.
 pub fn etcd_txn(result: TxnResult, elapsed: Duration) {
     let result = match result {

@@ -254,12 +254,7 @@ impl Store {
             .send(op, txn)
             .await
             .inspect_err(|_| crate::metrics::etcd_txn(TxnResult::Failed, started.elapsed()))?;
-        let result = if resp.succeeded() {
-            TxnResult::Committed
-        } else {
-            TxnResult::Refused
-        };
-        crate::metrics::etcd_txn(result, started.elapsed());
+        crate::metrics::etcd_txn(TxnResult::of(&resp), started.elapsed());
         Ok(resp)
     }
 
@@ -269,11 +264,7 @@ impl Store {
     pub async fn txn_grouped(&self, op: &str, txn: Txn, keys: Vec<String>) -> Result<Answer> {
         match &self.committer {
             Some(committer) => committer.txn(op, txn, keys).await,
-            None => {
-                let response = self.txn(op, txn).await?;
-                let revision = response.header().map_or(0, |h| h.revision());
-                Ok(Answer { response, revision })
-            }
+            None => Answer::alone(self, op, txn).await,
         }
     }
 
