@@ -186,6 +186,8 @@ struct Inner {
     follow_added: tokio::sync::Notify,
     /// Changes the watch delivered.
     watch_events: std::sync::atomic::AtomicU64,
+    /// Reloads after the watch ended.
+    watch_reloads: std::sync::atomic::AtomicU64,
 }
 
 /// A node's allocator. Dropping it stops its watch.
@@ -220,6 +222,7 @@ impl Allocator {
             commit_gate: Mutex::new(None),
             follow_added: tokio::sync::Notify::new(),
             watch_events: std::sync::atomic::AtomicU64::new(0),
+            watch_reloads: std::sync::atomic::AtomicU64::new(0),
         });
         let watcher = tokio::spawn(Arc::clone(&inner).follow());
         Ok(Allocator { inner, watcher })
@@ -254,7 +257,6 @@ impl Allocator {
         self.inner.wait_synced().await
     }
 
-    /// Whether the pools have been loaded from etcd (the readiness probe).
     /// How many changes this allocator's watch has delivered: the pool index, pool
     /// definitions, block claims, and the addresses of the blocks it follows.
     pub fn watch_events(&self) -> u64 {
@@ -263,6 +265,15 @@ impl Allocator {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How many times this allocator reloaded its pools because its watch ended (a
+    /// compaction passed it, etcd or the connection failed).
+    pub fn watch_reloads(&self) -> u64 {
+        self.inner
+            .watch_reloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the pools have been loaded from etcd (the readiness probe).
     pub fn is_synced(&self) -> bool {
         *self.inner.synced.borrow()
     }

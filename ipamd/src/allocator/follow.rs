@@ -86,6 +86,8 @@ impl Inner {
             if let Err(e) = self.watch(loaded).await {
                 tracing::warn!(error = %e, "watch on pools ended; reloading");
                 crate::metrics::watch_reload();
+                self.watch_reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(delay).await;
             }
         }
