@@ -5,6 +5,10 @@
 # Means, not percentiles. Run as root after scripts/build-release.sh; loopback ports 23791,
 # 23792 and 9791 must be free. Everything it starts is stopped and removed at the end.
 set -eu
+for tool in etcd curl target/dist/hostnic-ipamd target/dist/hostnic-ipam; do
+    command -v "$tool" > /dev/null || [ -x "$(dirname "$0")/../$tool" ] ||
+        { echo "bench-add-breakdown: $tool not found (scripts/install-deps.sh, scripts/build-release.sh)" >&2; exit 1; }
+done
 N=${N:-300}
 cd "$(dirname "$0")/.."
 dir=$(mktemp -d /dev/shm/hostnic-add-breakdown.XXXX)

@@ -181,26 +181,41 @@ async fn commit(store: &Store, mut group: Vec<Waiting>) {
                 let _ = w.reply.send(answer);
             }
         }
-        Err(IpamError::Unavailable { reason, .. }) => {
-            for w in group {
-                metrics::etcd_txn(TxnResult::Failed, started.elapsed());
-                let op = w.op;
-                let reason = reason.clone();
-                let _ = w.reply.send(Err(IpamError::Unavailable { op, reason }));
-            }
-        }
-        Err(IpamError::StoreFull { reason, .. }) => {
-            for w in group {
-                metrics::etcd_txn(TxnResult::Failed, started.elapsed());
-                let op = w.op;
-                let reason = reason.clone();
-                let _ = w.reply.send(Err(IpamError::StoreFull { op, reason }));
-            }
-        }
         Err(e) => {
-            tracing::debug!(error = %e, "etcd refused a group of transactions; sending each alone");
-            futures::future::join_all(group.into_iter().map(|w| alone(store, w))).await;
+            let failures: Option<Vec<IpamError>> = group
+                .iter()
+                .map(|w| member_failure(&e, w.op.clone()))
+                .collect();
+            match failures {
+                Some(failures) => {
+                    for (w, failure) in group.into_iter().zip(failures) {
+                        metrics::etcd_txn(TxnResult::Failed, started.elapsed());
+                        let _ = w.reply.send(Err(failure));
+                    }
+                }
+                None => {
+                    tracing::debug!(error = %e, "etcd refused a group of transactions; sending each alone");
+                    futures::future::join_all(group.into_iter().map(|w| alone(store, w))).await;
+                }
+            }
         }
+    }
+}
+
+/// What a member of a group that failed with `e` is told: the same failure, naming the
+/// member's own `op`, when etcd was unreachable or full; None when etcd refused the group
+/// itself, whose members are then sent alone.
+fn member_failure(e: &IpamError, op: String) -> Option<IpamError> {
+    match e {
+        IpamError::Unavailable { reason, .. } => Some(IpamError::Unavailable {
+            op,
+            reason: reason.clone(),
+        }),
+        IpamError::StoreFull { reason, .. } => Some(IpamError::StoreFull {
+            op,
+            reason: reason.clone(),
+        }),
+        _ => None,
     }
 }
 

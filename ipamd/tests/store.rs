@@ -931,24 +931,29 @@ async fn all_at_once(
     answers
 }
 
+/// A store on the shared etcd, with its group commit, and a key prefix of `test`'s own.
+async fn grouping_store(test: &str) -> (Store, String) {
+    let store = Store::connect(&StoreConfig::new(shared_single().endpoints()))
+        .await
+        .expect("connect");
+    (store, unique_prefix(test))
+}
+
+/// The compare "`key` does not exist".
+fn absent(key: &str) -> etcd_client::Compare {
+    etcd_client::Compare::create_revision(key, etcd_client::CompareOp::Equal, 0)
+}
+
 fn create(key: &str, value: &str) -> Txn {
     Txn::new()
-        .when([etcd_client::Compare::create_revision(
-            key,
-            etcd_client::CompareOp::Equal,
-            0,
-        )])
+        .when([absent(key)])
         .and_then([TxnOp::put(key, value, None)])
         .or_else([TxnOp::get(key, None)])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_waiting_together_commit_in_fewer_requests_each_with_its_own_outcome() {
-    let cluster = shared_single();
-    let prefix = unique_prefix("group-commit");
-    let store = Store::connect(&StoreConfig::new(cluster.endpoints()))
-        .await
-        .expect("connect");
+    let (store, prefix) = grouping_store("group-commit").await;
     let mut client = store.client();
     // Every third key exists already: its create-if-absent must fail, and only it.
     for i in (0..48).step_by(3) {
@@ -1009,11 +1014,7 @@ async fn transactions_waiting_together_commit_in_fewer_requests_each_with_its_ow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_writing_one_key_each_commit_alone_even_when_they_do_not_say_so() {
-    let cluster = shared_single();
-    let prefix = unique_prefix("group-commit-same-key");
-    let store = Store::connect(&StoreConfig::new(cluster.endpoints()))
-        .await
-        .expect("connect");
+    let (store, prefix) = grouping_store("group-commit-same-key").await;
     let key = format!("{prefix}/shared");
     let put = |i: usize| Txn::new().and_then([TxnOp::put(key.as_str(), i.to_string(), None)]);
     // Said: they wait for separate groups. Unsaid: etcd refuses the group (a key written
@@ -1035,21 +1036,13 @@ async fn transactions_writing_one_key_each_commit_alone_even_when_they_do_not_sa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_compares_a_key_another_writes_never_shares_its_group() {
-    let cluster = shared_single();
-    let prefix = unique_prefix("group-commit-skew");
-    let store = Store::connect(&StoreConfig::new(cluster.endpoints()))
-        .await
-        .expect("connect");
+    let (store, prefix) = grouping_store("group-commit-skew").await;
     // Pair i: one writes y if x is absent, the other x if y is absent. One after the other,
     // exactly one of them commits. etcd checks every nested compare of a request before its
     // first write, so in one group both would.
-    let guarded = |absent: &str, put: &str| {
+    let guarded = |missing: &str, put: &str| {
         Txn::new()
-            .when([etcd_client::Compare::create_revision(
-                absent,
-                etcd_client::CompareOp::Equal,
-                0,
-            )])
+            .when([absent(missing)])
             .and_then([TxnOp::put(put, "", None)])
     };
     let mut txns = Vec::new();
@@ -1069,11 +1062,8 @@ async fn a_transaction_that_compares_a_key_another_writes_never_shares_its_group
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_group_of_the_largest_add_commits_is_within_etcds_default_limits() {
     use hostnic_ipamd::group_commit::MAX_GROUP;
-    let cluster = shared_single();
-    let prefix = unique_prefix("group-commit-limits");
-    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
-        .await
-        .expect("connect");
+    let (store, prefix) = grouping_store("group-commit-limits").await;
+    let mut client = store.client();
     // The largest commit an ADD sends: a dual-stack StatefulSet pod's first ADD, 6 compares,
     // 5 puts of records of an ADD's size, 6 reads if refused.
     let value = "x".repeat(400);
@@ -1083,17 +1073,7 @@ async fn a_full_group_of_the_largest_add_commits_is_within_etcds_default_limits(
             let keys: Vec<String> = (0..6).map(|k| format!("{prefix}/{i}/{k}")).collect();
             TxnOp::txn(
                 Txn::new()
-                    .when(
-                        keys.iter()
-                            .map(|k| {
-                                etcd_client::Compare::create_revision(
-                                    k.as_str(),
-                                    etcd_client::CompareOp::Equal,
-                                    0,
-                                )
-                            })
-                            .collect::<Vec<_>>(),
-                    )
+                    .when(keys.iter().map(|k| absent(k)).collect::<Vec<_>>())
                     .and_then(
                         keys[..5]
                             .iter()
