@@ -2,7 +2,8 @@
 //! environment and stdin bytes to checked types, and from results and errors to the replies the
 //! plugin prints. No I/O happens in the protocol modules; the binaries read the process
 //! environment and stdin, and pass them in. [`plugin`] is the exception: it is the
-//! `hostnic-ipam` plugin itself, which reads `ipam.resolvConf` and calls the node daemon.
+//! `hostnic-ipam` plugin itself, which reads `ipam.resolvConf` and calls the node daemon through
+//! [`grpc`], one blocking gRPC call over the daemon's unix socket.
 //!
 //! A plugin's life, in this crate's terms:
 //!
@@ -22,6 +23,8 @@ pub mod call_log;
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod grpc;
+pub mod hpack;
 pub mod links;
 pub mod nic_plugin;
 pub mod plugin;
@@ -40,7 +43,8 @@ pub use types::{
 pub use version::{version_reply, VersionReply};
 
 /// The modules import one another without a circle: `types` at the bottom, then `error`, then
-/// `version`, `env` and `result`, then `config`, then `plugin`. Read from the sources, so that a
+/// `version`, `env` and `result`, then `config`, then `plugin` (its call to the daemon, `grpc`
+/// with `hpack`, sits beside `error`). Read from the sources, so that a
 /// new `use crate::...` that closes a circle fails here, naming it.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
@@ -48,11 +52,13 @@ mod module_graph {
     use std::collections::BTreeMap;
 
     /// Every module file, by name. `every_module_is_listed` keeps this in step with `pub mod`.
-    const SOURCES: [(&str, &str); 10] = [
+    const SOURCES: [(&str, &str); 12] = [
         ("call_log", include_str!("call_log.rs")),
         ("config", include_str!("config.rs")),
         ("env", include_str!("env.rs")),
         ("error", include_str!("error.rs")),
+        ("grpc", include_str!("grpc.rs")),
+        ("hpack", include_str!("hpack.rs")),
         ("links", include_str!("links.rs")),
         ("nic_plugin", include_str!("nic_plugin.rs")),
         ("plugin", include_str!("plugin.rs")),

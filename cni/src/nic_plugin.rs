@@ -23,17 +23,17 @@ use std::ffi::OsStr;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use hostnic_proto::nics_v1::nics_client::NicsClient;
-use hostnic_proto::nics_v1::{LeaseNicRequest, NicAttachment, NicLease};
+use hostnic_proto::nics_v1::{LeaseNicRequest, NicAttachment, NicLease, ReturnNicReply};
 use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::env::Invocation;
 use crate::error::{CniError, CODE_CHECK_MISMATCH};
+use crate::grpc;
 use crate::links::{plumb, unplumb, verify, PodNic};
 use crate::plugin::{
-    block_on, call_failure, check_socket, daemon_error, error_reply_version, CallFailure,
-    ConnectFailure, Outcome, CALL_DEADLINE, CONNECT_TIMEOUT, SOCKET_ENV,
+    call_waiting, check_socket, daemon_error, error_reply_version, CallFailure, Outcome,
+    CALL_DEADLINE, CONNECT_TIMEOUT, SOCKET_ENV,
 };
 use crate::types::{Attachment, CniVersion, Command};
 use crate::version::version_reply;
@@ -213,7 +213,10 @@ where
         .unwrap_or_else(|| PathBuf::from(hostnic_proto::DEFAULT_SOCKET));
     if invocation.command == Command::Status {
         // Ready when the daemon answers on its socket (50 otherwise, naming why).
-        return match block_on(client(&socket))? {
+        let connected = check_socket(&socket)
+            .and_then(|()| grpc::connect(&socket, CONNECT_TIMEOUT))
+            .map_err(CallFailure::Connect);
+        return match connected {
             Ok(_) => Ok(Outcome::Done),
             Err(f) => Err(daemon_error(Command::Status, &socket, None, &f)),
         };
@@ -242,7 +245,7 @@ where
                 netns: netns.display().to_string(),
                 service_gateway: config.service_cidr.is_some() && config.service_gateway.is_none(),
             };
-            let lease = block_on(lease_nic(&socket, request))?.map_err(fail)?;
+            let lease = lease_nic(&socket, &request).map_err(fail)?;
             let (address, gateway) = lease_addresses(&lease)?;
             let routes = routes_of(&config, &lease);
             let nic = PodNic {
@@ -256,7 +259,7 @@ where
             if let Err(reason) = plumb(&nic) {
                 // Nothing stays leased: the link goes back and the NIC with it.
                 let undone = unplumb(Some(&netns), &lease.nic_id, &lease.host_link);
-                let returned = block_on(return_nic(&socket, key))?;
+                let returned = return_nic(&socket, &key);
                 return Err(CniError::Plugin {
                     code: 999,
                     msg: format!(
@@ -286,7 +289,7 @@ where
             Ok(Outcome::Reply(result.to_string()))
         }
         Command::Del => {
-            let lease = match block_on(get_nic(&socket, key.clone()))? {
+            let lease = match get_nic(&socket, &key) {
                 Ok(lease) => lease,
                 Err(CallFailure::Status(s)) if s.code() == tonic::Code::NotFound => {
                     return Ok(Outcome::Done)
@@ -299,14 +302,14 @@ where
                 // The daemon deletes a returned NIC whose link is not on the host.
                 eprintln!("hostnic: DEL of {}: {reason}", attachment.container_id);
             }
-            block_on(return_nic(&socket, key))?.map_err(fail)?;
+            return_nic(&socket, &key).map_err(fail)?;
             Ok(Outcome::Done)
         }
         Command::Check => {
             let netns = invocation.netns.clone().ok_or(CniError::MissingEnv {
                 vars: vec!["CNI_NETNS"],
             })?;
-            let lease = block_on(get_nic(&socket, key))?.map_err(fail)?;
+            let lease = get_nic(&socket, &key).map_err(fail)?;
             let (address, gateway) = lease_addresses(&lease)?;
             let nic = PodNic {
                 mac: &lease.nic_id,
@@ -352,82 +355,39 @@ fn lease_addresses(lease: &NicLease) -> Result<(IpNet, IpAddr), CniError> {
     Ok((address, gateway))
 }
 
-async fn client(socket: &Path) -> Result<NicsClient<tonic::transport::Channel>, CallFailure> {
-    check_socket(socket).map_err(CallFailure::Connect)?;
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        hostnic_proto::connect_to_root(socket, CONNECT_TIMEOUT),
-    )
-    .await
-    {
-        Ok(Ok(channel)) => Ok(NicsClient::new(channel)),
-        Ok(Err(err)) => Err(CallFailure::Connect(ConnectFailure::from_transport(&err))),
-        Err(_) => Err(CallFailure::Connect(ConnectFailure::TimedOut)),
-    }
-}
-
 /// A lease can take a whole NIC creation (CreateNics, AttachNics and its job, the link): far
 /// longer than an address allocation.
 const LEASE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(150);
-
-fn request<T>(message: T, deadline: std::time::Duration) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.set_timeout(deadline);
-    r
-}
 
 /// How long a call waits for a daemon that may be restarting (no socket, a refused or broken
 /// connection) before it answers code 11, as `hostnic-ipam` does by default. Every call is
 /// idempotent for its attachment, so trying again is safe.
 const DAEMON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn waiting<T, F, Fut>(mut call: F) -> Result<T, CallFailure>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CallFailure>>,
-{
-    let give_up = tokio::time::Instant::now() + DAEMON_WAIT;
-    loop {
-        match call().await {
-            Err(f) if f.daemon_may_be_restarting() && tokio::time::Instant::now() < give_up => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            result => return result,
-        }
-    }
+/// One call to the `Nics` service, `/hostnic.nics.v1.Nics/<method>`, tried again while the
+/// daemon may be restarting.
+fn nics<Req: prost::Message, Reply: prost::Message + Default>(
+    socket: &Path,
+    method: &str,
+    request: &Req,
+    deadline: std::time::Duration,
+) -> Result<Reply, CallFailure> {
+    let path = format!("/hostnic.nics.v1.Nics/{method}");
+    call_waiting(socket, DAEMON_WAIT, |socket| {
+        grpc::unary(socket, &path, request, CONNECT_TIMEOUT, deadline)
+    })
 }
 
-async fn lease_nic(socket: &Path, r: LeaseNicRequest) -> Result<NicLease, CallFailure> {
-    waiting(|| async {
-        let mut c = client(socket).await?;
-        c.lease_nic(request(r.clone(), LEASE_DEADLINE))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(call_failure)
-    })
-    .await
+fn lease_nic(socket: &Path, r: &LeaseNicRequest) -> Result<NicLease, CallFailure> {
+    nics(socket, "LeaseNic", r, LEASE_DEADLINE)
 }
 
-async fn get_nic(socket: &Path, a: NicAttachment) -> Result<NicLease, CallFailure> {
-    waiting(|| async {
-        let mut c = client(socket).await?;
-        c.get_nic(request(a.clone(), CALL_DEADLINE))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(call_failure)
-    })
-    .await
+fn get_nic(socket: &Path, a: &NicAttachment) -> Result<NicLease, CallFailure> {
+    nics(socket, "GetNic", a, CALL_DEADLINE)
 }
 
-async fn return_nic(socket: &Path, a: NicAttachment) -> Result<(), CallFailure> {
-    waiting(|| async {
-        let mut c = client(socket).await?;
-        c.return_nic(request(a.clone(), LEASE_DEADLINE))
-            .await
-            .map(drop)
-            .map_err(call_failure)
-    })
-    .await
+fn return_nic(socket: &Path, a: &NicAttachment) -> Result<(), CallFailure> {
+    nics::<_, ReturnNicReply>(socket, "ReturnNic", a, LEASE_DEADLINE).map(drop)
 }
 
 #[cfg(test)]

@@ -71,14 +71,12 @@
 //! whose namespace is gone.
 
 use std::ffi::{OsStr, OsString};
-use std::future::Future;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hostnic_proto::v1;
-use hostnic_proto::v1::ipam_client::IpamClient;
 use ipnet::IpNet;
 use serde_json::Value;
 use tonic::Code;
@@ -86,9 +84,10 @@ use tonic::Code;
 use crate::config::{IpamConfig, NetworkConfig};
 use crate::env::{CniArgs, Invocation};
 use crate::error::{
-    error_chain, with_causes, CniError, ErrorReply, CODE_ADDRESS_HELD, CODE_CHECK_MISMATCH,
-    CODE_POOL_EXHAUSTED,
+    error_chain, CniError, ErrorReply, CODE_ADDRESS_HELD, CODE_CHECK_MISMATCH, CODE_POOL_EXHAUSTED,
 };
+use crate::grpc;
+pub use crate::grpc::{CallFailure, ConnectFailure};
 use crate::result::{parse_resolv_conf, Dns, IpConfig, IpamResult, Route};
 use crate::types::{Attachment, CniVersion, Command};
 use crate::version::version_reply;
@@ -216,7 +215,7 @@ where
     } else {
         config.ipam.daemon_wait
     };
-    let answer = block_on(send_waiting(call, &socket, wait))?.map_err(|failure| {
+    let answer = call_waiting(&socket, wait, |socket| send(&call, socket)).map_err(|failure| {
         daemon_error(
             invocation.command,
             &socket,
@@ -527,79 +526,6 @@ pub fn ipam_result(
     Ok(IpamResult { ips, routes, dns })
 }
 
-/// Why a call to the daemon did not succeed.
-#[derive(Debug)]
-pub enum CallFailure {
-    /// No connection was made: see [`ConnectFailure`].
-    Connect(ConnectFailure),
-    /// The connection broke during the call: the daemon died, restarted or closed it. The gRPC
-    /// layer reports this as a status it makes up (`Unknown` "transport error" for a reset,
-    /// `Internal` "h2 protocol error" for a torn HTTP/2 stream), which must not be read as the
-    /// daemon's answer. The text is the cause chain, each cause once.
-    Broken(String),
-    /// The call ended with a status: the daemon's, or the one for an expired deadline.
-    Status(tonic::Status),
-}
-
-/// Why the plugin did not connect to the daemon's socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnectFailure {
-    /// Nothing at the path (`ENOENT`, `ENOTDIR`): the daemon is not running.
-    NoSocket,
-    /// A socket file nobody listens on (`ECONNREFUSED`): the daemon stopped without removing
-    /// it, or is starting.
-    Refused,
-    /// `EACCES`/`EPERM`: the socket is 0600 root, so the plugin is not running as root.
-    PermissionDenied,
-    /// The file failed [`check_socket`], or the process listening on it is not root
-    /// ([`hostnic_proto::connect_to_root`]): the reason names its kind or owner.
-    Untrusted(String),
-    /// No connection within [`CONNECT_TIMEOUT`].
-    TimedOut,
-    /// The connection was reset or aborted before the daemon served it (`ECONNRESET`,
-    /// `ECONNABORTED`, `EPIPE`): a daemon that stops drops the connections it has not accepted.
-    Dropped,
-    /// Anything else: the cause chain, each cause once.
-    Other(String),
-}
-
-impl ConnectFailure {
-    /// The failure for an I/O error from `stat` or `connect` on the socket.
-    pub fn from_io(err: &std::io::Error) -> Self {
-        use std::io::ErrorKind;
-        match err.kind() {
-            ErrorKind::NotFound | ErrorKind::NotADirectory => ConnectFailure::NoSocket,
-            ErrorKind::ConnectionRefused => ConnectFailure::Refused,
-            ErrorKind::PermissionDenied => ConnectFailure::PermissionDenied,
-            ErrorKind::TimedOut => ConnectFailure::TimedOut,
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-                ConnectFailure::Dropped
-            }
-            _ => ConnectFailure::Other(error_chain(err)),
-        }
-    }
-
-    /// The failure for a connect error from tonic: the first I/O error in its cause chain
-    /// decides, so the OS's text ("No such file or directory", which Podman takes for a missing
-    /// command) never reaches the message.
-    pub fn from_transport(err: &(dyn std::error::Error + 'static)) -> Self {
-        let mut source = Some(err);
-        while let Some(cause) = source {
-            if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-                if let Some(peer) = io
-                    .get_ref()
-                    .and_then(|e| e.downcast_ref::<hostnic_proto::UntrustedPeer>())
-                {
-                    return ConnectFailure::Untrusted(peer.to_string());
-                }
-                return ConnectFailure::from_io(io);
-            }
-            source = cause.source();
-        }
-        ConnectFailure::Other(error_chain(err))
-    }
-}
-
 /// What kind of file is at the socket path, for [`check_socket_owner`] and its message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -839,140 +765,71 @@ enum Answer {
     Done,
 }
 
-/// Runs `future` on a current-thread runtime: it is built per call because the plugin lives for
-/// one call, and a thread pool would only add start-up time.
-pub fn block_on<F: Future>(future: F) -> Result<F::Output, CniError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|source| CniError::Io {
-            what: "start the async runtime".to_owned(),
-            source,
-        })?;
-    Ok(runtime.block_on(future))
-}
-
 /// How often a call looks again for a daemon that is restarting.
 const RESTART_POLL: Duration = Duration::from_millis(100);
 
-impl CallFailure {
-    /// Whether the daemon may be restarting: no socket, a socket nobody listens on, or a
-    /// connection that broke before the answer (a daemon stopping drops connections it has not
-    /// accepted yet). Trying again is safe for every command: ADD, DEL, CHECK and GC are
-    /// idempotent for their attachment, so a call the old daemon did carry out is answered the
-    /// same by the new one.
-    pub fn daemon_may_be_restarting(&self) -> bool {
-        matches!(
-            self,
-            CallFailure::Connect(
-                ConnectFailure::NoSocket | ConnectFailure::Refused | ConnectFailure::Dropped
-            ) | CallFailure::Broken(_)
-        )
-    }
-}
-
-/// [`send`], tried again every [`RESTART_POLL`] for up to `wait` while the daemon may be
+/// `call`, tried again every [`RESTART_POLL`] for up to `wait` while the daemon may be
 /// restarting (a rolling update, a crash loop), so that a restart fails no call.
-async fn send_waiting(
-    call: DaemonCall,
+pub fn call_waiting<T>(
     socket: &Path,
     wait: Duration,
-) -> Result<Answer, CallFailure> {
-    let give_up = tokio::time::Instant::now() + wait;
+    call: impl Fn(&Path) -> Result<T, CallFailure>,
+) -> Result<T, CallFailure> {
+    let give_up = Instant::now() + wait;
     loop {
-        let failure = match send(call.clone(), socket).await {
+        let failure = match check_socket(socket)
+            .map_err(CallFailure::Connect)
+            .and_then(|()| call(socket))
+        {
             Ok(answer) => return Ok(answer),
             Err(failure) => failure,
         };
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         if !failure.daemon_may_be_restarting() || now >= give_up {
             return Err(failure);
         }
-        tokio::time::sleep(RESTART_POLL.min(give_up - now)).await;
+        std::thread::sleep(RESTART_POLL.min(give_up - now));
     }
 }
 
-async fn send(call: DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
-    check_socket(socket).map_err(CallFailure::Connect)?;
-    // Bounded here as well as by the connector, so a wedged connect cannot hold the runtime.
-    let channel = match tokio::time::timeout(
+/// One call to the `Ipam` service: `/hostnic.ipam.v1.Ipam/<method>`.
+fn ipam<Req: prost::Message, Reply: prost::Message + Default>(
+    socket: &Path,
+    method: &str,
+    request: &Req,
+) -> Result<Reply, CallFailure> {
+    grpc::unary(
+        socket,
+        &format!("/hostnic.ipam.v1.Ipam/{method}"),
+        request,
         CONNECT_TIMEOUT,
-        hostnic_proto::connect_to_root(socket, CONNECT_TIMEOUT),
+        CALL_DEADLINE,
     )
-    .await
-    {
-        Ok(Ok(channel)) => channel,
-        Ok(Err(err)) => return Err(CallFailure::Connect(ConnectFailure::from_transport(&err))),
-        Err(_) => return Err(CallFailure::Connect(ConnectFailure::TimedOut)),
-    };
-    let mut client = IpamClient::new(channel);
-    let call = async move {
-        match call {
-            DaemonCall::Allocate(allocation) => {
-                let Allocation {
-                    request,
-                    routes,
-                    dns,
-                } = *allocation;
-                client
-                    .allocate(with_deadline(request))
-                    .await
-                    .map(|reply| Answer::Allocated {
-                        reply: reply.into_inner(),
-                        routes,
-                        dns,
-                    })
-            }
-            DaemonCall::Release(request) => client
-                .release(with_deadline(request))
-                .await
-                .map(|_| Answer::Done),
-            DaemonCall::Check(request) => client
-                .check(with_deadline(request))
-                .await
-                .map(|_| Answer::Done),
-            DaemonCall::Gc(request) => client
-                .gc(with_deadline(request))
-                .await
-                .map(|_| Answer::Done),
-            DaemonCall::Status(request) => client
-                .status(with_deadline(request))
-                .await
-                .map(|_| Answer::Done),
+}
+
+fn send(call: &DaemonCall, socket: &Path) -> Result<Answer, CallFailure> {
+    match call {
+        DaemonCall::Allocate(allocation) => {
+            let reply: v1::AllocateReply = ipam(socket, "Allocate", &allocation.request)?;
+            Ok(Answer::Allocated {
+                reply,
+                routes: allocation.routes.clone(),
+                dns: allocation.dns.clone(),
+            })
         }
-    };
-    // The request deadline covers the response headers only; this also covers the body.
-    match tokio::time::timeout(CALL_DEADLINE, call).await {
-        Ok(result) => result.map_err(call_failure),
-        Err(_) => Err(CallFailure::Status(tonic::Status::deadline_exceeded(
-            format!("no reply within {} s", CALL_DEADLINE.as_secs()),
-        ))),
-    }
-}
-
-fn with_deadline<T>(message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.set_timeout(CALL_DEADLINE);
-    request
-}
-
-/// A failed call's status as a [`CallFailure`]. A status the daemon sent arrives in the
-/// response and has no source; one with a source was made up by the gRPC layer from a broken
-/// connection (an expired deadline keeps its status: it is already code 11 and says so).
-pub fn call_failure(status: tonic::Status) -> CallFailure {
-    match std::error::Error::source(&status) {
-        Some(_) if !matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) => {
-            CallFailure::Broken(broken_cause(&status))
+        DaemonCall::Release(request) => {
+            ipam::<_, v1::ReleaseReply>(socket, "Release", request).map(|_| Answer::Done)
         }
-        _ => CallFailure::Status(status),
+        DaemonCall::Check(request) => {
+            ipam::<_, v1::CheckReply>(socket, "Check", request).map(|_| Answer::Done)
+        }
+        DaemonCall::Gc(request) => {
+            ipam::<_, v1::GcReply>(socket, "Gc", request).map(|_| Answer::Done)
+        }
+        DaemonCall::Status(request) => {
+            ipam::<_, v1::StatusReply>(socket, "Status", request).map(|_| Answer::Done)
+        }
     }
-}
-
-/// The text of a broken call: the status message, then its causes, each once. The status's own
-/// `Display` would print the cause with `{:?}` (a Rust debug dump), so it is not used.
-fn broken_cause(status: &tonic::Status) -> String {
-    with_causes(status_message(status), std::error::Error::source(status))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CniError> {
@@ -1429,14 +1286,10 @@ mod tests {
         assert!(!text.contains("Os {"), "{text}");
     }
 
-    /// The real connect errors, from tonic's cause chain: the errno decides, and the OS's
-    /// "No such file or directory" (which makes Podman exit 127) never reaches the message.
+    /// The real connect errors: the errno decides, and the OS's "No such file or directory"
+    /// (which makes Podman exit 127) never reaches the message.
     #[test]
     fn real_connect_errors_are_classified_and_not_dumped() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.sock");
         let stale = dir.path().join("stale.sock");
@@ -1445,17 +1298,15 @@ mod tests {
             (&missing, ConnectFailure::NoSocket),
             (&stale, ConnectFailure::Refused),
         ] {
-            let err = runtime
-                .block_on(hostnic_proto::connect(socket, CONNECT_TIMEOUT))
-                .unwrap_err();
-            assert_eq!(ConnectFailure::from_transport(&err), want);
+            let failure = crate::grpc::connect(socket, CONNECT_TIMEOUT).unwrap_err();
+            assert_eq!(failure, want);
             let reply = connect_error_at(socket, Command::Add, want);
             assert!(
                 reply.msg.contains(socket.to_str().unwrap()),
                 "{}",
                 reply.msg
             );
-            for dump in ["No such file", "os error", "Os {", "ConnectError", "Error("] {
+            for dump in ["No such file", "os error", "Os {", "Errno", "Error("] {
                 assert!(!reply.msg.contains(dump), "{}", reply.msg);
             }
         }
@@ -1463,13 +1314,8 @@ mod tests {
 
     #[test]
     fn a_listener_that_is_not_root_is_untrusted() {
-        let io = std::io::Error::other(hostnic_proto::UntrustedPeer { uid: 65534 });
-        let failure = ConnectFailure::from_transport(&io);
-        assert_eq!(
-            failure,
-            ConnectFailure::Untrusted(
-                "the process listening on the socket runs as uid 65534, not root".to_owned()
-            )
+        let failure = ConnectFailure::Untrusted(
+            "the process listening on the socket runs as uid 65534, not root".to_owned(),
         );
         let reply = connect_error_for(Command::Add, failure);
         assert_eq!(reply.code, 5);
@@ -1498,28 +1344,6 @@ mod tests {
             "hostnic-ipamd at /run/test/ipamd.sock went away during ADD: transport error: \
              connection error: stream closed because of a broken pipe; try again later"
         );
-    }
-
-    #[test]
-    fn a_status_with_a_source_is_a_broken_connection_not_the_daemons_answer() {
-        // What tonic makes of a connection the daemon tore down: `Unknown` with the transport
-        // error as its source (see the plugin integration test that kills a daemon mid-call).
-        let cause = std::io::Error::new(
-            std::io::ErrorKind::BrokenPipe,
-            "stream closed because of a broken pipe",
-        );
-        let status = tonic::Status::from_error(Box::new(cause));
-        assert_eq!(status.code(), Code::Unknown);
-        let CallFailure::Broken(text) = call_failure(status) else {
-            panic!("not classified as broken");
-        };
-        assert_eq!(text, "stream closed because of a broken pipe");
-        // The daemon's own statuses have no source and keep their code.
-        let failure = call_failure(tonic::Status::unknown("daemon said so"));
-        assert!(matches!(&failure, CallFailure::Status(s) if s.code() == Code::Unknown));
-        let failure = call_failure(tonic::Status::internal("corrupt record at k"));
-        let err = daemon_error(Command::Add, Path::new(SOCKET), None, &failure);
-        assert_eq!(err.code(), 999);
     }
 
     #[test]
