@@ -25,7 +25,7 @@
 //!
 //! Before connecting, [`check_socket`] looks at the socket file: the plugin sends a pod's
 //! details only to a socket owned by root. Once connected, before sending anything,
-//! [`hostnic_proto::connect_to_root`] checks that the process listening on it runs as root,
+//! [`grpc::connect`] checks that the process listening on it runs as root,
 //! which no swap of the file between the two steps can fake.
 //!
 //! [`daemon_error`] is the one place where a failed call becomes a CNI error:
@@ -54,11 +54,10 @@
 //! broken but the way the plugin was started, and the message says so. An untrusted socket is
 //! code 5 for the same reason: retrying does not make it trustworthy.
 //!
-//! A connection that breaks during a call (the daemon was killed or restarted) reaches the
-//! plugin as a status the gRPC layer made up, `Unknown` "transport error" (a reset or broken
-//! pipe) or `Internal` "h2 protocol error" (a torn stream), never as the daemon's answer; such
-//! a status carries its cause as a source, which the daemon's statuses never do, so that is how
-//! [`CallFailure::Broken`] is told apart.
+//! A connection that breaks during a call (the daemon was killed or restarted) is told apart
+//! from the daemon's answer by [`grpc::unary`], which reads the HTTP/2 stream itself: a
+//! status comes only from the daemon's `grpc-status` (or an expired deadline), and a reset,
+//! close or protocol error after the daemon started serving is [`CallFailure::Broken`].
 //!
 //! Messages are plain text: no Rust debug output, each cause once, and no phrase the daemon's
 //! message already says ("pool exhausted: ..." is not prefixed with "address pool exhausted").
