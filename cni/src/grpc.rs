@@ -150,22 +150,23 @@ pub fn unary<Req: Message, Reply: Message + Default>(
     let mut out = call.start();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        // Once the answer is in, what the server asked for (a SETTINGS or PING acknowledgement)
+        // is not sent: the connection closes.
+        if let Some(answer) = call.answer() {
+            return answer.and_then(|reply| {
+                Reply::decode(reply.as_slice()).map_err(|e| {
+                    CallFailure::Status(Status::internal(format!(
+                        "the daemon's answer does not decode: {e}"
+                    )))
+                })
+            });
+        }
         if !out.is_empty() {
             stream
                 .set_write_timeout(Some(remaining(give_up, deadline)?))
                 .and_then(|()| stream.write_all(&out))
                 .map_err(|e| call.io_failure(&e, deadline))?;
             out.clear();
-        }
-        if let Some(answer) = call.answer() {
-            return match answer {
-                Ok(reply) => Reply::decode(reply.as_slice()).map_err(|e| {
-                    CallFailure::Status(Status::internal(format!(
-                        "the daemon's answer does not decode: {e}"
-                    )))
-                }),
-                Err(failure) => Err(failure),
-            };
         }
         stream
             .set_read_timeout(Some(remaining(give_up, deadline)?))
