@@ -657,6 +657,33 @@ fn add_sends_requested_ips_pod_and_network() {
     assert_eq!(ipam["subnet"], "10.0.0.0/24");
 }
 
+/// The plugin's HTTP/2 client sends what the daemon's windows allow and waits for its
+/// WINDOW_UPDATEs for the rest: a request four times HTTP/2's initial 64 KiB window arrives
+/// whole, and so does the answer.
+#[test]
+fn a_request_larger_than_the_initial_http2_window_arrives_whole() {
+    let Some(daemon) = FakeDaemon::start(Answers::default()) else {
+        return;
+    };
+    let padding = "p".repeat(256 * 1024);
+    let env = attachment_env("ADD", &[("CNI_ARGS", POD_ARGS)]);
+    let conf = conf(
+        "1.0.0",
+        &daemon.socket,
+        json!({"ipam": {"x-padding": padding}}),
+    );
+    let run = run(&env, &conf);
+    assert!(run.success, "{run:?}");
+    let received = daemon.received();
+    let [Received::Allocate(request)] = received.as_slice() else {
+        panic!("{received:?}");
+    };
+    let ipam: Value = serde_json::from_str(&request.network.as_ref().unwrap().ipam_json).unwrap();
+    assert_eq!(ipam["x-padding"].as_str().unwrap().len(), padding.len());
+    let reply: Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(reply["ips"][0]["address"], "10.0.0.5/24");
+}
+
 #[test]
 fn add_reports_dns_from_resolv_conf() {
     let Some(daemon) = FakeDaemon::start(Answers::default()) else {
