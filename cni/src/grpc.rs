@@ -211,6 +211,7 @@ mod frame {
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
+    pub const PUSH_PROMISE: u8 = 0x5;
     pub const PING: u8 = 0x6;
     pub const GOAWAY: u8 = 0x7;
     pub const WINDOW_UPDATE: u8 = 0x8;
@@ -225,6 +226,7 @@ mod frame {
     pub const SETTINGS_ENABLE_PUSH: u16 = 0x2;
     pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 
+    pub const NO_ERROR: u32 = 0x0;
     pub const REFUSED_STREAM: u32 = 0x7;
 }
 
@@ -405,10 +407,16 @@ impl<'a> Exchange<'a> {
             frame::GOAWAY if payload.len() >= 8 => {
                 let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                     & 0x7fff_ffff;
-                if last < STREAM {
+                let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                if code != frame::NO_ERROR {
+                    self.outcome = Some(Err(CallFailure::Broken(format!(
+                        "the daemon closed the connection (HTTP/2 error {code})"
+                    ))));
+                } else if last < STREAM {
                     self.outcome = Some(Err(CallFailure::Connect(ConnectFailure::Dropped)));
                 }
-                // Otherwise the stream is still served; the answer, or the close, follows.
+                // Otherwise the stream is still served (a graceful shutdown); the answer, or
+                // the close, follows.
             }
             frame::RST_STREAM if stream == STREAM && payload.len() == 4 => {
                 let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
@@ -446,7 +454,14 @@ impl<'a> Exchange<'a> {
                     self.end_block()?;
                 }
             }
-            // SETTINGS and PING acknowledgements, frames for other streams, unknown frame types.
+            // A header block on another stream (a push, which this side disabled) would have to be
+            // decoded to keep the HPACK table in step: the server broke the protocol.
+            frame::HEADERS | frame::CONTINUATION | frame::PUSH_PROMISE => {
+                return Err(protocol_error(
+                    "a header block on a stream this side did not open",
+                ));
+            }
+            // SETTINGS and PING acknowledgements, other frames for other streams, unknown types.
             _ => {}
         }
         Ok(())
@@ -827,6 +842,15 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+        // A GOAWAY with an error ends the call, naming the error.
+        let mut exchange = Exchange::new("/m", &message, DEADLINE);
+        exchange.start();
+        let mut input = Vec::new();
+        put_frame(&mut input, frame::GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 1]);
+        assert!(matches!(
+            run(&mut exchange, &input).1,
+            Err(CallFailure::Broken(text)) if text == "the daemon closed the connection (HTTP/2 error 1)"
+        ));
         // A GOAWAY that still covers the stream lets the answer through.
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
         exchange.start();
@@ -899,6 +923,14 @@ mod tests {
         assert!(matches!(
             run(&mut exchange, &input).1,
             Err(CallFailure::Broken(text)) if text.contains("header index 0")
+        ));
+        let mut exchange = Exchange::new("/m", &message, DEADLINE);
+        exchange.start();
+        let mut pushed = Vec::new();
+        put_frame(&mut pushed, frame::HEADERS, frame::END_HEADERS, 2, &[0x88]);
+        assert!(matches!(
+            run(&mut exchange, &pushed).1,
+            Err(CallFailure::Broken(text)) if text.contains("did not open")
         ));
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
         exchange.start();
