@@ -111,12 +111,22 @@ pub fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ConnectFa
         None,
     )
     .map_err(io)?;
-    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(timeout)).map_err(io)?;
     let addr = SocketAddrUnix::new(socket).map_err(io)?;
-    match rustix::net::connect(&fd, &addr) {
-        Ok(()) => {}
-        Err(e) if e == rustix::io::Errno::AGAIN => return Err(ConnectFailure::TimedOut),
-        Err(e) => return Err(io(e)),
+    let give_up = Instant::now() + timeout;
+    loop {
+        let left = give_up
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or(ConnectFailure::TimedOut)?;
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(left)).map_err(io)?;
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            // A wait for room in the accept queue, interrupted (a stop and continue of the
+            // plugin): the connection was not made, so it is tried again.
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => return Err(ConnectFailure::TimedOut),
+            Err(e) => return Err(io(e)),
+        }
     }
     let uid = sockopt::socket_peercred(&fd).map_err(io)?.uid;
     if !uid.is_root() {
@@ -129,8 +139,8 @@ pub fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ConnectFa
 }
 
 /// Calls `method` (`/package.Service/Method`) on the daemon at `socket` with `request`; gives up
-/// after `connect_timeout` without a connection and after `deadline` without an answer. The
-/// deadline is also sent as `grpc-timeout`.
+/// after `connect_timeout` without a connection and after `deadline` without an answer. What
+/// is left of the deadline once connected is sent as `grpc-timeout`.
 pub fn unary<Req: Message, Reply: Message + Default>(
     socket: &Path,
     method: &str,
@@ -147,7 +157,8 @@ pub fn unary<Req: Message, Reply: Message + Default>(
         .encode(&mut message)
         .map_err(|e| CallFailure::Status(Status::internal(format!("encoding the request: {e}"))))?;
     let mut call = Exchange::new(method, &message, deadline);
-    let mut out = call.start();
+    // The daemon's deadline is what is left of the plugin's once connected.
+    let mut out = call.start(remaining(give_up, deadline)?);
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Once the answer is in, what the server asked for (a SETTINGS or PING acknowledgement)
@@ -161,26 +172,42 @@ pub fn unary<Req: Message, Reply: Message + Default>(
                 })
             });
         }
-        if !out.is_empty() {
-            stream
-                .set_write_timeout(Some(remaining(give_up, deadline)?))
-                .and_then(|()| stream.write_all(&out))
-                .map_err(|e| call.io_failure(&e, deadline))?;
-            out.clear();
-        }
+        write_before(&mut stream, &out, give_up, &call)?;
+        out.clear();
         stream
             .set_read_timeout(Some(remaining(give_up, deadline)?))
-            .map_err(|e| call.io_failure(&e, deadline))?;
+            .map_err(|e| call.io_failure(&e))?;
         let n = match stream.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(call.io_failure(&e, deadline)),
+            Err(e) => return Err(call.io_failure(&e)),
         };
         if n == 0 {
             return Err(call.closed());
         }
         call.receive(&buf[..n], &mut out)?;
     }
+}
+
+/// Writes all of `bytes`, each write bounded by the time left before `give_up`.
+fn write_before(
+    stream: &mut UnixStream,
+    mut bytes: &[u8],
+    give_up: Instant,
+    call: &Exchange,
+) -> Result<(), CallFailure> {
+    while !bytes.is_empty() {
+        stream
+            .set_write_timeout(Some(remaining(give_up, call.deadline)?))
+            .map_err(|e| call.io_failure(&e))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(call.closed()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(call.io_failure(&e)),
+        }
+    }
+    Ok(())
 }
 
 fn remaining(give_up: Instant, deadline: Duration) -> Result<Duration, CallFailure> {
@@ -205,6 +232,9 @@ const INITIAL_WINDOW: i64 = 65_535;
 const MAX_FRAME: usize = 16_384;
 /// This side's windows: the largest HTTP/2 allows, so the answer never waits for one.
 const OWN_WINDOW: u32 = 0x7fff_ffff;
+/// The most this side reads: an answer's messages (tonic's default limit) and one header block.
+const MAX_ANSWER: usize = 4 << 20;
+const MAX_HEADER_BLOCK: usize = 64 << 10;
 
 mod frame {
     pub const DATA: u8 = 0x0;
@@ -278,8 +308,9 @@ impl<'a> Exchange<'a> {
         }
     }
 
-    /// Everything the client sends before it reads.
-    fn start(&mut self) -> Vec<u8> {
+    /// Everything the client sends before it reads; `timeout` goes to the daemon as
+    /// `grpc-timeout`.
+    fn start(&mut self, timeout: Duration) -> Vec<u8> {
         let mut out = Vec::with_capacity(256 + self.unsent.len());
         out.extend_from_slice(PREFACE);
         let mut settings = Vec::with_capacity(12);
@@ -299,7 +330,7 @@ impl<'a> Exchange<'a> {
             0,
             &increment.to_be_bytes(),
         );
-        let timeout = format!("{}m", self.deadline.as_millis().min(99_999_999));
+        let timeout = format!("{}m", timeout.as_millis().clamp(1, 99_999_999));
         let mut block = Vec::with_capacity(128);
         hpack::encode(
             &[
@@ -352,6 +383,11 @@ impl<'a> Exchange<'a> {
         while self.outcome.is_none() && self.pending.len() - at >= 9 {
             let head = &self.pending[at..at + 9];
             let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            if len > MAX_FRAME {
+                return Err(protocol_error(&format!(
+                    "a frame of {len} bytes, above the {MAX_FRAME} this side allows"
+                )));
+            }
             if self.pending.len() - at - 9 < len {
                 break;
             }
@@ -377,6 +413,19 @@ impl<'a> Exchange<'a> {
         if self.block.is_some() && kind != frame::CONTINUATION {
             return Err(protocol_error("a header block was interrupted"));
         }
+        let length_ok = match kind {
+            frame::RST_STREAM | frame::WINDOW_UPDATE => payload.len() == 4,
+            frame::PING => payload.len() == 8,
+            frame::SETTINGS => payload.len().is_multiple_of(6),
+            frame::GOAWAY => payload.len() >= 8,
+            _ => true,
+        };
+        if !length_ok {
+            return Err(protocol_error(&format!(
+                "a frame of type {kind} with a {}-byte payload",
+                payload.len()
+            )));
+        }
         match kind {
             frame::SETTINGS if flags & frame::ACK == 0 => {
                 for setting in payload.chunks_exact(6) {
@@ -384,6 +433,9 @@ impl<'a> Exchange<'a> {
                     let value =
                         u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
                     if id == frame::SETTINGS_INITIAL_WINDOW_SIZE {
+                        if value > OWN_WINDOW {
+                            return Err(protocol_error("an initial window above 2^31-1"));
+                        }
                         self.stream_window += i64::from(value) - self.peer_initial_window;
                         self.peer_initial_window = i64::from(value);
                     }
@@ -393,18 +445,21 @@ impl<'a> Exchange<'a> {
             frame::PING if flags & frame::ACK == 0 => {
                 put_frame(out, frame::PING, frame::ACK, 0, payload);
             }
-            frame::WINDOW_UPDATE if payload.len() == 4 => {
+            frame::WINDOW_UPDATE => {
                 let increment = i64::from(
                     u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                         & 0x7fff_ffff,
                 );
+                if increment == 0 {
+                    return Err(protocol_error("a WINDOW_UPDATE of 0"));
+                }
                 if stream == 0 {
                     self.connection_window += increment;
                 } else if stream == STREAM {
                     self.stream_window += increment;
                 }
             }
-            frame::GOAWAY if payload.len() >= 8 => {
+            frame::GOAWAY => {
                 let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                     & 0x7fff_ffff;
                 let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
@@ -418,7 +473,7 @@ impl<'a> Exchange<'a> {
                 // Otherwise the stream is still served (a graceful shutdown); the answer, or
                 // the close, follows.
             }
-            frame::RST_STREAM if stream == STREAM && payload.len() == 4 => {
+            frame::RST_STREAM if stream == STREAM => {
                 let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 self.outcome = Some(Err(if code == frame::REFUSED_STREAM {
                     CallFailure::Connect(ConnectFailure::Dropped)
@@ -428,6 +483,9 @@ impl<'a> Exchange<'a> {
             }
             frame::DATA if stream == STREAM => {
                 self.body.extend_from_slice(unpadded(flags, payload)?);
+                if self.body.len() > MAX_ANSWER {
+                    return Err(protocol_error("an answer above 4 MiB"));
+                }
                 if flags & frame::END_STREAM != 0 {
                     self.finish()?;
                 }
@@ -450,6 +508,9 @@ impl<'a> Exchange<'a> {
                     .as_mut()
                     .ok_or_else(|| protocol_error("a CONTINUATION frame without HEADERS"))?;
                 block.extend_from_slice(payload);
+                if block.len() > MAX_HEADER_BLOCK {
+                    return Err(protocol_error("a header block above 64 KiB"));
+                }
                 if flags & frame::END_HEADERS != 0 {
                     self.end_block()?;
                 }
@@ -518,9 +579,9 @@ impl<'a> Exchange<'a> {
     }
 
     /// The failure for an I/O error on the socket.
-    fn io_failure(&self, err: &std::io::Error, deadline: Duration) -> CallFailure {
+    fn io_failure(&self, err: &std::io::Error) -> CallFailure {
         match err.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => no_reply(deadline),
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => no_reply(self.deadline),
             _ if !self.received_any => CallFailure::Connect(ConnectFailure::from_io(err)),
             _ => CallFailure::Broken(error_chain(err)),
         }
@@ -592,6 +653,7 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
@@ -686,7 +748,7 @@ mod tests {
     fn the_first_write_is_preface_settings_headers_and_the_whole_small_request() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/hostnic.ipam.v1.Ipam/Allocate", &message, DEADLINE);
-        let out = exchange.start();
+        let out = exchange.start(DEADLINE);
         assert!(out.starts_with(PREFACE));
         let sent = frames(&out);
         let kinds: Vec<u8> = sent.iter().map(|f| f.0).collect();
@@ -718,7 +780,7 @@ mod tests {
     fn an_answer_is_the_message_and_the_servers_settings_are_acknowledged() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let (out, answer) = run(&mut exchange, &served(b"reply"));
         assert_eq!(answer.unwrap(), b"reply");
         assert_eq!(frames(&out), [(frame::SETTINGS, frame::ACK, 0, vec![])]);
@@ -728,7 +790,7 @@ mod tests {
     fn an_answer_split_at_every_byte_reads_the_same() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut out = Vec::new();
         for byte in served(b"reply") {
             exchange.receive(&[byte], &mut out).unwrap();
@@ -740,13 +802,16 @@ mod tests {
     fn a_status_in_a_trailers_only_answer_keeps_its_code_and_decoded_message() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let answer = headers(
             &[
                 (":status", "200"),
                 ("content-type", "application/grpc"),
                 ("grpc-status", "6"),
-                ("grpc-message", "address 10.0.0.5 is held by web-1%0A100%25"),
+                (
+                    "grpc-message",
+                    "address 10.0.0.5 is held by web-1%0A100%25 %+1",
+                ),
             ],
             frame::END_STREAM,
         );
@@ -755,14 +820,17 @@ mod tests {
             panic!("{answer:?}");
         };
         assert_eq!(status.code(), Code::AlreadyExists);
-        assert_eq!(status.message(), "address 10.0.0.5 is held by web-1\n100%");
+        assert_eq!(
+            status.message(),
+            "address 10.0.0.5 is held by web-1\n100% %+1"
+        );
     }
 
     #[test]
     fn padded_headers_with_priority_and_continuation_frames_are_read() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut block = Vec::new();
         hpack::encode(
             &[
@@ -798,7 +866,7 @@ mod tests {
     fn a_ping_is_answered_with_its_payload() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut input = Vec::new();
         put_frame(&mut input, frame::PING, 0, 0, b"12345678");
         let mut out = Vec::new();
@@ -831,7 +899,7 @@ mod tests {
             (reset(0x2), false),
         ] {
             let mut exchange = Exchange::new("/m", &message, DEADLINE);
-            exchange.start();
+            exchange.start(DEADLINE);
             let (_, answer) = run(&mut exchange, &input);
             match answer {
                 Err(CallFailure::Connect(ConnectFailure::Dropped)) => assert!(dropped),
@@ -844,7 +912,7 @@ mod tests {
         }
         // A GOAWAY with an error ends the call, naming the error.
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut input = Vec::new();
         put_frame(&mut input, frame::GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 1]);
         assert!(matches!(
@@ -853,7 +921,7 @@ mod tests {
         ));
         // A GOAWAY that still covers the stream lets the answer through.
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut input = goaway(1);
         input.extend(served(b"reply"));
         assert_eq!(run(&mut exchange, &input).1.unwrap(), b"reply");
@@ -881,7 +949,7 @@ mod tests {
                 .map(|f| f.3)
                 .collect()
         };
-        let first = data(&exchange.start());
+        let first = data(&exchange.start(DEADLINE));
         assert_eq!(first.iter().map(Vec::len).sum::<usize>(), 65_535);
         assert!(first.iter().all(|f| f.len() <= MAX_FRAME));
         // The server's 1 MB stream window opens the stream; the connection waits for its update.
@@ -911,7 +979,7 @@ mod tests {
     fn an_answer_that_breaks_http2_or_grpc_is_an_error_not_a_panic() {
         let message = grpc_message(b"request");
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut input = Vec::new();
         put_frame(
             &mut input,
@@ -924,8 +992,24 @@ mod tests {
             run(&mut exchange, &input).1,
             Err(CallFailure::Broken(text)) if text.contains("header index 0")
         ));
+        // A frame above the 16 KiB this side allows fails at its header, before its payload.
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
+        assert!(matches!(
+            run(&mut exchange, &[0, 0x40, 0x01, frame::DATA, 0, 0, 0, 0, 1]).1,
+            Err(CallFailure::Broken(text)) if text.contains("16385 bytes")
+        ));
+        // A reset that is not 4 bytes is an error, not ignored until the deadline.
+        let mut exchange = Exchange::new("/m", &message, DEADLINE);
+        exchange.start(DEADLINE);
+        let mut short = Vec::new();
+        put_frame(&mut short, frame::RST_STREAM, 0, STREAM, &[0, 0]);
+        assert!(matches!(
+            run(&mut exchange, &short).1,
+            Err(CallFailure::Broken(text)) if text.contains("2-byte payload")
+        ));
+        let mut exchange = Exchange::new("/m", &message, DEADLINE);
+        exchange.start(DEADLINE);
         let mut pushed = Vec::new();
         put_frame(&mut pushed, frame::HEADERS, frame::END_HEADERS, 2, &[0x88]);
         assert!(matches!(
@@ -933,14 +1017,14 @@ mod tests {
             Err(CallFailure::Broken(text)) if text.contains("did not open")
         ));
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         let mut input = headers(&[(":status", "503")], frame::END_STREAM);
         assert!(matches!(
             run(&mut exchange, &input).1,
             Err(CallFailure::Status(s)) if s.code() == Code::Unavailable
         ));
         let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start();
+        exchange.start(DEADLINE);
         input = headers(&[(":status", "200")], 0);
         put_frame(&mut input, frame::DATA, 0, STREAM, &[0, 0, 0, 0, 9, 1]);
         input.extend(headers(&[("grpc-status", "0")], frame::END_STREAM));
