@@ -1,10 +1,11 @@
 //! The real plugin exec path, as a runtime calls it: `hostnic-ipam` exec'd with the CNI
 //! environment and config, one gRPC call to a running `hostnic-ipamd`, one etcd transaction.
 //! Compared in the same run with the reference `host-local` plugin on an equal subnet: the
-//! sequential ADDs and DELs of both alternate call by call; the concurrent bursts run one
-//! plugin at a time. The floors are measured in the same loop as the ADDs: an exec of
-//! `/bin/true` and each plugin's VERSION (which execs and answers without any I/O), so that the
-//! work past exec start-up (ADD minus VERSION) of both plugins is compared too.
+//! sequential ADDs and DELs of both alternate call by call, the first of each round in turn;
+//! the concurrent bursts run one plugin at a time. The floors are measured in the same loop as
+//! the ADDs: an exec of `/bin/true` and each plugin's VERSION (which execs and answers without
+//! any I/O), so that the work past exec start-up (ADD minus VERSION) of both plugins is
+//! compared too.
 //!
 //! `HOSTNIC_BENCH_BASELINE=/path/to/hostnic-ipam` adds a third peer in the same loop (another
 //! build of the plugin, e.g. before a change to the release profile), on the same daemon.
@@ -49,16 +50,25 @@ struct Peer<'a> {
 /// One peer's sequential ADD and DEL latencies.
 type Series = (Vec<Duration>, Vec<Duration>);
 
-/// `SEQUENTIAL` ADDs, then as many DELs, of the peers in turn (ours, theirs, ours, ...), so
-/// that all series see the same machine at the same moments. Each ADD round also execs
-/// `/bin/true` and each peer's VERSION: the floors, returned per peer after `/bin/true`'s.
+/// `SEQUENTIAL` ADDs, then as many DELs, of the peers in turn, so that all series see the same
+/// machine at the same moments. The peer that goes first changes every round: the first call of
+/// a round meets a daemon and an etcd that have been idle since the last round's floors, the
+/// next ones meet them warm, and each peer takes each place equally often. Each ADD round also
+/// execs `/bin/true` and each peer's VERSION: the floors, returned per peer after `/bin/true`'s.
 fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
     let mut out: Vec<Series> = vec![Default::default(); peers.len()];
     let mut floors: Vec<Vec<Duration>> = vec![Vec::new(); peers.len() + 1];
     let bin_true = Path::new("/bin/true");
+    let in_turn = |round: usize| (0..peers.len()).map(move |k| (round + k) % peers.len());
     for i in 0..SEQUENTIAL {
-        for (p, o) in peers.iter().zip(out.iter_mut()) {
-            o.0.push(exec(p.plugin, "ADD", &format!("{}{i}", p.tag), p.config));
+        for p in in_turn(i) {
+            let peer = &peers[p];
+            out[p].0.push(exec(
+                peer.plugin,
+                "ADD",
+                &format!("{}{i}", peer.tag),
+                peer.config,
+            ));
         }
         floors[0].push(exec(bin_true, "VERSION", "floor", ""));
         for (p, f) in peers.iter().zip(floors[1..].iter_mut()) {
@@ -66,8 +76,14 @@ fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
         }
     }
     for i in 0..SEQUENTIAL {
-        for (p, o) in peers.iter().zip(out.iter_mut()) {
-            o.1.push(exec(p.plugin, "DEL", &format!("{}{i}", p.tag), p.config));
+        for p in in_turn(i) {
+            let peer = &peers[p];
+            out[p].1.push(exec(
+                peer.plugin,
+                "DEL",
+                &format!("{}{i}", peer.tag),
+                peer.config,
+            ));
         }
     }
     (out, floors)
