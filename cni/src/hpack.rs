@@ -28,7 +28,15 @@ pub enum HpackError {
     /// A table size update above the size this side allows.
     #[error("table size update to {0} above the limit")]
     TableTooLarge(usize),
+    /// The decoded fields add up to more than [`MAX_LIST_SIZE`].
+    #[error("header list above {MAX_LIST_SIZE} bytes")]
+    ListTooLarge,
 }
+
+/// The most a header block may decode to, counted as HTTP/2 counts a header list (each field's
+/// name and value plus 32): a few indexed references to a large table entry must not make a
+/// small block expand without bound.
+pub const MAX_LIST_SIZE: usize = 64 << 10;
 
 /// The static table (RFC 7541, Appendix A): index 1 is the first entry.
 const STATIC_TABLE: [(&str, &str); 61] = [
@@ -188,14 +196,15 @@ impl Decoder {
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, HpackError> {
         let mut input = Input(block);
         let mut fields = Vec::new();
+        let mut list_size = 0;
         while let Some(&first) = input.0.first() {
-            if first & 0x80 != 0 {
+            let field = if first & 0x80 != 0 {
                 let index = input.integer(7)?;
-                fields.push(self.entry(index)?);
+                self.entry(index)?
             } else if first & 0x40 != 0 {
                 let field = self.literal(&mut input, 6)?;
                 self.insert(field.clone());
-                fields.push(field);
+                field
             } else if first & 0x20 != 0 {
                 let size = input.integer(5)?;
                 if size > self.limit {
@@ -203,10 +212,16 @@ impl Decoder {
                 }
                 self.max_size = size;
                 self.evict_to(size);
+                continue;
             } else {
                 // Without indexing (0000) or never indexed (0001): not added to the table.
-                fields.push(self.literal(&mut input, 4)?);
+                self.literal(&mut input, 4)?
+            };
+            list_size += entry_size(&field);
+            if list_size > MAX_LIST_SIZE {
+                return Err(HpackError::ListTooLarge);
             }
+            fields.push(field);
         }
         Ok(fields)
     }
@@ -531,5 +546,12 @@ mod tests {
         );
         // Eight bits of padding.
         assert_eq!(huffman_decode(&[0x1f, 0xff]), Err(HpackError::BadHuffman));
+        // A 4,000-byte table entry referenced again and again.
+        let mut decoder = Decoder::default();
+        let mut block = Vec::new();
+        encode(&[("x", &"v".repeat(4000))], &mut block);
+        block[0] = 0x40; // with incremental indexing
+        block.extend(std::iter::repeat_n(0xbe, 20)); // index 62, the entry just added
+        assert_eq!(decoder.decode(&block), Err(HpackError::ListTooLarge));
     }
 }
