@@ -150,9 +150,10 @@ pub fn unary<Req: Message, Reply: Message + Default>(
 ) -> Result<Reply, CallFailure> {
     let give_up = Instant::now() + deadline;
     let mut stream = connect(socket, connect_timeout).map_err(CallFailure::Connect)?;
-    let mut message = Vec::with_capacity(5 + request.encoded_len());
+    let len = request.encoded_len();
+    let mut message = Vec::with_capacity(5 + len);
     message.push(0); // not compressed
-    message.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());
+    message.extend_from_slice(&(len as u32).to_be_bytes());
     request
         .encode(&mut message)
         .map_err(|e| CallFailure::Status(Status::internal(format!("encoding the request: {e}"))))?;
@@ -258,6 +259,11 @@ mod frame {
 
     pub const NO_ERROR: u32 = 0x0;
     pub const REFUSED_STREAM: u32 = 0x7;
+}
+
+/// The big-endian 32-bit word at `at` in a payload whose length was checked.
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 fn put_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
@@ -378,26 +384,29 @@ impl<'a> Exchange<'a> {
     /// Parses `bytes` from the server; what must be sent back goes to `out`.
     fn receive(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), CallFailure> {
         self.received_any = true;
-        self.pending.extend_from_slice(bytes);
+        // Taken out while its frames are handled, which need `self`.
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(bytes);
         let mut at = 0;
-        while self.outcome.is_none() && self.pending.len() - at >= 9 {
-            let head = &self.pending[at..at + 9];
+        while self.outcome.is_none() && pending.len() - at >= 9 {
+            let head = &pending[at..at + 9];
             let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
             if len > MAX_FRAME {
                 return Err(protocol_error(&format!(
                     "a frame of {len} bytes, above the {MAX_FRAME} this side allows"
                 )));
             }
-            if self.pending.len() - at - 9 < len {
+            if pending.len() - at - 9 < len {
                 break;
             }
             let (kind, flags) = (head[3], head[4]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let payload = self.pending[at + 9..at + 9 + len].to_vec();
+            let stream = word(head, 5) & 0x7fff_ffff;
+            let payload = &pending[at + 9..at + 9 + len];
             at += 9 + len;
-            self.on_frame(kind, flags, stream, &payload, out)?;
+            self.on_frame(kind, flags, stream, payload, out)?;
         }
-        self.pending.drain(..at);
+        pending.drain(..at);
+        self.pending = pending;
         self.send_data(out);
         Ok(())
     }
@@ -430,8 +439,7 @@ impl<'a> Exchange<'a> {
             frame::SETTINGS if flags & frame::ACK == 0 => {
                 for setting in payload.chunks_exact(6) {
                     let id = u16::from_be_bytes([setting[0], setting[1]]);
-                    let value =
-                        u32::from_be_bytes([setting[2], setting[3], setting[4], setting[5]]);
+                    let value = word(setting, 2);
                     if id == frame::SETTINGS_INITIAL_WINDOW_SIZE {
                         if value > OWN_WINDOW {
                             return Err(protocol_error("an initial window above 2^31-1"));
@@ -446,10 +454,7 @@ impl<'a> Exchange<'a> {
                 put_frame(out, frame::PING, frame::ACK, 0, payload);
             }
             frame::WINDOW_UPDATE => {
-                let increment = i64::from(
-                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                        & 0x7fff_ffff,
-                );
+                let increment = i64::from(word(payload, 0) & 0x7fff_ffff);
                 if increment == 0 {
                     return Err(protocol_error("a WINDOW_UPDATE of 0"));
                 }
@@ -460,9 +465,7 @@ impl<'a> Exchange<'a> {
                 }
             }
             frame::GOAWAY => {
-                let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                    & 0x7fff_ffff;
-                let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                let (last, code) = (word(payload, 0) & 0x7fff_ffff, word(payload, 4));
                 if code != frame::NO_ERROR {
                     self.outcome = Some(Err(CallFailure::Broken(format!(
                         "the daemon closed the connection (HTTP/2 error {code})"
@@ -474,7 +477,7 @@ impl<'a> Exchange<'a> {
                 // the close, follows.
             }
             frame::RST_STREAM if stream == STREAM => {
-                let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                let code = word(payload, 0);
                 self.outcome = Some(Err(if code == frame::REFUSED_STREAM {
                     CallFailure::Connect(ConnectFailure::Dropped)
                 } else {
@@ -487,7 +490,7 @@ impl<'a> Exchange<'a> {
                     return Err(protocol_error("an answer above 4 MiB"));
                 }
                 if flags & frame::END_STREAM != 0 {
-                    self.finish()?;
+                    self.finish();
                 }
             }
             frame::HEADERS if stream == STREAM => {
@@ -542,13 +545,13 @@ impl<'a> Exchange<'a> {
             None => self.headers = Some(fields),
         }
         if ends_stream {
-            self.finish()?;
+            self.finish();
         }
         Ok(())
     }
 
     /// The response stream has ended: its status, and the message when the status is OK.
-    fn finish(&mut self) -> Result<(), CallFailure> {
+    fn finish(&mut self) {
         let headers = self.headers.take().unwrap_or_default();
         let field = |name: &str| {
             headers
@@ -575,7 +578,6 @@ impl<'a> Exchange<'a> {
             }
         };
         self.outcome = Some(outcome.map_err(CallFailure::Status));
-        Ok(())
     }
 
     /// The failure for an I/O error on the socket.
@@ -623,7 +625,7 @@ fn message_of(body: &[u8]) -> Result<Vec<u8>, Status> {
     if prefix[0] != 0 {
         return Err(Status::internal("the daemon's answer is compressed"));
     }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    let len = word(prefix, 1) as usize;
     if rest.len() != len {
         return Err(Status::internal(format!(
             "the daemon's answer is {} bytes, its prefix says {len}",
@@ -672,7 +674,7 @@ fn percent_decode(text: &str) -> String {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const DEADLINE: Duration = Duration::from_secs(10);
@@ -706,6 +708,16 @@ mod tests {
             &block,
         );
         out
+    }
+
+    /// A small request, length-prefixed as sent.
+    const REQUEST: &[u8] = b"\0\0\0\0\x07request";
+
+    /// An exchange for [`REQUEST`] whose first write is made.
+    fn started() -> Exchange<'static> {
+        let mut exchange = Exchange::new("/m", REQUEST, DEADLINE);
+        exchange.start(DEADLINE);
+        exchange
     }
 
     fn grpc_message(payload: &[u8]) -> Vec<u8> {
@@ -746,8 +758,7 @@ mod tests {
 
     #[test]
     fn the_first_write_is_preface_settings_headers_and_the_whole_small_request() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/hostnic.ipam.v1.Ipam/Allocate", &message, DEADLINE);
+        let mut exchange = Exchange::new("/hostnic.ipam.v1.Ipam/Allocate", REQUEST, DEADLINE);
         let out = exchange.start(DEADLINE);
         assert!(out.starts_with(PREFACE));
         let sent = frames(&out);
@@ -773,14 +784,12 @@ mod tests {
         assert_eq!(field("te").unwrap(), "trailers");
         assert_eq!(field("grpc-timeout").unwrap(), "10000m");
         assert_eq!(sent[3].1, frame::END_STREAM);
-        assert_eq!(sent[3].3, message);
+        assert_eq!(sent[3].3, REQUEST);
     }
 
     #[test]
     fn an_answer_is_the_message_and_the_servers_settings_are_acknowledged() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let (out, answer) = run(&mut exchange, &served(b"reply"));
         assert_eq!(answer.unwrap(), b"reply");
         assert_eq!(frames(&out), [(frame::SETTINGS, frame::ACK, 0, vec![])]);
@@ -788,9 +797,7 @@ mod tests {
 
     #[test]
     fn an_answer_split_at_every_byte_reads_the_same() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut out = Vec::new();
         for byte in served(b"reply") {
             exchange.receive(&[byte], &mut out).unwrap();
@@ -800,9 +807,7 @@ mod tests {
 
     #[test]
     fn a_status_in_a_trailers_only_answer_keeps_its_code_and_decoded_message() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let answer = headers(
             &[
                 (":status", "200"),
@@ -828,9 +833,7 @@ mod tests {
 
     #[test]
     fn padded_headers_with_priority_and_continuation_frames_are_read() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut block = Vec::new();
         hpack::encode(
             &[
@@ -864,9 +867,7 @@ mod tests {
 
     #[test]
     fn a_ping_is_answered_with_its_payload() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut input = Vec::new();
         put_frame(&mut input, frame::PING, 0, 0, b"12345678");
         let mut out = Vec::new();
@@ -880,7 +881,6 @@ mod tests {
 
     #[test]
     fn an_unserved_call_is_dropped_and_a_torn_one_broken() {
-        let message = grpc_message(b"request");
         let goaway = |last: u32| {
             let mut payload = last.to_be_bytes().to_vec();
             payload.extend_from_slice(&0u32.to_be_bytes());
@@ -898,8 +898,7 @@ mod tests {
             (reset(frame::REFUSED_STREAM), true),
             (reset(0x2), false),
         ] {
-            let mut exchange = Exchange::new("/m", &message, DEADLINE);
-            exchange.start(DEADLINE);
+            let mut exchange = started();
             let (_, answer) = run(&mut exchange, &input);
             match answer {
                 Err(CallFailure::Connect(ConnectFailure::Dropped)) => assert!(dropped),
@@ -911,8 +910,7 @@ mod tests {
             }
         }
         // A GOAWAY with an error ends the call, naming the error.
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut input = Vec::new();
         put_frame(&mut input, frame::GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 1]);
         assert!(matches!(
@@ -920,22 +918,21 @@ mod tests {
             Err(CallFailure::Broken(text)) if text == "the daemon closed the connection (HTTP/2 error 1)"
         ));
         // A GOAWAY that still covers the stream lets the answer through.
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut input = goaway(1);
         input.extend(served(b"reply"));
         assert_eq!(run(&mut exchange, &input).1.unwrap(), b"reply");
         // Closed before a byte came back: not served; after: broken.
-        let fresh = Exchange::new("/m", &message, DEADLINE);
+        let fresh = Exchange::new("/m", REQUEST, DEADLINE);
         assert!(matches!(
             fresh.closed(),
             CallFailure::Connect(ConnectFailure::Dropped)
         ));
-        let mut started = Exchange::new("/m", &message, DEADLINE);
-        started
+        let mut answering = started();
+        answering
             .receive(&served(b"x")[..20], &mut Vec::new())
             .unwrap();
-        assert!(matches!(started.closed(), CallFailure::Broken(_)));
+        assert!(matches!(answering.closed(), CallFailure::Broken(_)));
     }
 
     #[test]
@@ -977,9 +974,7 @@ mod tests {
 
     #[test]
     fn an_answer_that_breaks_http2_or_grpc_is_an_error_not_a_panic() {
-        let message = grpc_message(b"request");
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut input = Vec::new();
         put_frame(
             &mut input,
@@ -993,38 +988,33 @@ mod tests {
             Err(CallFailure::Broken(text)) if text.contains("header index 0")
         ));
         // A frame above the 16 KiB this side allows fails at its header, before its payload.
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         assert!(matches!(
             run(&mut exchange, &[0, 0x40, 0x01, frame::DATA, 0, 0, 0, 0, 1]).1,
             Err(CallFailure::Broken(text)) if text.contains("16385 bytes")
         ));
         // A reset that is not 4 bytes is an error, not ignored until the deadline.
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut short = Vec::new();
         put_frame(&mut short, frame::RST_STREAM, 0, STREAM, &[0, 0]);
         assert!(matches!(
             run(&mut exchange, &short).1,
             Err(CallFailure::Broken(text)) if text.contains("2-byte payload")
         ));
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut pushed = Vec::new();
         put_frame(&mut pushed, frame::HEADERS, frame::END_HEADERS, 2, &[0x88]);
         assert!(matches!(
             run(&mut exchange, &pushed).1,
             Err(CallFailure::Broken(text)) if text.contains("did not open")
         ));
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         let mut input = headers(&[(":status", "503")], frame::END_STREAM);
         assert!(matches!(
             run(&mut exchange, &input).1,
             Err(CallFailure::Status(s)) if s.code() == Code::Unavailable
         ));
-        let mut exchange = Exchange::new("/m", &message, DEADLINE);
-        exchange.start(DEADLINE);
+        let mut exchange = started();
         input = headers(&[(":status", "200")], 0);
         put_frame(&mut input, frame::DATA, 0, STREAM, &[0, 0, 0, 0, 9, 1]);
         input.extend(headers(&[("grpc-status", "0")], frame::END_STREAM));
@@ -1034,11 +1024,12 @@ mod tests {
         ));
     }
 
-    /// Whether this test runs as root (a socket root did not create is refused). A listener
-    /// run by another user is refused end to end in `tests/plugin.rs`.
-    fn root(dir: &Path) -> bool {
+    /// Whether this process creates files as root (no libc call needed: a new file's owner is
+    /// the creator's fsuid). A socket root did not create is refused; a listener run by another
+    /// user is refused end to end in `tests/plugin.rs`.
+    pub(crate) fn creates_as_root(dir: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
-        let probe = dir.join("probe");
+        let probe = dir.join("uid-probe");
         std::fs::write(&probe, b"").unwrap();
         std::fs::metadata(&probe).unwrap().uid() == 0
     }
@@ -1048,7 +1039,7 @@ mod tests {
     #[test]
     fn connect_gives_up_on_a_listener_that_accepts_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        if !root(dir.path()) {
+        if !creates_as_root(dir.path()) {
             eprintln!("SKIPPED connect-timeout test: not root");
             return;
         }

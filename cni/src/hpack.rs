@@ -323,26 +323,43 @@ impl Input<'_> {
     }
 }
 
+/// The canonical code of [`HUFFMAN_LENGTHS`], built at compile time: how many codes each length
+/// has, and the symbols in the order of their codes (by length, then by symbol).
+struct Canonical {
+    count: [u16; MAX_CODE_LENGTH + 1],
+    sorted: [u16; 257],
+}
+
+const CANONICAL: Canonical = {
+    let mut count = [0u16; MAX_CODE_LENGTH + 1];
+    let mut symbol = 0;
+    while symbol < 257 {
+        count[HUFFMAN_LENGTHS[symbol] as usize] += 1;
+        symbol += 1;
+    }
+    // Where each length's symbols start in `sorted`.
+    let mut next = [0u16; MAX_CODE_LENGTH + 1];
+    let mut len = 1;
+    while len < MAX_CODE_LENGTH {
+        next[len + 1] = next[len] + count[len];
+        len += 1;
+    }
+    let mut sorted = [0u16; 257];
+    symbol = 0;
+    while symbol < 257 {
+        let len = HUFFMAN_LENGTHS[symbol] as usize;
+        sorted[next[len] as usize] = symbol as u16;
+        next[len] += 1;
+        symbol += 1;
+    }
+    Canonical { count, sorted }
+};
+
 /// Decodes a Huffman-coded string with the canonical code [`HUFFMAN_LENGTHS`] defines: reading
 /// bit by bit, a code of length L is the symbol at `index + (code - first)` when it falls among
 /// the L-bit codes, which start at `first`.
 pub fn huffman_decode(input: &[u8]) -> Result<Vec<u8>, HpackError> {
-    let mut count = [0u16; MAX_CODE_LENGTH + 1];
-    for &len in &HUFFMAN_LENGTHS {
-        count[usize::from(len)] += 1;
-    }
-    // Symbols ordered by code length, then by symbol: the order of their codes.
-    let mut start = [0u16; MAX_CODE_LENGTH + 2];
-    for len in 1..=MAX_CODE_LENGTH {
-        start[len + 1] = start[len] + count[len];
-    }
-    let mut sorted = [0u16; 257];
-    let mut next = start;
-    for (symbol, &len) in HUFFMAN_LENGTHS.iter().enumerate() {
-        sorted[usize::from(next[usize::from(len)])] = symbol as u16;
-        next[usize::from(len)] += 1;
-    }
-
+    let Canonical { count, sorted } = &CANONICAL;
     let mut out = Vec::with_capacity(input.len() * 8 / 5);
     let (mut code, mut first, mut index, mut len) = (0u32, 0u32, 0u32, 0usize);
     for byte in input {
@@ -411,47 +428,42 @@ mod tests {
     /// carrying over.
     #[test]
     fn decodes_the_rfc_request_examples_with_huffman_and_the_dynamic_table() {
-        let mut decoder = Decoder::default();
-        let first = decoder
-            .decode(&hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"))
-            .unwrap();
-        assert_eq!(
-            text(&first),
-            pairs(&[
-                (":method", "GET"),
-                (":scheme", "http"),
-                (":path", "/"),
-                (":authority", "www.example.com"),
-            ])
-        );
-        let second = decoder
-            .decode(&hex("8286 84be 5886 a8eb 1064 9cbf"))
-            .unwrap();
-        assert_eq!(
-            text(&second),
-            pairs(&[
-                (":method", "GET"),
-                (":scheme", "http"),
-                (":path", "/"),
-                (":authority", "www.example.com"),
-                ("cache-control", "no-cache"),
-            ])
-        );
-        let third = decoder
-            .decode(&hex(
+        let authority = (":authority", "www.example.com");
+        let requests: [(&str, &[(&str, &str)]); 3] = [
+            (
+                "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+                &[
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":path", "/"),
+                    authority,
+                ],
+            ),
+            (
+                "8286 84be 5886 a8eb 1064 9cbf",
+                &[
+                    (":method", "GET"),
+                    (":scheme", "http"),
+                    (":path", "/"),
+                    authority,
+                    ("cache-control", "no-cache"),
+                ],
+            ),
+            (
                 "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
-            ))
-            .unwrap();
-        assert_eq!(
-            text(&third),
-            pairs(&[
-                (":method", "GET"),
-                (":scheme", "https"),
-                (":path", "/index.html"),
-                (":authority", "www.example.com"),
-                ("custom-key", "custom-value"),
-            ])
-        );
+                &[
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/index.html"),
+                    authority,
+                    ("custom-key", "custom-value"),
+                ],
+            ),
+        ];
+        let mut decoder = Decoder::default();
+        for (block, fields) in requests {
+            assert_eq!(text(&decoder.decode(&hex(block)).unwrap()), pairs(fields));
+        }
         assert_eq!(decoder.size, 164);
     }
 

@@ -841,6 +841,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CniError> {
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
+    use crate::grpc::tests::creates_as_root;
     use serde_json::json;
 
     const CID: &str = "3f6940ab5ab43bc522569d15b23f8c1bbde1d7678b080398506924fc01d72755";
@@ -1381,15 +1382,6 @@ mod tests {
             let err = check_socket_owner(kind, 0).unwrap_err();
             assert_eq!(err, format!("it is {name}, not a socket"));
         }
-    }
-
-    /// Whether this process creates files as root (no libc call needed: a new file's owner is
-    /// the creator's fsuid).
-    fn creates_as_root(dir: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let probe = dir.join("uid-probe");
-        std::fs::write(&probe, b"").unwrap();
-        std::fs::metadata(&probe).unwrap().uid() == 0
     }
 
     #[test]

@@ -59,16 +59,24 @@ fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
     let mut out: Vec<Series> = vec![Default::default(); peers.len()];
     let mut floors: Vec<Vec<Duration>> = vec![Vec::new(); peers.len() + 1];
     let bin_true = Path::new("/bin/true");
-    let in_turn = |round: usize| (0..peers.len()).map(move |k| (round + k) % peers.len());
-    for i in 0..SEQUENTIAL {
-        for p in in_turn(i) {
+    // Round `i` of `command`: each peer's call for container `i`, by peer, the first in turn.
+    let round = |i: usize, command: &str| {
+        let mut took = vec![Duration::ZERO; peers.len()];
+        for k in 0..peers.len() {
+            let p = (i + k) % peers.len();
             let peer = &peers[p];
-            out[p].0.push(exec(
+            took[p] = exec(
                 peer.plugin,
-                "ADD",
+                command,
                 &format!("{}{i}", peer.tag),
                 peer.config,
-            ));
+            );
+        }
+        took
+    };
+    for i in 0..SEQUENTIAL {
+        for (o, took) in out.iter_mut().zip(round(i, "ADD")) {
+            o.0.push(took);
         }
         floors[0].push(exec(bin_true, "VERSION", "floor", ""));
         for (p, f) in peers.iter().zip(floors[1..].iter_mut()) {
@@ -76,14 +84,8 @@ fn interleaved(peers: &[Peer]) -> (Vec<Series>, Vec<Vec<Duration>>) {
         }
     }
     for i in 0..SEQUENTIAL {
-        for p in in_turn(i) {
-            let peer = &peers[p];
-            out[p].1.push(exec(
-                peer.plugin,
-                "DEL",
-                &format!("{}{i}", peer.tag),
-                peer.config,
-            ));
+        for (o, took) in out.iter_mut().zip(round(i, "DEL")) {
+            o.1.push(took);
         }
     }
     (out, floors)
