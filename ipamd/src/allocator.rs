@@ -658,18 +658,26 @@ impl Inner {
 
     /// Picks the next dynamic address of a range set, claiming blocks as needed.
     async fn pick_dynamic(
-        &self,
+        self: &Arc<Self>,
         set: &RangeSet,
         picks: &mut Picks<'_>,
         network: &str,
     ) -> Result<()> {
         for pool in &set.pools {
             loop {
-                let (next, state_pool) = {
+                let (next, state_pool, ahead) = {
                     let mut pools = self.lock_pools();
                     let state = pools.state_of(pool);
-                    (state.next_address(), Arc::clone(state.pool()))
+                    let next = state.next_address();
+                    let ahead = match next {
+                        Next::Address(_) => state.claim_ahead(),
+                        _ => None,
+                    };
+                    (next, Arc::clone(state.pool()), ahead)
                 };
+                if let Some(index) = ahead {
+                    self.claim_ahead(Arc::clone(&state_pool), index);
+                }
                 match next {
                     Next::Address(n) | Next::Borrow(n) => {
                         picks.picks.push(Pick {
@@ -696,8 +704,24 @@ impl Inner {
         })
     }
 
-    /// Claims block `index` of `pool` for this node with one CAS. Losing the race is not an
-    /// error: the block is then recorded as the winner's.
+    /// Claims block `index` of `pool` in the background ([`crate::blocks::PoolState::claim_ahead`]). A claim
+    /// that fails is left to the ADD that needs the block.
+    fn claim_ahead(self: &Arc<Self>, pool: Arc<Pool>, index: u128) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = inner.claim_block(&pool, index).await {
+                tracing::warn!(block = %pool.block_cidr(index), error = %e, "claiming a block ahead failed");
+            }
+            if let Some(state) = inner.lock_pools().get_mut(&pool.id()) {
+                state.claimed_ahead(index);
+            }
+        });
+    }
+
+    /// Claims block `index` of `pool` for this node with one CAS, which also reads the block's
+    /// addresses so that it is followed from the claim on (a block that can be followed alone;
+    /// another is followed as picking asks). Losing the race is not an error: the block is
+    /// then recorded as the winner's.
     async fn claim_block(&self, pool: &Arc<Pool>, index: u128) -> Result<()> {
         let cidr = pool.block_cidr(index);
         let key = self.keys.block(&pool.id(), &cidr);
@@ -705,9 +729,16 @@ impl Inner {
             version: RECORD_VERSION,
             node: self.node.clone(),
         };
+        let reads = self.block_reads(pool, index);
+        let follows = reads.is_some();
+        let claim = TxnOp::put(key.as_str(), encode(&record), None);
         let txn = Txn::new()
             .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), encode(&record), None)])
+            .and_then(
+                std::iter::once(claim)
+                    .chain(reads.into_iter().flatten())
+                    .collect::<Vec<_>>(),
+            )
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.store.txn(&format!("claim block {cidr}"), txn).await?;
         let owner = match got(&resp, 0) {
@@ -719,8 +750,19 @@ impl Inner {
         };
         tracing::debug!(block = %cidr, %owner, "block claimed");
         let mut pools = self.lock_pools();
-        if let Some(state) = pools.get_mut(&pool.id()) {
-            state.set_owner(index, Some(&owner));
+        let Some(state) = pools.get_mut(&pool.id()) else {
+            return Ok(());
+        };
+        state.set_owner(index, Some(&owner));
+        if resp.succeeded() && follows {
+            let held: Vec<IpAddr> = resp.op_responses()[1..]
+                .iter()
+                .flat_map(|op| self.addresses_read(op))
+                .collect();
+            let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            if pools.follow(pool, index, held, revision) {
+                self.follow_added.notify_one();
+            }
         }
         Ok(())
     }

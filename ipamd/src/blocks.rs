@@ -87,6 +87,8 @@ pub struct PoolState {
     cursor: Option<u128>,
     /// See the invariants: where the search for a block to claim starts.
     claim_cursor: u128,
+    /// The block being claimed ahead ([`PoolState::claim_ahead`]), until the claim is done.
+    claiming_ahead: Option<u128>,
 }
 
 impl PoolState {
@@ -104,6 +106,7 @@ impl PoolState {
             follows_all: false,
             cursor: None,
             claim_cursor: 0,
+            claiming_ahead: None,
         }
     }
 
@@ -321,6 +324,43 @@ impl PoolState {
             return Next::FollowAll;
         }
         Next::Exhausted
+    }
+
+    /// The block to claim before this node's blocks fill, so that no ADD waits for a claim;
+    /// once per block, until [`PoolState::claimed_ahead`]. Only while fewer than a quarter of a
+    /// block's addresses are free in this node's blocks, none of them waits to be followed, and
+    /// fewer than half of the pool's blocks are claimed: past half, blocks go only to the nodes
+    /// that need them now, claimed by the ADD that finds no free address.
+    pub fn claim_ahead(&mut self) -> Option<u128> {
+        if self.claiming_ahead.is_some() || !self.own_unfollowed.is_empty() {
+            return None;
+        }
+        let free: u128 = self
+            .own_free
+            .iter()
+            .map(|b| u128::from(self.blocks[b].free))
+            .sum();
+        if free * 4 >= self.pool.block_len() {
+            return None;
+        }
+        let claimed = self.blocks.values().filter(|b| b.owner.is_some()).count() as u128;
+        let blocks: u128 = self
+            .pool
+            .dynamic_block_spans()
+            .map(|(first, last)| (last - first).saturating_add(1))
+            .sum();
+        if claimed * 2 >= blocks {
+            return None;
+        }
+        self.claiming_ahead = self.next_unclaimed();
+        self.claiming_ahead
+    }
+
+    /// The claim ahead of block `index` is done, won, lost or failed.
+    pub fn claimed_ahead(&mut self, index: u128) {
+        if self.claiming_ahead == Some(index) {
+            self.claiming_ahead = None;
+        }
     }
 
     /// The first free dynamic address of this node's blocks after the cursor, wrapping around.
@@ -614,6 +654,59 @@ mod tests {
             "network and gateway are skipped"
         );
         assert_eq!(s.next_address(), Next::Address(n("10.0.0.3")));
+    }
+
+    #[test]
+    fn the_next_block_is_claimed_ahead_once_a_quarter_of_a_block_is_left_free() {
+        // /26 blocks: 64 addresses, 62 dynamic in the first (network and gateway).
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/22", "blockSize": 26}), "a");
+        let mut asked = Vec::new();
+        for i in 1..=62 {
+            allocate(&mut s).expect("free");
+            asked.extend(s.claim_ahead().map(|block| (i, block)));
+        }
+        assert_eq!(
+            asked,
+            [(47, 1)],
+            "once, for the next block, when 62 − 47 = 15 are free (fewer than 64 / 4)"
+        );
+        s.claimed_ahead(1);
+        assert_eq!(
+            s.claim_ahead(),
+            Some(1),
+            "a claim that failed is asked again"
+        );
+        s.set_owner(1, Some("a"));
+        s.follow(1, []);
+        s.claimed_ahead(1);
+        assert_eq!(s.claim_ahead(), None, "a whole free block is enough");
+        assert_eq!(allocate(&mut s).map(|a| s.pool.block_of(a)), Some(1));
+    }
+
+    #[test]
+    fn no_block_is_claimed_ahead_once_half_the_pool_is_claimed_or_a_block_waits_to_be_followed() {
+        // Four /26 blocks, two claimed by other nodes.
+        let mut s = by_blocks(json!({"subnet": "10.0.0.0/24", "blockSize": 26}), "a");
+        s.set_owner(0, Some("b"));
+        s.set_owner(1, Some("c"));
+        for _ in 0..64 {
+            allocate(&mut s).expect("free");
+            assert_eq!(s.claim_ahead(), None, "half of the pool is claimed");
+        }
+        assert_eq!(allocate(&mut s).map(|a| s.pool.block_of(a)), Some(3));
+
+        let mut t = by_blocks(json!({"subnet": "10.0.0.0/22", "blockSize": 26}), "a");
+        for _ in 0..50 {
+            allocate(&mut t).expect("free");
+        }
+        t.set_owner(5, Some("a"));
+        assert_eq!(
+            t.claim_ahead(),
+            None,
+            "an own block not followed yet may be free"
+        );
+        t.follow(5, []);
+        assert_eq!(t.claim_ahead(), None, "it is");
     }
 
     #[test]

@@ -563,7 +563,8 @@ async fn each_node_allocates_inside_the_blocks_it_claimed() {
     let pool = sets(json!({"subnet": "10.86.0.0/22", "blockSize": 26}));
     let a = allocator(cluster, &prefix, "node-a").await;
     let b = allocator(cluster, &prefix, "node-b").await;
-    for i in 0..50 {
+    // 40 of a /26's 62: short of the quarter left free that claims the next block ahead.
+    for i in 0..40 {
         a.allocate(&request(&format!("a{i}"), &pool, &[]))
             .await
             .expect("a");
@@ -587,7 +588,7 @@ async fn each_node_allocates_inside_the_blocks_it_claimed() {
     assert_eq!(
         owner.len(),
         2,
-        "one /26 block each for 50 addresses: {owner:?}"
+        "one /26 block each for 40 addresses: {owner:?}"
     );
     let report = audit(a.store(), a.keys()).await.expect("scan");
     for ((_, ip), record) in &report.allocations {
@@ -598,6 +599,56 @@ async fn each_node_allocates_inside_the_blocks_it_claimed() {
             record.node, owner[&block]
         );
     }
+}
+
+/// How many blocks of the pool of `subnet` `a` knows claimed by `node`.
+fn blocks_of(a: &Allocator, subnet: &str, node: &str) -> u64 {
+    let usage = a.pool_usage();
+    let pool = usage.iter().find(|(s, _)| s == subnet);
+    pool.and_then(|(_, u)| u.blocks.get(node).copied())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claims_its_next_block_before_its_blocks_fill() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("ahead");
+    let subnet = "10.88.0.0/22";
+    let pool = sets(json!({"subnet": subnet, "blockSize": 26}));
+    let a = allocator(cluster, &prefix, "node-a").await;
+    let add = |i: usize| {
+        let req = request(&format!("a{i}"), &pool, &[]);
+        let a = &a;
+        async move { a.allocate(&req).await }
+    };
+    for i in 0..46 {
+        add(i).await.expect("a");
+    }
+    assert_eq!(blocks_of(&a, subnet, "node-a"), 1, "16 of 62 free");
+    add(46).await.expect("a");
+    eventually("a second block claimed with 15 left free", || {
+        blocks_of(&a, subnet, "node-a") == 2
+    })
+    .await;
+    let mut handed = HashSet::new();
+    for i in 47..100 {
+        handed.insert(ips(&add(i).await.expect("a"))[0]);
+    }
+    let second: ipnet::IpNet = "10.88.0.64/26".parse().expect("literal");
+    assert_eq!(
+        handed.iter().filter(|ip| second.contains(*ip)).count(),
+        38,
+        "the 15 left, then 38 of the block claimed ahead"
+    );
+    assert_eq!(
+        blocks_of(&a, subnet, "node-a"),
+        2,
+        "26 of 64 free: no third block"
+    );
+    let b = allocator(cluster, &prefix, "node-b").await;
+    let got = b.allocate(&request("b0", &pool, &[])).await.expect("b");
+    let third: ipnet::IpNet = "10.88.0.128/26".parse().expect("literal");
+    assert!(third.contains(&ips(&got)[0]), "{:?}", ips(&got));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

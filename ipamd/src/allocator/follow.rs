@@ -13,7 +13,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, KeyValue, Txn, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{
+    EventType, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
+};
 
 use super::{decode, Inner};
 use crate::blocks::Next;
@@ -207,20 +209,17 @@ impl Inner {
             // For each read, the block of this transaction it is for.
             let mut block_of = Vec::new();
             while let Some((pool, index)) = blocks.get(next) {
-                let cidr = pool.block_cidr(*index);
-                let Some(ranges) = self.keys.block_addresses(&pool.id(), &cidr) else {
+                let Some(ranges) = self.block_reads(pool, *index) else {
                     return Err(IpamError::NotSynced(format!(
-                        "block {cidr} cannot be followed alone"
+                        "block {} cannot be followed alone",
+                        pool.block_cidr(*index)
                     )));
                 };
                 if !reads.is_empty() && reads.len() + ranges.len() > BLOCK_READS {
                     break;
                 }
-                for (start, end) in ranges {
-                    let options = GetOptions::new().with_range(end).with_keys_only();
-                    reads.push(TxnOp::get(start, Some(options)));
-                    block_of.push(next - first);
-                }
+                block_of.extend(std::iter::repeat_n(next - first, ranges.len()));
+                reads.extend(ranges);
                 next += 1;
             }
             let op = format!("read the addresses of {} blocks", next - first);
@@ -228,10 +227,7 @@ impl Inner {
             let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             let mut held = vec![Vec::new(); next - first];
             for (op, &block) in resp.op_responses().iter().zip(&block_of) {
-                if let etcd_client::TxnOpResponse::Get(get) = op {
-                    let addresses = get.kvs().iter().filter_map(|kv| self.address_of(kv));
-                    held[block].extend(addresses);
-                }
+                held[block].extend(self.addresses_read(op));
             }
             read.extend(held.into_iter().map(|held| (revision, held)));
         }
@@ -267,6 +263,31 @@ impl Inner {
             self.follow_added.notify_one();
         }
         Ok(())
+    }
+
+    /// The keys-only range reads of block `index`'s addresses; None for a block that cannot be
+    /// followed alone (see [`crate::records::Keys::block_addresses`]).
+    pub(super) fn block_reads(&self, pool: &Pool, index: u128) -> Option<Vec<TxnOp>> {
+        let ranges = self
+            .keys
+            .block_addresses(&pool.id(), &pool.block_cidr(index))?;
+        let read = |(start, end)| {
+            let options = GetOptions::new().with_range(end).with_keys_only();
+            TxnOp::get(start, Some(options))
+        };
+        Some(ranges.into_iter().map(read).collect())
+    }
+
+    /// The addresses one of [`Inner::block_reads`]'s reads found.
+    pub(super) fn addresses_read<'a>(
+        &'a self,
+        op: &'a TxnOpResponse,
+    ) -> impl Iterator<Item = IpAddr> + 'a {
+        let kvs = match op {
+            TxnOpResponse::Get(get) => get.kvs(),
+            _ => &[],
+        };
+        kvs.iter().filter_map(|kv| self.address_of(kv))
     }
 
     /// The address an address record's key names.

@@ -57,7 +57,7 @@ impl Inner {
     /// Picks the next dynamic address of a range set as `restriction` allows; without one (or
     /// with one that restricts nothing), as [`Inner::pick_dynamic`] does.
     pub(super) async fn pick_for(
-        &self,
+        self: &Arc<Self>,
         set: &RangeSet,
         picks: &mut Picks<'_>,
         network: &str,
