@@ -281,14 +281,17 @@ async fn a_corrupt_block_record_is_never_claimed_and_does_not_stop_other_nodes()
     let block = |text: &str| -> IpNet { net(text) };
     let in_block = |ip: IpAddr, b: &str| block(b).contains(&ip);
     let a = allocator(&prefix, "node-a").await;
+    let corrupt_key = a.keys().block("10.64.0.0_26", &block("10.64.0.16/28"));
     for i in 0..14 {
+        // After 10 of 14, while more than a quarter of the block is free and no block has
+        // been claimed ahead. node-a learns of the record from its watch, or from losing the
+        // claim (ahead, or once its block is full) to it.
+        if i == 10 {
+            put(a.store(), &corrupt_key, "{not json").await;
+        }
         let got = add(&a, &Attachment::new("net", format!("a{i}"), "eth0"), &pool).await;
         assert!(in_block(got, "10.64.0.0/28"), "{got}");
     }
-    let corrupt_key = a.keys().block("10.64.0.0_26", &block("10.64.0.16/28"));
-    put(a.store(), &corrupt_key, "{not json").await;
-
-    // node-a learns of the record from its watch, or from losing the claim to it.
     let got = add(&a, &Attachment::new("net", "a14", "eth0"), &pool).await;
     assert!(in_block(got, "10.64.0.32/28"), "{got}");
 
