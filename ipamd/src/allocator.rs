@@ -186,6 +186,11 @@ struct Inner {
     follow_added: tokio::sync::Notify,
     /// Changes the watch delivered.
     watch_events: std::sync::atomic::AtomicU64,
+    /// Held while a block claim is sent: requests that need a block at the same moment wait
+    /// for one claim instead of each sending its own.
+    claiming: tokio::sync::Mutex<()>,
+    /// Block claims sent to etcd, won or lost.
+    claims_sent: std::sync::atomic::AtomicU64,
     /// Reloads after the watch ended.
     watch_reloads: std::sync::atomic::AtomicU64,
 }
@@ -222,6 +227,8 @@ impl Allocator {
             commit_gate: Mutex::new(None),
             follow_added: tokio::sync::Notify::new(),
             watch_events: std::sync::atomic::AtomicU64::new(0),
+            claiming: tokio::sync::Mutex::new(()),
+            claims_sent: std::sync::atomic::AtomicU64::new(0),
             watch_reloads: std::sync::atomic::AtomicU64::new(0),
         });
         let watcher = tokio::spawn(Arc::clone(&inner).follow());
@@ -262,6 +269,13 @@ impl Allocator {
     pub fn watch_events(&self) -> u64 {
         self.inner
             .watch_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many block claims this allocator sent to etcd, won or lost.
+    pub fn claims_sent(&self) -> u64 {
+        self.inner
+            .claims_sent
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -721,8 +735,19 @@ impl Inner {
     /// Claims block `index` of `pool` for this node with one CAS, which also reads the block's
     /// addresses so that it is followed from the claim on (a block that can be followed alone;
     /// another is followed as picking asks). Losing the race is not an error: the block is
-    /// then recorded as the winner's.
+    /// then recorded as the winner's. One claim at a time: a block claimed while this one
+    /// waited is not claimed again.
     async fn claim_block(&self, pool: &Arc<Pool>, index: u128) -> Result<()> {
+        let _one = self.claiming.lock().await;
+        if self
+            .lock_pools()
+            .get_mut(&pool.id())
+            .is_none_or(|state| state.owner(index).is_some())
+        {
+            return Ok(());
+        }
+        self.claims_sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cidr = pool.block_cidr(index);
         let key = self.keys.block(&pool.id(), &cidr);
         let record = BlockRecord {

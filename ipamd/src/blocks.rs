@@ -283,6 +283,11 @@ impl PoolState {
             .is_some_and(|b| is_held(&b.held, offset))
     }
 
+    /// The node that claimed block `index`, as far as this node knows.
+    pub fn owner(&self, index: u128) -> Option<&str> {
+        self.blocks.get(&index)?.owner.as_deref()
+    }
+
     /// Records which node claimed block `index` (None: the claim was removed).
     pub fn set_owner(&mut self, index: u128, owner: Option<&str>) {
         self.block_mut(index).owner = owner.map(str::to_string);

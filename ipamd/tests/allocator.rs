@@ -651,6 +651,47 @@ async fn a_node_claims_its_next_block_before_its_blocks_fill() {
     assert!(third.contains(&ips(&got)[0]), "{:?}", ips(&got));
 }
 
+/// Past half of the pool claimed, blocks are claimed only when an ADD finds no free address:
+/// ADDs that find none at the same moment wait for one claim instead of each sending its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adds_that_need_a_block_at_once_send_one_claim() {
+    let cluster = shared_single();
+    let prefix = unique_prefix("one-claim");
+    let subnet = "10.89.0.0/24";
+    let pool = sets(json!({"subnet": subnet, "blockSize": 26}));
+    for node in ["node-b", "node-c"] {
+        let other = allocator(cluster, &prefix, node).await;
+        other
+            .allocate(&request(node, &pool, &[]))
+            .await
+            .expect("one block each");
+    }
+    let a = Arc::new(allocator(cluster, &prefix, "node-a").await);
+    // The third block, .128/26: 64 dynamic addresses.
+    for i in 0..64 {
+        a.allocate(&request(&format!("a{i}"), &pool, &[]))
+            .await
+            .expect("a");
+    }
+    assert_eq!(
+        a.claims_sent(),
+        1,
+        "half of the pool claimed: nothing ahead"
+    );
+    let burst: Vec<_> = (0..16)
+        .map(|i| {
+            let (a, req) = (Arc::clone(&a), request(&format!("burst{i}"), &pool, &[]));
+            tokio::spawn(async move { a.allocate(&req).await })
+        })
+        .collect();
+    let last: ipnet::IpNet = "10.89.0.192/26".parse().expect("literal");
+    for add in burst {
+        let got = add.await.expect("task").expect("burst ADD");
+        assert!(last.contains(&ips(&got)[0]), "{:?}", ips(&got));
+    }
+    assert_eq!(a.claims_sent(), 2, "one claim for the 16 ADDs");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_on_one_node_reaches_another_node_through_the_watch() {
     let cluster = shared_single();
