@@ -47,7 +47,8 @@ struct Phase {
     cpu_us: Vec<f64>,
 }
 
-/// The processes whose CPU time a phase accounts: etcd and the daemons, by name and pid.
+/// The processes whose CPU time a phase accounts: etcd, the daemons and this bench (whose
+/// clients make the calls and the raw transactions), by name and pid.
 struct Cpu {
     processes: Vec<(&'static str, u32)>,
     ticks_per_s: f64,
@@ -317,6 +318,7 @@ async fn single_member(rt_dir: &Path) {
             ("etcd", etcd.member_pid(0).expect("etcd runs")),
             ("daemon (request log)", logged.pid().expect("daemon runs")),
             ("daemon (no request log)", quiet.pid().expect("daemon runs")),
+            ("clients (this bench)", std::process::id()),
         ],
         ticks_per_s: ticks_per_s(),
     };
@@ -393,6 +395,7 @@ async fn three_members(rt_dir: &Path) {
             .iter()
             .map(|(d, _)| ("daemon", d.pid().expect("daemon runs"))),
     );
+    processes.push(("clients (this bench)", std::process::id()));
     let cpu = Cpu {
         processes,
         ticks_per_s: ticks_per_s(),
