@@ -718,13 +718,15 @@ impl Inner {
         })
     }
 
-    /// Claims block `index` of `pool` in the background ([`crate::blocks::PoolState::claim_ahead`]). A claim
-    /// that fails is left to the ADD that needs the block.
+    /// Claims block `index` of `pool` in the background
+    /// ([`crate::blocks::PoolState::claim_ahead`]). A claim that fails is left to the ADD that
+    /// needs the block.
     fn claim_ahead(self: &Arc<Self>, pool: Arc<Pool>, index: u128) {
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             if let Err(e) = inner.claim_block(&pool, index).await {
-                tracing::warn!(block = %pool.block_cidr(index), error = %e, "claiming a block ahead failed");
+                let block = pool.block_cidr(index);
+                tracing::warn!(%block, error = %e, "claiming a block ahead failed");
             }
             if let Some(state) = inner.lock_pools().get_mut(&pool.id()) {
                 state.claimed_ahead(index);
