@@ -645,6 +645,11 @@ async fn a_node_claims_its_next_block_before_its_blocks_fill() {
         2,
         "26 of 64 free: no third block"
     );
+    assert_eq!(
+        a.claims_sent(),
+        2,
+        "the first block, then the second ahead: no ADD waited for a claim of its own"
+    );
     let b = allocator(cluster, &prefix, "node-b").await;
     let got = b.allocate(&request("b0", &pool, &[])).await.expect("b");
     let third: ipnet::IpNet = "10.88.0.128/26".parse().expect("literal");
