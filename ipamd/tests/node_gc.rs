@@ -545,13 +545,15 @@ async fn the_elected_daemon_releases_a_deleted_nodes_attachment_and_logs_why() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(held(&observer, "c-live").await);
-    let log = daemon.log_tail();
-    assert!(
+    // The pass logs its releases once it is over (after giving back the node's block), a
+    // moment after the release shows in etcd.
+    let logged = |log: &str| {
         log.contains("released attachment of a deleted node")
             && log.contains(&dead_ip)
-            && log.contains("node d-dead deleted from the Kubernetes API"),
-        "{log}"
-    );
+            && log.contains("node d-dead deleted from the Kubernetes API")
+    };
+    let log = daemon.log_tail_once(logged, Duration::from_secs(5));
+    assert!(logged(&log), "{log}");
     // At shutdown it resigns: the leader key goes at once, not after the TTL.
     daemon.stop();
     let key = format!("{prefix}/leader/{}", leader::CLEANER);

@@ -658,10 +658,13 @@ async fn the_daemons_sticky_gc_releases_a_scaled_down_ordinal_past_the_grace_and
     );
     assert_eq!(c.holder(&ip1).await, None, "the address is free");
     c.assert_audit_holds(&[(&ip0, "c-web-0")]).await;
-    let log = c.a.daemon.log_tail();
-    assert!(
+    let logged = |log: &str| {
         log.contains("released sticky addresses")
-            && log.contains("ordinal 1 is gone: StatefulSet apps/web has 1 replicas"),
+            && log.contains("ordinal 1 is gone: StatefulSet apps/web has 1 replicas")
+    };
+    let log = c.a.daemon.log_tail_once(logged, Duration::from_secs(5));
+    assert!(
+        logged(&log),
         "the release is logged with its reason:\n{log}"
     );
     assert!(

@@ -136,6 +136,20 @@ impl IpamDaemon {
         &self.log
     }
 
+    /// The log's last lines once `logged` holds for them, waiting up to `within`; the last
+    /// lines as they are if it never does. For what a daemon logs after the change a test
+    /// observes (a GC pass logs its releases once the pass is over).
+    pub fn log_tail_once(&self, logged: impl Fn(&str) -> bool, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let tail = self.log_tail();
+            if logged(&tail) || Instant::now() >= deadline {
+                return tail;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The last lines of the daemon's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
