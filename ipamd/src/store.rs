@@ -7,13 +7,13 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
     AlarmAction, AlarmType, Certificate, Client, ConnectOptions, GetOptions, GetResponse, Identity,
-    KeyValue, ResponseHeader, TlsOptions, Txn, TxnResponse,
+    KeyValue, KvClient, ResponseHeader, TlsOptions, Txn, TxnResponse,
 };
 use tonic::Code;
 
@@ -69,12 +69,17 @@ impl StoreConfig {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// The client's key-value part, for transactions and reads: one channel to clone per
+    /// request rather than the whole client's.
+    kv: KvClient,
     /// The same connection options but [`LOAD_READ_TIMEOUT`], for the reads of a load.
-    loader: Client,
+    loader: KvClient,
     retry_timeout: Duration,
     /// The highest revision any answer of etcd has shown this process: a lower bound of etcd's
     /// revision now. See [`Store::seen_revision`].
     seen_revision: Arc<AtomicI64>,
+    /// Requests sent through [`Store::retry`] by this store and its clones, each attempt once.
+    requests_sent: Arc<AtomicU64>,
     /// Where [`Store::txn_grouped`] sends its transactions; None in the committer's own copy.
     committer: Option<Committer>,
 }
@@ -135,11 +140,14 @@ impl Store {
     /// Builds the client. The connection itself is lazy: an unreachable etcd shows up as
     /// `Unavailable` on the first request, not here.
     pub async fn connect(config: &StoreConfig) -> Result<Store> {
+        let client = connect_with(config, config.request_timeout).await?;
         let store = Store {
-            client: connect_with(config, config.request_timeout).await?,
-            loader: connect_with(config, LOAD_READ_TIMEOUT).await?,
+            kv: client.kv_client(),
+            client,
+            loader: connect_with(config, LOAD_READ_TIMEOUT).await?.kv_client(),
             retry_timeout: config.retry_timeout,
             seen_revision: Arc::new(AtomicI64::new(0)),
+            requests_sent: Arc::new(AtomicU64::new(0)),
             committer: None,
         };
         Ok(Store {
@@ -157,6 +165,12 @@ impl Store {
     /// written after its arrival has a higher revision.
     pub fn seen_revision(&self) -> i64 {
         self.seen_revision.load(Ordering::Acquire)
+    }
+
+    /// How many requests this store and its clones have sent to etcd (reads, transactions and
+    /// lease calls; each retry again; a group of transactions once), watches aside.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests_sent.load(Ordering::Relaxed)
     }
 
     /// Records the revision of an answer from etcd.
@@ -209,16 +223,17 @@ impl Store {
             .await
     }
 
-    /// [`Store::retry`] with `client` and a budget of `budget`.
-    async fn retry_on<T, F, Fut>(
+    /// [`Store::retry`] with `client` (the whole client or a part of it) and a budget of
+    /// `budget`.
+    async fn retry_on<C: Clone, T, F, Fut>(
         &self,
-        client: &Client,
+        client: &C,
         budget: Duration,
         op: &str,
         mut call: F,
     ) -> Result<T>
     where
-        F: FnMut(Client) -> Fut,
+        F: FnMut(C) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let deadline = Instant::now() + budget;
@@ -226,6 +241,7 @@ impl Store {
         loop {
             // No attempt may outlive the budget: callers promise an answer within it.
             let remaining = deadline.saturating_duration_since(Instant::now());
+            self.requests_sent.fetch_add(1, Ordering::Relaxed);
             let attempt = tokio::time::timeout(remaining, call(client.clone()))
                 .await
                 .unwrap_or_else(|_| {
@@ -271,7 +287,7 @@ impl Store {
     /// Sends `txn` (retried as [`Store::retry`] does), unrecorded in the metrics.
     pub(crate) async fn send(&self, op: &str, txn: Txn) -> Result<TxnResponse> {
         let resp = self
-            .retry(op, |mut c| {
+            .retry_on(&self.kv, self.retry_timeout, op, |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
@@ -287,7 +303,7 @@ impl Store {
         options: Option<GetOptions>,
     ) -> Result<GetResponse> {
         let resp = self
-            .retry(op, |mut c| {
+            .retry_on(&self.kv, self.retry_timeout, op, |mut c| {
                 let options = options.clone();
                 let key = key.to_string();
                 async move { c.get(key, options).await }
@@ -302,7 +318,7 @@ impl Store {
     pub async fn load_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
         let mut out = Vec::new();
         let reader = Reader {
-            client: &self.client,
+            client: &self.kv,
             budget: self.retry_timeout,
         };
         let range = (prefix.as_bytes(), prefix_end(prefix.as_bytes()));
@@ -402,7 +418,7 @@ impl Store {
 /// The client and the retry budget the reads of [`Store::pages`] use.
 #[derive(Clone, Copy)]
 struct Reader<'a> {
-    client: &'a Client,
+    client: &'a KvClient,
     budget: Duration,
 }
 

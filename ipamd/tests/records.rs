@@ -686,6 +686,72 @@ async fn release_address_frees_the_attachment_holding_it_or_an_orphan_record_alo
     assert!(run.stdout.contains("10.71.0.200 is not held"), "{run}");
 }
 
+/// A DEL that this allocator's memory cannot serve (after a restart, or past what it keeps)
+/// reads the attachment record, then releases in one guarded transaction when the record's
+/// address records and index entry are still those its ADD wrote. An address record written
+/// since is read and checked first, and one that now names another attachment stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_not_remembered_reads_only_the_attachment_record_unless_an_address_changed() {
+    let prefix = unique_prefix("release-unremembered");
+    let pool = sets(json!({"subnet": "10.72.0.0/24"}));
+    let a = allocator(&prefix, "node-g").await;
+    let mut held = Vec::new();
+    for cid in ["g1", "g2", "g3", "g4"] {
+        let attachment = Attachment::new("net-g", cid, "eth0");
+        let ip = add(&a, &attachment, &pool).await;
+        held.push((attachment, a.keys().address("10.72.0.0_24", ip)));
+    }
+    // The same node after a restart: it remembers none of these ADDs.
+    let b = allocator(&prefix, "node-g").await;
+    let release = |attachment: &Attachment| {
+        let (b, attachment) = (&b, attachment.clone());
+        async move {
+            let before = b.store().requests_sent();
+            let released = b.release(&attachment).await.expect("release");
+            (released, b.store().requests_sent() - before)
+        }
+    };
+
+    // The first release also grants the lease of the release markers.
+    let (released, _) = release(&held[0].0).await;
+    assert!(released.is_some(), "g1 released");
+    let (released, requests) = release(&held[1].0).await;
+    assert!(released.is_some(), "g2 released");
+    assert_eq!(requests, 2, "the read of the record and the release");
+    for (attachment, address_key) in &held[..2] {
+        assert!(a.lookup(attachment).await.expect("lookup").is_none());
+        assert_eq!(get(a.store(), address_key).await, None, "{attachment}");
+    }
+
+    // g3's address record written again, unchanged: read, found to be g3's, released.
+    let (g3, g3_address) = &held[2];
+    let value = get(a.store(), g3_address)
+        .await
+        .expect("g3's address record");
+    put(a.store(), g3_address, value).await;
+    let (released, requests) = release(g3).await;
+    assert!(released.is_some(), "g3 released");
+    assert!(
+        requests > 2,
+        "g3's address records were read: {requests} requests"
+    );
+    assert!(a.lookup(g3).await.expect("lookup").is_none());
+    assert_eq!(get(a.store(), g3_address).await, None);
+
+    // g4's address record now names another attachment: the record goes, the address stays.
+    let (g4, g4_address) = &held[3];
+    let other = Attachment::new("net-g", "other", "eth0");
+    put(a.store(), g4_address, address_record(&other)).await;
+    let (released, _) = release(g4).await;
+    assert!(released.is_some(), "g4's record released");
+    assert!(a.lookup(g4).await.expect("lookup").is_none());
+    assert_eq!(
+        get(a.store(), g4_address).await,
+        Some(address_record(&other).into_bytes()),
+        "the address record of another attachment stays"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_the_earlier_layout_are_read_not_lost() {
     let prefix = unique_prefix("legacy");

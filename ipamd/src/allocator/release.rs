@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnResponse};
 
-use super::{decode, encode, got, HeldAttachment, Inner, MARKER_TTL};
+use super::{decode, encode, got, Committed, HeldAttachment, Inner, MARKER_TTL};
 use crate::error::{IpamError, Result};
 use crate::records::{
     now_unix, AllocationRecord, Attachment, AttachmentRecord, HeldIp, KeyRef, ReleaseMarker,
@@ -24,8 +24,13 @@ impl Inner {
         let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let resp = self
             .store
-            .txn(&format!("read {attachment}"), Txn::new().and_then(reads))
-            .await?;
+            .txn_grouped(
+                &format!("read {attachment}"),
+                Txn::new().and_then(reads),
+                keys.to_vec(),
+            )
+            .await?
+            .response;
         for (i, key) in keys.into_iter().enumerate() {
             let Some(kv) = got(&resp, i) else { continue };
             match decode::<AttachmentRecord>(&kv) {
@@ -176,32 +181,8 @@ impl Inner {
             .filter(|c| !super::sticky::holds_sticky(&c.record));
         if let Some(committed) = cached {
             // Fast path: nothing changed since this node's ADD wrote these keys.
-            let attachment_key = self.keys.attachment(attachment);
-            let resp = self
-                .release_txn(attachment, Some(&committed.keys), |lease| {
-                    let compares: Vec<Compare> = committed
-                        .keys
-                        .iter()
-                        .map(|k| {
-                            Compare::mod_revision(k.as_str(), CompareOp::Equal, committed.revision)
-                        })
-                        .collect();
-                    let mut ops = vec![TxnOp::get(attachment_key.as_str(), None)];
-                    ops.extend(
-                        committed
-                            .keys
-                            .iter()
-                            .map(|k| TxnOp::delete(k.as_str(), None)),
-                    );
-                    ops.push(self.marker_put(attachment, lease, Some(&committed.record)));
-                    Txn::new().when(compares).and_then(ops)
-                })
-                .await?;
-            if resp.succeeded() {
-                if let Some(Ok(record)) = got(&resp, 0).map(|kv| decode::<AttachmentRecord>(&kv)) {
-                    self.forget(&record);
-                    return Ok(Some(record));
-                }
+            if let Some(record) = self.release_committed(attachment, &committed).await? {
+                return Ok(Some(record));
             }
         }
 
@@ -217,7 +198,7 @@ impl Inner {
             if !unchanged {
                 return Ok(None);
             }
-            if let Found::Record { kv, record, .. } = &found {
+            if let Found::Record { key, kv, record } = &found {
                 match self.park(attachment, kv.mod_revision(), record).await? {
                     super::sticky::Parked::Done => return Ok(Some(record.clone())),
                     super::sticky::Parked::Changed => {
@@ -226,6 +207,19 @@ impl Inner {
                         continue;
                     }
                     super::sticky::Parked::NotSticky => {}
+                }
+                // Every writer of an attachment record writes the address records it lists and
+                // its index entry in the same transaction. If all of them are still at the
+                // record's revision, they go as on the fast path, without reading the addresses.
+                if *key == self.keys.attachment(attachment) {
+                    let committed = Committed {
+                        revision: kv.mod_revision(),
+                        keys: self.keys_written_with(attachment, record),
+                        record: record.clone(),
+                    };
+                    if let Some(record) = self.release_committed(attachment, &committed).await? {
+                        return Ok(Some(record));
+                    }
                 }
             }
             let (guard, record, ip_keys) = match found {
@@ -324,6 +318,54 @@ impl Inner {
             attempts: 8,
             last,
         })
+    }
+
+    /// Releases what one transaction wrote at `committed.revision` (the attachment record, its
+    /// address records and its index entry) if none of those keys changed since: one guarded
+    /// transaction, no reads. The record released, or None if a key changed.
+    async fn release_committed(
+        &self,
+        attachment: &Attachment,
+        committed: &Committed,
+    ) -> Result<Option<AttachmentRecord>> {
+        let attachment_key = self.keys.attachment(attachment);
+        let resp = self
+            .release_txn(attachment, Some(&committed.keys), |lease| {
+                let compares: Vec<Compare> = committed
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        Compare::mod_revision(k.as_str(), CompareOp::Equal, committed.revision)
+                    })
+                    .collect();
+                let mut ops = vec![TxnOp::get(attachment_key.as_str(), None)];
+                ops.extend(
+                    committed
+                        .keys
+                        .iter()
+                        .map(|k| TxnOp::delete(k.as_str(), None)),
+                );
+                ops.push(self.marker_put(attachment, lease, Some(&committed.record)));
+                Txn::new().when(compares).and_then(ops)
+            })
+            .await?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        let Some(Ok(record)) = got(&resp, 0).map(|kv| decode::<AttachmentRecord>(&kv)) else {
+            return Ok(None);
+        };
+        self.forget(&record);
+        Ok(Some(record))
+    }
+
+    /// The keys the transaction that wrote `record` for `attachment` wrote with it: the record,
+    /// its address records and its index entry.
+    fn keys_written_with(&self, attachment: &Attachment, record: &AttachmentRecord) -> Vec<String> {
+        let mut keys = vec![self.keys.attachment(attachment)];
+        keys.extend(record.ips.iter().map(|h| self.keys.address(&h.pool, h.ip)));
+        keys.push(self.keys.node_attachment(&record.node, attachment));
+        keys
     }
 
     /// Of `ip_keys`, the address records `attachment` holds: a compare that each is unchanged,
