@@ -154,6 +154,12 @@ async fn serves_allocate_check_release_gc_and_status_over_its_socket() {
         .into_inner();
     assert_eq!(a.ips.len(), 1);
     assert_eq!(a.ips[0].gateway, "10.90.0.1");
+    // A cluster without pools yet (this prefix) is nothing to warn about.
+    let log = std::fs::read_to_string(daemon.process.log_path()).expect("daemon log");
+    assert!(
+        !log.contains("WARN"),
+        "a daemon on a cluster without pools warned:\n{log}"
+    );
     let address = a.ips[0].address.clone();
     assert!(
         address.starts_with("10.90.0.") && address.ends_with("/24"),

@@ -201,11 +201,15 @@ impl Inner {
         self.store
             .for_each_page(&self.keys.pools(), PAGE, |_, _| true, pools)
             .await?;
-        tracing::warn!(
-            key = self.keys.pool_index(),
-            pools = subnets.len(),
-            "rebuilt the unreadable pool index from the pool records"
-        );
+        // A cluster without pools has no index yet: nothing to say. An index that does not
+        // decode was logged by whoever read it.
+        if !subnets.is_empty() {
+            tracing::warn!(
+                key = self.keys.pool_index(),
+                pools = subnets.len(),
+                "rebuilt the missing or unreadable pool index from the pool records"
+            );
+        }
         Ok(PoolIndex {
             version: RECORD_VERSION,
             subnets,
