@@ -539,13 +539,17 @@ impl Inner {
             TxnOp::get(parked_key.as_str(), None),
         ];
         reads.extend(ip_keys.iter().map(|k| TxnOp::get(k.as_str(), None)));
+        let mut read_keys = vec![sticky_key.clone(), parked_key.clone()];
+        read_keys.extend(ip_keys.iter().cloned());
         let resp = self
             .store
-            .txn(
+            .txn_grouped(
                 &format!("read sticky identity of {attachment}"),
                 Txn::new().and_then(reads),
+                read_keys,
             )
-            .await?;
+            .await?
+            .response;
         let Some(sticky_kv) = got(&resp, 0) else {
             return Ok(Parked::NotSticky);
         };
@@ -611,17 +615,22 @@ impl Inner {
         };
         let record_key = self.keys.attachment(attachment);
         let index_key = self.keys.node_attachment(&record.node, attachment);
+        let parked_index_key = self.keys.node_attachment(RESERVATION_NODE, &parked);
+        let mut touched = vec![
+            record_key.clone(),
+            index_key.clone(),
+            sticky_key.clone(),
+            parked_key.clone(),
+            parked_index_key.clone(),
+        ];
+        touched.extend(ip_keys.iter().cloned());
         let resp = self
-            .release_txn(attachment, None, |lease| {
+            .release_txn(attachment, Some(&touched), |lease| {
                 let mut ops = vec![
                     TxnOp::delete(record_key.as_str(), None),
                     TxnOp::delete(index_key.as_str(), None),
                     TxnOp::put(parked_key.as_str(), encode(&parked_record), None),
-                    TxnOp::put(
-                        self.keys.node_attachment(RESERVATION_NODE, &parked),
-                        "",
-                        None,
-                    ),
+                    TxnOp::put(parked_index_key.as_str(), "", None),
                 ];
                 ops.extend(moves.iter().cloned());
                 ops.push(self.marker_put(attachment, lease, Some(record)));
