@@ -78,7 +78,7 @@ pub struct Store {
     /// The highest revision any answer of etcd has shown this process: a lower bound of etcd's
     /// revision now. See [`Store::seen_revision`].
     seen_revision: Arc<AtomicI64>,
-    /// Requests sent through [`Store::retry`] by this store and its clones, each attempt once.
+    /// Requests sent by this store and its clones (`Store::retry_on`), each attempt once.
     requests_sent: Arc<AtomicU64>,
     /// Where [`Store::txn_grouped`] sends its transactions; None in the committer's own copy.
     committer: Option<Committer>,
