@@ -743,7 +743,7 @@ impl Inner {
         let _one = self.claiming.lock().await;
         if self
             .lock_pools()
-            .get_mut(&pool.id())
+            .get(&pool.id())
             .is_none_or(|state| state.owner(index).is_some())
         {
             return Ok(());

@@ -534,13 +534,12 @@ impl Inner {
             .iter()
             .map(|h| self.keys.address(&h.pool, h.ip))
             .collect();
-        let mut reads = vec![
-            TxnOp::get(sticky_key.as_str(), None),
-            TxnOp::get(parked_key.as_str(), None),
-        ];
-        reads.extend(ip_keys.iter().map(|k| TxnOp::get(k.as_str(), None)));
         let mut read_keys = vec![sticky_key.clone(), parked_key.clone()];
         read_keys.extend(ip_keys.iter().cloned());
+        let reads: Vec<TxnOp> = read_keys
+            .iter()
+            .map(|k| TxnOp::get(k.as_str(), None))
+            .collect();
         let resp = self
             .store
             .txn_grouped(
