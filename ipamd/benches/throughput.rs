@@ -7,8 +7,10 @@
 //! Each client keeps one connection for a phase (a plugin makes one per call: see the
 //! `plugin_exec` bench for that path) and allocates a new attachment per call, so every
 //! Allocate is one etcd transaction (plus a block claim per new block); the Release phase
-//! releases what the Allocate phase made. The raw peer is one etcd client shared by
-//! `CLIENTS` tasks, as the daemon shares one.
+//! releases what the Allocate phase made. The raw peer runs twice per round: `CLIENTS` tasks
+//! sharing one etcd client, as the daemon shares one; and `CLIENTS` tasks with an etcd client
+//! each, one connection per client as the daemon's clients have, so that the bench's own
+//! clients cost the same on both sides.
 //!
 //! A second part does the same on a three-member etcd with four daemons sharing one pool, the
 //! clients spread over them.
@@ -193,15 +195,16 @@ async fn daemon_phases(targets: &[Target], tag: &str, cpu: &Cpu) -> (Phase, Phas
     (allocate, release)
 }
 
-/// `CLIENTS` tasks sharing one etcd client, each writing new keys with a create-if-absent
-/// transaction for `PHASE`; the keys are deleted afterwards (not timed).
-async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Phase {
-    let prefix = format!("/bench/raw/{round}/");
+/// `CLIENTS` tasks on `clients` (in turn: one client shared by all, or one each), each writing
+/// new keys with a create-if-absent transaction for `PHASE`; the keys are deleted afterwards
+/// (not timed).
+async fn raw_phase(clients: &[etcd_client::Client], round: usize, cpu: &Cpu) -> Phase {
+    let prefix = format!("/bench/raw/{round}/{}/", clients.len());
     let cpu_before = cpu.snapshot();
     let start = Instant::now();
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            let (mut client, prefix) = (client.clone(), prefix.clone());
+            let (mut client, prefix) = (clients[c % clients.len()].clone(), prefix.clone());
             tokio::spawn(async move {
                 let mut took = Vec::new();
                 let mut i = 0;
@@ -231,7 +234,7 @@ async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Pha
     let ops = samples.len();
     let mut result = phase(samples, start.elapsed());
     result.cpu_us = cpu.per_op(&cpu_before, &cpu.snapshot(), ops);
-    client
+    clients[0]
         .clone()
         .delete(prefix, Some(DeleteOptions::new().with_prefix()))
         .await
@@ -246,6 +249,20 @@ async fn raw_phase(client: &etcd_client::Client, round: usize, cpu: &Cpu) -> Pha
 async fn compact_settled(client: &etcd_client::Client) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     compact(client).await;
+}
+
+/// `CLIENTS` etcd clients, each on its own connection: the raw peer shaped like the daemon's
+/// clients, which each have their own.
+async fn own_connections(etcd: &EtcdCluster) -> Vec<etcd_client::Client> {
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        clients.push(
+            etcd_client::Client::connect(etcd.endpoints(), None)
+                .await
+                .expect("connect to etcd"),
+        );
+    }
+    clients
 }
 
 fn config(subnet: &str, socket: &Path) -> Arc<NetworkConfig> {
@@ -330,6 +347,7 @@ async fn single_member(rt_dir: &Path) {
     let client = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
         .expect("connect to etcd");
+    let own = own_connections(&etcd).await;
     // Warm both daemons (pool definition, first block claims) before measuring.
     // Attachments of their own: an ADD of one another daemon just released may be refused as
     // begun before that DEL, until this daemon hears etcd's newer revision.
@@ -340,18 +358,20 @@ async fn single_member(rt_dir: &Path) {
         "{CLIENTS} concurrent clients, {} s phases, single-member etcd",
         PHASE.as_secs()
     );
-    println!("| round | raw txn/s | raw p50 ms | allocate/s (request log) | p50 ms | p99 ms | release/s | allocate/s (no request log) | p50 ms | p99 ms | release/s | allocate : raw | release : raw | no log : raw |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | raw txn/s | raw p50 ms | allocate/s (request log) | p50 ms | p99 ms | release/s | allocate/s (no request log) | p50 ms | p99 ms | release/s | allocate : raw | release : raw | no log : raw | raw txn/s, 64 connections | allocate : raw, 64 connections | no log : raw, 64 connections |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for round in 0..ROUNDS {
         compact_settled(&client).await;
-        let raw = raw_phase(&client, round, &cpu).await;
+        let raw = raw_phase(std::slice::from_ref(&client), round, &cpu).await;
+        compact_settled(&client).await;
+        let raw_own = raw_phase(&own, round, &cpu).await;
         compact_settled(&client).await;
         let (alloc, release) = daemon_phases(&logged, &format!("r{round}l"), &cpu).await;
         compact_settled(&client).await;
         let (quiet_alloc, quiet_release) = daemon_phases(&quiet, &format!("r{round}q"), &cpu).await;
         println!(
-            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
             raw.rate,
             raw.p50_ms,
             alloc.rate,
@@ -365,9 +385,13 @@ async fn single_member(rt_dir: &Path) {
             alloc.rate / raw.rate,
             release.rate / raw.rate,
             quiet_alloc.rate / raw.rate,
+            raw_own.rate,
+            alloc.rate / raw_own.rate,
+            quiet_alloc.rate / raw_own.rate,
         );
         for (what, p) in [
             ("raw txn", &raw),
+            ("raw txn, 64 connections", &raw_own),
             ("allocate (request log)", &alloc),
             ("release (request log)", &release),
             ("allocate (no request log)", &quiet_alloc),
@@ -407,6 +431,7 @@ async fn three_members(rt_dir: &Path) {
     let client = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
         .expect("connect to etcd");
+    let own = own_connections(&etcd).await;
     daemon_phases(&targets, "warm", &cpu).await;
 
     println!();
@@ -414,16 +439,18 @@ async fn three_members(rt_dir: &Path) {
         "{CLIENTS} concurrent clients spread over {NODES} daemons, {} s phases, three-member etcd",
         PHASE.as_secs()
     );
-    println!("| round | raw txn/s | raw p50 ms | allocate/s | p50 ms | p99 ms | release/s | allocate : raw | release : raw |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| round | raw txn/s | raw p50 ms | allocate/s | p50 ms | p99 ms | release/s | allocate : raw | release : raw | raw txn/s, 64 connections | allocate : raw, 64 connections |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut cpu_rows = Vec::new();
     for round in 0..ROUNDS {
         compact_settled(&client).await;
-        let raw = raw_phase(&client, round, &cpu).await;
+        let raw = raw_phase(std::slice::from_ref(&client), round, &cpu).await;
+        compact_settled(&client).await;
+        let raw_own = raw_phase(&own, round, &cpu).await;
         compact_settled(&client).await;
         let (alloc, release) = daemon_phases(&targets, &format!("r{round}c"), &cpu).await;
         println!(
-            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} |",
+            "| {round} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} |",
             raw.rate,
             raw.p50_ms,
             alloc.rate,
@@ -432,9 +459,12 @@ async fn three_members(rt_dir: &Path) {
             release.rate,
             alloc.rate / raw.rate,
             release.rate / raw.rate,
+            raw_own.rate,
+            alloc.rate / raw_own.rate,
         );
         for (what, p) in [
             ("raw txn", &raw),
+            ("raw txn, 64 connections", &raw_own),
             ("allocate", &alloc),
             ("release", &release),
         ] {
