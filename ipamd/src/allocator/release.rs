@@ -179,11 +179,14 @@ impl Inner {
             .filter(|c| expected.is_none_or(|e| e == c.revision))
             // Sticky addresses go to their identity's reservation, not back to the pool.
             .filter(|c| !super::sticky::holds_sticky(&c.record));
+        // The revision whose keys a guarded release found changed: not tried again.
+        let mut changed_since = None;
         if let Some(committed) = cached {
             // Fast path: nothing changed since this node's ADD wrote these keys.
             if let Some(record) = self.release_committed(attachment, &committed).await? {
                 return Ok(Some(record));
             }
+            changed_since = Some(committed.revision);
         }
 
         let mut last = String::new();
@@ -211,15 +214,18 @@ impl Inner {
                 // Every writer of an attachment record writes the address records it lists and
                 // its index entry in the same transaction. If all of them are still at the
                 // record's revision, they go as on the fast path, without reading the addresses.
-                if *key == self.keys.attachment(attachment) {
+                // A record of the earlier layout (under its handle key) goes the way below.
+                let revision = kv.mod_revision();
+                if *key == self.keys.attachment(attachment) && changed_since != Some(revision) {
                     let committed = Committed {
-                        revision: kv.mod_revision(),
+                        revision,
                         keys: self.keys_written_with(attachment, record),
                         record: record.clone(),
                     };
                     if let Some(record) = self.release_committed(attachment, &committed).await? {
                         return Ok(Some(record));
                     }
+                    changed_since = Some(revision);
                 }
             }
             let (guard, record, ip_keys) = match found {
