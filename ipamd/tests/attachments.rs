@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 mod common;
-use common::{allocator, ip, ips, request, sets};
+use common::{allocator, config, ip, ips, request, sets};
 
 /// Every key under the allocator's prefix.
 async fn keys(a: &Allocator) -> Vec<String> {
@@ -227,11 +227,19 @@ async fn adds_given_up_while_the_etcd_leader_is_paused_do_not_outlive_their_dels
     let cluster = Arc::new(EtcdCluster::start(3).expect("3-member etcd"));
     let prefix = unique_prefix("paused-leader");
     let pool = sets(json!({"subnet": "10.95.0.0/22"}));
+    // A retry budget shorter than one request's deadline: a request whose proposal is lost at
+    // the paused leader is given up rather than sent again to the next leader, so every pause
+    // gives up the ADDs in flight at that moment. With the default budget (two deadlines) most
+    // of them got through on the second try, and a run could give up none.
+    let mut config = config(&cluster, &prefix);
+    config.retry_timeout = config.request_timeout * 3 / 5;
     let mut nodes = Vec::new();
     for n in 0..4 {
-        nodes.push(Arc::new(
-            allocator(&cluster, &prefix, &format!("node-{n}")).await,
-        ));
+        let node = Allocator::start(&config, &format!("node-{n}"))
+            .await
+            .expect("allocator starts");
+        node.ready().await.expect("pools load");
+        nodes.push(Arc::new(node));
     }
     let stop = Arc::new(AtomicBool::new(false));
     // Addresses held between an ADD's success and the start of its DEL, to catch a double
