@@ -6,7 +6,8 @@
 //! Pools: /24, /16 and /8 with nothing held by this node (the /8 already holding 100,000
 //! allocations of another node), where every allocation lands in a fresh block; a /20 and a
 //! /16 that are 95 % full with the free addresses scattered over this node's blocks; and a /16
-//! as full whose every block another node claimed, so that this node must borrow.
+//! as full whose every block another node claimed, so that this node must borrow; and a /16 that
+//! is 99.9 % full, its few free addresses all in its last blocks.
 //!
 //! Run: `cargo bench -p hostnic-ipamd --bench allocate` (results go in BENCHMARKS.md).
 
@@ -26,6 +27,8 @@ const OPS: usize = 2000;
 const PRELOAD: u32 = 100_000;
 /// Share of the dynamic addresses a full pool leaves free, in percent.
 const FREE_PERCENT: usize = 5;
+/// Share of the dynamic addresses a nearly exhausted pool leaves free, in thousandths.
+const NEARLY_FREE_PER_MILLE: usize = 1;
 /// The other nodes whose blocks a borrowing node borrows from.
 const PEERS: u128 = 8;
 const NODE: &str = "bench-node";
@@ -43,6 +46,9 @@ enum Fill {
     /// As `Fragmented`, but every block claimed by one of `PEERS` other nodes: no block is left
     /// to claim and this node allocates by borrowing.
     Borrowing,
+    /// All but `NEARLY_FREE_PER_MILLE` ‰ of the dynamic addresses, every block claimed by this
+    /// node, the free ones the pool's last: a handful of free addresses in its last blocks.
+    NearlyExhausted,
 }
 
 impl Fill {
@@ -52,13 +58,14 @@ impl Fill {
             Fill::Preloaded(n) => format!("{subnet} holding {n}"),
             Fill::Fragmented => format!("{subnet} 95 % full, fragmented"),
             Fill::Borrowing => format!("{subnet} 95 % full, borrowing"),
+            Fill::NearlyExhausted => format!("{subnet} 99.9 % full, free only in its last blocks"),
         }
     }
 
     /// The node that claims block `index`.
     fn owner(self, index: u128) -> String {
         match self {
-            Fill::Fragmented => NODE.to_string(),
+            Fill::Fragmented | Fill::NearlyExhausted => NODE.to_string(),
             Fill::Borrowing => format!("peer-{}", index % PEERS),
             Fill::Empty | Fill::Preloaded(_) => "filler".to_string(),
         }
@@ -70,10 +77,15 @@ impl Fill {
         match self {
             Fill::Empty => Vec::new(),
             Fill::Preloaded(n) => (first + 2..first + 2 + u128::from(n)).collect(),
-            Fill::Fragmented | Fill::Borrowing => {
+            Fill::Fragmented | Fill::Borrowing | Fill::NearlyExhausted => {
                 let last = to_int(pool.subnet.broadcast());
                 let mut dynamic: Vec<u128> =
                     (first..=last).filter(|&n| pool.is_dynamic(n)).collect();
+                if let Fill::NearlyExhausted = self {
+                    let free = dynamic.len() * NEARLY_FREE_PER_MILLE / 1000;
+                    dynamic.truncate(dynamic.len() - free);
+                    return dynamic;
+                }
                 shuffle(&mut dynamic);
                 let free = dynamic.len() * FREE_PERCENT / 100;
                 let mut held = dynamic.split_off(free);
@@ -87,7 +99,7 @@ impl Fill {
     /// the held addresses otherwise.
     fn claimed(self, pool: &Pool, held: &[u128]) -> Vec<u128> {
         match self {
-            Fill::Fragmented | Fill::Borrowing => pool
+            Fill::Fragmented | Fill::Borrowing | Fill::NearlyExhausted => pool
                 .dynamic_block_spans()
                 .flat_map(|(first, last)| first..=last)
                 .collect(),
@@ -231,7 +243,7 @@ async fn allocate_release(
     let (before, claims) = usage(&allocator, subnet);
     // A node follows the addresses of its own blocks only, until it must borrow.
     let own = match fill {
-        Fill::Fragmented => held as u128,
+        Fill::Fragmented | Fill::NearlyExhausted => held as u128,
         _ => 0,
     };
     assert_eq!(
@@ -251,7 +263,10 @@ async fn allocate_release(
         allocator.release(&req.attachment).await.expect("release");
         release.push(t.elapsed());
     }
-    if matches!(fill, Fill::Fragmented | Fill::Borrowing) {
+    if matches!(
+        fill,
+        Fill::Fragmented | Fill::Borrowing | Fill::NearlyExhausted
+    ) {
         // The rounds kept the fill level and claimed nothing: a borrowing node still owns no
         // block, a fragmented one no new block. A borrowing node now follows the whole pool.
         let settle = Instant::now() + Duration::from_secs(5);
@@ -304,6 +319,7 @@ fn main() {
             ("10.0.0.0/20", Fill::Fragmented),
             ("10.0.0.0/16", Fill::Fragmented),
             ("10.0.0.0/16", Fill::Borrowing),
+            ("10.0.0.0/16", Fill::NearlyExhausted),
         ] {
             let series = allocate_release(&cluster, &mut client, subnet, fill).await;
             println!(
@@ -313,8 +329,8 @@ fn main() {
             );
             all.push(series);
         }
-        let [p24, p16, p8, frag20, frag16, borrow16] = &all[..] else {
-            unreachable!("six pools measured")
+        let [p24, p16, p8, frag20, frag16, borrow16, nearly16] = &all[..] else {
+            unreachable!("seven pools measured")
         };
         println!();
         println!("| operation | p50 ms | p99 ms |\n|---|---|---|");
@@ -355,5 +371,6 @@ fn main() {
         against(frag16, p24, "fragmented /16 : /24");
         against(frag16, frag20, "fragmented /16 : fragmented /20");
         against(borrow16, p24, "borrowing /16 : /24");
+        against(nearly16, p24, "99.9 % full /16 : /24");
     });
 }
