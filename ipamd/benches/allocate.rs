@@ -7,7 +7,8 @@
 //! allocations of another node), where every allocation lands in a fresh block; a /20 and a
 //! /16 that are 95 % full with the free addresses scattered over this node's blocks; and a /16
 //! as full whose every block another node claimed, so that this node must borrow; and a /16 that
-//! is 99.9 % full, its few free addresses all in its last blocks.
+//! is 99.9 % full, its few free addresses all in its last blocks. In every pool each round also
+//! allocates as a pod whose namespace must stay out of another namespace's block.
 //!
 //! Run: `cargo bench -p hostnic-ipamd --bench allocate` (results go in BENCHMARKS.md).
 
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use hostnic_ipamd::addr::to_int;
+use hostnic_ipamd::namespaces::{Restriction, Source};
 use hostnic_ipamd::records::{BlockRecord, Keys, RECORD_VERSION};
 use hostnic_ipamd::{
     parse_range_sets, AllocateRequest, Allocator, Attachment, Kind, Pool, StoreConfig,
@@ -204,13 +206,26 @@ fn usage(allocator: &Allocator, subnet: &str) -> (u128, BTreeMap<String, u64>) {
         .unwrap_or_default()
 }
 
-/// The rows of one pool: allocate, release and a raw transaction, in turn, `OPS` times, and the
-/// time the allocator took to load the pool.
+/// The rows of one pool: a raw transaction, allocate, release, and allocate kept outside another
+/// namespace's block (then released, untimed), in turn, `OPS` times, and the time the allocator
+/// took to load the pool.
 struct Series {
     raw: Row,
     allocate: Row,
     release: Row,
+    outside: Row,
     load: Duration,
+}
+
+/// What the namespace mapping makes of a pod in a namespace without an entry, when another
+/// namespace is mapped to the pool's first block: the whole pool but that block.
+fn outside_first_block(pool: &Pool) -> Restriction {
+    Restriction {
+        within: None,
+        outside: vec![pool.block_cidr(0)],
+        source: Source::Pool,
+        auto_space: None,
+    }
 }
 
 async fn allocate_release(
@@ -253,6 +268,8 @@ async fn allocate_release(
     let mut alloc = Vec::with_capacity(OPS);
     let mut release = Vec::with_capacity(OPS);
     let mut raw = Vec::with_capacity(OPS);
+    let mut outside = Vec::with_capacity(OPS);
+    let restrictions = [outside_first_block(&sets[0].pools[0])];
     for i in 0..OPS {
         raw.push(raw_txn(client, &format!("/bench/raw/{name}/{i}")).await);
         let req = request(&format!("b{i}"), &sets);
@@ -262,6 +279,14 @@ async fn allocate_release(
         let t = Instant::now();
         allocator.release(&req.attachment).await.expect("release");
         release.push(t.elapsed());
+        let req = request(&format!("n{i}"), &sets);
+        let t = Instant::now();
+        allocator
+            .allocate_within(&req, &restrictions)
+            .await
+            .expect("allocate outside another namespace's block");
+        outside.push(t.elapsed());
+        allocator.release(&req.attachment).await.expect("release");
     }
     if matches!(
         fill,
@@ -283,6 +308,10 @@ async fn allocate_release(
         ),
         allocate: row(format!("allocate {label}"), &mut alloc),
         release: row(format!("release {label}"), &mut release),
+        outside: row(
+            format!("allocate {label}, outside another namespace's first block"),
+            &mut outside,
+        ),
         load,
     }
 }
@@ -335,7 +364,7 @@ fn main() {
         println!();
         println!("| operation | p50 ms | p99 ms |\n|---|---|---|");
         for s in &all {
-            for row in [&s.raw, &s.allocate, &s.release] {
+            for row in [&s.raw, &s.allocate, &s.release, &s.outside] {
                 println!("| {} | {:.3} | {:.3} |", row.what, ms(row.p50), ms(row.p99));
             }
         }
@@ -355,6 +384,11 @@ fn main() {
         println!(
             "ratio release : raw txn (rate), pools in the table's order = {}",
             rates(|s| &s.release)
+        );
+        println!(
+            "ratio allocate outside another namespace's block : raw txn (rate), pools in the \
+             table's order = {}",
+            rates(|s| &s.outside)
         );
         // The raw series slows with etcd's database too: the plain ratio mixes that in, the
         // normalised one (each against its own raw series) does not. Both are printed.
