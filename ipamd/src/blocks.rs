@@ -493,42 +493,44 @@ impl PoolState {
 }
 
 /// Picking restricted to some addresses of the pool: a namespace's CIDRs without other
-/// namespaces' (see `namespaces`). It walks the blocks that meet the allowed addresses, so only
-/// a restricted request pays for it; [`PoolState::next_address`] is unchanged.
+/// namespaces' (see `namespaces`). It looks up the free-block sets by the blocks that meet the
+/// allowed addresses, so it costs what [`PoolState::next_address`] does plus a lookup per
+/// allowed range; only a search for a block to claim walks the allowed blocks, from the pool's
+/// first unclaimed one.
 impl PoolState {
     /// Chooses the next dynamic address among `allowed` (sorted, merged, inside the pool): a
     /// free one of this node's blocks, else a block to claim, else one to borrow.
     pub fn next_address_in(&mut self, allowed: &[AddrRange]) -> Next {
-        let meets = |s: &Self, b: &u128| s.block_meets(*b, allowed);
-        let own: Vec<u128> = self
-            .own_free
-            .iter()
-            .filter(|b| meets(self, b))
-            .copied()
-            .collect();
-        if let Some(n) = own.iter().find_map(|&b| self.free_allowed(b, allowed)) {
+        let own = meeting(&self.pool, &self.own_free, allowed)
+            .find_map(|b| self.free_allowed(b, allowed));
+        if let Some(n) = own {
             return Next::Address(self.take(n));
         }
-        if let Some(&b) = self.own_unfollowed.iter().find(|b| meets(self, b)) {
+        if let Some(b) = meeting(&self.pool, &self.own_unfollowed, allowed).next() {
             return Next::Follow(b);
         }
-        let unclaimed = self.blocks_meeting(allowed).find(|&b| {
-            self.blocks.get(&b).is_none_or(|x| x.owner.is_none())
-                && self.free_allowed(b, allowed).is_some()
-        });
-        if let Some(b) = unclaimed {
-            return Next::Claim(b);
+        // Every block before the pool's first unclaimed one is claimed or full.
+        if let Some(floor) = self.next_unclaimed() {
+            let mut candidates = allowed
+                .iter()
+                .flat_map(|r| self.pool.block_of(r.first).max(floor)..=self.pool.block_of(r.last));
+            let unclaimed = candidates.find(|&b| {
+                self.blocks.get(&b).is_none_or(|x| x.owner.is_none())
+                    && self.free_allowed(b, allowed).is_some()
+            });
+            if let Some(b) = unclaimed {
+                return Next::Claim(b);
+            }
         }
-        let any: Vec<u128> = self
-            .any_free
-            .iter()
-            .filter(|b| meets(self, b))
-            .copied()
-            .collect();
-        if let Some(n) = any.iter().find_map(|&b| self.free_allowed(b, allowed)) {
+        let any = meeting(&self.pool, &self.any_free, allowed)
+            .find_map(|b| self.free_allowed(b, allowed));
+        if let Some(n) = any {
             return Next::Borrow(self.take(n));
         }
-        if self.others_unfollowed.iter().any(|b| meets(self, b)) {
+        if meeting(&self.pool, &self.others_unfollowed, allowed)
+            .next()
+            .is_some()
+        {
             return Next::FollowAll;
         }
         Next::Exhausted
@@ -567,11 +569,6 @@ impl PoolState {
         AddrRange::new(first, first.saturating_add(self.pool.block_len() - 1))
     }
 
-    fn block_meets(&self, index: u128, allowed: &[AddrRange]) -> bool {
-        let span = self.block_span(index);
-        allowed.iter().any(|r| r.overlaps(&span))
-    }
-
     /// The blocks that meet `allowed`, in order (a block two ranges share comes twice).
     fn blocks_meeting<'a>(&'a self, allowed: &'a [AddrRange]) -> impl Iterator<Item = u128> + 'a {
         allowed
@@ -589,6 +586,19 @@ impl PoolState {
             .flat_map(|r| r.first.max(span.first)..=r.last.min(span.last))
             .find(|&n| self.pool.is_dynamic(n) && !held.is_some_and(|h| is_held(h, n - span.first)))
     }
+}
+
+/// The blocks of `set` that meet `allowed` (sorted, merged, inside `pool`), in order (a block
+/// two ranges share comes twice).
+fn meeting<'a>(
+    pool: &'a Pool,
+    set: &'a BTreeSet<u128>,
+    allowed: &'a [AddrRange],
+) -> impl Iterator<Item = u128> + 'a {
+    allowed
+        .iter()
+        .flat_map(move |r| set.range(pool.block_of(r.first)..=pool.block_of(r.last)))
+        .copied()
 }
 
 /// The word of a block's bitmap that holds `offset`, and the bit within it.
@@ -941,6 +951,8 @@ mod tests {
 
     /// The invariants written on [`PoolState`], checked from scratch.
     fn assert_invariants(s: &PoolState) {
+        let claimed = s.blocks.values().filter(|b| b.owner.is_some()).count();
+        assert_eq!(s.claimed, claimed as u128, "claimed blocks");
         for (&b, block) in &s.blocks {
             let first = s.pool.block_first(b);
             let free = (0..s.pool.block_len())
@@ -1075,6 +1087,9 @@ mod tests {
         enum Op {
             /// Next address, claiming and following blocks for this node as asked.
             Allocate,
+            /// The same, restricted to `len` addresses from offset `o` of the pool (a
+            /// namespace's space).
+            AllocateIn(u8, u8),
             /// Another node claims block `b` (or the claim is removed).
             Owner(u8, Option<bool>),
             /// Another node takes or frees the address at offset `o` of the pool; the watch
@@ -1085,6 +1100,7 @@ mod tests {
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
                 3 => Just(Op::Allocate),
+                2 => (any::<u8>(), any::<u8>()).prop_map(|(o, len)| Op::AllocateIn(o, len)),
                 1 => (0u8..4, prop::option::of(any::<bool>())).prop_map(|(b, o)| Op::Owner(b, o)),
                 2 => (any::<u8>(), any::<bool>()).prop_map(|(o, m)| Op::Mark(o, m)),
             ]
@@ -1094,8 +1110,9 @@ mod tests {
             #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
             /// Whatever the watch and other nodes do, followed whole or block by block: the
-            /// invariants hold, an address handed out was free in etcd, and the pool is
-            /// exhausted only when no dynamic address is free in etcd.
+            /// invariants hold, an address handed out was free in etcd (and allowed, when
+            /// picking is restricted), and the pool is exhausted only when no dynamic address
+            /// (allowed) is free in etcd.
             #[test]
             fn the_invariants_hold_and_only_free_addresses_are_handed_out(
                 ops in prop::collection::vec(op(), 1..120),
@@ -1136,6 +1153,40 @@ mod tests {
                                 }
                             }
                         },
+                        Op::AllocateIn(o, len) => {
+                            let first = base + u128::from(o);
+                            let last = (first + u128::from(len)).min(base + 255);
+                            let allowed = [AddrRange::new(first, last)];
+                            loop {
+                                match s.next_address_in(&allowed) {
+                                    Next::Address(a) | Next::Borrow(a) => {
+                                        prop_assert!(allowed[0].contains(a), "{a} not allowed");
+                                        prop_assert!(s.pool().is_dynamic(a));
+                                        prop_assert!(s.is_marked(a));
+                                        prop_assert!(held.insert(a), "{a} handed out while held");
+                                        break;
+                                    }
+                                    Next::Claim(b) => {
+                                        prop_assert!(s.blocks.get(&b).is_none_or(|x| x.owner.is_none()));
+                                        s.set_owner(b, Some("a"));
+                                    }
+                                    Next::Follow(b) => {
+                                        prop_assert!(!s.follows(b));
+                                        s.follow(b, held.iter().copied());
+                                    }
+                                    Next::FollowAll => {
+                                        prop_assert!(!s.follows_all());
+                                        s.follow_all(held.iter().copied());
+                                    }
+                                    Next::Exhausted => {
+                                        let free = (first..=last)
+                                            .any(|a| s.pool().is_dynamic(a) && !held.contains(&a));
+                                        prop_assert!(!free, "exhausted with a free allowed address");
+                                        break;
+                                    }
+                                }
+                            }
+                        }
                         Op::Owner(b, owner) => {
                             let owner = owner.map(|mine| if mine { "a" } else { "b" });
                             s.set_owner(u128::from(b), owner);
