@@ -8,7 +8,8 @@
 //! /16 that are 95 % full with the free addresses scattered over this node's blocks; and a /16
 //! as full whose every block another node claimed, so that this node must borrow; and a /16 that
 //! is 99.9 % full, its few free addresses all in its last blocks. In every pool each round also
-//! allocates as a pod whose namespace must stay out of another namespace's block.
+//! allocates as a pod whose namespace must stay out of another namespace's block, and as a pod
+//! of a namespace auto-assigned the whole pool.
 //!
 //! Run: `cargo bench -p hostnic-ipamd --bench allocate` (results go in BENCHMARKS.md).
 
@@ -214,7 +215,18 @@ struct Series {
     allocate: Row,
     release: Row,
     outside: Row,
+    auto: Row,
     load: Duration,
+}
+
+/// A namespace whose auto-assigned blocks are the whole pool.
+fn auto_assigned_whole(pool: &Pool) -> Restriction {
+    Restriction {
+        within: Some(vec![pool.subnet]),
+        outside: Vec::new(),
+        source: Source::Auto,
+        auto_space: Some(None),
+    }
 }
 
 /// What the namespace mapping makes of a pod in a namespace without an entry, when another
@@ -270,6 +282,8 @@ async fn allocate_release(
     let mut raw = Vec::with_capacity(OPS);
     let mut outside = Vec::with_capacity(OPS);
     let restrictions = [outside_first_block(&sets[0].pools[0])];
+    let mut auto = Vec::with_capacity(OPS);
+    let auto_restrictions = [auto_assigned_whole(&sets[0].pools[0])];
     for i in 0..OPS {
         raw.push(raw_txn(client, &format!("/bench/raw/{name}/{i}")).await);
         let req = request(&format!("b{i}"), &sets);
@@ -286,6 +300,19 @@ async fn allocate_release(
             .await
             .expect("allocate outside another namespace's block");
         outside.push(t.elapsed());
+        allocator.release(&req.attachment).await.expect("release");
+        // What the daemon does for a pod of an auto-assigned namespace: asks twice whether
+        // its blocks have a free address (before and while extending them), then allocates.
+        let req = request(&format!("a{i}"), &sets);
+        let t = Instant::now();
+        for _ in 0..2 {
+            assert!(allocator.has_free_within(&sets[0], &auto_restrictions[0]));
+        }
+        allocator
+            .allocate_within(&req, &auto_restrictions)
+            .await
+            .expect("allocate in an auto-assigned namespace");
+        auto.push(t.elapsed());
         allocator.release(&req.attachment).await.expect("release");
     }
     if matches!(
@@ -311,6 +338,10 @@ async fn allocate_release(
         outside: row(
             format!("allocate {label}, outside another namespace's first block"),
             &mut outside,
+        ),
+        auto: row(
+            format!("allocate {label}, a namespace auto-assigned the whole pool"),
+            &mut auto,
         ),
         load,
     }
@@ -364,7 +395,7 @@ fn main() {
         println!();
         println!("| operation | p50 ms | p99 ms |\n|---|---|---|");
         for s in &all {
-            for row in [&s.raw, &s.allocate, &s.release, &s.outside] {
+            for row in [&s.raw, &s.allocate, &s.release, &s.outside, &s.auto] {
                 println!("| {} | {:.3} | {:.3} |", row.what, ms(row.p50), ms(row.p99));
             }
         }
@@ -389,6 +420,11 @@ fn main() {
             "ratio allocate outside another namespace's block : raw txn (rate), pools in the \
              table's order = {}",
             rates(|s| &s.outside)
+        );
+        println!(
+            "ratio allocate in a namespace auto-assigned the whole pool : raw txn (rate), pools \
+             in the table's order = {}",
+            rates(|s| &s.auto)
         );
         // The raw series slows with etcd's database too: the plain ratio mixes that in, the
         // normalised one (each against its own raw series) does not. Both are printed.
