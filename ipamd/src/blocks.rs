@@ -533,10 +533,16 @@ impl PoolState {
         Next::Exhausted
     }
 
-    /// Whether a dynamic address among `allowed` may be free (blocks not followed may).
+    /// Whether a dynamic address among `allowed` may be free (blocks not followed may). A
+    /// followed block with a free address is in `any_free`, so only when none is allowed are
+    /// the allowed blocks walked, for one not followed.
     pub fn has_free_in(&self, allowed: &[AddrRange]) -> bool {
-        self.blocks_meeting(allowed, 0)
+        meeting(&self.pool, &self.any_free, allowed)
             .any(|b| self.free_allowed(b, allowed).is_some())
+            || self.blocks_meeting(allowed, 0).any(|b| {
+                self.blocks.get(&b).is_none_or(|x| !x.followed)
+                    && self.free_allowed(b, allowed).is_some()
+            })
     }
 
     /// Blocks wholly inside `space` (sorted, merged, inside the pool) in which no address is
@@ -1113,8 +1119,8 @@ mod tests {
 
             /// Whatever the watch and other nodes do, followed whole or block by block: the
             /// invariants hold, an address handed out was free in etcd (and allowed, when
-            /// picking is restricted), and the pool is exhausted only when no dynamic address
-            /// (allowed) is free in etcd.
+            /// picking is restricted), the pool is exhausted only when no dynamic address
+            /// (allowed) is free in etcd, and `has_free_in` says whether an allowed one may be.
             #[test]
             fn the_invariants_hold_and_only_free_addresses_are_handed_out(
                 ops in prop::collection::vec(op(), 1..120),
@@ -1137,6 +1143,13 @@ mod tests {
                                 _ => (base, base + 255, false),
                             };
                             let allowed = [AddrRange::new(first, last)];
+                            if restricted {
+                                let may_be_free = (first..=last).any(|a| {
+                                    s.pool().is_dynamic(a)
+                                        && (!s.follows(s.pool().block_of(a)) || !held.contains(&a))
+                                });
+                                prop_assert_eq!(s.has_free_in(&allowed), may_be_free);
+                            }
                             loop {
                                 let next = if restricted {
                                     s.next_address_in(&allowed)
