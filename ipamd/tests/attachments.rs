@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::Barrier;
 
 mod common;
-use common::{allocator, config, ip, ips, request, sets};
+use common::{allocator, allocator_with, config, ip, ips, request, sets};
 
 /// Every key under the allocator's prefix.
 async fn keys(a: &Allocator) -> Vec<String> {
@@ -235,11 +235,9 @@ async fn adds_given_up_while_the_etcd_leader_is_paused_do_not_outlive_their_dels
     config.retry_timeout = config.request_timeout * 3 / 5;
     let mut nodes = Vec::new();
     for n in 0..4 {
-        let node = Allocator::start(&config, &format!("node-{n}"))
-            .await
-            .expect("allocator starts");
-        node.ready().await.expect("pools load");
-        nodes.push(Arc::new(node));
+        nodes.push(Arc::new(
+            allocator_with(&config, &format!("node-{n}")).await,
+        ));
     }
     let stop = Arc::new(AtomicBool::new(false));
     // Addresses held between an ADD's success and the start of its DEL, to catch a double

@@ -20,7 +20,12 @@ pub fn config(cluster: &EtcdCluster, prefix: &str) -> StoreConfig {
 
 /// An allocator for `node` whose pools are loaded.
 pub async fn allocator(cluster: &EtcdCluster, prefix: &str, node: &str) -> Allocator {
-    let a = Allocator::start(&config(cluster, prefix), node)
+    allocator_with(&config(cluster, prefix), node).await
+}
+
+/// [`allocator`] with a config of the test's own.
+pub async fn allocator_with(config: &StoreConfig, node: &str) -> Allocator {
+    let a = Allocator::start(config, node)
         .await
         .expect("allocator starts");
     a.ready().await.expect("pools load");
