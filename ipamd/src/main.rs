@@ -234,14 +234,13 @@ async fn serve(
     // The background tasks stop when the sender is used or dropped: at shutdown, or when
     // serving fails.
     let (stop_gc, gc_stopped) = tokio::sync::watch::channel(());
-    let shutdown = async move {
+    let mut shutdown = Box::pin(async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
         let _ = stop_gc.send(());
-    };
-    tokio::pin!(shutdown);
+    });
     // The socket's lock first: a second daemon waits here without touching etcd, and a bad
     // socket path is refused before anything else happens.
     let lock = tokio::select! {
@@ -379,7 +378,17 @@ async fn serve(
             None => service,
         }
     });
-    let served = server::serve_with_nics(lock, service, nic_service, shutdown).await;
+    // On a worker thread, not on this one (the runtime's `block_on`): the listener's readiness
+    // is then handled where the I/O driver saw it, without waking this thread per connection.
+    let served = tokio::spawn(server::serve_with_nics(
+        lock,
+        service,
+        nic_service,
+        shutdown,
+    ))
+    .await
+    .context("the gRPC server's task")
+    .and_then(|served| served);
     if let Some(endpoint) = endpoint {
         endpoint.abort();
     }
