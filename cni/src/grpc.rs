@@ -6,8 +6,9 @@
 //! The exchange, [gRPC over HTTP/2] with prior knowledge:
 //! 1. [`connect`]: the socket, within a timeout, and only to a listener running as root.
 //! 2. One write: the connection preface, this side's SETTINGS (no push; windows large enough
-//!    that the answer never waits for a WINDOW_UPDATE), the request HEADERS (HPACK literals),
-//!    and as much of the length-prefixed message as the server's initial windows allow.
+//!    that the answer never waits for a WINDOW_UPDATE), the request HEADERS (HPACK literals,
+//!    with [`ONE_CALL`]), and as much of the length-prefixed message as the server's initial
+//!    windows allow.
 //! 3. Reads until the response stream ends, answering SETTINGS and PING, sending the rest of a
 //!    large request as WINDOW_UPDATEs open the windows; `grpc-status` and `grpc-message` (from
 //!    the trailers, or a trailers-only response) decide the outcome.
@@ -225,19 +226,25 @@ fn no_reply(deadline: Duration) -> CallFailure {
     )))
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The client connection preface.
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The request field by which a client says that its connection carries this one call, so
+/// that the daemon may answer it in one write and close the connection (`hostnic-ipamd`'s
+/// `one_call`).
+pub const ONE_CALL: (&str, &str) = ("hostnic-one-call", "1");
 /// The one stream of the connection.
 const STREAM: u32 = 1;
 /// HTTP/2's initial window and the smallest maximum frame size a peer may set.
-const INITIAL_WINDOW: i64 = 65_535;
-const MAX_FRAME: usize = 16_384;
+pub const INITIAL_WINDOW: i64 = 65_535;
+pub const MAX_FRAME: usize = 16_384;
 /// This side's windows: the largest HTTP/2 allows, so the answer never waits for one.
 const OWN_WINDOW: u32 = 0x7fff_ffff;
 /// The most this side reads: an answer's messages (tonic's default limit) and one header block.
 const MAX_ANSWER: usize = 4 << 20;
 const MAX_HEADER_BLOCK: usize = 64 << 10;
 
-mod frame {
+/// Frame types, flags, settings and error codes (RFC 9113, 6 and 7).
+pub mod frame {
     pub const DATA: u8 = 0x0;
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
@@ -256,17 +263,19 @@ mod frame {
 
     pub const SETTINGS_ENABLE_PUSH: u16 = 0x2;
     pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+    pub const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
 
     pub const NO_ERROR: u32 = 0x0;
     pub const REFUSED_STREAM: u32 = 0x7;
 }
 
 /// The big-endian 32-bit word at `at` in a payload whose length was checked.
-fn word(bytes: &[u8], at: usize) -> u32 {
+pub fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-fn put_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+/// Appends one frame: its 9-byte header, then `payload`.
+pub fn put_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
     out.extend_from_slice(&[kind, flags]);
     out.extend_from_slice(&stream.to_be_bytes());
@@ -347,6 +356,7 @@ impl<'a> Exchange<'a> {
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
                 ("grpc-timeout", &timeout),
+                ONE_CALL,
             ],
             &mut block,
         );

@@ -25,6 +25,7 @@ pub mod namespaces;
 pub mod netns_gc;
 pub mod nics;
 pub mod node_gc;
+pub mod one_call;
 pub mod planner;
 pub mod pod_gc;
 pub mod pool;

@@ -24,15 +24,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hostnic_proto::v1::ipam_server::IpamServer;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::service::Routes;
 
 use crate::allocator::Allocator;
 use crate::config::DEFAULT_SOCKET_WAIT;
+use crate::one_call;
 use crate::service::IpamService;
 
 /// How long shutdown waits for requests in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the daemon waits before it accepts again after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// How often a waiting daemon tries the lock again.
 const LOCK_POLL: Duration = Duration::from_millis(100);
@@ -231,6 +238,8 @@ pub async fn serve_service(
 }
 
 /// [`serve_service`], and the `Nics` service of QingCloud mode on the same socket when given.
+/// A connection whose first read is a plugin's whole call is answered by [`one_call`]; every
+/// other goes to tonic's HTTP/2 server.
 pub async fn serve_with_nics(
     lock: SocketLock,
     service: IpamService,
@@ -240,26 +249,45 @@ pub async fn serve_with_nics(
     let socket = lock.socket.clone();
     let (listener, bound) = bind(&socket)?;
     tracing::info!(socket = %socket.display(), node = service.node(), kubernetes = service.has_pods(), "serving");
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = stopping.send(());
-    };
+    let mut routes = Routes::new(IpamServer::new(service));
+    if let Some(nics) = nics {
+        routes = routes.add_service(hostnic_proto::nics_v1::nics_server::NicsServer::new(nics));
+    }
+    let (stop, stopping) = watch::channel(false);
+    let (to_server, incoming) = mpsc::channel(64);
+    // Each one-call answer holds a sender; `recv` ends once all are dropped.
+    let (answering, mut answered) = mpsc::channel::<()>(1);
+    let accepting = tokio::spawn(accept(
+        listener,
+        routes.clone(),
+        to_server,
+        answering,
+        stopping.clone(),
+    ));
+    let mut server_stopping = stopping;
     let server = tonic::transport::Server::builder()
-        .add_service(IpamServer::new(service))
-        .add_optional_service(nics.map(hostnic_proto::nics_v1::nics_server::NicsServer::new))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(incoming).map(Ok::<_, io::Error>),
+            async move { stopped(&mut server_stopping).await },
+        );
+    let served = async {
+        let result = server.await;
+        // The server also ends on its own error: the accept loop must stop then too.
+        let _ = stop.send(true);
+        let _ = accepting.await;
+        answered.recv().await;
+        result
+    };
     // Requests in flight get a grace period; a client that keeps its connection open does not
     // hold the daemon up beyond it.
     let grace = async {
-        if stopped.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+        shutdown.await;
+        let _ = stop.send(true);
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     let result = tokio::select! {
-        r = server => r.context("serving gRPC"),
+        r = served => r.context("serving gRPC"),
         () = grace => {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing");
             Ok(())
@@ -269,6 +297,79 @@ pub async fn serve_with_nics(
     // Only now may another daemon bind the path.
     drop(lock);
     result
+}
+
+/// Accepts connections until `stopping` turns true, each routed by its first read.
+async fn accept(
+    listener: UnixListener,
+    routes: Routes,
+    to_server: mpsc::Sender<one_call::Replayed>,
+    answering: mpsc::Sender<()>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: try again shortly rather than spin.
+                    tracing::debug!(error = %e, "accepting a connection");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stopping) => return,
+        };
+        tokio::spawn(route(
+            stream,
+            routes.clone(),
+            to_server.clone(),
+            answering.clone(),
+            stopping.clone(),
+        ));
+    }
+}
+
+/// Completes once the daemon stops (or the sender is gone).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// Reads a connection's first bytes: a one-call client's whole call is answered here, any
+/// other connection goes to the HTTP/2 server with those bytes. A connection that has sent
+/// nothing when the daemon stops is closed unserved.
+async fn route(
+    stream: UnixStream,
+    routes: Routes,
+    to_server: mpsc::Sender<one_call::Replayed>,
+    answering: mpsc::Sender<()>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut first = vec![0u8; one_call::FIRST_READ];
+    let n = loop {
+        tokio::select! {
+            ready = stream.readable() => if ready.is_err() { return },
+            () = stopped(&mut stopping) => return,
+        }
+        match stream.try_read(&mut first) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    };
+    if n == 0 {
+        return;
+    }
+    first.truncate(n);
+    match one_call::first_read(&first) {
+        Some(call) => {
+            one_call::answer(stream, call, routes).await;
+            drop(answering);
+        }
+        None => {
+            let _ = to_server.send(one_call::Replayed::new(first, stream)).await;
+        }
+    }
 }
 
 /// Identity of a bound socket: device and inode of the path.
