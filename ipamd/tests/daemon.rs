@@ -7,13 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use hostnic_cni::grpc::{frame, put_frame, CallFailure, INITIAL_WINDOW, ONE_CALL, PREFACE};
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{
-    AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod, ReleaseRequest,
-    StatusRequest,
+    AllocateReply, AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod,
+    ReleaseRequest, StatusReply, StatusRequest,
 };
 use hostnic_testkit::daemon::IpamDaemon;
 use hostnic_testkit::{shared_single, unique_prefix};
+use prost::Message;
 use tonic::Code;
 
 /// The daemon binary of this crate on a socket in a temp dir of its own.
@@ -373,11 +375,22 @@ async fn callers_that_are_not_root_are_refused() {
         // The child, running as nobody: call the daemon and report what it answered.
         let mut c = client(Path::new(&socket)).await;
         let ipam = serde_json::json!({"subnet": "10.92.0.0/24"});
-        let answer = c
-            .status(StatusRequest {
-                network: network(ipam),
-            })
-            .await;
+        let request = StatusRequest {
+            network: network(ipam),
+        };
+        // The plugins' client, whose call the daemon answers without its HTTP/2 server.
+        let one_call = hostnic_cni::grpc::unary::<_, StatusReply>(
+            Path::new(&socket),
+            "/hostnic.ipam.v1.Ipam/Status",
+            &request,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        );
+        match one_call {
+            Err(CallFailure::Status(s)) => println!("ONE-CALL {:?} {}", s.code(), s.message()),
+            other => println!("ONE-CALL {other:?}"),
+        }
+        let answer = c.status(request).await;
         println!(
             "ANSWER {:?} {}",
             answer.as_ref().err().map(|s| s.code()),
@@ -435,8 +448,137 @@ async fn callers_that_are_not_root_are_refused() {
     let out = out.expect("child runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
+        stdout.contains("ONE-CALL PermissionDenied caller uid 65534 is not root"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
         stdout.contains("ANSWER Some(PermissionDenied) caller uid 65534 is not root"),
         "stdout: {stdout}\nstderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A first write as the plugins make it (`hostnic_cni::grpc`): the preface, SETTINGS and a
+/// WINDOW_UPDATE that open every window, and `request` on stream 1 in HEADERS and one DATA
+/// frame; with the [`ONE_CALL`] field when `one_call`.
+fn whole_call(method: &str, request: &impl Message, one_call: bool) -> Vec<u8> {
+    let mut out = PREFACE.to_vec();
+    let mut settings = frame::SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
+    let increment = 0x7fff_ffff - INITIAL_WINDOW as u32;
+    put_frame(
+        &mut out,
+        frame::WINDOW_UPDATE,
+        0,
+        0,
+        &increment.to_be_bytes(),
+    );
+    let mut fields = vec![
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", method),
+        (":authority", "hostnic-ipamd"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    if one_call {
+        fields.push(ONE_CALL);
+    }
+    let mut block = Vec::new();
+    hostnic_cni::hpack::encode(&fields, &mut block);
+    put_frame(&mut out, frame::HEADERS, frame::END_HEADERS, 1, &block);
+    let message = request.encode_to_vec();
+    let mut data = vec![0];
+    data.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    data.extend_from_slice(&message);
+    put_frame(&mut out, frame::DATA, frame::END_STREAM, 1, &data);
+    out
+}
+
+/// Sends `first` in one write on a new connection to `socket`, then reads until the response
+/// stream has ended. Returns the frames read by then as (type, flags, payload).
+fn exchange(socket: &Path, first: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(first).expect("one write");
+    let (mut received, mut frames) = (Vec::new(), Vec::new());
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = stream.read(&mut buf).expect("reads");
+        assert!(n > 0, "closed before the stream ended: {frames:?}");
+        received.extend_from_slice(&buf[..n]);
+        while received.len() >= 9 {
+            let len = usize::from(received[0]) << 16
+                | usize::from(received[1]) << 8
+                | usize::from(received[2]);
+            if received.len() < 9 + len {
+                break;
+            }
+            frames.push((received[3], received[4], received[9..9 + len].to_vec()));
+            received.drain(..9 + len);
+        }
+        let ended = |f: &(u8, u8, Vec<u8>)| f.0 == frame::HEADERS && f.1 & frame::END_STREAM != 0;
+        if frames.iter().any(ended) {
+            return frames;
+        }
+    }
+}
+
+/// The reply in a response's DATA frames.
+fn reply_of<M: Message + Default>(frames: &[(u8, u8, Vec<u8>)]) -> M {
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.0 == frame::DATA)
+        .flat_map(|f| f.2.clone())
+        .collect();
+    M::decode(&body[5..]).expect("a reply")
+}
+
+#[test]
+fn a_plugins_whole_call_is_answered_in_one_write_and_any_other_by_the_http2_server() {
+    if !hostnic_testkit::require_root(&format!("one-call test ({SERVING_NEEDS_ROOT})")) {
+        return;
+    }
+    let prefix = unique_prefix("daemon-one-call");
+    let daemon = Daemon::start("node-oc", &prefix);
+    let ipam = serde_json::json!({"type": "hostnic-ipam", "subnet": "10.93.0.0/24"});
+    let add = |id: &str| AllocateRequest {
+        attachment: attachment(id),
+        network: network(ipam.clone()),
+        ..Default::default()
+    };
+    let allocate = "/hostnic.ipam.v1.Ipam/Allocate";
+
+    let frames = exchange(&daemon.socket, &whole_call(allocate, &add("oc-1"), true));
+    let kinds: Vec<(u8, u8)> = frames.iter().map(|f| (f.0, f.1)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (frame::SETTINGS, 0),
+            (frame::SETTINGS, frame::ACK),
+            (frame::HEADERS, frame::END_HEADERS),
+            (frame::DATA, 0),
+            (frame::HEADERS, frame::END_HEADERS | frame::END_STREAM),
+            (frame::GOAWAY, 0),
+        ],
+        "one write, ending with a GOAWAY"
+    );
+    let reply: AllocateReply = reply_of(&frames);
+    assert!(reply.ips[0].address.starts_with("10.93.0."), "{reply:?}");
+
+    // The same call without the field: the HTTP/2 server reads it, replayed, and answers.
+    let frames = exchange(&daemon.socket, &whole_call(allocate, &add("oc-2"), false));
+    assert!(
+        frames[0].0 == frame::SETTINGS && !frames[0].2.is_empty(),
+        "the HTTP/2 server's own SETTINGS first: {frames:?}"
+    );
+    assert!(!frames.iter().any(|f| f.0 == frame::GOAWAY), "{frames:?}");
+    let other: AllocateReply = reply_of(&frames);
+    assert!(other.ips[0].address.starts_with("10.93.0."), "{other:?}");
+    assert_ne!(other.ips, reply.ips, "two attachments, two addresses");
 }
