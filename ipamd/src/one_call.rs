@@ -129,10 +129,11 @@ fn request_head(block: &[u8]) -> Option<http::request::Builder> {
     (post && path && one_call).then(|| head.method(http::Method::POST))
 }
 
-/// Serves `call`, which `stream`'s first read held, and answers it in one write. The call is
-/// dropped, as the HTTP/2 server drops it, if the client goes away first, and ends with the
-/// status tonic's server gives when its `grpc-timeout` passes.
-pub async fn answer(mut stream: UnixStream, call: Call, routes: Routes) {
+/// Serves `call`, which `stream`'s first read held, and answers it in one write; returns the
+/// connection once answered (see [`linger`]). The call is dropped, as the HTTP/2 server drops
+/// it, if the client goes away first, and ends with the status tonic's server gives when its
+/// `grpc-timeout` passes.
+pub async fn answer(mut stream: UnixStream, call: Call, routes: Routes) -> Option<UnixStream> {
     let Call {
         mut request,
         max_frame,
@@ -167,15 +168,17 @@ pub async fn answer(mut stream: UnixStream, call: Call, routes: Routes) {
     let (head, trailers, data) = tokio::select! {
         answer = served => answer,
         () = deadline => status_answer(Status::cancelled("Timeout expired")),
-        () = closed(&stream) => return,
+        () = closed(&stream) => return None,
     };
     let out = frames(&head, trailers.as_ref(), &data, max_frame);
-    if tokio::io::AsyncWriteExt::write_all(&mut stream, &out)
-        .await
-        .is_ok()
-    {
-        let _ = tokio::time::timeout(LINGER, closed(&stream)).await;
-    }
+    let written = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+    written.is_ok().then_some(stream)
+}
+
+/// Keeps an answered connection until its client has read the answer and closed it, for at
+/// most [`LINGER`].
+pub async fn linger(stream: UnixStream) {
+    let _ = tokio::time::timeout(LINGER, closed(&stream)).await;
 }
 
 /// A status as the services answer it: trailers only.

@@ -363,8 +363,12 @@ async fn route(
     first.truncate(n);
     match one_call::first_read(&first) {
         Some(call) => {
-            one_call::answer(stream, call, routes).await;
+            let answered = one_call::answer(stream, call, routes).await;
+            // Answered: shutdown no longer waits for this connection.
             drop(answering);
+            if let Some(stream) = answered {
+                one_call::linger(stream).await;
+            }
         }
         None => {
             let _ = to_server.send(one_call::Replayed::new(first, stream)).await;
