@@ -229,7 +229,7 @@ fn no_reply(deadline: Duration) -> CallFailure {
 /// The client connection preface.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The request field by which a client says that its connection carries this one call, so
-/// that the daemon may answer it in one write and close the connection (`hostnic-ipamd`'s
+/// that the daemon may answer it in one write that ends with a GOAWAY (`hostnic-ipamd`'s
 /// `one_call`).
 pub const ONE_CALL: (&str, &str) = ("hostnic-one-call", "1");
 /// The one stream of the connection.
@@ -272,6 +272,59 @@ pub mod frame {
 /// The big-endian 32-bit word at `at` in a payload whose length was checked.
 pub fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// A frame's 9-byte header (RFC 9113, 4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// The payload's length.
+    pub len: usize,
+    pub kind: u8,
+    pub flags: u8,
+    /// The stream, without the reserved bit.
+    pub stream: u32,
+}
+
+impl FrameHead {
+    /// The header at the start of `bytes`, if all nine bytes are there.
+    pub fn parse(bytes: &[u8]) -> Option<FrameHead> {
+        let head = bytes.get(..9)?;
+        Some(FrameHead {
+            len: usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]),
+            kind: head[3],
+            flags: head[4],
+            stream: word(head, 5) & 0x7fff_ffff,
+        })
+    }
+}
+
+/// The whole frames at the start of some bytes, in order, each as its header and payload. Ends
+/// at the first frame that is not all there; [`Frames::rest`] is what is left.
+#[derive(Debug, Clone)]
+pub struct Frames<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Frames { rest: bytes }
+    }
+
+    /// The bytes after the frames returned so far.
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = (FrameHead, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let head = FrameHead::parse(self.rest)?;
+        let payload = self.rest.get(9..9 + head.len)?;
+        self.rest = &self.rest[9 + head.len..];
+        Some((head, payload))
+    }
 }
 
 /// Appends one frame: its 9-byte header, then `payload`.
@@ -398,9 +451,16 @@ impl<'a> Exchange<'a> {
         let mut pending = std::mem::take(&mut self.pending);
         pending.extend_from_slice(bytes);
         let mut at = 0;
-        while self.outcome.is_none() && pending.len() - at >= 9 {
-            let head = &pending[at..at + 9];
-            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        while self.outcome.is_none() {
+            let Some(FrameHead {
+                len,
+                kind,
+                flags,
+                stream,
+            }) = FrameHead::parse(&pending[at..])
+            else {
+                break;
+            };
             if len > MAX_FRAME {
                 return Err(protocol_error(&format!(
                     "a frame of {len} bytes, above the {MAX_FRAME} this side allows"
@@ -409,8 +469,6 @@ impl<'a> Exchange<'a> {
             if pending.len() - at - 9 < len {
                 break;
             }
-            let (kind, flags) = (head[3], head[4]);
-            let stream = word(head, 5) & 0x7fff_ffff;
             let payload = &pending[at + 9..at + 9 + len];
             at += 9 + len;
             self.on_frame(kind, flags, stream, payload, out)?;
@@ -690,19 +748,13 @@ pub(crate) mod tests {
     const DEADLINE: Duration = Duration::from_secs(10);
 
     /// The frames in `bytes` (after the preface, if it starts with one).
-    fn frames(mut bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
-        if let Some(rest) = bytes.strip_prefix(PREFACE) {
-            bytes = rest;
-        }
-        let mut out = Vec::new();
-        while bytes.len() >= 9 {
-            let len =
-                usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
-            let stream = u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
-            out.push((bytes[3], bytes[4], stream, bytes[9..9 + len].to_vec()));
-            bytes = &bytes[9 + len..];
-        }
-        assert!(bytes.is_empty(), "a partial frame");
+    fn frames(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut frames = Frames::new(bytes.strip_prefix(PREFACE).unwrap_or(bytes));
+        let out = frames
+            .by_ref()
+            .map(|(h, payload)| (h.kind, h.flags, h.stream, payload.to_vec()))
+            .collect();
+        assert!(frames.rest().is_empty(), "a partial frame");
         out
     }
 

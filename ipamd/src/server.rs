@@ -253,23 +253,27 @@ pub async fn serve_with_nics(
     if let Some(nics) = nics {
         routes = routes.add_service(hostnic_proto::nics_v1::nics_server::NicsServer::new(nics));
     }
+    // As tonic's server prepares the routes it is given.
+    let routes = routes.prepare();
     let (stop, stopping) = watch::channel(false);
+    // Connections for the HTTP/2 server. It stops when every sender has gone: the accept
+    // loop's when it stops, a routed connection's once it is sent or answered here.
     let (to_server, incoming) = mpsc::channel(64);
-    // Each one-call answer holds a sender; `recv` ends once all are dropped.
+    // Held by the accept loop and by each connection until it is answered or sent on: `recv`
+    // ends once all have gone.
     let (answering, mut answered) = mpsc::channel::<()>(1);
     let accepting = tokio::spawn(accept(
         listener,
         routes.clone(),
         to_server,
         answering,
-        stopping.clone(),
+        stopping,
     ));
-    let mut server_stopping = stopping;
     let server = tonic::transport::Server::builder()
         .add_routes(routes)
         .serve_with_incoming_shutdown(
             ReceiverStream::new(incoming).map(Ok::<_, io::Error>),
-            async move { stopped(&mut server_stopping).await },
+            std::future::pending(),
         );
     let served = async {
         let result = server.await;
@@ -360,18 +364,16 @@ async fn route(
     if n == 0 {
         return;
     }
-    first.truncate(n);
-    match one_call::first_read(&first) {
+    match one_call::first_read(&first[..n]) {
         Some(call) => {
-            let answered = one_call::answer(stream, call, routes).await;
-            // Answered: shutdown no longer waits for this connection.
-            drop(answering);
-            if let Some(stream) = answered {
-                one_call::linger(stream).await;
-            }
+            drop(to_server);
+            one_call::answer(stream, call, routes).await;
         }
         None => {
-            let _ = to_server.send(one_call::Replayed::new(first, stream)).await;
+            drop(answering);
+            let _ = to_server
+                .send(one_call::Replayed::new(&first[..n], stream))
+                .await;
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hostnic_cni::grpc::{frame, put_frame, CallFailure, INITIAL_WINDOW, ONE_CALL, PREFACE};
+use hostnic_cni::grpc::{frame, put_frame, CallFailure, Frames, INITIAL_WINDOW, ONE_CALL, PREFACE};
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{
     AllocateReply, AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod,
@@ -512,16 +512,9 @@ fn exchange(socket: &Path, first: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
         let n = stream.read(&mut buf).expect("reads");
         assert!(n > 0, "closed before the stream ended: {frames:?}");
         received.extend_from_slice(&buf[..n]);
-        while received.len() >= 9 {
-            let len = usize::from(received[0]) << 16
-                | usize::from(received[1]) << 8
-                | usize::from(received[2]);
-            if received.len() < 9 + len {
-                break;
-            }
-            frames.push((received[3], received[4], received[9..9 + len].to_vec()));
-            received.drain(..9 + len);
-        }
+        let mut whole = Frames::new(&received);
+        frames.extend(whole.by_ref().map(|(h, p)| (h.kind, h.flags, p.to_vec())));
+        received = whole.rest().to_vec();
         let ended = |f: &(u8, u8, Vec<u8>)| f.0 == frame::HEADERS && f.1 & frame::END_STREAM != 0;
         if frames.iter().any(ended) {
             return frames;
