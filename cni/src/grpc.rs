@@ -269,6 +269,35 @@ pub mod frame {
     pub const REFUSED_STREAM: u32 = 0x7;
 }
 
+/// A call's first write up to its DATA: the preface, this side's SETTINGS (no push, the
+/// largest stream window), a WINDOW_UPDATE to the largest connection window, and `fields` in
+/// one HEADERS frame on the call's stream.
+pub fn opening(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(PREFACE);
+    let mut settings = Vec::with_capacity(12);
+    for (id, value) in [
+        (frame::SETTINGS_ENABLE_PUSH, 0),
+        (frame::SETTINGS_INITIAL_WINDOW_SIZE, OWN_WINDOW),
+    ] {
+        settings.extend_from_slice(&id.to_be_bytes());
+        settings.extend_from_slice(&value.to_be_bytes());
+    }
+    put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
+    let increment = OWN_WINDOW - INITIAL_WINDOW as u32;
+    put_frame(
+        &mut out,
+        frame::WINDOW_UPDATE,
+        0,
+        0,
+        &increment.to_be_bytes(),
+    );
+    let mut block = Vec::with_capacity(128);
+    hpack::encode(fields, &mut block);
+    put_frame(&mut out, frame::HEADERS, frame::END_HEADERS, STREAM, &block);
+    out
+}
+
 /// The big-endian 32-bit word at `at` in a payload whose length was checked.
 pub fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
@@ -379,41 +408,17 @@ impl<'a> Exchange<'a> {
     /// Everything the client sends before it reads; `timeout` goes to the daemon as
     /// `grpc-timeout`.
     fn start(&mut self, timeout: Duration) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256 + self.unsent.len());
-        out.extend_from_slice(PREFACE);
-        let mut settings = Vec::with_capacity(12);
-        for (id, value) in [
-            (frame::SETTINGS_ENABLE_PUSH, 0),
-            (frame::SETTINGS_INITIAL_WINDOW_SIZE, OWN_WINDOW),
-        ] {
-            settings.extend_from_slice(&id.to_be_bytes());
-            settings.extend_from_slice(&value.to_be_bytes());
-        }
-        put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
-        let increment = OWN_WINDOW - INITIAL_WINDOW as u32;
-        put_frame(
-            &mut out,
-            frame::WINDOW_UPDATE,
-            0,
-            0,
-            &increment.to_be_bytes(),
-        );
         let timeout = format!("{}m", timeout.as_millis().clamp(1, 99_999_999));
-        let mut block = Vec::with_capacity(128);
-        hpack::encode(
-            &[
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", self.method),
-                (":authority", "hostnic-ipamd"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-                ("grpc-timeout", &timeout),
-                ONE_CALL,
-            ],
-            &mut block,
-        );
-        put_frame(&mut out, frame::HEADERS, frame::END_HEADERS, STREAM, &block);
+        let mut out = opening(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", self.method),
+            (":authority", "hostnic-ipamd"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-timeout", &timeout),
+            ONE_CALL,
+        ]);
         self.send_data(&mut out);
         out
     }

@@ -369,26 +369,12 @@ impl AsyncWrite for Replayed {
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
+    use hostnic_cni::grpc::opening;
 
-    /// A first write as a one-call client makes it: the preface, SETTINGS that open the stream
-    /// window, a WINDOW_UPDATE that opens the connection's, HEADERS with `fields`, and `body`
-    /// in one DATA frame that ends the stream.
+    /// A first write as a one-call client makes it (`hostnic_cni::grpc`): the opening with
+    /// `fields`, and `body` in one DATA frame that ends the stream.
     fn first_write(fields: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-        let mut out = PREFACE.to_vec();
-        let mut settings = frame::SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-        settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
-        put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
-        let increment = 0x7fff_ffff - INITIAL_WINDOW as u32;
-        put_frame(
-            &mut out,
-            frame::WINDOW_UPDATE,
-            0,
-            0,
-            &increment.to_be_bytes(),
-        );
-        let mut block = Vec::new();
-        hpack::encode(fields, &mut block);
-        put_frame(&mut out, frame::HEADERS, frame::END_HEADERS, 1, &block);
+        let mut out = opening(fields);
         put_frame(&mut out, frame::DATA, frame::END_STREAM, 1, body);
         out
     }
@@ -433,6 +419,20 @@ mod tests {
     #[test]
     fn any_frame_a_one_call_client_does_not_send_leaves_the_connection_to_the_server() {
         let whole = first_write(CALL, b"\0\0\0\0\0");
+        assert!(first_read(&whole).is_some());
+        // Where the opening's frames end: SETTINGS, then the WINDOW_UPDATE.
+        let frame_end = |at: usize| {
+            at + 9
+                + hostnic_cni::grpc::FrameHead::parse(&whole[at..])
+                    .unwrap()
+                    .len
+        };
+        let settings_end = frame_end(PREFACE.len());
+        let update_end = frame_end(settings_end);
+        assert_eq!(whole[settings_end + 3], frame::WINDOW_UPDATE);
+        assert_eq!(whole[update_end + 3], frame::HEADERS);
+        let data_at = frame_end(update_end);
+        assert_eq!(whole[data_at + 3], frame::DATA);
         // Something after the call: a PING, or a second stream.
         let mut more = whole.clone();
         put_frame(&mut more, frame::PING, 0, 0, &[0; 8]);
@@ -440,13 +440,12 @@ mod tests {
         // The default windows: the answer might have to wait for a WINDOW_UPDATE.
         let mut small = PREFACE.to_vec();
         put_frame(&mut small, frame::SETTINGS, 0, 0, &[]);
-        small.extend_from_slice(&whole[PREFACE.len() + 9 + 6 + 9 + 4..]);
+        small.extend_from_slice(&whole[update_end..]);
         assert!(first_read(&small).is_none());
         // A header block that needs CONTINUATION, and padded DATA.
         let mut block = Vec::new();
         hpack::encode(CALL, &mut block);
-        let mut split = PREFACE.to_vec();
-        split.extend_from_slice(&whole[PREFACE.len()..PREFACE.len() + 9 + 6 + 9 + 4]);
+        let mut split = whole[..update_end].to_vec();
         put_frame(&mut split, frame::HEADERS, 0, 1, &block[..10]);
         put_frame(
             &mut split,
@@ -455,20 +454,17 @@ mod tests {
             1,
             &block[10..],
         );
-        put_frame(&mut split, frame::DATA, frame::END_STREAM, 1, b"\0\0\0\0\0");
+        split.extend_from_slice(&whole[data_at..]);
         assert!(first_read(&split).is_none());
         let mut padded = whole.clone();
-        let data_flags = padded.len() - 5 - 9 + 4;
-        padded[data_flags] |= frame::PADDED;
+        padded[data_at + 4] |= frame::PADDED;
         assert!(first_read(&padded).is_none());
         // A second SETTINGS, which would need a second acknowledgement; a zero increment.
-        let settings = &whole[PREFACE.len()..PREFACE.len() + 9 + 6];
-        let mut twice = PREFACE.to_vec();
-        twice.extend_from_slice(settings);
+        let mut twice = whole[..settings_end].to_vec();
         twice.extend_from_slice(&whole[PREFACE.len()..]);
         assert!(first_read(&twice).is_none());
         let mut zero = whole.clone();
-        zero[PREFACE.len() + 9 + 6 + 9..PREFACE.len() + 9 + 6 + 9 + 4].fill(0);
+        zero[settings_end + 9..update_end].fill(0);
         assert!(first_read(&zero).is_none());
         // Not HTTP/2 at all.
         assert!(first_read(b"GET / HTTP/1.1\r\n\r\n").is_none());

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use hostnic_cni::grpc::{frame, put_frame, CallFailure, Frames, INITIAL_WINDOW, ONE_CALL, PREFACE};
+use hostnic_cni::grpc::{frame, opening, put_frame, CallFailure, Frames, ONE_CALL};
 use hostnic_proto::v1::ipam_client::IpamClient;
 use hostnic_proto::v1::{
     AllocateReply, AllocateRequest, Attachment, CheckRequest, GcRequest, Network, Pod,
@@ -459,22 +459,9 @@ async fn callers_that_are_not_root_are_refused() {
     );
 }
 
-/// A first write as the plugins make it (`hostnic_cni::grpc`): the preface, SETTINGS and a
-/// WINDOW_UPDATE that open every window, and `request` on stream 1 in HEADERS and one DATA
-/// frame; with the [`ONE_CALL`] field when `one_call`.
+/// A first write as the plugins make it (`hostnic_cni::grpc`): the opening, and `request` in
+/// one DATA frame; with the [`ONE_CALL`] field when `one_call`.
 fn whole_call(method: &str, request: &impl Message, one_call: bool) -> Vec<u8> {
-    let mut out = PREFACE.to_vec();
-    let mut settings = frame::SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
-    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
-    put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
-    let increment = 0x7fff_ffff - INITIAL_WINDOW as u32;
-    put_frame(
-        &mut out,
-        frame::WINDOW_UPDATE,
-        0,
-        0,
-        &increment.to_be_bytes(),
-    );
     let mut fields = vec![
         (":method", "POST"),
         (":scheme", "http"),
@@ -486,9 +473,7 @@ fn whole_call(method: &str, request: &impl Message, one_call: bool) -> Vec<u8> {
     if one_call {
         fields.push(ONE_CALL);
     }
-    let mut block = Vec::new();
-    hostnic_cni::hpack::encode(&fields, &mut block);
-    put_frame(&mut out, frame::HEADERS, frame::END_HEADERS, 1, &block);
+    let mut out = opening(&fields);
     let message = request.encode_to_vec();
     let mut data = vec![0];
     data.extend_from_slice(&(message.len() as u32).to_be_bytes());
