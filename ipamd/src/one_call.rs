@@ -136,15 +136,15 @@ pub fn first_read(bytes: &[u8]) -> Option<Call> {
 fn request_head(block: &[u8]) -> Option<http::request::Builder> {
     let fields = hpack::Decoder::default().decode(block).ok()?;
     let mut head = http::Request::builder().version(http::Version::HTTP_2);
-    let (mut post, mut scheme, mut path, mut regular, mut one_call) =
-        (false, false, false, false, false);
+    let mut method = None;
+    let (mut scheme, mut path, mut regular, mut one_call) = (false, false, false, false);
     for (name, value) in &fields {
         if name.iter().any(u8::is_ascii_uppercase) {
             return None;
         }
         match name.as_slice() {
             _ if name.starts_with(b":") && regular => return None,
-            b":method" if !post => post = value == b"POST",
+            b":method" if method.is_none() => method = Some(value == b"POST"),
             b":scheme" if !scheme => scheme = true,
             b":path" if !path => {
                 head = head.uri(std::str::from_utf8(value).ok()?);
@@ -162,7 +162,7 @@ fn request_head(block: &[u8]) -> Option<http::request::Builder> {
             }
         }
     }
-    (post && scheme && path && one_call).then(|| head.method(http::Method::POST))
+    (method == Some(true) && scheme && path && one_call).then(|| head.method(http::Method::POST))
 }
 
 /// Serves `call`, which `stream`'s first read held, and answers it in one write. The call is
@@ -492,6 +492,8 @@ mod tests {
         assert!(with(&|f| f.push(("content-length", "5"))).is_none());
         assert!(with(&|f| f.push(("connection", "close"))).is_none());
         assert!(with(&|f| f.push(("te", "gzip"))).is_none());
+        let get_then_post = |f: &mut Vec<Field>| f.insert(0, (":method", "GET"));
+        assert!(with(&get_then_post).is_none(), "two methods");
     }
 
     /// The frames of `bytes` as (type, flags, stream, payload).
