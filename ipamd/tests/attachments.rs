@@ -1,6 +1,6 @@
 //! Attachments against a real etcd: the identity (network, container id, ifname), the release
 //! marker that stops a late ADD after its DEL, requests refused without a trace, re-ADD of a
-//! held attachment, and an etcd that has run out of space.
+//! held attachment, an etcd that has run out of space, and an ADD whose plugin gave up.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -676,4 +676,86 @@ async fn del_then_add_asking_for_the_released_address_keeps_its_kind_and_time() 
             .expect("address record");
     assert_eq!(other_record.kind, Kind::Exact);
     assert!(other_record.allocated_at > address.allocated_at);
+}
+
+/// A plugin that gives up while its ADD waits to commit: it closes its connection at its
+/// deadline, the daemon drops the call, and nothing is written. The plugins' own client, so
+/// the call is the one the daemon answers without its HTTP/2 server (`one_call`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_whose_plugin_gave_up_before_its_commit_writes_nothing() {
+    if !hostnic_testkit::require_root("a daemon serving a socket (root callers only)") {
+        return;
+    }
+    let cluster = shared_single();
+    let prefix = unique_prefix("gave-up");
+    let a = Arc::new(allocator(cluster, &prefix, "node-a").await);
+    let ipam = json!({"subnet": "10.95.0.0/24"});
+    // The pool and this node's block exist already: the ADD below only waits to commit.
+    a.allocate(&request(
+        &Attachment::new("net", "first", "eth0"),
+        &sets(ipam.clone()),
+        &[],
+    ))
+    .await
+    .expect("defines the pool");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("run/ipamd.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let (a, socket) = (Arc::clone(&a), socket.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            hostnic_ipamd::server::serve(a, Duration::ZERO, &socket, shutdown).await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the daemon serves");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let gate = Arc::new(Barrier::new(2));
+    a.hold_commits_at(Some(Arc::clone(&gate)));
+    let request = hostnic_proto::v1::AllocateRequest {
+        attachment: Some(hostnic_proto::v1::Attachment {
+            container_id: "gave-up".into(),
+            ifname: "eth0".into(),
+        }),
+        network: Some(hostnic_proto::v1::Network {
+            name: "net".into(),
+            ipam_json: ipam.to_string(),
+        }),
+        ..Default::default()
+    };
+    let call = tokio::task::spawn_blocking(move || {
+        hostnic_cni::grpc::unary::<_, hostnic_proto::v1::AllocateReply>(
+            &socket,
+            "/hostnic.ipam.v1.Ipam/Allocate",
+            &request,
+            Duration::from_secs(1),
+            Duration::from_millis(300),
+        )
+    });
+    // The ADD has arrived at its commit; the plugin's deadline passes while it waits.
+    gate.wait().await;
+    let outcome = call.await.expect("the plugin's thread");
+    assert!(
+        matches!(&outcome, Err(hostnic_cni::grpc::CallFailure::Status(s)) if s.code() == tonic::Code::DeadlineExceeded),
+        "{outcome:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let a commit that is still waiting go on: none should be.
+    let _ = tokio::time::timeout(Duration::from_millis(500), gate.wait()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.hold_commits_at(None);
+    let gave_up = Attachment::new("net", "gave-up", "eth0");
+    assert_eq!(
+        a.lookup(&gave_up).await.expect("lookup"),
+        None,
+        "the dropped ADD wrote nothing"
+    );
+    let _ = stop.send(());
+    server.await.expect("server task").expect("served");
 }
