@@ -232,13 +232,14 @@ pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// that the daemon may answer it in one write that ends with a GOAWAY (`hostnic-ipamd`'s
 /// `one_call`).
 pub const ONE_CALL: (&str, &str) = ("hostnic-one-call", "1");
-/// The one stream of the connection.
-const STREAM: u32 = 1;
+/// The one stream of the connection: the first a client may open.
+pub const STREAM: u32 = 1;
 /// HTTP/2's initial window and the smallest maximum frame size a peer may set.
 pub const INITIAL_WINDOW: i64 = 65_535;
 pub const MAX_FRAME: usize = 16_384;
-/// This side's windows: the largest HTTP/2 allows, so the answer never waits for one.
-const OWN_WINDOW: u32 = 0x7fff_ffff;
+/// The largest window HTTP/2 allows. This side opens its windows to it, so the answer never
+/// waits for one.
+pub const MAX_WINDOW: u32 = 0x7fff_ffff;
 /// The most this side reads: an answer's messages (tonic's default limit) and one header block.
 const MAX_ANSWER: usize = 4 << 20;
 const MAX_HEADER_BLOCK: usize = 64 << 10;
@@ -278,13 +279,13 @@ pub fn opening(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut settings = Vec::with_capacity(12);
     for (id, value) in [
         (frame::SETTINGS_ENABLE_PUSH, 0),
-        (frame::SETTINGS_INITIAL_WINDOW_SIZE, OWN_WINDOW),
+        (frame::SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
     ] {
         settings.extend_from_slice(&id.to_be_bytes());
         settings.extend_from_slice(&value.to_be_bytes());
     }
     put_frame(&mut out, frame::SETTINGS, 0, 0, &settings);
-    let increment = OWN_WINDOW - INITIAL_WINDOW as u32;
+    let increment = MAX_WINDOW - INITIAL_WINDOW as u32;
     put_frame(
         &mut out,
         frame::WINDOW_UPDATE,
@@ -514,7 +515,7 @@ impl<'a> Exchange<'a> {
                     let id = u16::from_be_bytes([setting[0], setting[1]]);
                     let value = word(setting, 2);
                     if id == frame::SETTINGS_INITIAL_WINDOW_SIZE {
-                        if value > OWN_WINDOW {
+                        if value > MAX_WINDOW {
                             return Err(protocol_error("an initial window above 2^31-1"));
                         }
                         self.stream_window += i64::from(value) - self.peer_initial_window;

@@ -20,7 +20,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hostnic_cni::grpc::{
-    frame, put_frame, word, Frames, INITIAL_WINDOW, MAX_FRAME, ONE_CALL, PREFACE,
+    frame, put_frame, word, Frames, INITIAL_WINDOW, MAX_FRAME, MAX_WINDOW, ONE_CALL, PREFACE,
+    STREAM,
 };
 use hostnic_cni::hpack;
 use http_body_util::{BodyExt, Full};
@@ -40,14 +41,8 @@ pub const FIRST_READ: usize = 16 << 10;
 /// tonic client would take (its default message limit).
 const MIN_WINDOW: i64 = 4 << 20;
 
-/// The largest window HTTP/2 allows.
-const MAX_WINDOW: i64 = 0x7fff_ffff;
-
 /// How long writing the answer may take: a client that does not read it is not waited for.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The stream a one-call client's call is on: the first a client may open.
-const STREAM: u32 = 1;
 
 /// A one-call client's call, as the services take it: the request HEADERS and DATA. The
 /// connection's peer credentials are added when it is served.
@@ -78,18 +73,10 @@ pub fn first_read(bytes: &[u8]) -> Option<Call> {
         let value = word(setting, 2);
         match u16::from_be_bytes([setting[0], setting[1]]) {
             frame::SETTINGS_ENABLE_PUSH if value > 1 => return None,
-            frame::SETTINGS_INITIAL_WINDOW_SIZE => {
-                stream_window = i64::from(value);
-                if stream_window > MAX_WINDOW {
-                    return None;
-                }
-            }
-            frame::SETTINGS_MAX_FRAME_SIZE => {
-                if !(1 << 14..1 << 24).contains(&value) {
-                    return None;
-                }
-                max_frame = usize::try_from(value).ok()?;
-            }
+            frame::SETTINGS_INITIAL_WINDOW_SIZE if value > MAX_WINDOW => return None,
+            frame::SETTINGS_INITIAL_WINDOW_SIZE => stream_window = i64::from(value),
+            frame::SETTINGS_MAX_FRAME_SIZE if !(1 << 14..1 << 24).contains(&value) => return None,
+            frame::SETTINGS_MAX_FRAME_SIZE => max_frame = usize::try_from(value).ok()?,
             _ => {}
         }
     }
@@ -99,9 +86,9 @@ pub fn first_read(bytes: &[u8]) -> Option<Call> {
     for (h, payload) in frames.by_ref() {
         match (h.kind, h.stream) {
             (frame::WINDOW_UPDATE, 0) if h.len == 4 && head.is_none() => {
-                let increment = i64::from(word(payload, 0) & 0x7fff_ffff);
+                let increment = i64::from(word(payload, 0) & MAX_WINDOW);
                 connection_window += increment;
-                if increment == 0 || connection_window > MAX_WINDOW {
+                if increment == 0 || connection_window > i64::from(MAX_WINDOW) {
                     return None;
                 }
             }
