@@ -545,6 +545,79 @@ mod tests {
         );
     }
 
+    /// A service that answers every call with one gRPC message of as many bytes as it holds.
+    #[derive(Clone)]
+    struct Answers(usize);
+
+    impl tonic::server::NamedService for Answers {
+        const NAME: &'static str = "hostnic.ipam.v1.Ipam";
+    }
+
+    impl tower::Service<http::Request<Body>> for Answers {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let mut message = vec![0u8; 5 + self.0];
+            message[1..5].copy_from_slice(&(self.0 as u32).to_be_bytes());
+            let response = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(Body::new(Full::new(Bytes::from(message))))
+                .unwrap();
+            std::future::ready(Ok(response))
+        }
+    }
+
+    /// What a one-call client reads back when its call, with windows that take `window`
+    /// bytes, is answered by a service whose message has `len` bytes.
+    async fn answered(len: usize, window: i64) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut call = first_read(&first_write(CALL, b"\0\0\0\0\0")).unwrap();
+        call.window = window;
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let routes = Routes::new(Answers(len)).prepare();
+        let answering = tokio::spawn(answer(server, call, routes));
+        let mut read = Vec::new();
+        client.read_to_end(&mut read).await.unwrap();
+        answering.await.unwrap();
+        parse_frames(&read)
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_clients_windows_is_refused_not_sent() {
+        let data_len = |frames: &[(u8, u8, u32, Vec<u8>)]| -> usize {
+            frames
+                .iter()
+                .filter(|f| f.0 == frame::DATA)
+                .map(|f| f.3.len())
+                .sum()
+        };
+        let fits = answered(100, 105).await;
+        assert_eq!(data_len(&fits), 105, "the whole message: {fits:?}");
+
+        let refused = answered(100, 104).await;
+        assert_eq!(data_len(&refused), 0, "no DATA beyond the windows");
+        let (_, flags, _, block) = refused
+            .iter()
+            .find(|f| f.0 == frame::HEADERS)
+            .expect("a header block");
+        assert_eq!(
+            flags & frame::END_STREAM,
+            frame::END_STREAM,
+            "trailers only"
+        );
+        let fields = hpack::Decoder::default().decode(block).unwrap();
+        assert!(
+            fields.contains(&(b"grpc-status".to_vec(), b"8".to_vec())),
+            "RESOURCE_EXHAUSTED: {fields:?}"
+        );
+    }
+
     #[test]
     fn a_status_is_answered_trailers_only_and_a_long_block_continues() {
         let message = "x".repeat(MAX_FRAME);
