@@ -483,8 +483,11 @@ mod tests {
         assert!(with(&get_then_post).is_none(), "two methods");
     }
 
-    /// The frames of `bytes` as (type, flags, stream, payload).
-    fn parse_frames(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    /// A frame as (type, flags, stream, payload).
+    type Parsed = (u8, u8, u32, Vec<u8>);
+
+    /// The frames of `bytes`.
+    fn parse_frames(bytes: &[u8]) -> Vec<Parsed> {
         let mut frames = Frames::new(bytes);
         let out = frames
             .by_ref()
@@ -545,7 +548,7 @@ mod tests {
         );
     }
 
-    /// A service that answers every call with one gRPC message of as many bytes as it holds.
+    /// A service that answers every call with a body of as many bytes as it holds.
     #[derive(Clone)]
     struct Answers(usize);
 
@@ -563,19 +566,17 @@ mod tests {
         }
 
         fn call(&mut self, _: http::Request<Body>) -> Self::Future {
-            let mut message = vec![0u8; 5 + self.0];
-            message[1..5].copy_from_slice(&(self.0 as u32).to_be_bytes());
             let response = http::Response::builder()
                 .header("content-type", "application/grpc")
-                .body(Body::new(Full::new(Bytes::from(message))))
+                .body(Body::new(Full::new(Bytes::from(vec![0u8; self.0]))))
                 .unwrap();
             std::future::ready(Ok(response))
         }
     }
 
     /// What a one-call client reads back when its call, with windows that take `window`
-    /// bytes, is answered by a service whose message has `len` bytes.
-    async fn answered(len: usize, window: i64) -> Vec<(u8, u8, u32, Vec<u8>)> {
+    /// bytes, is answered with a body of `len` bytes.
+    async fn answered(len: usize, window: i64) -> Vec<Parsed> {
         use tokio::io::AsyncReadExt;
         let mut call = first_read(&first_write(CALL, b"\0\0\0\0\0")).unwrap();
         call.window = window;
@@ -590,17 +591,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_larger_than_the_clients_windows_is_refused_not_sent() {
-        let data_len = |frames: &[(u8, u8, u32, Vec<u8>)]| -> usize {
+        let data_len = |frames: &[Parsed]| -> usize {
             frames
                 .iter()
                 .filter(|f| f.0 == frame::DATA)
                 .map(|f| f.3.len())
                 .sum()
         };
-        let fits = answered(100, 105).await;
+        let fits = answered(105, 105).await;
         assert_eq!(data_len(&fits), 105, "the whole message: {fits:?}");
 
-        let refused = answered(100, 104).await;
+        let refused = answered(105, 104).await;
         assert_eq!(data_len(&refused), 0, "no DATA beyond the windows");
         let (_, flags, _, block) = refused
             .iter()
