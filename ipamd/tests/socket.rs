@@ -131,10 +131,11 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
-/// Device and inode: which socket is at a path.
-fn inode(path: &Path) -> (u64, u64) {
+/// Which socket file is at a path: its device, inode and change time. The inode number alone
+/// does not tell: a file created after another was removed may be given the same one.
+fn socket_file(path: &Path) -> (u64, u64, i64, i64) {
     let m = fs::symlink_metadata(path).expect("socket exists");
-    (m.dev(), m.ino())
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
 }
 
 /// One STATUS call answered over `socket`: a daemon is serving there, not just a listener.
@@ -229,7 +230,7 @@ async fn a_second_daemon_on_the_same_socket_waits_for_the_first_then_takes_over(
     let prefix = unique_prefix("socket-second");
     let mut first = Process::start(&dir.path().join("first.log"), &socket, &prefix, None);
     first.wait_serving(&socket);
-    let bound_by_first = inode(&socket);
+    let bound_by_first = socket_file(&socket);
 
     let mut second = Process::start(&dir.path().join("second.log"), &socket, &prefix, None);
     let deadline = Instant::now() + TIMEOUT;
@@ -258,7 +259,7 @@ async fn a_second_daemon_on_the_same_socket_waits_for_the_first_then_takes_over(
     // The first keeps its socket and answers on it.
     answers_status(&socket).await;
     assert_eq!(
-        inode(&socket),
+        socket_file(&socket),
         bound_by_first,
         "the socket is still the first's"
     );
@@ -270,7 +271,11 @@ async fn a_second_daemon_on_the_same_socket_waits_for_the_first_then_takes_over(
 
     assert!(first.stop().success(), "{}", first.log());
     second.wait_serving(&socket);
-    assert_ne!(inode(&socket), bound_by_first, "the second bound its own");
+    assert_ne!(
+        socket_file(&socket),
+        bound_by_first,
+        "the second bound its own"
+    );
     answers_status(&socket).await;
     assert!(second.log().contains("taking over"), "{}", second.log());
     assert!(second.stop().success(), "{}", second.log());
@@ -295,10 +300,10 @@ fn a_stopping_daemon_leaves_a_socket_that_is_not_its_own() {
     let other = dir.path().join("run/other.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&other).expect("bind");
     fs::rename(&other, &socket).expect("rename");
-    let theirs = inode(&socket);
+    let theirs = socket_file(&socket);
 
     assert!(p.stop().success());
-    assert_eq!(inode(&socket), theirs, "the other socket stays");
+    assert_eq!(socket_file(&socket), theirs, "the other socket stays");
     assert!(
         p.log()
             .contains("the socket was replaced by another process: left in place"),
