@@ -378,12 +378,17 @@ async fn route(
     }
 }
 
-/// Identity of a bound socket: device and inode of the path.
-type Inode = (u64, u64);
+/// Identity of a bound socket file: its device, inode and change time. The inode number alone
+/// does not tell: a file created after ours was removed may be given the same one.
+type SocketFile = (u64, u64, i64, i64);
+
+fn socket_file(meta: &std::fs::Metadata) -> SocketFile {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
 
 /// Binds under a temporary name, sets 0600 and renames it into place, so that nobody ever
 /// connects to a socket with the default mode and a stale socket is replaced atomically.
-fn bind(socket: &Path) -> anyhow::Result<(UnixListener, Inode)> {
+fn bind(socket: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
     if stale_socket(socket)? {
         tracing::info!(socket = %socket.display(), "replacing a stale socket (its daemon is gone: it held no lock)");
     }
@@ -396,18 +401,19 @@ fn bind(socket: &Path) -> anyhow::Result<(UnixListener, Inode)> {
         UnixListener::bind(&staging).with_context(|| format!("binding {}", staging.display()))?;
     std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting mode 0600 on {}", staging.display()))?;
-    let meta = std::fs::symlink_metadata(&staging)
-        .with_context(|| format!("inspecting {}", staging.display()))?;
     std::fs::rename(&staging, socket)
         .with_context(|| format!("moving {} to {}", staging.display(), socket.display()))?;
-    Ok((listener, (meta.dev(), meta.ino())))
+    // After the rename, which sets the change time.
+    let meta = std::fs::symlink_metadata(socket)
+        .with_context(|| format!("inspecting {}", socket.display()))?;
+    Ok((listener, socket_file(&meta)))
 }
 
 /// Removes `socket` if it is still the socket bound here; anything else at the path belongs to
 /// someone else and stays.
-fn remove_if_ours(socket: &Path, bound: Inode) {
+fn remove_if_ours(socket: &Path, bound: SocketFile) {
     match std::fs::symlink_metadata(socket) {
-        Ok(meta) if (meta.dev(), meta.ino()) == bound => {
+        Ok(meta) if socket_file(&meta) == bound => {
             if let Err(e) = std::fs::remove_file(socket) {
                 tracing::warn!(socket = %socket.display(), error = %e, "could not remove socket");
             }
